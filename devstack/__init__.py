@@ -1,0 +1,1 @@
+"""The embedded stack: everything `make run` starts on one machine, without Docker."""

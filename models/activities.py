@@ -1,0 +1,123 @@
+"""Inputs and outputs of every activity (one model in, one model out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from models.enrollment import SequenceRef
+from models.sequence import Step
+
+
+class EnrollmentRef(BaseModel):
+    """Who and where: passed to every enrollment activity."""
+
+    enrollment_id: int
+    person_id: int
+    sequence: SequenceRef
+    workflow_id: str = ""
+
+
+class RecordEventInput(BaseModel):
+    """Append one event to the log."""
+
+    ref: EnrollmentRef
+    type: str
+    step_id: str | None = None
+    variant: str | None = None
+    channel: str | None = None
+    occurred_at: datetime | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    dedup_key: str | None = None
+    enrollment_status: str | None = None
+    current_step: str | None = None
+
+
+class RecordEventOutput(BaseModel):
+    """Whether the event was new (False when its dedup key was already logged)."""
+
+    recorded: bool
+
+
+class ReserveSlotInput(BaseModel):
+    """Ask the channel's governor for a send time."""
+
+    ref: EnrollmentRef
+    step_id: str
+    attempt: int
+    action: str
+    channel: str
+    now: datetime
+    not_before: datetime
+    preferred_sender_id: int | None = None
+    allowed_senders: list[str] = Field(default_factory=list)
+
+
+class ReserveSlotOutput(BaseModel):
+    """The granted sender and time (`sender_id` None: no sender account for the channel)."""
+
+    sender_id: int | None
+    slot_at: datetime
+    reason: str | None = None
+
+
+class DeliverInput(BaseModel):
+    """Perform one step's action through its channel, exactly once."""
+
+    ref: EnrollmentRef
+    step: Step
+    attempt: int
+    sender_id: int | None
+    variant: str | None = None
+    thread_message_ids: list[str] = Field(default_factory=list)
+    track_opens: bool = False
+    now: datetime
+
+
+class DeliverOutput(BaseModel):
+    """What happened: sent, suppressed, failed, bounced, uncertain."""
+
+    status: str
+    delivery_id: int | None = None
+    message_id: str | None = None
+    provider_message_id: str | None = None
+    error: str | None = None
+    duplicate: bool = False
+
+
+class FinishInput(BaseModel):
+    """Mark the enrollment row finished."""
+
+    ref: EnrollmentRef
+    status: str
+    last_step: str | None = None
+    reason: str | None = None
+
+
+class FinishOutput(BaseModel):
+    """Nothing to return but an acknowledgement."""
+
+    ok: bool = True
+
+
+class EnrollPageInput(BaseModel):
+    """Start enrollments for one page of a segment, after a person id cursor."""
+
+    sequence_name: str
+    segment_name: str
+    after_person_id: int
+    limit: int
+    count_total: bool = False
+
+
+class EnrollPageOutput(BaseModel):
+    """What the page did; `next_after` is None when the segment is exhausted."""
+
+    next_after: int | None
+    started: int = 0
+    already: int = 0
+    refused: int = 0
+    refusals: list[str] = Field(default_factory=list)
+    total: int | None = None

@@ -1,0 +1,76 @@
+"""Deterministic time arithmetic: send windows, campaign timelines, A/B variant choice.
+
+Pure functions of their arguments, so workflows can call them and replay gets the same
+answers: the current time always comes in as an argument (`workflow.now()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence as Seq
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from models.sequence import SendWindow, Timeline, Variant
+
+
+def as_aware(value: datetime, tz: ZoneInfo) -> datetime:
+    """Interpret a naive datetime in `tz`; leave aware ones alone."""
+    return value if value.tzinfo else value.replace(tzinfo=tz)
+
+
+def next_window_open(moment: datetime, window: SendWindow | None, tz: ZoneInfo) -> datetime:
+    """The earliest instant at or after `moment` that lies inside the send window.
+
+    The window is read in the person's zone `tz`, so "09:00" means nine in the
+    morning where the person is, across DST changes and weekends.
+    """
+    if window is None:
+        return moment
+    days = window.weekday_numbers()
+    start, end = window.start_time(), window.end_time()
+    local = moment.astimezone(tz)
+    for offset in range(0, 8):
+        day = (local + timedelta(days=offset)).date()
+        if day.weekday() not in days:
+            continue
+        open_at = datetime.combine(day, start, tzinfo=tz)
+        close_at = datetime.combine(day, end, tzinfo=tz)
+        if offset == 0:
+            if local < open_at:
+                return open_at.astimezone(moment.tzinfo)
+            if local < close_at:
+                return moment
+            continue
+        return open_at.astimezone(moment.tzinfo)
+    return moment  # unreachable for a validated window (at least one day)
+
+
+def earliest_action_time(
+    moment: datetime,
+    window: SendWindow | None,
+    timeline: Timeline | None,
+    tz: ZoneInfo,
+) -> datetime | None:
+    """When an action wanted at `moment` may run; None once the timeline has ended."""
+    candidate = moment
+    if timeline and timeline.start:
+        candidate = max(candidate, as_aware(timeline.start, tz))
+    candidate = next_window_open(candidate, window, tz)
+    if timeline and timeline.end and candidate >= as_aware(timeline.end, tz):
+        return None
+    return candidate
+
+
+def choose_variant(variants: Seq[Variant], *, key: str) -> Variant | None:
+    """Pick a variant by weight, the same one every time for the same key (person)."""
+    if not variants:
+        return None
+    digest = hashlib.sha256(key.encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(v.weight for v in variants)
+    acc = 0.0
+    for variant in variants:
+        acc += variant.weight
+        if point < acc:
+            return variant
+    return variants[-1]

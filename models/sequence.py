@@ -1,0 +1,529 @@
+"""The sequence graph: steps are actions, edges are triggers.
+
+This is the format of DESIGN.md's sequence file. A definition is validated once, when a
+version is created (`validate_definition`), never while enrollments run; a validated
+definition travels inside every enrollment workflow's input, so a running enrollment
+never depends on the database copy of its version.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import datetime, time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.durations import Duration
+
+
+class Action(StrEnum):
+    """What a step does."""
+
+    SEND_CONNECTION_REQUEST = "SEND_CONNECTION_REQUEST"
+    SEND_TWITTER_DM = "SEND_TWITTER_DM"
+    SEND_LINKEDIN_DM = "SEND_LINKEDIN_DM"
+    SEND_XMTP_DM = "SEND_XMTP_DM"
+    FOLLOW_ON_TWITTER = "FOLLOW_ON_TWITTER"
+    UNFOLLOW_ON_TWITTER = "UNFOLLOW_ON_TWITTER"
+    CHECK_FOR_REPLY = "CHECK_FOR_REPLY"
+    SEND_EMAIL = "SEND_EMAIL"
+    WAIT = "WAIT"
+
+
+class Trigger(StrEnum):
+    """What moves a lead along an edge."""
+
+    REPLIED = "REPLIED"
+    NOT_REPLIED = "NOT_REPLIED"
+    CONNECTION_ACCEPTED = "CONNECTION_ACCEPTED"
+    CONNECTION_NOT_ACCEPTED = "CONNECTION_NOT_ACCEPTED"
+    FOLLOWED_BACK = "FOLLOWED_BACK"
+    NOT_FOLLOWED_BACK = "NOT_FOLLOWED_BACK"
+    END = "END"
+    NORMAL_EDGE = "NORMAL_EDGE"
+    REPLIED_TO_NOTE = "REPLIED_TO_NOTE"
+
+
+class Channel(StrEnum):
+    """Outbound channels; each has its own sender accounts and limits."""
+
+    EMAIL = "email"
+    X = "x"
+    LINKEDIN = "linkedin"
+    XMTP = "xmtp"
+
+
+#: Triggers that fire on a signal.
+EVENT_TRIGGERS = frozenset(
+    {Trigger.REPLIED, Trigger.CONNECTION_ACCEPTED, Trigger.FOLLOWED_BACK, Trigger.REPLIED_TO_NOTE}
+)
+#: Negative twins: they fire when their wait (`after`) ends before the event arrives.
+NEGATIVE_OF = {
+    Trigger.NOT_REPLIED: Trigger.REPLIED,
+    Trigger.CONNECTION_NOT_ACCEPTED: Trigger.CONNECTION_ACCEPTED,
+    Trigger.NOT_FOLLOWED_BACK: Trigger.FOLLOWED_BACK,
+}
+
+ACTION_CHANNEL: dict[Action, Channel | None] = {
+    Action.SEND_EMAIL: Channel.EMAIL,
+    Action.SEND_TWITTER_DM: Channel.X,
+    Action.FOLLOW_ON_TWITTER: Channel.X,
+    Action.UNFOLLOW_ON_TWITTER: Channel.X,
+    Action.SEND_CONNECTION_REQUEST: Channel.LINKEDIN,
+    Action.SEND_LINKEDIN_DM: Channel.LINKEDIN,
+    Action.SEND_XMTP_DM: Channel.XMTP,
+    Action.CHECK_FOR_REPLY: None,
+    Action.WAIT: None,
+}
+
+#: Actions that put a message in front of the person (these count as touches).
+MESSAGE_ACTIONS = frozenset(
+    {
+        Action.SEND_EMAIL,
+        Action.SEND_TWITTER_DM,
+        Action.SEND_LINKEDIN_DM,
+        Action.SEND_XMTP_DM,
+        Action.SEND_CONNECTION_REQUEST,
+    }
+)
+
+_REPLY = {Trigger.REPLIED, Trigger.NOT_REPLIED}
+_ALWAYS = {Trigger.NORMAL_EDGE, Trigger.END}
+ALLOWED_TRIGGERS: dict[Action, frozenset[Trigger]] = {
+    Action.SEND_EMAIL: frozenset(_ALWAYS | _REPLY),
+    Action.SEND_TWITTER_DM: frozenset(_ALWAYS | _REPLY),
+    Action.SEND_LINKEDIN_DM: frozenset(_ALWAYS | _REPLY),
+    Action.SEND_XMTP_DM: frozenset(_ALWAYS | _REPLY),
+    Action.CHECK_FOR_REPLY: frozenset(_ALWAYS | _REPLY),
+    Action.FOLLOW_ON_TWITTER: frozenset(
+        _ALWAYS | {Trigger.FOLLOWED_BACK, Trigger.NOT_FOLLOWED_BACK}
+    ),
+    Action.UNFOLLOW_ON_TWITTER: frozenset(_ALWAYS),
+    Action.SEND_CONNECTION_REQUEST: frozenset(
+        _ALWAYS
+        | _REPLY
+        | {Trigger.CONNECTION_ACCEPTED, Trigger.CONNECTION_NOT_ACCEPTED, Trigger.REPLIED_TO_NOTE}
+    ),
+    Action.WAIT: frozenset(_ALWAYS),
+}
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Edge(_Model):
+    """A trigger leading to another step (`to`), or END."""
+
+    trigger: Trigger
+    to: str | None = None
+    after: Duration | None = None
+    at: datetime | None = None
+
+
+class Variant(_Model):
+    """One A/B variant of a step's content."""
+
+    name: str
+    weight: float = Field(default=1.0, gt=0)
+    subject: str | None = None
+    body: str | None = None
+    html: str | None = None
+    text: str | None = None
+
+
+class Step(_Model):
+    """One node: an action, optional content and timing, and its outgoing edges."""
+
+    id: str = Field(min_length=1, max_length=200)
+    action: Action
+    subject: str | None = None
+    body: str | None = None
+    html: str | None = None
+    text: str | None = None
+    variants: list[Variant] = Field(default_factory=list)
+    delay: Duration | None = None
+    at: datetime | None = None
+    edges: list[Edge] = Field(default_factory=list)
+
+    @property
+    def channel(self) -> Channel | None:
+        """The channel this step's action uses, if any."""
+        return ACTION_CHANNEL[self.action]
+
+
+class SendWindow(_Model):
+    """Days and local hours (in the person's time zone) when actions may run."""
+
+    days: list[str] = Field(default_factory=lambda: list(_DAYS[:5]))
+    start: str = "09:00"
+    end: str = "17:30"
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: list[str]) -> list[str]:
+        days = [d.strip().lower()[:3] for d in value]
+        bad = [d for d in value if d.strip().lower()[:3] not in _DAYS]
+        if bad:
+            raise ValueError(f"unknown day(s) {bad}: use mon, tue, wed, thu, fri, sat, sun")
+        if not days:
+            raise ValueError("send window has no days")
+        return days
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"time {value!r} is not HH:MM (24-hour)")
+        return value
+
+    def weekday_numbers(self) -> set[int]:
+        """Days as `datetime.weekday()` numbers."""
+        return {_DAYS.index(d) for d in self.days}
+
+    def start_time(self) -> time:
+        """The window's opening time of day."""
+        return time.fromisoformat(self.start)
+
+    def end_time(self) -> time:
+        """The window's closing time of day."""
+        return time.fromisoformat(self.end)
+
+
+class Timeline(_Model):
+    """A campaign's start and end: nothing runs before start; enrollments end at end."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+class SequenceDefinition(_Model):
+    """A whole sequence file."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str | None = None
+    timezone: str = "UTC"
+    timezone_field: str = "timezone"
+    send_window: SendWindow | None = None
+    timeline: Timeline | None = None
+    stop_on_reply: bool = True
+    allow_concurrent: bool = False
+    hold_company_on_reply: bool = False
+    track_opens: bool = False
+    senders: dict[Channel, list[str]] = Field(default_factory=dict)
+    steps: list[Step] = Field(min_length=1)
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id (KeyError if none)."""
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    @property
+    def first_step(self) -> Step:
+        """Where every enrollment starts."""
+        return self.steps[0]
+
+
+class SequenceIssue(BaseModel):
+    """One validation error, naming the step (when there is one) and the rule broken."""
+
+    step: str | None = None
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"step {self.step!r}: " if self.step else ""
+        return f"{where}{self.message} [{self.rule}]"
+
+
+class SequenceValidationError(ValueError):
+    """A sequence file that cannot become a version."""
+
+    def __init__(self, issues: list[SequenceIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _pydantic_issues(raw: dict[str, Any], err: ValidationError) -> list[SequenceIssue]:
+    issues = []
+    steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    for e in err.errors():
+        loc = list(e["loc"])
+        step_id = None
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            item = steps[loc[1]] if loc[1] < len(steps) else None
+            step_id = str(item.get("id")) if isinstance(item, dict) and item.get("id") else None
+            step_id = step_id or f"#{loc[1] + 1}"
+            loc = loc[2:]
+        field = ".".join(str(p) for p in loc) or "step"
+        rule = {
+            "enum": "unknown-value",
+            "extra_forbidden": "unknown-field",
+            "missing": "required-field",
+        }.get(e["type"], "invalid-field")
+        if field.endswith("action") and e["type"] == "enum":
+            rule = "unknown-action"
+        elif field.endswith("trigger") and e["type"] == "enum":
+            rule = "unknown-trigger"
+        elif "after" in field or "delay" in field:
+            rule = "malformed-duration"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "enum":
+            msg = f"{field}: {e.get('input')!r} is not one of {e['ctx']['expected']}"
+        else:
+            msg = f"{field}: {msg}"
+        issues.append(SequenceIssue(step=step_id, rule=rule, message=msg))
+    return issues
+
+
+def _content_issues(step: Step) -> list[SequenceIssue]:
+    issues: list[SequenceIssue] = []
+    act = step.action
+    sources: list[Any] = step.variants or [step]
+    names = [v.name for v in step.variants]
+    if len(set(names)) != len(names):
+        issues.append(
+            SequenceIssue(step=step.id, rule="duplicate-variant", message="variant names repeat")
+        )
+    for src in sources:
+        label = f"variant {src.name!r}: " if isinstance(src, Variant) else ""
+        if act == Action.SEND_EMAIL:
+            if not (src.subject and src.subject.strip()):
+                issues.append(
+                    SequenceIssue(
+                        step=step.id,
+                        rule="missing-content",
+                        message=f"{label}SEND_EMAIL needs a subject",
+                    )
+                )
+            if not ((src.body and src.body.strip()) or (src.html and src.html.strip())):
+                issues.append(
+                    SequenceIssue(
+                        step=step.id,
+                        rule="missing-content",
+                        message=f"{label}SEND_EMAIL needs a body",
+                    )
+                )
+        elif act in (Action.SEND_TWITTER_DM, Action.SEND_LINKEDIN_DM, Action.SEND_XMTP_DM):
+            if not ((src.text and src.text.strip()) or (src.body and src.body.strip())):
+                issues.append(
+                    SequenceIssue(
+                        step=step.id, rule="missing-content", message=f"{label}{act} needs text"
+                    )
+                )
+    if step.variants and act not in MESSAGE_ACTIONS:
+        issues.append(
+            SequenceIssue(
+                step=step.id,
+                rule="content-on-silent-step",
+                message=f"{act} sends no message; variants make no sense here",
+            )
+        )
+    return issues
+
+
+def validate_definition(raw: dict[str, Any]) -> SequenceDefinition:
+    """Validate a parsed sequence file and return the definition.
+
+    Raises:
+        SequenceValidationError: with every issue found, each naming the step and rule.
+    """
+    try:
+        definition = SequenceDefinition.model_validate(raw)
+    except ValidationError as err:
+        raise SequenceValidationError(_pydantic_issues(raw, err)) from None
+    issues = graph_issues(definition)
+    if issues:
+        raise SequenceValidationError(issues)
+    return definition
+
+
+def _is_instant(edge: Edge) -> bool:
+    return edge.trigger == Trigger.NORMAL_EDGE and not edge.after and edge.at is None
+
+
+def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
+    """Every structural problem of a definition (empty when it is sound)."""
+    issues: list[SequenceIssue] = []
+
+    def add(step: str | None, rule: str, message: str) -> None:
+        issues.append(SequenceIssue(step=step, rule=rule, message=message))
+
+    try:
+        zoneinfo.ZoneInfo(d.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        add(None, "unknown-timezone", f"timezone {d.timezone!r} is not an IANA time zone")
+    if d.send_window is not None:
+        w = d.send_window
+        if w.start_time() >= w.end_time():
+            add(
+                None,
+                "send-window",
+                f"send window is empty or inverted: start {w.start} is not before end {w.end}",
+            )
+    if d.timeline and d.timeline.start and d.timeline.end:
+        if _aware(d.timeline.start) >= _aware(d.timeline.end):
+            add(None, "timeline", "timeline start is not before its end")
+
+    ids = [s.id for s in d.steps]
+    seen: set[str] = set()
+    for sid in ids:
+        if sid in seen:
+            add(sid, "duplicate-step", f"step id {sid!r} is used more than once")
+        seen.add(sid)
+    known = set(ids)
+
+    for step in d.steps:
+        issues.extend(_content_issues(step))
+        triggers = [e.trigger for e in step.edges]
+        for trig in set(triggers):
+            if triggers.count(trig) > 1:
+                add(step.id, "duplicate-trigger", f"trigger {trig} appears more than once")
+        if Trigger.END in triggers and len(triggers) > 1:
+            add(step.id, "end-alone", "END cannot be combined with other edges")
+        if Trigger.NORMAL_EDGE in triggers and len(set(triggers)) > 1:
+            add(step.id, "normal-edge-alone", "NORMAL_EDGE cannot be combined with other triggers")
+        for edge in step.edges:
+            if edge.trigger not in ALLOWED_TRIGGERS[step.action]:
+                add(
+                    step.id,
+                    "trigger-fits-action",
+                    f"trigger {edge.trigger} cannot follow action {step.action}",
+                )
+            if edge.trigger == Trigger.END:
+                if edge.to:
+                    add(step.id, "end-has-no-target", "END leads nowhere; remove `to`")
+                continue
+            if not edge.to:
+                add(step.id, "edge-target", f"{edge.trigger} edge has no `to`")
+            elif edge.to not in known:
+                add(
+                    step.id,
+                    "edge-target",
+                    f"{edge.trigger} edge points to missing step {edge.to!r}",
+                )
+            if edge.trigger in NEGATIVE_OF and edge.after is None:
+                add(
+                    step.id,
+                    "negative-needs-after",
+                    f"{edge.trigger} needs `after` (how long to wait)",
+                )
+            if edge.trigger in EVENT_TRIGGERS and (edge.after or edge.at):
+                add(
+                    step.id,
+                    "event-has-no-timer",
+                    f"{edge.trigger} fires on the event; `after`/`at` belong on its negative twin",
+                )
+            if edge.after is not None and edge.at is not None:
+                add(step.id, "after-or-at", "an edge takes `after` or `at`, not both")
+        if step.edges and all(e.trigger in EVENT_TRIGGERS for e in step.edges):
+            add(
+                step.id,
+                "waits-forever",
+                "only event triggers leave this step: add a NOT_* edge with `after`",
+            )
+        if step.delay is not None and step.at is not None:
+            add(step.id, "delay-or-at", "a step takes `delay` or `at`, not both")
+
+    if issues:
+        return issues
+
+    graph = {s.id: [e.to for e in s.edges if e.to] for s in d.steps}
+    reach: set[str] = set()
+    stack = [d.steps[0].id]
+    while stack:
+        node = stack.pop()
+        if node in reach:
+            continue
+        reach.add(node)
+        stack.extend(graph[node])
+    for sid in ids:
+        if sid not in reach:
+            add(
+                sid, "unreachable", f"step {sid!r} cannot be reached from the first step {ids[0]!r}"
+            )
+
+    terminal = {
+        s.id for s in d.steps if not s.edges or any(e.trigger == Trigger.END for e in s.edges)
+    }
+    ends: set[str] = set(terminal)
+    changed = True
+    while changed:
+        changed = False
+        for sid, targets in graph.items():
+            if sid not in ends and any(t in ends for t in targets):
+                ends.add(sid)
+                changed = True
+    for sid in ids:
+        if sid in reach and sid not in ends:
+            add(sid, "never-ends", f"no path from step {sid!r} reaches an END")
+
+    instant = {s.id: [e.to for e in s.edges if e.to and _is_instant(e)] for s in d.steps}
+    by_id = {s.id: s for s in d.steps}
+    color: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        color[node] = 1
+        for nxt in instant[node]:
+            if by_id[nxt].delay or by_id[nxt].at or by_id[nxt].action == Action.WAIT:
+                continue
+            if color.get(nxt) == 1:
+                cycle = trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt]
+                add(nxt, "cycle-without-wait", "loop with no wait in it: " + " -> ".join(cycle))
+            elif color.get(nxt) is None:
+                visit(nxt, trail + [nxt])
+        color[node] = 2
+
+    for sid in ids:
+        if color.get(sid) is None and not (by_id[sid].delay or by_id[sid].at):
+            visit(sid, [sid])
+    return issues
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=zoneinfo.ZoneInfo("UTC"))
+
+
+def zone(name: str | None, fallback: str = "UTC") -> zoneinfo.ZoneInfo:
+    """A ZoneInfo for a person's zone name, falling back when it is missing or unknown."""
+    for candidate in (name, fallback, "UTC"):
+        if candidate:
+            try:
+                return zoneinfo.ZoneInfo(candidate)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                continue
+    return zoneinfo.ZoneInfo("UTC")
+
+
+def is_timezone(name: str) -> bool:
+    """True when `name` is a known IANA zone."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+__all__ = [
+    "Action",
+    "Trigger",
+    "Channel",
+    "Edge",
+    "Step",
+    "Variant",
+    "SendWindow",
+    "Timeline",
+    "SequenceDefinition",
+    "SequenceIssue",
+    "SequenceValidationError",
+    "validate_definition",
+    "graph_issues",
+]

