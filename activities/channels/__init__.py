@@ -1,0 +1,62 @@
+"""Outbound channels behind one interface (`ChannelClient.send(OutboundMessage)`).
+
+Why a package: each provider (SMTP, the X API, the user's relay for LinkedIn and XMTP)
+has its own protocol and failure vocabulary, but the delivery activity only needs
+"sent / retry later / give up / unknown". `make_channels` builds the map the worker
+injects into the delivery activities, keyed by channel name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from activities.channels.base import (
+    ChannelClient,
+    ChannelError,
+    OutboundMessage,
+    PermanentChannelError,
+    SendResult,
+    TransientChannelError,
+    UncertainChannelError,
+    make_message_id,
+)
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+__all__ = [
+    "ChannelClient",
+    "ChannelError",
+    "OutboundMessage",
+    "PermanentChannelError",
+    "SendResult",
+    "TransientChannelError",
+    "UncertainChannelError",
+    "aclose_channels",
+    "make_channels",
+    "make_message_id",
+]
+
+
+def make_channels(settings: Settings) -> dict[str, ChannelClient]:
+    """Every channel configured from settings: email, x, linkedin and xmtp (one relay)."""
+    from activities.channels.email import EmailChannel
+    from activities.channels.relay import RelayChannel
+    from activities.channels.x import XChannel
+
+    relay = RelayChannel.from_settings(settings)
+    return {
+        "email": EmailChannel.from_settings(settings),
+        "x": XChannel.from_settings(settings),
+        "linkedin": relay,
+        "xmtp": relay,
+    }
+
+
+async def aclose_channels(channels: dict[str, ChannelClient]) -> None:
+    """Close each distinct channel client once (linkedin and xmtp share the relay)."""
+    seen: set[int] = set()
+    for client in channels.values():
+        if id(client) not in seen:
+            seen.add(id(client))
+            await client.aclose()

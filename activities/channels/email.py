@@ -1,0 +1,459 @@
+"""Email over SMTP: a pooled aiosmtplib sender and the compliant message it sends.
+
+Why it is built this way:
+
+- Connections are expensive (TCP + EHLO + STARTTLS + AUTH), so `SmtpPool` keeps up to
+  `size` live clients in a bounded queue and reuses them across sends; a client found
+  broken (the server closed an idle connection) is dropped and replaced once.
+- The SMTP transaction is driven step by step (MAIL, RCPT, DATA, body) instead of with
+  `sendmail`, because the ledger needs to know *where* a failure happened: anything
+  that goes wrong before the message body is written cannot have delivered the message
+  (transient), while a timeout or disconnect after the body was written and before the
+  final reply may mean the server accepted it (uncertain, never re-sent).
+- Every message carries what deliverability and the law ask for: a stable Message-ID
+  derived from the delivery key, In-Reply-To/References for threading, RFC 8058
+  List-Unsubscribe + List-Unsubscribe-Post, a text and an HTML part, and the postal
+  address footer with the unsubscribe link in both parts.
+
+What could and could not be distinguished with aiosmtplib 5: reply codes are exact at
+every step (4xx transient, 5xx permanent; 5xx to RCPT is a bounce). Connection errors
+and timeouts while connecting, in EHLO/STARTTLS/AUTH, MAIL, RCPT and the `DATA` command
+itself are transient. After `write()` of the body returns, the bytes are in the kernel's
+buffer, not necessarily at the server; a failure from then until the final reply is
+reported as uncertain even when the server never saw the final dot (we cannot tell).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html as html_lib
+import re
+import ssl
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from activities.channels.base import (
+    OutboundMessage,
+    PermanentChannelError,
+    SendResult,
+    TransientChannelError,
+    UncertainChannelError,
+    make_message_id,
+)
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+_PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
+_LONE_LINE_ENDING = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+
+
+def _dot_stuffed(message: bytes) -> bytes:
+    """The DATA payload: CRLF line endings, leading dots doubled, ended by CRLF.CRLF."""
+    body = _LONE_LINE_ENDING.sub(b"\r\n", message)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return _PERIOD_AT_LINE_START.sub(b"..", body) + b".\r\n"
+
+
+def _classify_reply(code: int, text: str, stage: str, *, bounce: bool) -> Exception:
+    """Map an SMTP reply code to a channel error."""
+    message = f"SMTP {stage} refused: {code} {text}".strip()
+    if 400 <= code < 500:
+        return TransientChannelError(message, code=str(code))
+    if 500 <= code < 600:
+        return PermanentChannelError(message, code=str(code), bounce=bounce)
+    # Not a valid failure code (e.g. a malformed reply): nothing was accepted.
+    return TransientChannelError(message, code=str(code))
+
+
+class _BrokenBeforeData(Exception):
+    """A pooled connection failed before anything of the message was sent."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class SmtpPool:
+    """Up to `size` live SMTP connections, created lazily and reused across sends."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        use_tls: bool = False,
+        size: int = 4,
+        timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"SmtpPool size must be at least 1, got {size}")
+        if timeout <= 0:
+            raise ValueError(f"SmtpPool timeout must be positive, got {timeout}")
+        if starttls and use_tls:
+            raise ValueError("SmtpPool: starttls and use_tls are mutually exclusive")
+        self.host = host
+        self.port = port
+        self.username = username or None
+        self.password = password or None
+        self.starttls = starttls
+        self.use_tls = use_tls
+        self.size = size
+        self.timeout = timeout
+        self.tls_context = tls_context
+        self.local_hostname = local_hostname
+        self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue(maxsize=size)
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+        #: Connections opened over the pool's life (for tests and metrics).
+        self.connections_opened = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, tls_context: ssl.SSLContext | None = None
+    ) -> SmtpPool:
+        """A pool configured from `SMTP_*` settings."""
+        return cls(
+            settings.smtp_host,
+            settings.smtp_port,
+            username=settings.smtp_username or None,
+            password=settings.smtp_password.get_secret_value() or None,
+            starttls=settings.smtp_starttls,
+            size=settings.smtp_pool_size,
+            timeout=settings.smtp_timeout_seconds,
+            tls_context=tls_context,
+        )
+
+    def _client(self) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            start_tls=self.starttls,
+            use_tls=self.use_tls,
+            timeout=self.timeout,
+            tls_context=self.tls_context,
+            local_hostname=self.local_hostname,
+        )
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = self._client()
+        try:
+            await client.connect()
+        except SMTPResponseException as err:
+            client.close()
+            raise _classify_reply(err.code, err.message, "connection", bounce=False) from err
+        except (SMTPException, OSError, TimeoutError, ssl.SSLError) as err:
+            client.close()
+            raise TransientChannelError(
+                f"SMTP connect to {self.host}:{self.port} failed: {err}", code="connect"
+            ) from err
+        self.connections_opened += 1
+        return client
+
+    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> str:
+        """Send one message; return the server's final reply text.
+
+        Raises `TransientChannelError`, `PermanentChannelError` or `UncertainChannelError`.
+        """
+        if self._closed:
+            raise RuntimeError("SmtpPool.send: the pool is closed")
+        if not recipients:
+            raise PermanentChannelError("SMTP send: no recipients", code="no_recipients")
+        payload = _dot_stuffed(message.as_bytes(policy=SMTP_POLICY))
+        async with self._slots:
+            client: aiosmtplib.SMTP | None = None
+            try:
+                client = self._idle.get_nowait()
+            except asyncio.QueueEmpty:
+                client = None
+            reused = client is not None
+            if client is None or not client.is_connected:
+                if client is not None:
+                    client.close()
+                client = await self._connect()
+                reused = False
+            keep = False
+            try:
+                try:
+                    reply = await self._transaction(client, payload, sender, recipients)
+                except _BrokenBeforeData as broken:
+                    client.close()
+                    if not reused:
+                        raise TransientChannelError(
+                            f"SMTP connection lost before the message was sent: {broken}",
+                            code="disconnected",
+                        ) from broken.cause
+                    # A stale pooled connection: reconnect once and try again.
+                    client = await self._connect()
+                    try:
+                        reply = await self._transaction(client, payload, sender, recipients)
+                    except _BrokenBeforeData as again:
+                        raise TransientChannelError(
+                            f"SMTP connection lost before the message was sent: {again}",
+                            code="disconnected",
+                        ) from again.cause
+                keep = True
+                return reply
+            except (TransientChannelError, PermanentChannelError) as err:
+                # A refused envelope leaves a usable connection unless the server said 421.
+                keep = err.code not in {"421", "disconnected", "connect"}
+                raise
+            finally:
+                if keep and client.is_connected and not self._closed:
+                    try:
+                        self._idle.put_nowait(client)
+                    except asyncio.QueueFull:
+                        client.close()
+                else:
+                    client.close()
+
+    async def _rset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (SMTPException, OSError):
+            client.close()
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, payload: bytes, sender: str, recipients: list[str]
+    ) -> str:
+        mail_options: list[str] = []
+        try:
+            # EHLO first (MAIL would do it too) so that extensions are known for options.
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            if client.supports_extension("size"):
+                mail_options.append(f"SIZE={len(payload)}")
+            if client.supports_extension("8bitmime"):
+                mail_options.append("BODY=8BITMIME")
+            if not all(a.isascii() for a in [sender, *recipients]):
+                if not client.supports_extension("smtputf8"):
+                    raise PermanentChannelError(
+                        "SMTP: a non-ASCII address needs SMTPUTF8, which the server lacks",
+                        code="smtputf8",
+                    )
+                mail_options.append("SMTPUTF8")
+            encoding = "utf-8" if "SMTPUTF8" in mail_options else "ascii"
+            try:
+                await client.mail(sender, options=mail_options, encoding=encoding)
+            except SMTPResponseException as err:
+                await self._rset(client)
+                raise _classify_reply(err.code, err.message, "MAIL FROM", bounce=False) from err
+            refused: list[SMTPRecipientRefused] = []
+            for rcpt in recipients:
+                try:
+                    await client.rcpt(rcpt, encoding=encoding)
+                except SMTPRecipientRefused as err:
+                    refused.append(err)
+            if len(refused) == len(recipients):
+                await self._rset(client)
+                worst = max(refused, key=lambda e: e.code)
+                detail = "; ".join(f"{e.recipient}: {e.code} {e.message}" for e in refused)
+                raise _classify_reply(worst.code, detail, "RCPT TO", bounce=True)
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                await self._rset(client)
+                raise _classify_reply(start.code, start.message, "DATA", bounce=False)
+        except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, TimeoutError) as err:
+            raise _BrokenBeforeData(err) from err
+        except SMTPResponseException as err:  # e.g. EHLO refused, malformed reply
+            raise _classify_reply(err.code, err.message, "command", bounce=False) from err
+
+        # From here on the body may reach the server: a lost answer is uncertain.
+        protocol = client.protocol
+        if protocol is None:
+            raise _BrokenBeforeData(SMTPServerDisconnected("connection lost before the body"))
+        try:
+            protocol.write(payload)
+        except (SMTPServerDisconnected, ConnectionError) as err:
+            client.close()
+            raise _BrokenBeforeData(err) from err
+        try:
+            final = await protocol.read_response(timeout=self.timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, TimeoutError) as err:
+            client.close()
+            raise UncertainChannelError(
+                f"SMTP: no reply after the message body was sent ({err}); "
+                "the server may have accepted it",
+                code="no_final_reply",
+            ) from err
+        except SMTPResponseException as err:
+            client.close()
+            raise UncertainChannelError(
+                f"SMTP: unreadable reply after the message body: {err.code} {err.message}",
+                code="bad_final_reply",
+            ) from err
+        if final.code != 250:
+            raise _classify_reply(final.code, final.message, "message", bounce=False)
+        return final.message
+
+    async def aclose(self) -> None:
+        """Close every idle connection (QUIT, then close)."""
+        self._closed = True
+        while True:
+            try:
+                client = self._idle.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            try:
+                if client.is_connected:
+                    await client.quit(timeout=min(self.timeout, 5.0))
+            except (SMTPException, OSError):
+                pass
+            finally:
+                client.close()
+
+
+def _split_address(address: str, field: str) -> Address:
+    if address.count("@") != 1 or not all(address.split("@")):
+        raise PermanentChannelError(
+            f"email {field}: {address!r} is not an email address",
+            code="invalid_address",
+            bounce=field == "to",
+        )
+    try:
+        return Address(addr_spec=address)
+    except (ValueError, IndexError) as err:
+        raise PermanentChannelError(
+            f"email {field}: {address!r} is not a valid email address ({err})",
+            code="invalid_address",
+            bounce=field == "to",
+        ) from err
+
+
+def _text_to_html(text: str) -> str:
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    return "\n".join(
+        "<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs
+    )
+
+
+class EmailChannel:
+    """The `email` channel: builds a compliant MIME message and sends it through a pool."""
+
+    def __init__(
+        self,
+        pool: SmtpPool,
+        *,
+        default_footer: str | None = None,
+        message_id_domain: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.default_footer = default_footer
+        self.message_id_domain = message_id_domain
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmailChannel:
+        """A channel with a pool from `SMTP_*` and the `POSTAL_ADDRESS` footer."""
+        return cls(SmtpPool.from_settings(settings), default_footer=settings.postal_address)
+
+    def build(self, msg: OutboundMessage, *, now: datetime | None = None) -> EmailMessage:
+        """The MIME message for `msg` (raises `PermanentChannelError` if it is not sendable)."""
+        if msg.channel != "email" or msg.action != "SEND_EMAIL":
+            raise PermanentChannelError(
+                f"email channel cannot perform {msg.channel}/{msg.action}",
+                code="unsupported_action",
+            )
+        if not msg.subject:
+            raise PermanentChannelError("email: the subject is empty", code="invalid_message")
+        if not (msg.text or msg.html):
+            raise PermanentChannelError("email: the body is empty", code="invalid_message")
+        footer = msg.footer or self.default_footer
+        if not footer:
+            raise PermanentChannelError(
+                "email: no postal address footer (POSTAL_ADDRESS) for this message",
+                code="invalid_message",
+            )
+        url = msg.unsubscribe_url
+        if not url or urlsplit(url).scheme not in {"https", "http"} or not urlsplit(url).netloc:
+            raise PermanentChannelError(
+                f"email: unsubscribe_url {url!r} must be an absolute https link",
+                code="invalid_message",
+            )
+        sender = _split_address(msg.sender, "sender")
+        recipient = _split_address(msg.to, "to")
+        domain = self.message_id_domain or sender.domain
+        message_id = msg.message_id or make_message_id(msg.idempotency_key, domain)
+
+        text = msg.text if msg.text is not None else _html_to_text_fallback(msg.html or "")
+        text_footer = f"\n\n--\n{footer}\nUnsubscribe: {url}\n"
+        text_part = text.rstrip("\n") + text_footer
+        html_body = msg.html if msg.html is not None else _text_to_html(text)
+        html_footer = (
+            '<hr style="border:none;border-top:1px solid #ddd">'
+            '<p style="font-size:12px;color:#666">'
+            f"{html_lib.escape(footer).replace(chr(10), '<br>')}<br>"
+            f'<a href="{html_lib.escape(url, quote=True)}">Unsubscribe</a></p>'
+        )
+        if re.search(r"</body\s*>", html_body, re.IGNORECASE):
+            html_part = re.sub(
+                r"</body\s*>", lambda _m: html_footer + "</body>", html_body, count=1, flags=re.I
+            )
+        else:
+            html_part = (
+                '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+                f"{html_body}{html_footer}</body></html>"
+            )
+
+        email = EmailMessage()
+        email["From"] = Address(
+            display_name=msg.sender_name or "",
+            username=sender.username,
+            domain=sender.domain,
+        )
+        email["To"] = recipient
+        email["Subject"] = msg.subject
+        email["Date"] = format_datetime(now or datetime.now(UTC))
+        email["Message-ID"] = message_id
+        if msg.in_reply_to:
+            email["In-Reply-To"] = msg.in_reply_to
+        references = list(msg.references)
+        if msg.in_reply_to and msg.in_reply_to not in references:
+            references.append(msg.in_reply_to)
+        if references:
+            email["References"] = " ".join(references)
+        email["List-Unsubscribe"] = f"<{url}>"
+        email["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        email.set_content(text_part, subtype="plain", cte="quoted-printable")
+        email.add_alternative(html_part, subtype="html", cte="quoted-printable")
+        return email
+
+    async def send(self, msg: OutboundMessage) -> SendResult:
+        """Send the email; the provider id is its Message-ID."""
+        email = self.build(msg)
+        await self.pool.send(email, msg.sender, [msg.to])
+        return SendResult(provider_message_id=str(email["Message-ID"]))
+
+    async def aclose(self) -> None:
+        """Close the pool's connections."""
+        await self.pool.aclose()
+
+
+def _html_to_text_fallback(html: str) -> str:
+    """A rough plain-text rendering of an HTML body (used only when no text was given)."""
+    text = re.sub(r"(?is)<(script|style).*?</\1>", "", html)
+    text = re.sub(r"(?i)<br\s*/?>", "\n", text)
+    text = re.sub(r"(?i)</p\s*>", "\n\n", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    return html_lib.unescape(re.sub(r"\n{3,}", "\n\n", text)).strip()

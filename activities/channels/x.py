@@ -1,0 +1,238 @@
+"""X (Twitter) through its public HTTP API v2: DM a participant, follow, unfollow.
+
+Why a thin client over an injected `httpx.AsyncClient`: the worker owns one client (one
+connection pool, base URL `X_API_BASE_URL`, bearer token `X_API_TOKEN`), tests point the
+same code at a local HTTP app, and the only logic that matters here is the mapping of X's
+answers to the ledger's outcomes:
+
+- 429 → transient, not before `x-rate-limit-reset` (epoch seconds) or `retry-after`;
+- 5xx, connection refused, connect/pool timeouts → transient (nothing was sent);
+- 400/401/403/404/… → permanent, with X's own error detail (never a bounce: X does not
+  tell a deleted account from a closed DM inbox reliably);
+- a read timeout or a dropped connection after the request was written → uncertain.
+
+X has no idempotency header, so the ledger's claim-before-send is what prevents doubles.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+
+from activities.channels.base import (
+    OutboundMessage,
+    PermanentChannelError,
+    SendResult,
+    TransientChannelError,
+    UncertainChannelError,
+)
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+#: X's limit on a DM's text.
+_MAX_DM_CHARS = 10_000
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from `now` given a `Retry-After` value (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """X's error text: `detail`/`title` (problem JSON) or `errors[].message`."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        parts: list[str] = []
+        for key in ("title", "detail"):
+            if isinstance(body.get(key), str):
+                parts.append(body[key])
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            for err in errors[:3]:
+                if isinstance(err, dict):
+                    text = err.get("message") or err.get("detail")
+                    if isinstance(text, str):
+                        parts.append(text)
+        if parts:
+            return ": ".join(parts)
+    return str(body)[:500]
+
+
+def _user_id(value: str, what: str) -> str:
+    if not value.isdigit():
+        raise PermanentChannelError(
+            f"x: {what} {value!r} is not a numeric X user id (handles are not accepted)",
+            code="invalid_user_id",
+            bounce=what == "recipient",
+        )
+    return value
+
+
+class XChannel:
+    """The `x` channel: SEND_TWITTER_DM, FOLLOW_ON_TWITTER, UNFOLLOW_ON_TWITTER."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        sender_tokens: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`client` carries base_url and the default bearer token.
+
+        `sender_tokens` maps a sender account (X user id) to its own user-context token,
+        for sequences that rotate several X accounts; others use the client's token.
+        """
+        self.client = client
+        self.sender_tokens = dict(sender_tokens or {})
+        self.clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, timeout: float = 30.0) -> XChannel:
+        """A channel on `X_API_BASE_URL` with the `X_API_TOKEN` bearer token."""
+        return cls(
+            make_x_client(
+                settings.x_api_base_url, settings.x_api_token.get_secret_value(), timeout=timeout
+            )
+        )
+
+    async def send(self, msg: OutboundMessage) -> SendResult:
+        """Perform the action on X; raise a classified `ChannelError` on failure."""
+        if msg.channel != "x":
+            raise PermanentChannelError(
+                f"x channel cannot perform {msg.channel}/{msg.action}", code="unsupported_action"
+            )
+        target = _user_id(msg.to, "recipient")
+        if msg.action == "SEND_TWITTER_DM":
+            text = msg.text or ""
+            if not text.strip():
+                raise PermanentChannelError("x: the DM text is empty", code="invalid_message")
+            if len(text) > _MAX_DM_CHARS:
+                raise PermanentChannelError(
+                    f"x: the DM text has {len(text)} characters, more than {_MAX_DM_CHARS}",
+                    code="invalid_message",
+                )
+            response = await self._request(
+                msg,
+                "POST",
+                f"/2/dm_conversations/with/{quote(target, safe='')}/messages",
+                json={"text": text},
+            )
+            data = self._data(response)
+            event_id = data.get("dm_event_id")
+            return SendResult(provider_message_id=str(event_id) if event_id else None)
+        source = _user_id(msg.sender, "sender")
+        if msg.action == "FOLLOW_ON_TWITTER":
+            response = await self._request(
+                msg,
+                "POST",
+                f"/2/users/{quote(source, safe='')}/following",
+                json={"target_user_id": target},
+            )
+            self._data(response)
+            return SendResult(provider_message_id=None)
+        if msg.action == "UNFOLLOW_ON_TWITTER":
+            response = await self._request(
+                msg,
+                "DELETE",
+                f"/2/users/{quote(source, safe='')}/following/{quote(target, safe='')}",
+            )
+            self._data(response)
+            return SendResult(provider_message_id=None)
+        raise PermanentChannelError(
+            f"x channel cannot perform {msg.action}", code="unsupported_action"
+        )
+
+    def _data(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            return {}
+        data = body.get("data") if isinstance(body, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    async def _request(
+        self, msg: OutboundMessage, method: str, path: str, json: Any = None
+    ) -> httpx.Response:
+        headers: dict[str, str] = {}
+        token = self.sender_tokens.get(msg.sender)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = await self.client.request(method, path, json=json, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+            raise TransientChannelError(
+                f"x: could not reach the API ({type(err).__name__}: {err})", code="connect"
+            ) from err
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as err:
+            raise UncertainChannelError(
+                f"x: no answer after the request was sent ({type(err).__name__}: {err}); "
+                "X may have performed it",
+                code="no_response",
+            ) from err
+        return self._check(response)
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        detail = _error_detail(response)
+        where = f"{response.request.method} {response.request.url.path}"
+        now = self.clock()
+        if status == 429:
+            retry_after: float | None = None
+            reset = response.headers.get("x-rate-limit-reset")
+            if reset:
+                try:
+                    retry_after = max(0.0, float(reset) - now)
+                except ValueError:
+                    retry_after = None
+            if retry_after is None:
+                retry_after = parse_retry_after(response.headers.get("retry-after"), now)
+            raise TransientChannelError(
+                f"x: rate limited on {where}: {detail}", code="429", retry_after=retry_after
+            )
+        if status >= 500 or status == 408:
+            raise TransientChannelError(
+                f"x: server error {status} on {where}: {detail}",
+                code=str(status),
+                retry_after=parse_retry_after(response.headers.get("retry-after"), now),
+            )
+        raise PermanentChannelError(
+            f"x: {status} on {where}: {detail}", code=str(status), bounce=False
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self.client.aclose()
+
+
+def make_x_client(base_url: str, token: str, *, timeout: float = 30.0) -> httpx.AsyncClient:
+    """An `httpx.AsyncClient` for the X API: base URL, bearer token, JSON, timeouts."""
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"X_API_BASE_URL {base_url!r} must start with http:// or https://")
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+    )
