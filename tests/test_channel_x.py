@@ -1,0 +1,234 @@
+"""The X channel against a real local HTTP server speaking the X API v2 subset.
+
+Why: the classification of X's answers (429 with its reset header, 5xx, 4xx, a request
+that was sent but never answered) decides between retrying, giving up and never
+re-sending, so each path is exercised over real HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from activities.channels.base import (
+    OutboundMessage,
+    PermanentChannelError,
+    TransientChannelError,
+    UncertainChannelError,
+)
+from activities.channels.x import XChannel, make_x_client, parse_retry_after
+from tests.fakes import X_TOKEN, FakeX, x_server  # noqa: F401
+
+NOW = 1_700_000_000.0
+SENDER = "1111"
+TARGET = "2222"
+
+
+def _msg(action: str = "SEND_TWITTER_DM", **kw: str) -> OutboundMessage:
+    fields = {
+        "channel": "x",
+        "action": action,
+        "idempotency_key": "7:dm:1",
+        "sender": SENDER,
+        "to": TARGET,
+        "text": "Hi Ada, thanks for the follow-back!",
+    }
+    fields.update(kw)
+    return OutboundMessage.model_validate(fields)
+
+
+@pytest.fixture
+async def channel(x_server: FakeX) -> AsyncIterator[XChannel]:  # noqa: F811
+    ch = XChannel(make_x_client(x_server.base_url, X_TOKEN, timeout=5.0), clock=lambda: NOW)
+    yield ch
+    await ch.aclose()
+
+
+async def test_dm_posts_text_to_the_participant_and_returns_the_event_id(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    result = await channel.send(_msg())
+    assert len(x_server.dms) == 1
+    dm = x_server.dms[0]
+    assert dm["participant_id"] == TARGET
+    assert dm["text"] == "Hi Ada, thanks for the follow-back!"
+    assert result.provider_message_id == dm["dm_event_id"]
+    req = x_server.requests[0]
+    assert (req.method, req.path) == ("POST", f"/2/dm_conversations/with/{TARGET}/messages")
+    assert req.headers["authorization"] == f"Bearer {X_TOKEN}"
+    assert req.json == {"text": "Hi Ada, thanks for the follow-back!"}
+    assert "x-idempotency-key" not in req.headers
+
+
+async def test_follow_and_unfollow_use_the_sender_as_source(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    await channel.send(_msg("FOLLOW_ON_TWITTER", text=""))
+    assert x_server.following == {(SENDER, TARGET)}
+    follow = x_server.requests[-1]
+    assert (follow.method, follow.path) == ("POST", f"/2/users/{SENDER}/following")
+    assert follow.json == {"target_user_id": TARGET}
+
+    await channel.send(_msg("UNFOLLOW_ON_TWITTER"))
+    assert x_server.following == set()
+    unfollow = x_server.requests[-1]
+    assert (unfollow.method, unfollow.path) == (
+        "DELETE",
+        f"/2/users/{SENDER}/following/{TARGET}",
+    )
+
+
+async def test_429_is_transient_until_the_rate_limit_reset(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(
+        429,
+        {"x-rate-limit-reset": str(int(NOW) + 900), "x-rate-limit-remaining": "0"},
+        {"title": "Too Many Requests", "detail": "Too Many Requests", "status": 429},
+    )
+    with pytest.raises(TransientChannelError) as caught:
+        await channel.send(_msg())
+    assert caught.value.code == "429"
+    assert caught.value.retry_after == pytest.approx(900.0)
+    assert "Too Many Requests" in str(caught.value)
+    assert x_server.dms == []
+    # The window passed: the same message now goes through.
+    await channel.send(_msg())
+    assert len(x_server.dms) == 1
+
+
+async def test_429_without_reset_uses_retry_after(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(429, {"retry-after": "42"}, {"title": "Too Many Requests"})
+    with pytest.raises(TransientChannelError) as caught:
+        await channel.send(_msg())
+    assert caught.value.retry_after == pytest.approx(42.0)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_5xx_is_transient(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+    status: int,
+) -> None:
+    x_server.fail_next(status, {}, {"title": "Service Unavailable"})
+    with pytest.raises(TransientChannelError) as caught:
+        await channel.send(_msg())
+    assert caught.value.code == str(status)
+    assert not isinstance(caught.value, PermanentChannelError)
+
+
+@pytest.mark.parametrize(
+    ("status", "detail"),
+    [
+        (403, "You are not permitted to send Direct Messages to this user."),
+        (400, "One or more parameters to your request was invalid."),
+        (404, "Could not find user with participant_id: [2222]."),
+    ],
+)
+async def test_4xx_is_permanent_with_the_api_detail(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+    status: int,
+    detail: str,
+) -> None:
+    x_server.fail_next(status, {}, {"title": "Forbidden", "detail": detail, "status": status})
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.send(_msg())
+    assert caught.value.code == str(status)
+    assert caught.value.bounce is False
+    assert detail in str(caught.value)
+
+
+async def test_errors_array_detail_is_reported(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(403, {}, {"errors": [{"message": "DM closed by recipient"}]})
+    with pytest.raises(PermanentChannelError, match="DM closed by recipient"):
+        await channel.send(_msg())
+
+
+async def test_bad_token_is_permanent(x_server: FakeX) -> None:  # noqa: F811
+    ch = XChannel(make_x_client(x_server.base_url, "wrong-token", timeout=5.0))
+    try:
+        with pytest.raises(PermanentChannelError) as caught:
+            await ch.send(_msg())
+    finally:
+        await ch.aclose()
+    assert caught.value.code == "401"
+    assert x_server.dms == []
+
+
+async def test_per_sender_token_overrides_the_default(x_server: FakeX) -> None:  # noqa: F811
+    ch = XChannel(
+        make_x_client(x_server.base_url, "default-token-not-accepted", timeout=5.0),
+        sender_tokens={SENDER: X_TOKEN},
+    )
+    try:
+        await ch.send(_msg())
+    finally:
+        await ch.aclose()
+    assert x_server.requests[-1].headers["authorization"] == f"Bearer {X_TOKEN}"
+    assert len(x_server.dms) == 1
+
+
+async def test_read_timeout_after_sending_is_uncertain(x_server: FakeX) -> None:  # noqa: F811
+    x_server.hang_next()
+    client = httpx.AsyncClient(
+        base_url=x_server.base_url,
+        headers=x_server.auth_headers,
+        timeout=httpx.Timeout(5.0, read=0.3),
+    )
+    ch = XChannel(client)
+    try:
+        with pytest.raises(UncertainChannelError):
+            await ch.send(_msg())
+    finally:
+        await ch.aclose()
+    # The server did receive the request: re-sending could duplicate it.
+    assert len(x_server.requests) == 1
+
+
+async def test_connection_refused_is_transient() -> None:
+    from devstack.postgres import free_port
+
+    ch = XChannel(make_x_client(f"http://127.0.0.1:{free_port()}", X_TOKEN, timeout=2.0))
+    try:
+        with pytest.raises(TransientChannelError) as caught:
+            await ch.send(_msg())
+    finally:
+        await ch.aclose()
+    assert caught.value.code == "connect"
+
+
+async def test_bad_input_is_permanent_without_a_request(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    with pytest.raises(PermanentChannelError, match="numeric X user id"):
+        await channel.send(_msg(to="@ada"))
+    with pytest.raises(PermanentChannelError, match="empty"):
+        await channel.send(_msg(text="  "))
+    assert x_server.requests == []
+
+
+def test_parse_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("120", NOW) == 120.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:14:20 GMT", NOW) == pytest.approx(60.0)
+    assert parse_retry_after("garbage", NOW) is None
+    assert parse_retry_after(None, NOW) is None
+
+
+def test_message_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="OutboundMessage.action"):
+        _msg("SEND_EMAIL")
+    with pytest.raises(ValueError, match="OutboundMessage.channel"):
+        OutboundMessage(channel="fax", action="SEND_EMAIL", idempotency_key="k", sender="s", to="t")
