@@ -47,6 +47,7 @@ class ReserveSlotInput(BaseModel):
     ref: EnrollmentRef
     step_id: str
     attempt: int
+    round: int = 0
     action: str
     channel: str
     now: datetime

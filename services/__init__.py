@@ -1,0 +1,1 @@
+"""Domain operations shared by the CLI, the webhook app and the activities."""

@@ -1,0 +1,143 @@
+"""Pause, resume, stop and status: talking to running enrollments.
+
+A whole sequence's running enrollments are found through Temporal visibility (the
+`SequenceName` search attribute), so the CLI never needs the database to know what
+is in flight; status joins the database rows with each workflow's live query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from db.session import SessionFactory
+from db.tables import Delivery, Enrollment, Sequence, SequenceVersion
+from models.enrollment import ControlSignal, StatusView
+from settings import Settings
+from temporal_client import connect
+from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
+
+SIGNALS = {
+    "pause": EnrollmentWorkflow.pause,
+    "resume": EnrollmentWorkflow.resume,
+    "stop": EnrollmentWorkflow.stop,
+}
+
+
+async def running_workflow_ids(client: Client, sequence: str) -> list[str]:
+    """Every running enrollment workflow of a sequence, from visibility."""
+    escaped = sequence.replace("\\", "\\\\").replace('"', '\\"')
+    query = f'WorkflowType = "Enrollment" AND SequenceName = "{escaped}" AND ExecutionStatus = "Running"'
+    return [wf.id async for wf in client.list_workflows(query)]
+
+
+async def signal_enrollments(
+    settings: Settings,
+    kind: str,
+    sequence: str,
+    person: int | None,
+    reason: str = "",
+    *,
+    client: Client | None = None,
+) -> int:
+    """Send pause/resume/stop to one person's enrollment or to every running one."""
+    if kind not in SIGNALS:
+        raise ValueError(f"unknown control {kind!r}: use one of {sorted(SIGNALS)}")
+    client = client or await connect(settings)
+    ids = [workflow_id_for(sequence, person)] if person is not None else await running_workflow_ids(client, sequence)
+    sig = ControlSignal(reason=reason, source="cli")
+    sem = asyncio.Semaphore(64)
+
+    async def one(wid: str) -> bool:
+        async with sem:
+            try:
+                await client.get_workflow_handle(wid).signal(SIGNALS[kind], sig)
+                return True
+            except RPCError:
+                return False
+
+    results = await asyncio.gather(*(one(w) for w in ids))
+    if person is not None and not results[0]:
+        raise LookupError(f"person {person} has no running enrollment in {sequence!r}")
+    return sum(results)
+
+
+@dataclass
+class PersonEnrollment:
+    """One row of `status --person`."""
+
+    sequence: str
+    version: int
+    status: str
+    current_step: str | None
+    waiting_for: list[str] = field(default_factory=list)
+    until: datetime | None = None
+    variants: dict[str, str] = field(default_factory=dict)
+    path: list[str] = field(default_factory=list)
+    last_delivery: str | None = None
+
+
+async def person_status(
+    session_factory: SessionFactory, settings: Settings, person: int, *, client: Client | None = None
+) -> list[PersonEnrollment]:
+    """Where a person is in each sequence: live from the workflow when it runs."""
+    async with session_factory() as session:
+        rows = (
+            await session.execute(
+                select(Enrollment, Sequence.name, SequenceVersion.version)
+                .join(Sequence, Sequence.id == Enrollment.sequence_id)
+                .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
+                .where(Enrollment.person_id == person)
+                .order_by(Enrollment.id)
+            )
+        ).all()
+        last = {}
+        for enrollment, *_ in rows:
+            delivery = (
+                await session.execute(
+                    select(Delivery)
+                    .where(Delivery.enrollment_id == enrollment.id)
+                    .order_by(Delivery.id.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            if delivery is not None:
+                last[enrollment.id] = f"{delivery.step_id}: {delivery.status}" + (
+                    f" ({delivery.error})" if delivery.error else ""
+                )
+    if not rows:
+        return []
+    client = client or await connect(settings)
+    out = []
+    for enrollment, name, version in rows:
+        item = PersonEnrollment(
+            sequence=name,
+            version=version,
+            status=enrollment.status,
+            current_step=enrollment.current_step,
+            last_delivery=last.get(enrollment.id),
+        )
+        handle = client.get_workflow_handle(enrollment.workflow_id)
+        try:
+            desc = await handle.describe()
+            if desc.status == WorkflowExecutionStatus.RUNNING:
+                view: StatusView = await handle.query(EnrollmentWorkflow.status)
+                item.status = str(view.status)
+                item.current_step = view.current_step
+                item.waiting_for = view.waiting_for
+                item.until = view.until
+                item.variants = view.variants
+                item.path = [p.step for p in view.path]
+            else:
+                view = await handle.query(EnrollmentWorkflow.status)
+                item.path = [p.step for p in view.path]
+                item.variants = view.variants
+        except RPCError:
+            pass  # history gone (retention): the database row is all we have
+        out.append(item)
+    return out

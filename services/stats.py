@@ -1,0 +1,152 @@
+"""Funnels and campaign counters, computed from the event log and the ledger.
+
+Everything a user sees in `starter.py stats` is a query over append-only events (and,
+for the seed-004 counters, the deliveries ledger and enrollments), so the numbers can
+always be re-derived and audited.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from db.session import SessionFactory
+from db.tables import Delivery, Enrollment, Event, Sequence, SequenceVersion
+
+#: Funnel columns, in display order, and the event types that feed them.
+FUNNEL: dict[str, tuple[str, ...]] = {
+    "enrolled": ("enrolled",),
+    "sent": ("sent",),
+    "delivered": (),  # sent minus bounced (SMTP acceptance is all a relay tells us)
+    "opened": ("opened",),
+    "replied": ("replied",),
+    "positive": ("positive_reply",),
+    "bounced": ("bounced",),
+    "unsubscribed": ("unsubscribed",),
+    "failed": ("failed",),
+    "uncertain": ("uncertain",),
+    "suppressed": ("suppressed",),
+    "completed": ("completed",),
+}
+
+
+class FunnelRow(BaseModel):
+    """One (version, step, variant) line of the funnel."""
+
+    version: int
+    step: str | None
+    variant: str | None
+    counts: dict[str, int]
+
+
+class CampaignCounters(BaseModel):
+    """The counters users know from queue-based senders (seed 004)."""
+
+    total: int = 0
+    pending: int = 0
+    queued: int = 0
+    sent: int = 0
+    failed: int = 0
+    bounced: int = 0
+    uncertain: int = 0
+    by_status: dict[str, int] = Field(default_factory=dict)
+
+
+class SequenceStats(BaseModel):
+    """The whole answer of `stats --sequence`."""
+
+    sequence: str
+    rows: list[FunnelRow]
+    totals: dict[str, int]
+    campaign: CampaignCounters
+
+
+async def sequence_stats(session_factory: SessionFactory, name: str) -> SequenceStats:
+    """Funnel per version, step and variant, plus campaign counters, for one sequence."""
+    async with session_factory() as session:
+        seq = (await session.execute(select(Sequence).where(Sequence.name == name))).scalar_one_or_none()
+        if seq is None:
+            known = (await session.execute(select(Sequence.name).order_by(Sequence.name))).scalars()
+            raise LookupError(f"unknown sequence {name!r} (known: {', '.join(known) or 'none'})")
+        versions = dict(
+            (
+                await session.execute(
+                    select(SequenceVersion.id, SequenceVersion.version).where(
+                        SequenceVersion.sequence_id == seq.id
+                    )
+                )
+            ).all()
+        )
+        event_rows = await session.execute(
+            select(
+                Event.sequence_version_id,
+                Event.step_id,
+                Event.variant,
+                Event.type,
+                func.count(func.distinct(Event.enrollment_id)),
+                func.count(),
+            )
+            .where(Event.sequence_id == seq.id)
+            .group_by(Event.sequence_version_id, Event.step_id, Event.variant, Event.type)
+        )
+        type_to_col = {t: col for col, types in FUNNEL.items() for t in types}
+        cells: dict[tuple[int, str | None, str | None], dict[str, int]] = defaultdict(
+            lambda: dict.fromkeys(FUNNEL, 0)
+        )
+        totals = dict.fromkeys(FUNNEL, 0)
+        for version_id, step, variant, type_, enrollments, count in event_rows:
+            col = type_to_col.get(type_)
+            if col is None:
+                continue
+            key = (versions.get(version_id, 0), None if col == "enrolled" else step, variant)
+            value = count if col in ("sent", "opened", "bounced", "failed", "uncertain") else enrollments
+            cells[key][col] += value
+            totals[col] += value
+        for counts in cells.values():
+            counts["delivered"] = max(0, counts["sent"] - counts["bounced"])
+        totals["delivered"] = max(0, totals["sent"] - totals["bounced"])
+        rows = [
+            FunnelRow(version=v, step=s, variant=var, counts=c)
+            for (v, s, var), c in sorted(
+                cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or "")
+            )
+        ]
+
+        statuses = dict(
+            (
+                await session.execute(
+                    select(Enrollment.status, func.count())
+                    .where(Enrollment.sequence_id == seq.id)
+                    .group_by(Enrollment.status)
+                )
+            ).all()
+        )
+        delivery_counts: dict[str, int] = dict(
+            (
+                await session.execute(
+                    select(Delivery.status, func.count())
+                    .join(Enrollment, Enrollment.id == Delivery.enrollment_id)
+                    .where(Enrollment.sequence_id == seq.id)
+                    .group_by(Delivery.status)
+                )
+            ).all()
+        )
+    campaign = CampaignCounters(
+        total=sum(statuses.values()),
+        pending=statuses.get("active", 0) + statuses.get("paused", 0),
+        queued=delivery_counts.get("claimed", 0) + delivery_counts.get("sending", 0),
+        sent=delivery_counts.get("sent", 0),
+        failed=delivery_counts.get("failed", 0),
+        bounced=delivery_counts.get("bounced", 0),
+        uncertain=delivery_counts.get("uncertain", 0),
+        by_status=statuses,
+    )
+    return SequenceStats(sequence=name, rows=rows, totals=totals, campaign=campaign)
+
+
+def as_json(stats: SequenceStats) -> dict[str, Any]:
+    """The `--json` shape."""
+    return stats.model_dump(mode="json")

@@ -1,0 +1,377 @@
+"""The `sequencer` command line: sequences, people, segments, senders, enrollments, stats.
+
+Every command talks to PostgreSQL and Temporal through the same settings as the
+worker. Errors are reported as one clear line (or a list naming each problem) with a
+non-zero exit code; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from db.session import SessionFactory, make_engine, make_session_factory
+from settings import get_settings
+
+app = typer.Typer(help="Sequencer: outreach sequences as durable Temporal workflows.", no_args_is_help=True)
+sequences_app = typer.Typer(help="Validate and version sequence files.", no_args_is_help=True)
+people_app = typer.Typer(help="Import people and their identities.", no_args_is_help=True)
+segments_app = typer.Typer(help="Audiences: static snapshots and rule-based segments.", no_args_is_help=True)
+senders_app = typer.Typer(help="Sending accounts and their caps.", no_args_is_help=True)
+app.add_typer(sequences_app, name="sequences")
+app.add_typer(people_app, name="people")
+app.add_typer(segments_app, name="segments")
+app.add_typer(senders_app, name="senders")
+
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _run(fn: Callable[[SessionFactory], Awaitable[T]]) -> T:
+    async def inner() -> T:
+        engine = make_engine(get_settings().database_url, pool_size=5)
+        try:
+            return await fn(make_session_factory(engine))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(inner())
+    except (LookupError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[red]cannot connect:[/red] {exc} (is `make run` up? DATABASE_URL / TEMPORAL_ADDRESS)")
+        raise typer.Exit(3) from None
+
+
+# ---------------------------------------------------------------------- sequences
+@sequences_app.command("validate")
+def sequences_validate(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+    """Check a sequence file; print every problem with its step and rule."""
+    from models.sequence import SequenceValidationError
+    from services.sequence_store import validate_file
+
+    try:
+        defn = validate_file(file)
+    except SequenceValidationError as exc:
+        _print_issues(file, exc)
+        raise typer.Exit(1) from None
+    console.print(f"[green]ok[/green] {file}: sequence {defn.name!r}, {len(defn.steps)} steps")
+
+
+def _print_issues(file: Path, exc: Any) -> None:
+    err.print(f"[red]{file}: {len(exc.issues)} problem(s)[/red]")
+    for issue in exc.issues:
+        err.print(f"  - {issue}")
+
+
+@sequences_app.command("create")
+def sequences_create(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+    """Store a new immutable version (the same content gives the same version)."""
+    from models.sequence import SequenceValidationError
+    from services.sequence_store import create_version
+
+    async def go(sf: SessionFactory) -> Any:
+        return await create_version(sf, file)
+
+    try:
+        created = _run(go)
+    except SequenceValidationError as exc:
+        _print_issues(file, exc)
+        raise typer.Exit(1) from None
+    word = "created" if created.created else "unchanged, existing"
+    console.print(f"sequence {created.name!r}: {word} version {created.version}")
+
+
+# ---------------------------------------------------------------------- people
+@people_app.command("import")
+def people_import(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False),
+    segment: str = typer.Option(..., "--segment", help="static segment to snapshot the rows into"),
+) -> None:
+    """Upsert people and identities from a CSV; bad rows are reported by line, good rows land."""
+    from services.people_import import import_people
+
+    total_lines = max(0, sum(1 for _ in file.open(encoding="utf-8", errors="replace")) - 1)
+    with Progress(
+        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
+        task = bar.add_task("rows", total=total_lines)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or total_lines)
+
+        async def go(sf: SessionFactory) -> Any:
+            return await import_people(sf, file, segment, progress=progress)
+
+        report = _run(go)
+    console.print(
+        f"{report.rows} rows: {report.created} created, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {len(report.errors)} bad; "
+        f"segment {segment!r} has {report.members} people"
+    )
+    for row_error in report.errors:
+        err.print(f"  line {row_error.line}: {row_error.reason}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------- segments
+@segments_app.command("create")
+def segments_create(
+    name: str = typer.Argument(...),
+    where: str = typer.Option(..., "--where", help="e.g. company = 'Acme' and (role in ('CEO','CTO'))"),
+) -> None:
+    """Store a rule-based segment (a changed rule makes a new version)."""
+    from services.segment_rules import RuleSyntaxError
+    from services.segments import create_rule_segment
+
+    async def go(sf: SessionFactory) -> Any:
+        return await create_rule_segment(sf, name, where)
+
+    try:
+        seg = _run(go)
+    except RuleSyntaxError as exc:
+        err.print(f"[red]--where:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"segment {name!r} version {seg.version}: {seg.size} people match now")
+
+
+# ---------------------------------------------------------------------- senders
+@senders_app.command("add")
+def senders_add(
+    channel: str = typer.Option(..., "--channel", help="email, x, linkedin or xmtp"),
+    address: str = typer.Option(..., "--address"),
+    per_hour: int | None = typer.Option(None, "--per-hour"),
+    per_day: int | None = typer.Option(None, "--per-day"),
+    spacing: str | None = typer.Option(None, "--spacing", help="minimum gap, e.g. 60s"),
+    jitter: str | None = typer.Option(None, "--jitter", help="random extra gap, e.g. 30s"),
+    warmup_start: int | None = typer.Option(None, "--warmup-start", help="per-day cap on day 1"),
+    warmup_days: int = typer.Option(0, "--warmup-days"),
+    timezone: str = typer.Option("UTC", "--timezone", help="the sender's day resets at its local midnight"),
+    name: str | None = typer.Option(None, "--name", help="display name"),
+) -> None:
+    """Add (or update) a sending account with its caps, spacing and jitter."""
+    from models.durations import parse_duration
+    from services.senders import add_sender
+
+    async def go(sf: SessionFactory) -> Any:
+        return await add_sender(
+            sf,
+            channel=channel,
+            address=address,
+            per_hour=per_hour,
+            per_day=per_day,
+            spacing=parse_duration(spacing).total_seconds() if spacing else None,
+            jitter=parse_duration(jitter).total_seconds() if jitter else None,
+            warmup_start_per_day=warmup_start,
+            warmup_days=warmup_days,
+            timezone=timezone,
+            display_name=name,
+        )
+
+    acct = _run(go)
+    console.print(
+        f"sender {acct.channel}:{acct.address} (id {acct.id}): {acct.per_hour}/h, {acct.per_day}/day, "
+        f"spacing {acct.min_spacing_seconds:g}s + jitter {acct.jitter_seconds:g}s"
+    )
+
+
+# ---------------------------------------------------------------------- enroll
+@app.command("enroll")
+def enroll(
+    sequence: str = typer.Option(..., "--sequence"),
+    segment: str = typer.Option(..., "--segment"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="render every first message; send nothing"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="show progress until every start is done"),
+    page_size: int = typer.Option(500, "--page-size"),
+) -> None:
+    """Start one enrollment per person of the segment, durably, for any size."""
+    if dry_run:
+        _dry_run(sequence, segment)
+        return
+    from services.enrolling import start_audience
+
+    async def go(sf: SessionFactory) -> Any:
+        return await start_audience(
+            sf, get_settings(), sequence, segment, page_size=page_size, wait=wait, on_progress=_progress_printer()
+        )
+
+    progress = _run(go)
+    if progress is None:
+        console.print("audience enrollment started in the background (see the Web UI)")
+        return
+    console.print(
+        f"enrolled {progress.started}, already enrolled {progress.already}, refused {progress.refused}"
+        + (f" of {progress.total}" if progress.total is not None else "")
+    )
+    for refusal in progress.refusals[:20]:
+        err.print(f"  refused: {refusal}")
+
+
+def _progress_printer() -> Callable[[Any], None]:
+    bar = Progress(TextColumn("enrolling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    task = bar.add_task("enroll", total=None)
+    state = {"started": False}
+
+    def update(p: Any) -> None:
+        if not state["started"]:
+            bar.start()
+            state["started"] = True
+        bar.update(task, completed=p.started + p.already + p.refused, total=p.total)
+        if p.done:
+            bar.stop()
+
+    return update
+
+
+def _dry_run(sequence: str, segment: str) -> None:
+    from services.enrolling import dry_run
+
+    async def go(sf: SessionFactory) -> Any:
+        return await dry_run(sf, sequence, segment)
+
+    report = _run(go)
+    table = Table(title=f"dry run: {sequence} -> {segment} (nothing sent)")
+    for col in ("person", "step", "variant", "to", "subject / text"):
+        table.add_column(col)
+    for item in report.previews[:20]:
+        table.add_row(str(item.person_id), item.step, item.variant or "", item.to or "", item.preview)
+    console.print(table)
+    console.print(f"{report.people} people, {len(report.previews)} messages rendered, {len(report.problems)} problems")
+    for problem in report.problems:
+        err.print(f"  [red]problem[/red] {problem}")
+    if report.problems:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------- control
+def _control(kind: str, sequence: str, person: int | None, reason: str) -> None:
+    from services.control import signal_enrollments
+
+    async def go(sf: SessionFactory) -> Any:
+        return await signal_enrollments(get_settings(), kind, sequence, person, reason)
+
+    count = _run(go)
+    console.print(f"{kind}: signalled {count} enrollment(s) of {sequence!r}")
+
+
+@app.command("pause")
+def pause(
+    sequence: str = typer.Option(..., "--sequence"),
+    person: int | None = typer.Option(None, "--person"),
+    reason: str = typer.Option("", "--reason"),
+) -> None:
+    """Hold enrollments where they are (timers stop; nothing is skipped)."""
+    _control("pause", sequence, person, reason)
+
+
+@app.command("resume")
+def resume(
+    sequence: str = typer.Option(..., "--sequence"),
+    person: int | None = typer.Option(None, "--person"),
+    reason: str = typer.Option("", "--reason"),
+) -> None:
+    """Continue paused enrollments."""
+    _control("resume", sequence, person, reason)
+
+
+@app.command("stop")
+def stop(
+    sequence: str = typer.Option(..., "--sequence"),
+    person: int | None = typer.Option(None, "--person"),
+    reason: str = typer.Option("", "--reason"),
+) -> None:
+    """End enrollments now."""
+    _control("stop", sequence, person, reason)
+
+
+@app.command("status")
+def status(person: int = typer.Option(..., "--person")) -> None:
+    """Where that person is in each sequence, what it waits for, until when."""
+    from services.control import person_status
+
+    async def go(sf: SessionFactory) -> Any:
+        return await person_status(sf, get_settings(), person)
+
+    rows = _run(go)
+    if not rows:
+        console.print(f"person {person} has no enrollments")
+        return
+    table = Table(title=f"person {person}")
+    for col in ("sequence", "version", "status", "step", "waiting for", "until", "variants", "path", "last delivery"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.sequence,
+            str(r.version),
+            r.status,
+            r.current_step or "",
+            ", ".join(r.waiting_for),
+            r.until.isoformat() if r.until else "",
+            ", ".join(f"{k}={v}" for k, v in r.variants.items()),
+            " > ".join(r.path),
+            r.last_delivery or "",
+        )
+    console.print(table)
+
+
+@app.command("stats")
+def stats(
+    sequence: str = typer.Option(..., "--sequence"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Funnel per version, step and variant; campaign counters."""
+    from services.stats import FUNNEL, sequence_stats
+
+    async def go(sf: SessionFactory) -> Any:
+        return await sequence_stats(sf, sequence)
+
+    result = _run(go)
+    if as_json:
+        sys.stdout.write(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
+        return
+    table = Table(title=f"{sequence}: funnel")
+    for col in ("version", "step", "variant", *FUNNEL):
+        table.add_column(col, justify="right" if col in FUNNEL else "left")
+    for row in result.rows:
+        table.add_row(str(row.version), row.step or "(sequence)", row.variant or "", *(str(row.counts[c]) for c in FUNNEL))
+    table.add_row("all", "", "", *(str(result.totals[c]) for c in FUNNEL), style="bold")
+    console.print(table)
+    c = result.campaign
+    console.print(
+        f"campaign: total {c.total}, pending {c.pending}, queued {c.queued}, sent {c.sent}, "
+        f"failed {c.failed}, bounced {c.bounced}, uncertain {c.uncertain}"
+    )
+
+
+@app.command("demo")
+def demo() -> None:
+    """Load the demo (examples/): sequence, people, senders, and enroll them (idempotent)."""
+    from services.demo import load_demo
+
+    async def go(sf: SessionFactory) -> Any:
+        return await load_demo(sf, get_settings())
+
+    for line in _run(go):
+        console.print(line)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

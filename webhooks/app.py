@@ -1,0 +1,279 @@
+"""The webhook/API app: inbound events, unsubscribe, open tracking, health.
+
+`uvicorn webhooks.app:app` builds its dependencies (engine, Temporal client,
+classifier) at startup from settings; tests call `create_app(...)` with their own.
+Every inbound request is authenticated before its body is even parsed.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import select, text
+from temporalio.client import Client
+
+from activities.records import append_event
+from db.session import SessionFactory, make_engine, make_session_factory
+from db.tables import Delivery, Enrollment, SequenceVersion
+from models.activities import EnrollmentRef
+from models.enrollment import ControlSignal, SequenceRef
+from services.classify import get_classifier
+from services.tokens import TokenError, read_token
+from settings import Settings, get_settings
+from temporal_client import connect
+from webhooks.inbound import CHANNELS, InboundPayload, InboundProcessor, suppress_person
+from webhooks.signature import SignatureError, verify
+
+log = logging.getLogger("sequencer.webhooks")
+PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+
+@dataclass
+class Deps:
+    """What the routes need."""
+
+    settings: Settings
+    session_factory: SessionFactory
+    client: Client | None
+    processor: InboundProcessor | None
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    session_factory: SessionFactory | None = None,
+    client: Client | None = None,
+) -> FastAPI:
+    """Build the app; dependencies not given are created at startup from settings."""
+    cfg = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = None
+        sf = session_factory
+        if sf is None:
+            engine = make_engine(cfg.database_url)
+            sf = make_session_factory(engine)
+        cl = client
+        if cl is None:
+            try:
+                cl = await connect(cfg)
+            except Exception as err:  # keep serving /healthz, which will say so
+                log.error("Temporal not reachable at %s: %s", cfg.temporal_address, err)
+        processor = (
+            InboundProcessor(
+                sf, cl, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay
+            )
+            if cl is not None
+            else None
+        )
+        app.state.deps = Deps(cfg, sf, cl, processor)
+        yield
+        if engine is not None:
+            await engine.dispose()
+
+    app = FastAPI(title="Sequencer webhooks", lifespan=lifespan)
+
+    def deps(request: Request) -> Deps:
+        return request.app.state.deps  # type: ignore[no-any-return]
+
+    @app.post("/webhooks/{channel}", status_code=202)
+    async def inbound(channel: str, request: Request) -> Response:
+        d = deps(request)
+        limit = d.settings.webhook_max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
+        try:
+            verify(
+                d.settings.webhook_secret.get_secret_value(),
+                request.headers.get("x-signature"),
+                body,
+                now=time.time(),
+                window_seconds=d.settings.webhook_replay_window_seconds,
+            )
+        except SignatureError as err:
+            return JSONResponse({"error": f"signature: {err}"}, status_code=401)
+        if channel not in CHANNELS:
+            return JSONResponse(
+                {"error": f"unknown channel {channel!r}: use one of {', '.join(CHANNELS)}"},
+                status_code=404,
+            )
+        try:
+            payload = InboundPayload.model_validate_json(body)
+        except ValidationError as err:
+            problems = [
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
+            ]
+            return JSONResponse({"error": "invalid body", "fields": problems}, status_code=400)
+        if d.processor is None:
+            return JSONResponse({"error": "Temporal is not reachable"}, status_code=503)
+        result = await d.processor.process(channel, payload)
+        return JSONResponse(
+            {
+                "status": result.status,
+                "person_id": result.person_id,
+                "enrollments": result.enrollments,
+                "classification": result.classification,
+            },
+            status_code=202,
+        )
+
+    @app.get("/u/{token}", response_class=HTMLResponse)
+    async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
+        d = deps(request)
+        try:
+            read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)
+        except TokenError:
+            return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
+        form = (
+            f'<form method="post" action="/u/{html.escape(token)}">'
+            '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+            '<button type="submit">Unsubscribe</button></form>'
+        )
+        return HTMLResponse(
+            _page("Unsubscribe?", "<p>Press the button to stop all messages from us.</p>" + form)
+        )
+
+    @app.post("/u/{token}")
+    async def unsubscribe(token: str, request: Request) -> Response:
+        d = deps(request)
+        try:
+            data = read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)
+        except TokenError:
+            return HTMLResponse(_page("This link is not valid", ""), 400)
+        person_id = int(data["p"])
+        new = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
+        async with d.session_factory() as session:
+            rows = (
+                await session.execute(
+                    select(Enrollment, SequenceVersion)
+                    .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
+                    .where(Enrollment.person_id == person_id, Enrollment.status.in_(["active", "paused"]))
+                )
+            ).all()
+        if d.client is not None:
+            for enrollment, _ in rows:
+                try:
+                    await d.client.get_workflow_handle(enrollment.workflow_id).signal(
+                        "unsubscribe", ControlSignal(reason="unsubscribe link", source="link")
+                    )
+                except Exception as err:  # finished already: the suppression still holds
+                    log.info("unsubscribe signal to %s: %s", enrollment.workflow_id, err)
+        if new:
+            async with d.session_factory() as session, session.begin():
+                if not rows:
+                    await append_event(
+                        session, type_="unsubscribed", person_id=person_id,
+                        dedup_key=f"unsubscribed:link:{person_id}", data={"via": "link"},
+                    )
+                for enrollment, version in rows:
+                    await append_event(
+                        session,
+                        type_="unsubscribed",
+                        ref=_ref(enrollment, version),
+                        step_id=enrollment.current_step,
+                        dedup_key=f"unsubscribed:link:{enrollment.id}",
+                        data={"via": "link"},
+                    )
+        return HTMLResponse(_page("You are unsubscribed", "<p>You will not hear from us again.</p>"))
+
+    @app.get("/o/{token}")
+    async def opened(token: str, request: Request) -> Response:
+        d = deps(request)
+        try:
+            data = read_token(d.settings.webhook_secret.get_secret_value(), "open", token)
+            key = str(data["k"])
+        except (TokenError, KeyError):
+            return Response(PIXEL, media_type="image/gif")
+        async with d.session_factory() as session, session.begin():
+            row = (
+                await session.execute(
+                    select(Delivery, Enrollment, SequenceVersion)
+                    .join(Enrollment, Enrollment.id == Delivery.enrollment_id)
+                    .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
+                    .where(Delivery.idempotency_key == key)
+                )
+            ).first()
+            if row is not None:
+                delivery, enrollment, version = row
+                await append_event(
+                    session,
+                    type_="opened",
+                    ref=_ref(enrollment, version),
+                    step_id=delivery.step_id,
+                    variant=delivery.variant,
+                    channel=delivery.channel,
+                    delivery_id=delivery.id,
+                    dedup_key=f"opened:{delivery.id}",
+                )
+        return Response(
+            PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, max-age=0"}
+        )
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> Response:
+        d = deps(request)
+        report: dict[str, Any] = {}
+        try:
+            async with d.session_factory() as session:
+                await session.execute(text("SELECT 1"))
+            report["postgres"] = "ok"
+        except Exception as err:
+            report["postgres"] = f"error: {err.__class__.__name__}: {err}"[:300]
+        if d.client is None:
+            report["temporal"] = "error: not connected"
+        else:
+            try:
+                await d.client.service_client.check_health()
+                report["temporal"] = "ok"
+            except Exception as err:
+                report["temporal"] = f"error: {err.__class__.__name__}: {err}"[:300]
+        healthy = all(v == "ok" for v in report.values())
+        report["status"] = "ok" if healthy else "degraded"
+        return JSONResponse(report, status_code=200 if healthy else 503)
+
+    return app
+
+
+def _ref(enrollment: Enrollment, version: SequenceVersion) -> EnrollmentRef:
+    return EnrollmentRef(
+        enrollment_id=enrollment.id,
+        person_id=enrollment.person_id,
+        sequence=SequenceRef(
+            sequence_id=enrollment.sequence_id,
+            sequence_name=str(version.definition.get("name", "")),
+            version_id=version.id,
+            version=version.version,
+        ),
+        workflow_id=enrollment.workflow_id,
+    )
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif;max-width:32rem;margin:4rem auto'>"
+        f"<h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+app = create_app()

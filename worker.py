@@ -1,0 +1,110 @@
+"""Builds and runs the Sequencer worker: the workflows and every activity.
+
+Dependencies (database engine, SMTP pool, HTTP clients, the Temporal client) are built
+here, in `main()`, and injected into activity classes, so tests assemble the same
+worker (`build_worker`) against their own real local servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.channels.base import ChannelClient
+from activities.channels.factory import make_channels
+from activities.delivery import DeliveryActivities, DeliveryConfig
+from activities.enroll import EnrollActivities, EnrollTarget
+from activities.governor import SendGovernor
+from activities.records import RecordActivities
+from db.session import SessionFactory, make_engine, make_session_factory
+from settings import Settings, get_settings
+from temporal_client import connect
+from workflows.audience import AudienceWorkflow
+from workflows.enrollment import EnrollmentWorkflow
+
+log = logging.getLogger("sequencer.worker")
+
+
+@dataclass
+class WorkerDeps:
+    """Everything the activities need, built once per process."""
+
+    session_factory: SessionFactory
+    channels: Mapping[str, ChannelClient]
+    delivery: DeliveryConfig
+    governor: SendGovernor | None = None
+    fault: Callable[[str], None] | None = None
+
+
+def delivery_config(settings: Settings) -> DeliveryConfig:
+    """The delivery settings, from the process settings."""
+    return DeliveryConfig(
+        public_base_url=settings.public_base_url,
+        link_secret=settings.webhook_secret.get_secret_value(),
+        postal_address=settings.postal_address,
+        person_daily_touch_cap=settings.person_daily_touch_cap,
+    )
+
+
+def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwargs: Any) -> Worker:
+    """A worker with both workflows and every activity, wired to `deps`."""
+    governor = deps.governor or SendGovernor(deps.session_factory)
+    records = RecordActivities(deps.session_factory)
+    delivery = DeliveryActivities(
+        deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault
+    )
+    enroll = EnrollActivities(deps.session_factory, client, EnrollTarget(task_queue=task_queue))
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[EnrollmentWorkflow, AudienceWorkflow],
+        activities=[
+            records.record_event,
+            records.finish_enrollment,
+            delivery.reserve_send_slot,
+            delivery.deliver,
+            delivery.give_up_delivery,
+            enroll.enroll_page,
+        ],
+        **worker_kwargs,
+    )
+
+
+async def main() -> None:
+    """Run the worker until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    client = await connect(settings)
+    channels = make_channels(settings)
+    try:
+        deps = WorkerDeps(
+            session_factory=make_session_factory(engine),
+            channels=channels,
+            delivery=delivery_config(settings),
+        )
+        worker = build_worker(client, settings.temporal_task_queue, deps)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address
+        )
+        async with worker:
+            await stop.wait()
+    finally:
+        for channel in {id(c): c for c in channels.values()}.values():
+            await channel.aclose()
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,563 @@
+"""The enrollment workflow: one person walking one sequence version.
+
+This replaces v1's 6-hour cron. Each enrollment waits on durable timers and reacts to
+signals (replies, acceptances, follow-backs, unsubscribes) the moment they arrive.
+Side effects happen only in activities; this module is orchestration and can be read
+without reading any I/O code.
+
+Semantics worth knowing (also in the README):
+
+* A signal that arrives before the run starts or while an action runs is kept and
+  counts for the step being run: an event counts for a step when it arrives at or
+  after that step started. Event ids are deduplicated.
+* Pause stops the clock. An edge timer with 2 days left when paused still has 2 days
+  left after resume; a pending action waits for resume; nothing is ever skipped.
+  Events that arrive while paused take effect on resume.
+* `stop_on_reply` (default true): a reply ends the enrollment as `replied` unless the
+  step being waited on branches on REPLIED.
+* A permanent send failure (bounce, invalid recipient, refused by the provider) ends
+  the enrollment as `failed`: the dead-letter state, visible in status and stats.
+  A suppressed person ends as `suppressed`. An uncertain delivery (the provider may
+  have accepted it) is never re-sent; the lead continues as if it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from models.activities import (
+        DeliverInput,
+        DeliverOutput,
+        EnrollmentRef,
+        FinishInput,
+        RecordEventInput,
+        ReserveSlotInput,
+        ReserveSlotOutput,
+    )
+    from models.enrollment import (
+        ControlSignal,
+        EnrollmentInput,
+        EnrollmentResult,
+        EnrollmentState,
+        EnrollmentStatus,
+        InboundSignal,
+        OutOfOfficeSignal,
+        PathEntry,
+        ReceivedEvent,
+        StatusView,
+    )
+    from models.schedule import as_aware, choose_variant, earliest_action_time
+    from models.sequence import (
+        EVENT_TRIGGERS,
+        Action,
+        Edge,
+        Step,
+        Trigger,
+        zone,
+    )
+    from workflows.search_attributes import (
+        CURRENT_STEP,
+        ENROLLMENT_STATUS,
+        NEXT_ACTION_AT,
+        PERSON_ID,
+        SEQUENCE_NAME,
+        SEQUENCE_VERSION,
+    )
+
+#: Signal kind for each event trigger.
+TRIGGER_KIND = {
+    Trigger.REPLIED: "replied",
+    Trigger.CONNECTION_ACCEPTED: "connection_accepted",
+    Trigger.FOLLOWED_BACK: "followed_back",
+    Trigger.REPLIED_TO_NOTE: "replied_to_note",
+}
+NEGATIVE_TWIN = {
+    Trigger.NOT_REPLIED: Trigger.REPLIED,
+    Trigger.CONNECTION_NOT_ACCEPTED: Trigger.CONNECTION_ACCEPTED,
+    Trigger.NOT_FOLLOWED_BACK: Trigger.FOLLOWED_BACK,
+}
+SEEN_IDS_KEPT = 2000
+
+QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=30),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(hours=1),
+    maximum_attempts=12,
+    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
+)
+
+
+def workflow_id_for(sequence_name: str, person_id: int) -> str:
+    """The business key: one enrollment per (sequence, person)."""
+    return f"enroll:{sequence_name}:{person_id}"
+
+
+class _Terminal(Exception):
+    """Raised inside the walk when the enrollment must end now."""
+
+    def __init__(self, status: EnrollmentStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@workflow.defn(name="Enrollment")
+class EnrollmentWorkflow:
+    """Walks the sequence graph for one person."""
+
+    @workflow.init
+    def __init__(self, inp: EnrollmentInput) -> None:
+        self.inp = inp
+        self.defn = inp.definition
+        self.state = inp.state or EnrollmentState(current_step=inp.definition.first_step.id)
+        self.terminal: _Terminal | None = None
+        self.phase = "starting"
+        self.waiting_for: list[str] = []
+        self.until: datetime | None = None
+        self.last_delivery_status: str | None = None
+        self.paused_at: datetime | None = None
+        self.tz = zone(inp.person_timezone, inp.definition.timezone)
+        self.ref = EnrollmentRef(
+            enrollment_id=inp.enrollment_id,
+            person_id=inp.person_id,
+            sequence=inp.sequence,
+            workflow_id=workflow.info().workflow_id,
+        )
+
+    # ------------------------------------------------------------------ signals
+    def _accept(self, kind: str, event_id: str, channel: str | None, classification: str | None) -> None:
+        if event_id in self.state.seen_event_ids:
+            return
+        self.state.seen_event_ids.append(event_id)
+        del self.state.seen_event_ids[:-SEEN_IDS_KEPT]
+        self.state.events.append(
+            ReceivedEvent(
+                kind=kind,
+                event_id=event_id,
+                received_at=workflow.now(),
+                channel=channel,
+                classification=classification,
+            )
+        )
+
+    @workflow.signal
+    def replied(self, sig: InboundSignal) -> None:
+        """The person replied on some channel."""
+        self._accept("replied", sig.event_id, sig.channel, sig.classification)
+
+    @workflow.signal
+    def connection_accepted(self, sig: InboundSignal) -> None:
+        """The person accepted a LinkedIn connection request."""
+        self._accept("connection_accepted", sig.event_id, sig.channel, sig.classification)
+
+    @workflow.signal
+    def followed_back(self, sig: InboundSignal) -> None:
+        """The person followed our X account back."""
+        self._accept("followed_back", sig.event_id, sig.channel, sig.classification)
+
+    @workflow.signal
+    def replied_to_note(self, sig: InboundSignal) -> None:
+        """The person replied to a connection request's note."""
+        self._accept("replied_to_note", sig.event_id, sig.channel, sig.classification)
+
+    @workflow.signal
+    def out_of_office(self, sig: OutOfOfficeSignal) -> None:
+        """An auto-reply: not a reply; the next action moves after the return date."""
+        if sig.event_id in self.state.seen_event_ids:
+            return
+        self.state.seen_event_ids.append(sig.event_id)
+        until = sig.until or workflow.now() + timedelta(seconds=sig.default_delay_seconds)
+        if self.state.not_before is None or until > self.state.not_before:
+            self.state.not_before = until
+
+    @workflow.signal
+    def pause(self, sig: ControlSignal) -> None:
+        """Hold the lead where it is (the clock stops)."""
+        if not self.state.paused:
+            self.state.paused = True
+            self.paused_at = workflow.now()
+
+    @workflow.signal
+    def resume(self, sig: ControlSignal) -> None:
+        """Continue from where the lead was held."""
+        if self.state.paused:
+            self.state.paused = False
+            if self.paused_at is not None:
+                held = (workflow.now() - self.paused_at).total_seconds()
+                self.state.paused_for_seconds += held
+            self.paused_at = None
+
+    @workflow.signal
+    def stop(self, sig: ControlSignal) -> None:
+        """End the enrollment now (no further actions)."""
+        if self.terminal is None:
+            self.terminal = _Terminal(EnrollmentStatus.STOPPED, sig.reason or "stopped")
+
+    @workflow.signal
+    def unsubscribe(self, sig: ControlSignal) -> None:
+        """The person unsubscribed: end now; the suppression list guards every send."""
+        if self.terminal is None:
+            self.terminal = _Terminal(EnrollmentStatus.UNSUBSCRIBED, sig.reason or "unsubscribed")
+
+    # ------------------------------------------------------------------ query
+    @workflow.query
+    def status(self) -> StatusView:
+        """Where the lead is, what it waits for and until when, and the path so far."""
+        if self.terminal is not None:
+            status = self.terminal.status
+        elif self.state.paused:
+            status = EnrollmentStatus.PAUSED
+        else:
+            status = EnrollmentStatus.ACTIVE
+        return StatusView(
+            enrollment_id=self.inp.enrollment_id,
+            person_id=self.inp.person_id,
+            sequence=self.inp.sequence,
+            status=status,
+            current_step=self.state.current_step,
+            phase=self.phase,
+            waiting_for=list(self.waiting_for),
+            until=self.until,
+            paused=self.state.paused,
+            variants=dict(self.state.variants),
+            path=list(self.state.path),
+            last_delivery_status=self.last_delivery_status,
+        )
+
+    # ------------------------------------------------------------------ run
+    @workflow.run
+    async def run(self, inp: EnrollmentInput) -> EnrollmentResult:
+        """Walk the graph until END, a terminal signal, or a permanent failure."""
+        self._upsert(first=True)
+        steps_this_run = 0
+        try:
+            while True:
+                self._check_terminal()
+                step = self.defn.step(self.state.current_step)
+                if not self.state.step_started:
+                    await self._begin(step)
+                if not self.state.action_done:
+                    await self._perform(step)
+                    self.state.action_done = True
+                    self.state.wait_started_at = workflow.now()
+                    self.state.paused_for_seconds = 0.0
+                edge = await self._choose_edge(step)
+                self._leave(edge)
+                if edge is None or edge.trigger == Trigger.END or not edge.to:
+                    raise _Terminal(EnrollmentStatus.COMPLETED, "reached END")
+                self.state.current_step = edge.to
+                self.state.step_started = False
+                self.state.action_done = False
+                steps_this_run += 1
+                if (
+                    workflow.info().is_continue_as_new_suggested()
+                    or steps_this_run >= inp.max_steps_per_run
+                ):
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    self.state.runs += 1
+                    now = workflow.now()
+                    self.state.events = [
+                        e for e in self.state.events if not e.consumed and e.received_at >= now
+                    ]
+                    workflow.continue_as_new(
+                        EnrollmentInput(
+                            enrollment_id=inp.enrollment_id,
+                            person_id=inp.person_id,
+                            person_timezone=inp.person_timezone,
+                            sequence=inp.sequence,
+                            definition=inp.definition,
+                            state=self.state,
+                            max_steps_per_run=inp.max_steps_per_run,
+                        )
+                    )
+        except _Terminal as end:
+            self.terminal = end
+        return await self._finish(self.terminal)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_terminal(self) -> None:
+        if self.terminal is not None:
+            raise self.terminal
+
+    def _upsert(self, *, first: bool = False, next_at: datetime | None = None) -> None:
+        status = self.terminal.status if self.terminal else (
+            EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE
+        )
+        updates = [
+            CURRENT_STEP.value_set(self.state.current_step),
+            ENROLLMENT_STATUS.value_set(str(status)),
+            NEXT_ACTION_AT.value_set(next_at) if next_at else NEXT_ACTION_AT.value_unset(),
+        ]
+        if first:
+            updates += [
+                SEQUENCE_NAME.value_set(self.inp.sequence.sequence_name),
+                SEQUENCE_VERSION.value_set(self.inp.sequence.version),
+                PERSON_ID.value_set(str(self.inp.person_id)),
+            ]
+        workflow.upsert_search_attributes(updates)
+
+    async def _record(self, type_: str, step: Step | None, **data: object) -> None:
+        variant = self.state.variants.get(step.id) if step else None
+        visit = self.state.visits.get(step.id, 0) if step else 0
+        await workflow.execute_activity(
+            "record_event",
+            RecordEventInput(
+                ref=self.ref,
+                type=type_,
+                step_id=step.id if step else None,
+                variant=variant,
+                channel=str(step.channel) if step and step.channel else None,
+                occurred_at=workflow.now(),
+                data=dict(data),
+                dedup_key=f"{self.ref.enrollment_id}:{type_}:{step.id if step else ''}:{visit}",
+                current_step=self.state.current_step,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=QUICK,
+        )
+
+    async def _begin(self, step: Step) -> None:
+        visit = self.state.visits.get(step.id, 0) + 1
+        self.state.visits[step.id] = visit
+        self.state.step_started = True
+        self.state.step_started_at = workflow.now()
+        if step.variants and step.id not in self.state.variants:
+            chosen = choose_variant(step.variants, key=f"{self.inp.person_id}:{step.id}")
+            if chosen is not None:
+                self.state.variants[step.id] = chosen.name
+        self.state.path.append(PathEntry(step=step.id, visit=visit, started_at=workflow.now()))
+        self._upsert()
+        await self._record("step_started", step, action=str(step.action), visit=visit)
+
+    def _leave(self, edge: Edge | None) -> None:
+        if self.state.path:
+            entry = self.state.path[-1]
+            entry.left_by = str(edge.trigger) if edge else "END"
+            entry.left_at = workflow.now()
+
+    async def _hold_while_paused(self) -> None:
+        if self.state.paused:
+            self.phase = "paused"
+            self.waiting_for = ["resume"]
+            self.until = None
+            self._upsert()
+            await workflow.wait_condition(lambda: not self.state.paused or self.terminal is not None)
+            self._check_terminal()
+
+    def _pending_reply_stops(self, step: Step, *, waiting_on_edges: bool) -> bool:
+        if not self.defn.stop_on_reply:
+            return False
+        if waiting_on_edges and any(e.trigger == Trigger.REPLIED for e in step.edges):
+            return False
+        return any(e.kind == "replied" and not e.consumed for e in self._events_for_step())
+
+    def _events_for_step(self) -> list[ReceivedEvent]:
+        since = self.state.step_started_at
+        return [e for e in self.state.events if since is None or e.received_at >= since]
+
+    async def _sleep_until(self, when: datetime, phase: str, step: Step) -> None:
+        """Wait until `when` (a durable timer), holding on pause and waking on stop/reply."""
+        while True:
+            self._check_terminal()
+            await self._hold_while_paused()
+            if self._pending_reply_stops(step, waiting_on_edges=False):
+                raise _Terminal(EnrollmentStatus.REPLIED, "replied before the next action")
+            now = workflow.now()
+            if when <= now:
+                return
+            self.phase = phase
+            self.waiting_for = [phase]
+            self.until = when
+            self._upsert(next_at=when)
+            seen = len(self.state.events)
+            try:
+                await workflow.wait_condition(
+                    lambda: self.terminal is not None
+                    or self.state.paused
+                    or len(self.state.events) != seen,
+                    timeout=when - now,
+                )
+            except asyncio.TimeoutError:
+                pass
+
+    async def _perform(self, step: Step) -> None:
+        """Run the step's action at the right time, through the governor and ledger."""
+        desired = workflow.now()
+        if step.delay:
+            desired = (self.state.step_started_at or desired) + step.delay
+        if step.at is not None:
+            desired = max(desired, as_aware(step.at, self.tz))
+        if self.state.not_before is not None:
+            desired = max(desired, self.state.not_before)
+        channel = step.channel
+        if channel is None:  # WAIT / CHECK_FOR_REPLY: only timing
+            await self._sleep_until(desired, "delay", step)
+            self.state.not_before = None
+            return
+        attempt = self.state.visits.get(step.id, 1)
+        round_ = 0
+        while True:
+            when = earliest_action_time(desired, self.defn.send_window, self.defn.timeline, self.tz)
+            if when is None:
+                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
+            await self._sleep_until(when, "scheduled", step)
+            slot: ReserveSlotOutput = await workflow.execute_activity(
+                "reserve_send_slot",
+                ReserveSlotInput(
+                    ref=self.ref,
+                    step_id=step.id,
+                    attempt=attempt,
+                    round=round_,
+                    action=str(step.action),
+                    channel=str(channel),
+                    now=workflow.now(),
+                    not_before=when,
+                    preferred_sender_id=self.state.senders.get(str(channel)),
+                    allowed_senders=list(self.defn.senders.get(channel, [])),
+                ),
+                result_type=ReserveSlotOutput,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=QUICK,
+            )
+            if slot.sender_id is None:
+                await self._record("failed", step, error=f"no active {channel} sender account")
+                raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
+            self.state.senders[str(channel)] = slot.sender_id
+            await self._sleep_until(slot.slot_at, "waiting for send slot", step)
+            again = earliest_action_time(
+                slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz
+            )
+            if again == slot.slot_at:
+                break
+            if again is None:
+                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
+            desired = again  # the slot fell outside the window: ask again from its opening
+            round_ += 1
+        self.state.not_before = None
+        await self._hold_while_paused()
+        self._check_terminal()
+        self.phase = "sending"
+        self.waiting_for = []
+        self.until = None
+        try:
+            out: DeliverOutput = await workflow.execute_activity(
+                "deliver",
+                DeliverInput(
+                    ref=self.ref,
+                    step=step,
+                    attempt=attempt,
+                    sender_id=slot.sender_id,
+                    variant=self.state.variants.get(step.id),
+                    thread_message_ids=list(self.state.thread_message_ids),
+                    track_opens=self.defn.track_opens,
+                    now=workflow.now(),
+                ),
+                result_type=DeliverOutput,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=SEND_RETRY,
+            )
+        except ActivityError as err:
+            out = await workflow.execute_activity(
+                "give_up_delivery",
+                DeliverInput(
+                    ref=self.ref,
+                    step=step,
+                    attempt=attempt,
+                    sender_id=slot.sender_id,
+                    variant=self.state.variants.get(step.id),
+                    now=workflow.now(),
+                ),
+                result_type=DeliverOutput,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=QUICK,
+            )
+            out.error = out.error or str(err.cause or err)
+        self.last_delivery_status = out.status
+        if self.state.path:
+            self.state.path[-1].outcome = out.status
+        if out.status in ("sent", "uncertain") and out.message_id and step.action == Action.SEND_EMAIL:
+            self.state.thread_message_ids.append(out.message_id)
+        if out.status == "suppressed":
+            raise _Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
+        if out.status in ("failed", "bounced"):
+            raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
+
+    async def _choose_edge(self, step: Step) -> Edge | None:
+        """Wait for the first of the step's edges: an event, or a timer running out."""
+        if not step.edges or any(e.trigger == Trigger.END for e in step.edges):
+            return None
+        base = self.state.wait_started_at or workflow.now()
+        wanted = {TRIGGER_KIND[e.trigger]: e for e in step.edges if e.trigger in EVENT_TRIGGERS}
+        timed = [e for e in step.edges if e.trigger not in EVENT_TRIGGERS]
+        while True:
+            self._check_terminal()
+            await self._hold_while_paused()
+            for event in self._events_for_step():
+                if not event.consumed and event.kind in wanted:
+                    event.consumed = True
+                    await self._record(
+                        "branch", step, trigger=str(wanted[event.kind].trigger), event_id=event.event_id
+                    )
+                    return wanted[event.kind]
+            if self._pending_reply_stops(step, waiting_on_edges=True):
+                raise _Terminal(EnrollmentStatus.REPLIED, "replied")
+            pause_shift = timedelta(seconds=self.state.paused_for_seconds)
+            deadlines: list[tuple[datetime, Edge]] = []
+            for edge in timed:
+                if edge.at is not None:
+                    deadlines.append((as_aware(edge.at, self.tz), edge))
+                else:
+                    deadlines.append((base + (edge.after or timedelta(0)) + pause_shift, edge))
+            deadlines.sort(key=lambda pair: pair[0])
+            now = workflow.now()
+            if deadlines and deadlines[0][0] <= now:
+                return deadlines[0][1]
+            self.phase = "waiting"
+            self.waiting_for = [str(e.trigger) for e in step.edges]
+            self.until = deadlines[0][0] if deadlines else None
+            self._upsert(next_at=self.until)
+            seen = len(self.state.events)
+            try:
+                await workflow.wait_condition(
+                    lambda: self.terminal is not None
+                    or self.state.paused
+                    or len(self.state.events) != seen,
+                    timeout=(self.until - now) if self.until else None,
+                )
+            except asyncio.TimeoutError:
+                pass
+
+    async def _finish(self, end: _Terminal | None) -> EnrollmentResult:
+        end = end or _Terminal(EnrollmentStatus.COMPLETED, "reached END")
+        self.phase = "finished"
+        self.waiting_for = []
+        self.until = None
+        self._upsert()
+        await workflow.execute_activity(
+            "finish_enrollment",
+            FinishInput(
+                ref=self.ref,
+                status=str(end.status),
+                last_step=self.state.current_step,
+                reason=end.reason,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=QUICK,
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return EnrollmentResult(
+            status=end.status,
+            last_step=self.state.current_step,
+            path=self.state.path,
+            reason=end.reason,
+        )
+
+
+__all__ = ["EnrollmentWorkflow", "workflow_id_for"]
