@@ -84,9 +84,10 @@ def _classify_reply(code: int, text: str, stage: str, *, bounce: bool) -> Except
 class _BrokenBeforeData(Exception):
     """A pooled connection failed before anything of the message was sent."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, code: str = "disconnected") -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.code = code
 
 
 class SmtpPool:
@@ -203,7 +204,7 @@ class SmtpPool:
                     if not reused:
                         raise TransientChannelError(
                             f"SMTP connection lost before the message was sent: {broken}",
-                            code="disconnected",
+                            code=broken.code,
                         ) from broken.cause
                     # A stale pooled connection: reconnect once and try again.
                     client = await self._connect()
@@ -212,7 +213,7 @@ class SmtpPool:
                     except _BrokenBeforeData as again:
                         raise TransientChannelError(
                             f"SMTP connection lost before the message was sent: {again}",
-                            code="disconnected",
+                            code=again.code,
                         ) from again.cause
                 keep = True
                 return reply
@@ -258,6 +259,10 @@ class SmtpPool:
             try:
                 await client.mail(sender, options=mail_options, encoding=encoding)
             except SMTPResponseException as err:
+                if err.code == 421:
+                    # "Service closing": typical of a pooled connection the server timed out.
+                    client.close()
+                    raise _BrokenBeforeData(err, code="421") from err
                 await self._rset(client)
                 raise _classify_reply(err.code, err.message, "MAIL FROM", bounce=False) from err
             refused: list[SMTPRecipientRefused] = []
