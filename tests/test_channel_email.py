@@ -211,11 +211,26 @@ async def test_550_to_the_message_is_a_permanent_bounce(
     with pytest.raises(PermanentChannelError) as caught:
         await channel.send(_msg())
     assert caught.value.code == "550"
+    assert caught.value.bounce is True
     assert "no such user" in str(caught.value)
     # The connection stays usable for the next message.
     await channel.send(_msg("42:other:1"))
     assert len(smtp_server.messages) == 1
     assert smtp_server.connections - before == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["550 5.7.1 Message rejected as spam", "554 5.6.0 Message content rejected"],
+)
+async def test_content_or_policy_rejection_fails_without_bouncing_the_person(
+    channel: EmailChannel, smtp_server: SmtpRecorder, reply: str
+) -> None:
+    smtp_server.fail_codes.append(reply)
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.send(_msg())
+    assert caught.value.bounce is False
+    assert caught.value.code == reply[:3]
 
 
 async def test_rejected_recipient_is_a_permanent_bounce(

@@ -16,7 +16,11 @@ Why it is built this way:
   address footer with the unsubscribe link in both parts.
 
 What could and could not be distinguished with aiosmtplib 5: reply codes are exact at
-every step (4xx transient, 5xx permanent; 5xx to RCPT is a bounce). Connection errors
+every step (4xx transient, 5xx permanent). A 5xx to RCPT or to the message is a bounce
+(the identity gets suppressed) unless its RFC 3463 enhanced code blames the system,
+protocol or content (5.3/5.5/5.6, and 5.7 policy after DATA); 5xx to MAIL FROM never
+is. A 421 to MAIL on a reused connection is taken as an idle-timed-out connection:
+dropped and retried once on a fresh one. Connection errors
 and timeouts while connecting, in EHLO/STARTTLS/AUTH, MAIL, RCPT and the `DATA` command
 itself are transient. After `write()` of the body returns, the bytes are in the kernel's
 buffer, not necessarily at the server; a failure from then until the final reply is
@@ -70,8 +74,24 @@ def _dot_stuffed(message: bytes) -> bytes:
     return _PERIOD_AT_LINE_START.sub(b"..", body) + b".\r\n"
 
 
+_ENHANCED_STATUS = re.compile(r"^\s*5\.(\d{1,3})\.\d{1,3}\b")
+#: RFC 3463 subjects that are not about the recipient: system (3), protocol (5),
+#: content (6) and, after DATA, policy/security (7). A 5xx with one of these is a
+#: failure but not a bounce, so the identity is not suppressed for our own mistake.
+_NOT_RECIPIENT_SUBJECTS = {"3", "5", "6"}
+
+
+def _recipient_bounce(text: str, *, after_data: bool) -> bool:
+    """Whether a 5xx reply blames the recipient (no enhanced code: assume it does)."""
+    match = _ENHANCED_STATUS.match(text)
+    if match is None:
+        return True
+    subject = match.group(1)
+    return subject not in _NOT_RECIPIENT_SUBJECTS and not (after_data and subject == "7")
+
+
 def _classify_reply(code: int, text: str, stage: str, *, bounce: bool) -> Exception:
-    """Map an SMTP reply code to a channel error."""
+    """Map an SMTP reply code to a channel error (`bounce` applies to 5xx only)."""
     message = f"SMTP {stage} refused: {code} {text}".strip()
     if 400 <= code < 500:
         return TransientChannelError(message, code=str(code))
@@ -275,7 +295,12 @@ class SmtpPool:
                 await self._rset(client)
                 worst = max(refused, key=lambda e: e.code)
                 detail = "; ".join(f"{e.recipient}: {e.code} {e.message}" for e in refused)
-                raise _classify_reply(worst.code, detail, "RCPT TO", bounce=True)
+                raise _classify_reply(
+                    worst.code,
+                    detail,
+                    "RCPT TO",
+                    bounce=_recipient_bounce(worst.message, after_data=False),
+                )
             start = await client.execute_command(b"DATA")
             if start.code != 354:
                 await self._rset(client)
@@ -284,6 +309,11 @@ class SmtpPool:
             raise _BrokenBeforeData(err) from err
         except SMTPResponseException as err:  # e.g. EHLO refused, malformed reply
             raise _classify_reply(err.code, err.message, "command", bounce=False) from err
+        except ValueError as err:  # an address aiosmtplib refuses to put on the wire
+            await self._rset(client)
+            raise PermanentChannelError(
+                f"SMTP: invalid envelope address: {err}", code="invalid_address"
+            ) from err
 
         # From here on the body may reach the server: a lost answer is uncertain.
         protocol = client.protocol
@@ -310,7 +340,12 @@ class SmtpPool:
                 code="bad_final_reply",
             ) from err
         if final.code != 250:
-            raise _classify_reply(final.code, final.message, "message", bounce=False)
+            raise _classify_reply(
+                final.code,
+                final.message,
+                "message",
+                bounce=_recipient_bounce(final.message, after_data=True),
+            )
         return final.message
 
     async def aclose(self) -> None:
