@@ -409,7 +409,7 @@ async def test_disconnect_after_the_body_is_uncertain() -> None:
 async def test_timeout_waiting_for_the_final_reply_is_uncertain() -> None:
     handler = Scripted(stall_after_data=True)
     with scripted_server(handler) as port:
-        ch = EmailChannel(SmtpPool("127.0.0.1", port, timeout=0.3))
+        ch = EmailChannel(SmtpPool("127.0.0.1", port, timeout=10.0, final_reply_timeout=0.3))
         try:
             with pytest.raises(UncertainChannelError, match="may have accepted"):
                 await ch.send(_msg())

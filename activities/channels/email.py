@@ -126,7 +126,12 @@ class SmtpPool:
         timeout: float = 30.0,
         tls_context: ssl.SSLContext | None = None,
         local_hostname: str | None = None,
+        final_reply_timeout: float | None = None,
     ) -> None:
+        """`timeout` bounds every network step; `final_reply_timeout` (default: `timeout`)
+        bounds the wait for the reply to the message body, after which the outcome is
+        uncertain (RFC 5321 suggests servers may take up to 10 minutes there).
+        """
         if size < 1:
             raise ValueError(f"SmtpPool size must be at least 1, got {size}")
         if timeout <= 0:
@@ -143,6 +148,7 @@ class SmtpPool:
         self.timeout = timeout
         self.tls_context = tls_context
         self.local_hostname = local_hostname
+        self.final_reply_timeout = final_reply_timeout or timeout
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue(maxsize=size)
         self._slots = asyncio.Semaphore(size)
         self._closed = False
@@ -325,7 +331,7 @@ class SmtpPool:
             client.close()
             raise _BrokenBeforeData(err) from err
         try:
-            final = await protocol.read_response(timeout=self.timeout)
+            final = await protocol.read_response(timeout=self.final_reply_timeout)
         except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, TimeoutError) as err:
             client.close()
             raise UncertainChannelError(
