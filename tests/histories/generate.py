@@ -1,0 +1,160 @@
+"""Record workflow histories for the replay tests (run on purpose, then commit the JSON).
+
+`python -m tests.histories.generate` runs a few enrollments on the time-skipping
+server with stand-in activities (their results are in the history, so replay needs
+no database) and saves each history here. Regenerate only when a change is meant to
+be incompatible and is guarded by `workflow.patched`; the point of the saved files is
+that a change which breaks determinism for workflows already running fails CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from models.activities import (
+    DeliverInput,
+    DeliverOutput,
+    EnrollPageInput,
+    EnrollPageOutput,
+    FinishInput,
+    FinishOutput,
+    RecordEventInput,
+    RecordEventOutput,
+    ReserveSlotInput,
+    ReserveSlotOutput,
+)
+from models.enrollment import (
+    AudienceInput,
+    ControlSignal,
+    EnrollmentInput,
+    InboundSignal,
+    SequenceRef,
+)
+from models.sequence import validate_definition
+from workflows.audience import AudienceWorkflow
+from workflows.enrollment import EnrollmentWorkflow
+from workflows.search_attributes import register_search_attributes
+
+HERE = Path(__file__).parent
+SEQUENCE = {
+    "name": "replay-demo",
+    "send_window": {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"},
+    "steps": [
+        {"id": "follow", "action": "FOLLOW_ON_TWITTER", "edges": [
+            {"trigger": "FOLLOWED_BACK", "to": "dm"},
+            {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "email"}]},
+        {"id": "dm", "action": "SEND_TWITTER_DM", "text": "Hi {{ first_name }}", "edges": [
+            {"trigger": "REPLIED", "to": "done"},
+            {"trigger": "NOT_REPLIED", "after": "2d", "to": "email"}]},
+        {"id": "email", "action": "SEND_EMAIL", "variants": [
+            {"name": "A", "subject": "A", "body": "a"}, {"name": "B", "subject": "B", "body": "b"}],
+         "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": "4d", "to": "done"}]},
+        {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+    ],
+}
+
+
+@activity.defn(name="record_event")
+async def record_event(inp: RecordEventInput) -> RecordEventOutput:
+    return RecordEventOutput(recorded=True)
+
+
+@activity.defn(name="finish_enrollment")
+async def finish_enrollment(inp: FinishInput) -> FinishOutput:
+    return FinishOutput()
+
+
+@activity.defn(name="reserve_send_slot")
+async def reserve_send_slot(inp: ReserveSlotInput) -> ReserveSlotOutput:
+    return ReserveSlotOutput(sender_id=1, slot_at=inp.not_before + timedelta(minutes=2))
+
+
+@activity.defn(name="deliver")
+async def deliver(inp: DeliverInput) -> DeliverOutput:
+    return DeliverOutput(status="sent", delivery_id=1, message_id=f"<{inp.step.id}@replay.test>")
+
+
+@activity.defn(name="give_up_delivery")
+async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
+    return DeliverOutput(status="failed")
+
+
+@activity.defn(name="enroll_page")
+async def enroll_page(inp: EnrollPageInput) -> EnrollPageOutput:
+    nxt = inp.after_person_id + inp.limit
+    return EnrollPageOutput(next_after=nxt if nxt < 30 else None, started=inp.limit, total=30)
+
+
+def _input(person: int, max_steps: int = 500) -> EnrollmentInput:
+    return EnrollmentInput(
+        enrollment_id=person,
+        person_id=person,
+        person_timezone="Europe/Berlin",
+        sequence=SequenceRef(sequence_id=1, sequence_name="replay-demo", version_id=1, version=1),
+        definition=validate_definition(SEQUENCE),
+        max_steps_per_run=max_steps,
+    )
+
+
+async def _until(env: WorkflowEnvironment, handle: Any, step: str) -> None:
+    """Advance time in small steps until the enrollment waits on `step`'s edges."""
+    for _ in range(500):
+        view = await handle.query(EnrollmentWorkflow.status)
+        if view.current_step == step and view.phase == "waiting":
+            return
+        await env.sleep(timedelta(minutes=20))
+    raise RuntimeError(f"never reached {step}")
+
+
+async def main() -> None:
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
+    )
+    await register_search_attributes(env.client)
+    acts = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
+    async with Worker(env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts):
+        # 1. follow-back → DM → reply (signals while waiting) → done
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(1), id="replay-1", task_queue="replay")
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-1", channel="x"))
+        await _until(env, h, "dm")
+        await h.signal(EnrollmentWorkflow.replied, InboundSignal(event_id="r-1", channel="x"))
+        await h.result()
+        (HERE / "enrollment_reply.json").write_text((await h.fetch_history()).to_json())
+        # 2. timeouts all the way, with a pause and resume in the middle
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(2), id="replay-2", task_queue="replay")
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.pause, ControlSignal(reason="replay"))
+        await env.sleep(timedelta(days=1))
+        await h.signal(EnrollmentWorkflow.resume, ControlSignal())
+        await h.result()
+        (HERE / "enrollment_timeouts_pause.json").write_text((await h.fetch_history()).to_json())
+        # 3. continue-as-new every step (first run's history)
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(3, max_steps=1), id="replay-3", task_queue="replay")
+        await h.result()
+        first = env.client.get_workflow_handle("replay-3", run_id=h.first_execution_run_id)
+        (HERE / "enrollment_continue_as_new.json").write_text((await first.fetch_history()).to_json())
+        # 4. the audience workflow paging
+        a = await env.client.start_workflow(
+            AudienceWorkflow.run,
+            AudienceInput(sequence_name="replay-demo", segment_name="s", page_size=10),
+            id="replay-audience",
+            task_queue="replay",
+        )
+        await a.result()
+        (HERE / "audience.json").write_text((await a.fetch_history()).to_json())
+    await env.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
