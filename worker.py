@@ -18,7 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.channels.base import ChannelClient
-from activities.channels.factory import make_channels
+from activities.channels import aclose_channels, make_channels
 from activities.delivery import DeliveryActivities, DeliveryConfig
 from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
@@ -101,8 +101,7 @@ async def main() -> None:
         async with worker:
             await stop.wait()
     finally:
-        for channel in {id(c): c for c in channels.values()}.values():
-            await channel.aclose()
+        await aclose_channels(channels)
         await engine.dispose()
 
 
