@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.sequence_store import get_version
+from services.templating import check_audience
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from temporalio import activity
@@ -22,14 +24,11 @@ from temporalio.common import (
 )
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
-from activities.records import append_event
 from db.session import SessionFactory
-from db.tables import Enrollment, Person, Segment, SegmentMember
-from models.activities import EnrollmentRef, EnrollPageInput, EnrollPageOutput
+from db.tables import Enrollment, Event, Person, Segment, SegmentMember
+from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentInput, EnrollmentStatus, SequenceRef
 from models.sequence import SequenceDefinition
-from services.sequence_store import get_version
-from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import (
     CURRENT_STEP,
@@ -145,66 +144,104 @@ class EnrollActivities:
             version_id=version.version_id,
             version=version.version,
         )
+        candidates = [p for p in people if p.id not in refused]
+        rows = await self._claim_rows(candidates, ref)
         sem = asyncio.Semaphore(START_CONCURRENCY)
 
         async def one(person: Person) -> str:
-            if person.id in refused:
-                return "refused"
+            enrollment_id, _fresh = rows[person.id]
+            if enrollment_id is None:
+                return "already"
             async with sem:
-                return await self._enroll_one(person, ref, defn)
+                return await self._start(person, enrollment_id, ref, defn)
 
-        results = await asyncio.gather(*(one(p) for p in people))
+        results = await asyncio.gather(*(one(p) for p in candidates))
         out.started = results.count("started")
         out.already = results.count("already")
-        out.refused = results.count("refused")
+        out.refused = len(people) - len(candidates)
         out.refusals = list(refused.values())[:50]
         activity.heartbeat(out.next_after)
         return out
 
-    async def _enroll_one(
-        self, person: Person, ref: SequenceRef, defn: SequenceDefinition
-    ) -> str:
-        wid = workflow_id_for(ref.sequence_name, person.id)
+    async def _claim_rows(
+        self, people: list[Person], ref: SequenceRef
+    ) -> dict[int, tuple[int | None, bool]]:
+        """Insert enrollment rows for a page in one statement.
+
+        Returns person id → (enrollment id to start, or None when the person is already
+        enrolled and finished or on another version; whether the row is new).
+        """
+        if not people:
+            return {}
         async with self.session_factory() as session, session.begin():
-            inserted = (
-                await session.execute(
-                    insert(Enrollment)
-                    .values(
-                        sequence_id=ref.sequence_id,
-                        sequence_version_id=ref.version_id,
-                        person_id=person.id,
-                        workflow_id=wid,
-                        status="active",
+            inserted = dict(
+                (
+                    await session.execute(
+                        insert(Enrollment)
+                        .values(
+                            [
+                                {
+                                    "sequence_id": ref.sequence_id,
+                                    "sequence_version_id": ref.version_id,
+                                    "person_id": p.id,
+                                    "workflow_id": workflow_id_for(ref.sequence_name, p.id),
+                                    "status": "active",
+                                }
+                                for p in people
+                            ]
+                        )
+                        .on_conflict_do_nothing(constraint="uq_enrollments_sequence_person")
+                        .returning(Enrollment.person_id, Enrollment.id)
                     )
-                    .on_conflict_do_nothing(constraint="uq_enrollments_sequence_person")
-                    .returning(Enrollment.id)
-                )
-            ).scalar_one_or_none()
-            if inserted is None:
-                row = (
+                ).all()
+            )
+            result: dict[int, tuple[int | None, bool]] = {
+                pid: (eid, True) for pid, eid in inserted.items()
+            }
+            existing = [p.id for p in people if p.id not in inserted]
+            if existing:
+                for row in (
                     await session.execute(
                         select(Enrollment).where(
                             Enrollment.sequence_id == ref.sequence_id,
-                            Enrollment.person_id == person.id,
+                            Enrollment.person_id.in_(existing),
                         )
                     )
-                ).scalar_one()
-                if row.status not in ("active", "paused"):
-                    return "already"
-                if row.sequence_version_id != ref.version_id:
-                    return "already"  # running on its own version: leave it alone
-                enrollment_id = row.id
-            else:
-                enrollment_id = inserted
-                await append_event(
-                    session,
-                    type_="enrolled",
-                    ref=EnrollmentRef(
-                        enrollment_id=enrollment_id, person_id=person.id, sequence=ref
-                    ),
-                    dedup_key=f"{enrollment_id}:enrolled",
-                    data={"workflow_id": wid},
+                ).scalars():
+                    resumable = (
+                        row.status in ("active", "paused")
+                        and row.sequence_version_id == ref.version_id
+                    )
+                    result[row.person_id] = (row.id if resumable else None, False)
+            if inserted:
+                await session.execute(
+                    insert(Event)
+                    .values(
+                        [
+                            {
+                                "type": "enrolled",
+                                "person_id": pid,
+                                "enrollment_id": eid,
+                                "sequence_id": ref.sequence_id,
+                                "sequence_version_id": ref.version_id,
+                                "dedup_key": f"{eid}:enrolled",
+                                "data": {"workflow_id": workflow_id_for(ref.sequence_name, pid)},
+                            }
+                            for pid, eid in inserted.items()
+                        ]
+                    )
+                    .on_conflict_do_nothing(index_elements=["dedup_key"])
                 )
+        return result
+
+    async def _start(
+        self,
+        person: Person,
+        enrollment_id: int,
+        ref: SequenceRef,
+        defn: SequenceDefinition,
+    ) -> str:
+        """Start the workflow; an existing one (a repeated page) counts as already."""
         try:
             await self.client.start_workflow(
                 EnrollmentWorkflow.run,
@@ -215,7 +252,7 @@ class EnrollActivities:
                     sequence=ref,
                     definition=defn,
                 ),
-                id=wid,
+                id=workflow_id_for(ref.sequence_name, person.id),
                 task_queue=self.target.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 search_attributes=TypedSearchAttributes(

@@ -74,6 +74,7 @@ class EnrollmentState(BaseModel):
     wait_started_at: datetime | None = None
     paused_for_seconds: float = 0.0
     runs: int = 1
+    via: str | None = None
 
 
 class EnrollmentInput(BaseModel):

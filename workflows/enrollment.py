@@ -334,7 +334,8 @@ class EnrollmentWorkflow:
                 self.state.variants[step.id] = chosen.name
         self.state.path.append(PathEntry(step=step.id, visit=visit, started_at=workflow.now()))
         self._upsert()
-        await self._record("step_started", step, action=str(step.action), visit=visit)
+        via, self.state.via = self.state.via, None
+        await self._record("step_started", step, action=str(step.action), visit=visit, via=via)
 
     def _leave(self, edge: Edge | None) -> None:
         if self.state.path:
@@ -502,9 +503,7 @@ class EnrollmentWorkflow:
             for event in self._events_for_step():
                 if not event.consumed and event.kind in wanted:
                     event.consumed = True
-                    await self._record(
-                        "branch", step, trigger=str(wanted[event.kind].trigger), event_id=event.event_id
-                    )
+                    self.state.via = f"{wanted[event.kind].trigger}:{event.event_id}"
                     return wanted[event.kind]
             if self._pending_reply_stops(step, waiting_on_edges=True):
                 raise _Terminal(EnrollmentStatus.REPLIED, "replied")
