@@ -17,8 +17,8 @@ import re
 import signal
 import sys
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
@@ -33,6 +33,11 @@ def eml_name(message_id: str | None, when: datetime) -> str:
     stamp = when.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     mid = _UNSAFE.sub("_", (message_id or "").strip().strip("<>")).strip("._")[:120]
     return f"{stamp}_{mid or f'no-message-id-{next(_counter)}'}.eml"
+
+
+def _decoded(value: str) -> str:
+    """An RFC 2047 encoded header as text (for the console line only)."""
+    return str(make_header(decode_header(value))) if value else ""
 
 
 class MailDirHandler:
@@ -50,7 +55,7 @@ class MailDirHandler:
         raw = envelope.original_content or b""
         if isinstance(envelope.content, bytes) and not raw:
             raw = envelope.content
-        headers = BytesHeaderParser(policy=default_policy).parsebytes(raw)
+        headers = BytesHeaderParser().parsebytes(raw)  # compat32: raw header text
         now = datetime.now(UTC)
         path = self.directory / eml_name(headers.get("Message-ID"), now)
         preamble = (
@@ -62,7 +67,7 @@ class MailDirHandler:
         self.saved.append(path)
         print(
             f"{now.isoformat(timespec='seconds')} mail from={envelope.mail_from} "
-            f"to={','.join(envelope.rcpt_tos)} subject={headers.get('Subject', '')!r} "
+            f"to={','.join(envelope.rcpt_tos)} subject={_decoded(headers.get('Subject', ''))!r} "
             f"-> {path}",
             flush=True,
         )
