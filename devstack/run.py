@@ -369,6 +369,9 @@ class Stack:
         )
         self._pg_started = True
         self.cluster.start()
+        # Postgres is a daemon, not our child: a guard child stops it if we are killed hard.
+        guard = [sys.executable, "-m", "devstack.run", "--pg-guard", str(self.cluster.datadir)]
+        self.spawn("pg-guard", [*guard, str(self.cluster.port)])
         self._check_stop()
         self.cluster.ensure_database()
 
@@ -622,8 +625,21 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def pg_guard(datadir: Path, port: int) -> int:
+    """Wait for SIGTERM (sent by PR_SET_PDEATHSIG when the launcher dies), then stop PostgreSQL."""
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    while not stop:
+        signal.pause()
+    Cluster(datadir, port).stop()
+    return 0
+
+
 def main() -> int:
     """Entry point of `python -m devstack.run`."""
+    if len(sys.argv) == 4 and sys.argv[1] == "--pg-guard":
+        return pg_guard(Path(sys.argv[2]), int(sys.argv[3]))
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     try:
