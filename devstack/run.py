@@ -17,7 +17,6 @@ in a debugger instead), `DEMO_TIMEOUT` (seconds, default 90).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import fcntl
 import io
@@ -408,30 +407,53 @@ class Stack:
         self.wait_tcp(child, p["TEMPORAL_UI_PORT"])
 
     def _wait_temporal_ready(self, child: Child) -> None:
-        """Connect with the project's client and make sure the search attributes exist."""
-        from temporalio.client import Client
+        """Wait until the server answers and lists our search attributes (creating any missing).
 
-        from workflows.search_attributes import register_search_attributes
+        Probed with the `temporal` CLI, not the Python SDK: the SDK starts runtime threads,
+        and a threaded launcher could deadlock in the children's preexec_fn after fork.
+        """
+        from workflows.search_attributes import DEV_SERVER_FLAGS
 
-        address = f"{HOST}:{self.ports['TEMPORAL_PORT']}"
-
-        async def probe() -> None:
-            client = await Client.connect(address, namespace=self.namespace)
-            await register_search_attributes(client, self.namespace)
-
+        wanted = dict(flag.split("=", 1) for flag in DEV_SERVER_FLAGS)
+        cli = [_find_temporal()]
+        where = [
+            "--address",
+            f"{HOST}:{self.ports['TEMPORAL_PORT']}",
+            "--namespace",
+            self.namespace,
+        ]
         deadline = time.monotonic() + START_TIMEOUT
+        last = ""
         while True:
             self._check_stop()
             self._check_alive(child, "while starting")
             try:
-                asyncio.run(asyncio.wait_for(probe(), timeout=10))
-                return
-            except Exception as err:  # noqa: BLE001 - any failure means "not ready yet"
-                if time.monotonic() > deadline:
-                    raise DevStackError(
-                        f"Temporal at {address} is not ready after {START_TIMEOUT:.0f} s "
-                        f"({err}); last lines of {child.log}:\n{tail(child.log)}"
-                    ) from err
+                res = subprocess.run(
+                    [*cli, "operator", "search-attribute", "list", *where],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
+                last = (res.stderr or res.stdout).strip()
+                if res.returncode == 0:
+                    listed = {line.split()[0] for line in res.stdout.splitlines() if line.split()}
+                    missing = [name for name in wanted if name not in listed]
+                    if not missing:
+                        return
+                    for name in missing:
+                        subprocess.run(
+                            [*cli, "operator", "search-attribute", "create", *where]
+                            + ["--name", name, "--type", wanted[name]],
+                            capture_output=True,
+                            timeout=10,
+                        )
+            except subprocess.TimeoutExpired:
+                last = "the CLI timed out"
+            if time.monotonic() > deadline:
+                raise DevStackError(
+                    f"Temporal at {HOST}:{self.ports['TEMPORAL_PORT']} is not ready after "
+                    f"{START_TIMEOUT:.0f} s ({last}); last lines of {child.log}:\n{tail(child.log)}"
+                )
             time.sleep(0.2)
 
     def start_smtp(self) -> None:
