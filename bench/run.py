@@ -33,6 +33,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import text
 from temporalio import workflow
 from temporalio.client import Client
@@ -403,7 +404,7 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
     base = await _round_trip_baseline(client, min(replies, 200))
     q = f"hook-{uuid.uuid4().hex[:6]}"
     secret = "bench-secret"
-    settings = Settings(webhook_secret=secret, temporal_task_queue=q)  # type: ignore[arg-type]
+    settings = Settings(webhook_secret=SecretStr(secret), temporal_task_queue=q)
     app = create_app(settings, session_factory=stack.session_factory, client=client)
     port = __import__("devstack.postgres", fromlist=["free_port"]).free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))

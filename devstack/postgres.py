@@ -79,7 +79,7 @@ class Cluster:
         extra: dict[str, object] = {}
         if self._as_root:
             extra = {"user": "postgres", "group": "postgres", "cwd": "/"}
-        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        return subprocess.run(  # type: ignore[call-overload]
             args, capture_output=True, text=True, **extra, **kwargs
         )
 

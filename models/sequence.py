@@ -254,7 +254,8 @@ class SequenceValidationError(ValueError):
 
 def _pydantic_issues(raw: dict[str, Any], err: ValidationError) -> list[SequenceIssue]:
     issues = []
-    steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    raw_steps = raw.get("steps")
+    steps: list[Any] = raw_steps if isinstance(raw_steps, list) else []
     for e in err.errors():
         loc = list(e["loc"])
         step_id = None

@@ -101,7 +101,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             col = type_to_col.get(type_)
             if col is None:
                 continue
-            key = (versions.get(version_id, 0), None if col == "enrolled" else step, variant)
+            key = (versions.get(version_id or 0, 0), None if col == "enrolled" else step, variant)
             value = count if col in ("sent", "opened", "bounced", "failed", "uncertain") else enrollments
             cells[key][col] += value
             totals[col] += value

@@ -153,13 +153,13 @@ class _Handler:
     def __init__(self, rec: SmtpRecorder) -> None:
         self.rec = rec
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         if address in self.rec.reject_rcpt:
             return self.rec.reject_rcpt[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
         if self.rec.fail_codes:
             return self.rec.fail_codes.pop(0)
         self.rec.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
@@ -175,12 +175,12 @@ def smtp_server() -> Iterator[SmtpRecorder]:
     rec = SmtpRecorder(host="127.0.0.1", port=free_port())
 
     class CountingSMTP(SMTP):
-        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        def connection_made(self, transport):
             rec.connections += 1
             super().connection_made(transport)
 
     class CountingController(Controller):
-        def factory(self):  # type: ignore[no-untyped-def]
+        def factory(self):
             return CountingSMTP(self.handler, **self.SMTP_kwargs)
 
     ctl = CountingController(_Handler(rec), hostname=rec.host, port=rec.port)

@@ -87,7 +87,7 @@ def create_app(
     app = FastAPI(title="Sequencer webhooks", lifespan=lifespan)
 
     def deps(request: Request) -> Deps:
-        return request.app.state.deps  # type: ignore[no-any-return]
+        return request.app.state.deps
 
     @app.post("/webhooks/{channel}", status_code=202)
     async def inbound(channel: str, request: Request) -> Response:

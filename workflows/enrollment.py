@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -290,7 +291,7 @@ class EnrollmentWorkflow:
         status = self.terminal.status if self.terminal else (
             EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE
         )
-        updates = [
+        updates: list[SearchAttributeUpdate[Any]] = [
             CURRENT_STEP.value_set(self.state.current_step),
             ENROLLMENT_STATUS.value_set(str(status)),
             NEXT_ACTION_AT.value_set(next_at) if next_at else NEXT_ACTION_AT.value_unset(),

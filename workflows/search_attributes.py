@@ -5,6 +5,8 @@ The dev stack (`make run`) and the test fixtures register exactly these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -21,7 +23,7 @@ ENROLLMENT_STATUS = SearchAttributeKey.for_keyword("EnrollmentStatus")
 NEXT_ACTION_AT = SearchAttributeKey.for_datetime("NextActionAt")
 PERSON_ID = SearchAttributeKey.for_keyword("PersonId")
 
-ALL_SEARCH_ATTRIBUTES = [
+ALL_SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     SEQUENCE_NAME,
     SEQUENCE_VERSION,
     CURRENT_STEP,

@@ -121,7 +121,7 @@ async def main() -> None:
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
     )
     await register_search_attributes(env.client)
-    acts = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
+    acts: list[Any] = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
     async with Worker(env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts):
         # 1. follow-back → DM → reply (signals while waiting) → done
         h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(1), id="replay-1", task_queue="replay")
