@@ -104,9 +104,7 @@ def people_import(
     from services.people_import import import_people
 
     total_lines = max(0, sum(1 for _ in file.open(encoding="utf-8", errors="replace")) - 1)
-    with Progress(
-        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    ) as bar:
+    with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
         task = bar.add_task("rows", total=total_lines)
 
         def progress(done: int, total: int) -> None:
@@ -135,6 +133,7 @@ def segments_create(
 ) -> None:
     """Store a rule-based segment (a changed rule makes a new version)."""
     from services.segment_rules import RuleSyntaxError
+
     from services.segments import create_rule_segment
 
     async def go(sf: SessionFactory) -> Any:
@@ -346,7 +345,9 @@ def stats(
     for col in ("version", "step", "variant", *FUNNEL):
         table.add_column(col, justify="right" if col in FUNNEL else "left")
     for row in result.rows:
-        table.add_row(str(row.version), row.step or "(sequence)", row.variant or "", *(str(row.counts[c]) for c in FUNNEL))
+        table.add_row(
+            str(row.version), row.step or "(sequence)", row.variant or "", *(str(row.counts[c]) for c in FUNNEL)
+        )
     table.add_row("all", "", "", *(str(result.totals[c]) for c in FUNNEL), style="bold")
     console.print(table)
     c = result.campaign

@@ -17,8 +17,8 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.channels.base import ChannelClient
 from activities.channels import aclose_channels, make_channels
+from activities.channels.base import ChannelClient
 from activities.delivery import DeliveryActivities, DeliveryConfig
 from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
@@ -57,9 +57,7 @@ def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwa
     """A worker with both workflows and every activity, wired to `deps`."""
     governor = deps.governor or SendGovernor(deps.session_factory)
     records = RecordActivities(deps.session_factory)
-    delivery = DeliveryActivities(
-        deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault
-    )
+    delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
     enroll = EnrollActivities(deps.session_factory, client, EnrollTarget(task_queue=task_queue))
     return Worker(
         client,
@@ -95,9 +93,7 @@ async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info(
-            "worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address
-        )
+        log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
         async with worker:
             await stop.wait()
     finally:

@@ -150,11 +150,7 @@ class DeliveryActivities:
         async with self.session_factory() as session:
             person = await session.get(Person, inp.ref.person_id)
             identities = list(
-                (
-                    await session.execute(
-                        select(Identity).where(Identity.person_id == inp.ref.person_id)
-                    )
-                ).scalars()
+                (await session.execute(select(Identity).where(Identity.person_id == inp.ref.person_id))).scalars()
             )
             sender = await session.get(SenderAccount, inp.sender_id) if inp.sender_id else None
             suppressions = list(
@@ -181,13 +177,9 @@ class DeliveryActivities:
         for sup in suppressions:
             if sup.person_id == person.id or sup.identity_id == target.id:
                 scope = "person" if sup.person_id == person.id else target.value
-                return await self._finalize(
-                    inp, delivery, "suppressed", error=f"suppressed ({scope}): {sup.reason}"
-                )
+                return await self._finalize(inp, delivery, "suppressed", error=f"suppressed ({scope}): {sup.reason}")
         if target.consent == "denied":
-            return await self._finalize(
-                inp, delivery, "suppressed", error=f"consent denied for {target.value}"
-            )
+            return await self._finalize(inp, delivery, "suppressed", error=f"consent denied for {target.value}")
 
         try:
             content = render_step(step, inp.variant, person_context(person, identities))
@@ -213,29 +205,27 @@ class DeliveryActivities:
         except TransientChannelError as err:
             async with self.session_factory() as session, session.begin():
                 await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id == delivery.id)
-                    .values(status="claimed", error=str(err))
+                    update(Delivery).where(Delivery.id == delivery.id).values(status="claimed", error=str(err))
                 )
             raise ApplicationError(
                 f"transient {channel} error: {err}",
                 type="TransientChannelError",
-                next_retry_delay=(
-                    timedelta(seconds=err.retry_after) if err.retry_after else None
-                ),
+                next_retry_delay=(timedelta(seconds=err.retry_after) if err.retry_after else None),
             ) from err
         except PermanentChannelError as err:
             status = "bounced" if err.bounce else "failed"
             return await self._finalize(
-                inp, delivery, status, error=str(err), bounce_identity=target if err.bounce else None
+                inp,
+                delivery,
+                status,
+                error=str(err),
+                bounce_identity=target if err.bounce else None,
             )
         except UncertainChannelError as err:
             return await self._finalize(inp, delivery, "uncertain", error=str(err))
         self._fault("after_send")
         delivery.message_id = message.message_id
-        return await self._finalize(
-            inp, delivery, "sent", provider_message_id=result.provider_message_id
-        )
+        return await self._finalize(inp, delivery, "sent", provider_message_id=result.provider_message_id)
 
     @activity.defn(name="give_up_delivery")
     async def give_up_delivery(self, inp: DeliverInput) -> DeliverOutput:
@@ -273,9 +263,7 @@ class DeliveryActivities:
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
             )
             delivery = (
-                await session.execute(
-                    select(Delivery).where(Delivery.idempotency_key == key).with_for_update()
-                )
+                await session.execute(select(Delivery).where(Delivery.idempotency_key == key).with_for_update())
             ).scalar_one()
         return delivery
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.sequence_store import get_version
-from services.templating import check_audience
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from temporalio import activity
@@ -29,6 +27,8 @@ from db.tables import Enrollment, Event, Person, Segment, SegmentMember
 from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentInput, EnrollmentStatus, SequenceRef
 from models.sequence import SequenceDefinition
+from services.sequence_store import get_version
+from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import (
     CURRENT_STEP,
@@ -55,22 +55,16 @@ async def segment_page(
     from services.segment_rules import compile_rule
 
     async with session_factory() as session:
-        segment = (
-            await session.execute(select(Segment).where(Segment.name == segment_name))
-        ).scalar_one_or_none()
+        segment = (await session.execute(select(Segment).where(Segment.name == segment_name))).scalar_one_or_none()
         if segment is None:
             known = (await session.execute(select(Segment.name).order_by(Segment.name))).scalars()
-            raise LookupError(
-                f"unknown segment {segment_name!r} (known: {', '.join(known) or 'none'})"
-            )
+            raise LookupError(f"unknown segment {segment_name!r} (known: {', '.join(known) or 'none'})")
         query = select(Person).where(Person.id > after).order_by(Person.id).limit(limit)
         if segment.kind == "rule":
             query = query.where(compile_rule(segment.rule or ""))
         else:
             query = query.where(
-                Person.id.in_(
-                    select(SegmentMember.person_id).where(SegmentMember.segment_id == segment.id)
-                )
+                Person.id.in_(select(SegmentMember.person_id).where(SegmentMember.segment_id == segment.id))
             )
         people = list((await session.execute(query)).scalars())
     return people, segment
@@ -109,9 +103,7 @@ class EnrollActivities:
         """Enroll one page of the segment; returns the next cursor (None when done)."""
         try:
             version = await get_version(self.session_factory, inp.sequence_name)
-            people, segment = await segment_page(
-                self.session_factory, inp.segment_name, inp.after_person_id, inp.limit
-            )
+            people, segment = await segment_page(self.session_factory, inp.segment_name, inp.after_person_id, inp.limit)
         except LookupError as err:
             raise ApplicationError(str(err), type="NotFound", non_retryable=True) from err
         out = EnrollPageOutput(next_after=people[-1].id if len(people) == inp.limit else None)
@@ -122,7 +114,8 @@ class EnrollActivities:
         defn = version.definition
         refused: dict[int, str] = {}
         for problem in await check_audience(self.session_factory, defn, [p.id for p in people]):
-            refused.setdefault(problem.person_id, f"person {problem.person_id}: {problem}")
+            if problem.person_id is not None:
+                refused.setdefault(problem.person_id, str(problem))
         if not defn.allow_concurrent:
             async with self.session_factory() as session:
                 busy = await session.execute(
@@ -163,9 +156,7 @@ class EnrollActivities:
         activity.heartbeat(out.next_after)
         return out
 
-    async def _claim_rows(
-        self, people: list[Person], ref: SequenceRef
-    ) -> dict[int, tuple[int | None, bool]]:
+    async def _claim_rows(self, people: list[Person], ref: SequenceRef) -> dict[int, tuple[int | None, bool]]:
         """Insert enrollment rows for a page in one statement.
 
         Returns person id → (enrollment id to start, or None when the person is already
@@ -195,9 +186,7 @@ class EnrollActivities:
                     )
                 ).all()
             )
-            result: dict[int, tuple[int | None, bool]] = {
-                pid: (eid, True) for pid, eid in inserted.items()
-            }
+            result: dict[int, tuple[int | None, bool]] = {pid: (eid, True) for pid, eid in inserted.items()}
             existing = [p.id for p in people if p.id not in inserted]
             if existing:
                 for row in (
@@ -208,10 +197,7 @@ class EnrollActivities:
                         )
                     )
                 ).scalars():
-                    resumable = (
-                        row.status in ("active", "paused")
-                        and row.sequence_version_id == ref.version_id
-                    )
+                    resumable = row.status in ("active", "paused") and row.sequence_version_id == ref.version_id
                     result[row.person_id] = (row.id if resumable else None, False)
             if inserted:
                 await session.execute(

@@ -88,11 +88,7 @@ class RecordActivities:
             if inp.enrollment_status:
                 values["status"] = inp.enrollment_status
             if values:
-                await session.execute(
-                    update(Enrollment)
-                    .where(Enrollment.id == inp.ref.enrollment_id)
-                    .values(**values)
-                )
+                await session.execute(update(Enrollment).where(Enrollment.id == inp.ref.enrollment_id).values(**values))
         return RecordEventOutput(recorded=recorded)
 
     @activity.defn(name="finish_enrollment")

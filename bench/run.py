@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import platform
-import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -136,7 +135,8 @@ async def add_sender(sf: SessionFactory, address: str, per_hour: int, per_day: i
     async with sf() as session, session.begin():
         await session.execute(
             text(
-                "INSERT INTO sender_accounts (channel, address, per_hour, per_day, min_spacing_seconds, jitter_seconds) "
+                "INSERT INTO sender_accounts "
+                "(channel, address, per_hour, per_day, min_spacing_seconds, jitter_seconds) "
                 "VALUES ('email', :a, :h, :d, :s, 0)"
             ),
             {"a": address, "h": per_hour, "d": per_day, "s": spacing},
@@ -192,15 +192,27 @@ async def bench_enroll(stack: Stack, people: int, tmp: Path) -> dict[str, Any]:
     async with Worker(client, task_queue=raw_q, workflows=[NoopWorkflow], max_concurrent_workflow_tasks=200):
         t0 = time.perf_counter()
         await gather_bounded(
-            people, 64, lambda i: client.start_workflow(NoopWorkflow.run, id=f"{raw_q}-{i}", task_queue=raw_q)
+            people,
+            64,
+            lambda i: client.start_workflow(NoopWorkflow.run, id=f"{raw_q}-{i}", task_queue=raw_q),
         )
         raw_s = time.perf_counter() - t0
     name = f"bench-enroll-{uuid.uuid4().hex[:6]}"
     await seed_people(stack.session_factory, people, name, tag=name)
     await create_version(
         stack.session_factory,
-        sequence_file(tmp, name, [{"id": "wait", "action": "WAIT", "edges": [{"trigger": "NORMAL_EDGE", "after": "30d", "to": "end"}]},
-                                  {"id": "end", "action": "WAIT", "edges": [{"trigger": "END"}]}]),
+        sequence_file(
+            tmp,
+            name,
+            [
+                {
+                    "id": "wait",
+                    "action": "WAIT",
+                    "edges": [{"trigger": "NORMAL_EDGE", "after": "30d", "to": "end"}],
+                },
+                {"id": "end", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            ],
+        ),
     )
     q = f"eng-{uuid.uuid4().hex[:6]}"
     settings = Settings(temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=q)
@@ -242,15 +254,33 @@ async def _waiting_leads(stack: Stack, tmp: Path, q: str, n: int, *, with_email:
     name = f"bench-wait-{uuid.uuid4().hex[:6]}"
     ids = await seed_people(stack.session_factory, n, name, tag=name)
     first: dict[str, Any] = (
-        {"id": "ask", "action": "SEND_EMAIL", "subject": "Hi {{ first_name }}", "body": "Quick question"}
+        {
+            "id": "ask",
+            "action": "SEND_EMAIL",
+            "subject": "Hi {{ first_name }}",
+            "body": "Quick question",
+        }
         if with_email
         else {"id": "ask", "action": "CHECK_FOR_REPLY"}
     )
-    first["edges"] = [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": "2d", "to": "nudge"}]
+    first["edges"] = [
+        {"trigger": "REPLIED", "to": "done"},
+        {"trigger": "NOT_REPLIED", "after": "2d", "to": "nudge"},
+    ]
     steps = [
         first,
-        {"id": "nudge", "action": "SEND_EMAIL", "subject": "Nudge", "body": "Again", "edges": [{"trigger": "END"}]},
-        {"id": "done", "action": "WAIT", "edges": [{"trigger": "NORMAL_EDGE", "after": "30d", "to": "end"}]},
+        {
+            "id": "nudge",
+            "action": "SEND_EMAIL",
+            "subject": "Nudge",
+            "body": "Again",
+            "edges": [{"trigger": "END"}],
+        },
+        {
+            "id": "done",
+            "action": "WAIT",
+            "edges": [{"trigger": "NORMAL_EDGE", "after": "30d", "to": "end"}],
+        },
         {"id": "end", "action": "WAIT", "edges": [{"trigger": "END"}]},
     ]
     await create_version(stack.session_factory, sequence_file(tmp, name, steps))
@@ -289,7 +319,10 @@ async def bench_reaction(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
         for wid in wids:
             h = client.get_workflow_handle(wid)
             t0 = time.perf_counter()
-            await h.signal(EnrollmentWorkflow.replied, InboundSignal(event_id=uuid.uuid4().hex, channel="email"))
+            await h.signal(
+                EnrollmentWorkflow.replied,
+                InboundSignal(event_id=uuid.uuid4().hex, channel="email"),
+            )
             while (await h.query(EnrollmentWorkflow.status)).current_step != "done":
                 pass
             lat.append(time.perf_counter() - t0)
@@ -327,8 +360,19 @@ async def bench_send(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
     await add_sender(stack.session_factory, f"{name}@bench.test", 10**6, 10**7)
     await create_version(
         stack.session_factory,
-        sequence_file(tmp, name, [{"id": "mail", "action": "SEND_EMAIL", "subject": "Hi {{ first_name }}",
-                                   "body": "Quick question", "edges": [{"trigger": "END"}]}]),
+        sequence_file(
+            tmp,
+            name,
+            [
+                {
+                    "id": "mail",
+                    "action": "SEND_EMAIL",
+                    "subject": "Hi {{ first_name }}",
+                    "body": "Quick question",
+                    "edges": [{"trigger": "END"}],
+                }
+            ],
+        ),
     )
     q = f"send-{uuid.uuid4().hex[:6]}"
     settings = Settings(temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=q)
@@ -361,8 +405,13 @@ async def bench_governed(stack: Stack, n: int) -> dict[str, Any]:
 
     async def one(i: int) -> datetime:
         r = await governors[i % 4].reserve(
-            delivery_key=f"{address}:{i}", channel="email", person_id=None, now=now, not_before=now,
-            allowed_senders=[address], counts_as_touch=False,
+            delivery_key=f"{address}:{i}",
+            channel="email",
+            person_id=None,
+            now=now,
+            not_before=now,
+            allowed_senders=[address],
+            counts_as_touch=False,
         )
         return r.slot_at
 
@@ -393,11 +442,11 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
 
     import httpx
     import uvicorn
-
     from services.classify import get_classifier
+    from webhooks.signature import sign
+
     from settings import Settings
     from webhooks.app import create_app
-    from webhooks.signature import sign
     from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 
     client = stack.env.client
@@ -424,13 +473,24 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
 
             async def reply(k: int, pid: int) -> None:
                 await asyncio.sleep(k / 20)  # 20 replies per second
-                body = json.dumps({"event_id": uuid.uuid4().hex, "type": "reply",
-                                   "from": f"{name}-{pid}@leads.bench", "text": "Sounds good, let's talk"}).encode()
+                body = json.dumps(
+                    {
+                        "event_id": uuid.uuid4().hex,
+                        "type": "reply",
+                        "from": f"{name}-{pid}@leads.bench",
+                        "text": "Sounds good, let's talk",
+                    }
+                ).encode()
                 t0 = time.perf_counter()
                 replied_at[f"{name}-{pid}@leads.bench"] = time.time()
-                r = await http.post("/webhooks/email", content=body,
-                                    headers={"X-Signature": sign(secret, body, int(time.time())),
-                                             "Content-Type": "application/json"})
+                r = await http.post(
+                    "/webhooks/email",
+                    content=body,
+                    headers={
+                        "X-Signature": sign(secret, body, int(time.time())),
+                        "Content-Type": "application/json",
+                    },
+                )
                 assert r.status_code == 202, r.text
                 h = client.get_workflow_handle(wids[pid])
                 while (await h.query(EnrollmentWorkflow.status)).current_step != "done":

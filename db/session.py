@@ -18,9 +18,7 @@ SessionFactory = async_sessionmaker[AsyncSession]
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
     """Create an asyncpg engine with a bounded pool and pre-ping."""
-    return create_async_engine(
-        database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-    )
+    return create_async_engine(database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
 def make_session_factory(engine: AsyncEngine) -> SessionFactory:

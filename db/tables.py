@@ -91,9 +91,7 @@ class SenderAccount(Base):
     last_slot_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
-    __table_args__ = (
-        UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),
-    )
+    __table_args__ = (UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),)
 
 
 class SendSlot(Base):
@@ -165,12 +163,8 @@ class SegmentMember(Base):
 
     __tablename__ = "segment_members"
 
-    segment_id: Mapped[int] = mapped_column(
-        ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True
-    )
-    person_id: Mapped[int] = mapped_column(
-        ForeignKey("persons.id", ondelete="CASCADE"), primary_key=True
-    )
+    segment_id: Mapped[int] = mapped_column(ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
+    person_id: Mapped[int] = mapped_column(ForeignKey("persons.id", ondelete="CASCADE"), primary_key=True)
     added_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
@@ -273,9 +267,7 @@ class Suppression(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     __table_args__ = (
-        CheckConstraint(
-            "person_id IS NOT NULL OR identity_id IS NOT NULL", name="ck_suppressions_target"
-        ),
+        CheckConstraint("person_id IS NOT NULL OR identity_id IS NOT NULL", name="ck_suppressions_target"),
         Index("ix_suppressions_person", "person_id"),
         Index("ix_suppressions_identity", "identity_id"),
     )

@@ -125,13 +125,9 @@ class Cluster:
         if self.is_running():
             return
         if not port_is_free(self.port):
-            raise PostgresError(
-                f"port {self.port} is taken: set a free port (PG_PORT) or stop what uses it"
-            )
+            raise PostgresError(f"port {self.port} is taken: set a free port (PG_PORT) or stop what uses it")
         bindir = find_bindir()
-        opts = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} -c max_connections=200"
-        )
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} -c max_connections=200"
         if fast:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         res = self._run(
@@ -167,9 +163,7 @@ class Cluster:
         """Stop the server (fast mode: disconnect clients, no waiting on them)."""
         if not self.is_running():
             return
-        self._run(
-            [str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"]
-        )
+        self._run([str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run SQL through psql (used for CREATE DATABASE and the like)."""

@@ -107,9 +107,7 @@ def check_ports(
     for env, port in ports.items():
         what = specs[env].what if env in specs else env
         if port in seen:
-            problems.append(
-                f"port {port} is configured twice: {seen[port]} and {env}; give {env} another port"
-            )
+            problems.append(f"port {port} is configured twice: {seen[port]} and {env}; give {env} another port")
             continue
         seen[port] = env
         if not is_free(port, host):
@@ -127,8 +125,7 @@ def read_skip(env: Mapping[str, str]) -> frozenset[str]:
     unknown = names - set(SKIPPABLE)
     if unknown:
         raise DevStackError(
-            f"DEVSTACK_SKIP names {', '.join(sorted(unknown))}: "
-            f"only {', '.join(SKIPPABLE)} can be skipped"
+            f"DEVSTACK_SKIP names {', '.join(sorted(unknown))}: only {', '.join(SKIPPABLE)} can be skipped"
         )
     return frozenset(names)
 
@@ -353,9 +350,7 @@ class Stack:
             ) from None
         self._lock = lock
         if self.cluster.is_running():
-            self.say(
-                f"PostgreSQL from an earlier run is still up in {self.cluster.datadir}: stopping it"
-            )
+            self.say(f"PostgreSQL from an earlier run is still up in {self.cluster.datadir}: stopping it")
             self.cluster.stop()
         check_ports(self.ports)
 
@@ -363,9 +358,7 @@ class Stack:
         """Init (first run), start and create the app database."""
         created = self.cluster.init()
         self._check_stop()
-        self.say(
-            f"PostgreSQL: {'created' if created else 'reusing'} cluster {self.cluster.datadir}"
-        )
+        self.say(f"PostgreSQL: {'created' if created else 'reusing'} cluster {self.cluster.datadir}")
         self._pg_started = True
         self.cluster.start()
         # Postgres is a daemon, not our child: a guard child stops it if we are killed hard.
@@ -475,9 +468,7 @@ class Stack:
 
     def migrate(self) -> None:
         """`alembic upgrade head` against the dev cluster (fatal when it fails)."""
-        rc, log = self.run_step(
-            "alembic", [sys.executable, "-m", "alembic", "upgrade", "head"], START_TIMEOUT
-        )
+        rc, log = self.run_step("alembic", [sys.executable, "-m", "alembic", "upgrade", "head"], START_TIMEOUT)
         if rc != 0:
             raise DevStackError(f"alembic upgrade head failed; last lines of {log}:\n{tail(log)}")
         self.say("  schema migrated (alembic upgrade head)")
@@ -605,9 +596,7 @@ class Stack:
 
     def run(self) -> int:
         """Start, watch, stop; the process exit code."""
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         code = 0
         try:
             try:

@@ -98,14 +98,10 @@ ALLOWED_TRIGGERS: dict[Action, frozenset[Trigger]] = {
     Action.SEND_LINKEDIN_DM: frozenset(_ALWAYS | _REPLY),
     Action.SEND_XMTP_DM: frozenset(_ALWAYS | _REPLY),
     Action.CHECK_FOR_REPLY: frozenset(_ALWAYS | _REPLY),
-    Action.FOLLOW_ON_TWITTER: frozenset(
-        _ALWAYS | {Trigger.FOLLOWED_BACK, Trigger.NOT_FOLLOWED_BACK}
-    ),
+    Action.FOLLOW_ON_TWITTER: frozenset(_ALWAYS | {Trigger.FOLLOWED_BACK, Trigger.NOT_FOLLOWED_BACK}),
     Action.UNFOLLOW_ON_TWITTER: frozenset(_ALWAYS),
     Action.SEND_CONNECTION_REQUEST: frozenset(
-        _ALWAYS
-        | _REPLY
-        | {Trigger.CONNECTION_ACCEPTED, Trigger.CONNECTION_NOT_ACCEPTED, Trigger.REPLIED_TO_NOTE}
+        _ALWAYS | _REPLY | {Trigger.CONNECTION_ACCEPTED, Trigger.CONNECTION_NOT_ACCEPTED, Trigger.REPLIED_TO_NOTE}
     ),
     Action.WAIT: frozenset(_ALWAYS),
 }
@@ -291,9 +287,7 @@ def _content_issues(step: Step) -> list[SequenceIssue]:
     sources: list[Any] = step.variants or [step]
     names = [v.name for v in step.variants]
     if len(set(names)) != len(names):
-        issues.append(
-            SequenceIssue(step=step.id, rule="duplicate-variant", message="variant names repeat")
-        )
+        issues.append(SequenceIssue(step=step.id, rule="duplicate-variant", message="variant names repeat"))
     for src in sources:
         label = f"variant {src.name!r}: " if isinstance(src, Variant) else ""
         if act == Action.SEND_EMAIL:
@@ -315,11 +309,7 @@ def _content_issues(step: Step) -> list[SequenceIssue]:
                 )
         elif act in (Action.SEND_TWITTER_DM, Action.SEND_LINKEDIN_DM, Action.SEND_XMTP_DM):
             if not ((src.text and src.text.strip()) or (src.body and src.body.strip())):
-                issues.append(
-                    SequenceIssue(
-                        step=step.id, rule="missing-content", message=f"{label}{act} needs text"
-                    )
-                )
+                issues.append(SequenceIssue(step=step.id, rule="missing-content", message=f"{label}{act} needs text"))
     if step.variants and act not in MESSAGE_ACTIONS:
         issues.append(
             SequenceIssue(
@@ -448,13 +438,9 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
         stack.extend(graph[node])
     for sid in ids:
         if sid not in reach:
-            add(
-                sid, "unreachable", f"step {sid!r} cannot be reached from the first step {ids[0]!r}"
-            )
+            add(sid, "unreachable", f"step {sid!r} cannot be reached from the first step {ids[0]!r}")
 
-    terminal = {
-        s.id for s in d.steps if not s.edges or any(e.trigger == Trigger.END for e in s.edges)
-    }
+    terminal = {s.id for s in d.steps if not s.edges or any(e.trigger == Trigger.END for e in s.edges)}
     ends: set[str] = set(terminal)
     changed = True
     while changed:

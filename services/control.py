@@ -83,7 +83,11 @@ class PersonEnrollment:
 
 
 async def person_status(
-    session_factory: SessionFactory, settings: Settings, person: int, *, client: Client | None = None
+    session_factory: SessionFactory,
+    settings: Settings,
+    person: int,
+    *,
+    client: Client | None = None,
 ) -> list[PersonEnrollment]:
     """Where a person is in each sequence: live from the workflow when it runs."""
     async with session_factory() as session:

@@ -32,8 +32,7 @@ async def load_demo(session_factory: SessionFactory, settings: Settings) -> list
     lines = []
     version = await create_version(session_factory, SEQUENCE_FILE)
     lines.append(
-        f"sequence {version.name!r} version {version.version} "
-        f"({'created' if version.created else 'already there'})"
+        f"sequence {version.name!r} version {version.version} ({'created' if version.created else 'already there'})"
     )
     report = await import_people(session_factory, PEOPLE_FILE, SEGMENT)
     lines.append(
@@ -42,15 +41,19 @@ async def load_demo(session_factory: SessionFactory, settings: Settings) -> list
     )
     for channel, address, name in SENDERS:
         await add_sender(
-            session_factory, channel=channel, address=address, display_name=name,
-            per_hour=60 if channel == "email" else 20, per_day=500 if channel == "email" else 100,
-            spacing=5.0, jitter=5.0,
+            session_factory,
+            channel=channel,
+            address=address,
+            display_name=name,
+            per_hour=60 if channel == "email" else 20,
+            per_day=500 if channel == "email" else 100,
+            spacing=5.0,
+            jitter=5.0,
         )
     lines.append(f"senders: {', '.join(f'{c}:{a}' for c, a, _ in SENDERS)}")
     progress = await start_audience(session_factory, settings, version.name, SEGMENT)
     if progress is not None:
         lines.append(
-            f"enrolled {progress.started} new, {progress.already} already enrolled, "
-            f"{progress.refused} refused"
+            f"enrolled {progress.started} new, {progress.already} already enrolled, {progress.refused} refused"
         )
     return lines

@@ -26,7 +26,12 @@ from settings import Settings
 from temporal_client import connect
 from workflows.audience import AudienceWorkflow, audience_workflow_id
 
-TARGET = {Channel.EMAIL: "email", Channel.X: "x", Channel.LINKEDIN: "linkedin", Channel.XMTP: "xmtp"}
+TARGET = {
+    Channel.EMAIL: "email",
+    Channel.X: "x",
+    Channel.LINKEDIN: "linkedin",
+    Channel.XMTP: "xmtp",
+}
 
 
 async def start_audience(
@@ -126,9 +131,7 @@ async def dry_run(session_factory: SessionFactory, sequence: str, segment: str) 
             suppressed = {
                 row
                 for row in (
-                    await session.execute(
-                        select(Suppression.person_id).where(Suppression.person_id.in_(ids))
-                    )
+                    await session.execute(select(Suppression.person_id).where(Suppression.person_id.in_(ids)))
                 ).scalars()
             }
             busy = dict(

@@ -74,9 +74,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
         versions = dict(
             (
                 await session.execute(
-                    select(SequenceVersion.id, SequenceVersion.version).where(
-                        SequenceVersion.sequence_id == seq.id
-                    )
+                    select(SequenceVersion.id, SequenceVersion.version).where(SequenceVersion.sequence_id == seq.id)
                 )
             ).all()
         )
@@ -93,9 +91,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             .group_by(Event.sequence_version_id, Event.step_id, Event.variant, Event.type)
         )
         type_to_col = {t: col for col, types in FUNNEL.items() for t in types}
-        cells: dict[tuple[int, str | None, str | None], dict[str, int]] = defaultdict(
-            lambda: dict.fromkeys(FUNNEL, 0)
-        )
+        cells: dict[tuple[int, str | None, str | None], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FUNNEL, 0))
         totals = dict.fromkeys(FUNNEL, 0)
         for version_id, step, variant, type_, enrollments, count in event_rows:
             col = type_to_col.get(type_)
@@ -110,9 +106,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
         totals["delivered"] = max(0, totals["sent"] - totals["bounced"])
         rows = [
             FunnelRow(version=v, step=s, variant=var, counts=c)
-            for (v, s, var), c in sorted(
-                cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or "")
-            )
+            for (v, s, var), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or ""))
         ]
 
         statuses = dict(

@@ -51,13 +51,9 @@ def run_app(app: Any, *, startup_timeout: float = 10.0) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2
-    )
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
-    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
     try:
@@ -283,9 +279,7 @@ class FakeRelay(FakeService):
         sig = rec.headers.get("x-relay-signature", "")
         if not ts.isdigit() or abs(time.time() - int(ts)) > RELAY_WINDOW_SECONDS:
             return False
-        expected = hmac.new(
-            self.token.encode(), ts.encode() + b"." + rec.body, hashlib.sha256
-        ).hexdigest()
+        expected = hmac.new(self.token.encode(), ts.encode() + b"." + rec.body, hashlib.sha256).hexdigest()
         return hmac.compare_digest(sig, f"v1={expected}")
 
     async def _action(self, request: Request) -> Response:
@@ -306,9 +300,7 @@ class FakeRelay(FakeService):
                 return JSONResponse({"error": f"missing field {name}"}, status_code=400)
         key = body["idempotency_key"]
         if rec.headers.get("idempotency-key") != key:
-            return JSONResponse(
-                {"error": "Idempotency-Key header differs from idempotency_key"}, status_code=400
-            )
+            return JSONResponse({"error": "Idempotency-Key header differs from idempotency_key"}, status_code=400)
         if body["action"] not in self.CHANNEL_ACTIONS.get(body["channel"], set()):
             return JSONResponse(
                 {"error": f"unsupported action {body['channel']}/{body['action']}"},

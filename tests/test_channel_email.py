@@ -86,9 +86,7 @@ async def channel(smtp_server: SmtpRecorder) -> AsyncIterator[EmailChannel]:
     await ch.aclose()
 
 
-async def test_message_arrives_well_formed(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_message_arrives_well_formed(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     result = await channel.send(_msg())
     assert len(smtp_server.messages) == 1
     mail_from, rcpt_tos, raw = smtp_server.messages[0]
@@ -119,9 +117,7 @@ async def test_message_arrives_well_formed(
     assert html.rstrip().endswith("</html>")
 
 
-async def test_message_id_is_stable_per_key(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_message_id_is_stable_per_key(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     await channel.send(_msg("42:intro_email:1"))
     await channel.send(_msg("42:intro_email:1"))
     await channel.send(_msg("42:follow_up:1"))
@@ -130,9 +126,7 @@ async def test_message_id_is_stable_per_key(
     assert ids[0].startswith("<") and ids[0].endswith("@example.com>")
 
 
-async def test_threading_headers_and_given_html(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_threading_headers_and_given_html(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     first = make_message_id("42:intro_email:1", "example.com")
     second = make_message_id("42:bump:1", "example.com")
     await channel.send(
@@ -155,9 +149,7 @@ async def test_threading_headers_and_given_html(
     assert html.index("Bumping this") < html.index(FOOTER) < html.index("</body>")
 
 
-async def test_non_ascii_subject_and_body_round_trip(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_non_ascii_subject_and_body_round_trip(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     await channel.send(_msg(subject="Café ☕ für Bob", text="Grüße aus Zürich — Ada"))
     message = _parse(smtp_server.messages[0][2])
     assert message["Subject"] == "Café ☕ für Bob"
@@ -166,9 +158,7 @@ async def test_non_ascii_subject_and_body_round_trip(
     assert smtp_server.messages[0][2].isascii()
 
 
-async def test_three_sends_share_one_connection(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_three_sends_share_one_connection(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     before = smtp_server.connections  # aiosmtpd's own readiness probe counts as one
     for i in range(3):
         await channel.send(_msg(f"42:step{i}:1"))
@@ -188,9 +178,7 @@ async def test_concurrent_sends_stay_within_the_pool_size(smtp_server: SmtpRecor
     assert 1 <= smtp_server.connections - before <= 2
 
 
-@pytest.mark.parametrize(
-    "reply", ["421 4.3.2 Service shutting down, try later", "451 4.3.0 Try again"]
-)
+@pytest.mark.parametrize("reply", ["421 4.3.2 Service shutting down, try later", "451 4.3.0 Try again"])
 async def test_4xx_then_accepting_is_transient_then_sent(
     channel: EmailChannel, smtp_server: SmtpRecorder, reply: str
 ) -> None:
@@ -203,9 +191,7 @@ async def test_4xx_then_accepting_is_transient_then_sent(
     assert len(smtp_server.messages) == 1
 
 
-async def test_550_to_the_message_is_a_permanent_bounce(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_550_to_the_message_is_a_permanent_bounce(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     before = smtp_server.connections
     smtp_server.fail_codes.append("550 5.1.1 no such user")
     with pytest.raises(PermanentChannelError) as caught:
@@ -233,9 +219,7 @@ async def test_content_or_policy_rejection_fails_without_bouncing_the_person(
     assert caught.value.code == reply[:3]
 
 
-async def test_rejected_recipient_is_a_permanent_bounce(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_rejected_recipient_is_a_permanent_bounce(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     smtp_server.reject_rcpt["bob@example.org"] = "550 5.1.1 <bob@example.org>: user unknown"
     with pytest.raises(PermanentChannelError) as caught:
         await channel.send(_msg())
@@ -244,9 +228,7 @@ async def test_rejected_recipient_is_a_permanent_bounce(
     assert smtp_server.messages == []
 
 
-async def test_recipient_deferred_with_4xx_is_transient(
-    channel: EmailChannel, smtp_server: SmtpRecorder
-) -> None:
+async def test_recipient_deferred_with_4xx_is_transient(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     smtp_server.reject_rcpt["bob@example.org"] = "450 4.2.1 mailbox busy"
     with pytest.raises(TransientChannelError) as caught:
         await channel.send(_msg())
@@ -333,9 +315,7 @@ class Scripted:
             await asyncio.Event().wait()
         return "250 OK queued"
 
-    def authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
+    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         self.logins.append((auth_data.login, auth_data.password))
         self.tls_at_login.append(session.ssl is not None)
@@ -495,9 +475,7 @@ async def test_starttls_and_login(tls_files: tuple[Path, Path]) -> None:
             smtp_password=SecretStr("s3cret"),
             smtp_starttls=True,
         )
-        good = EmailChannel(
-            SmtpPool.from_settings(settings, tls_context=client_ctx), default_footer=FOOTER
-        )
+        good = EmailChannel(SmtpPool.from_settings(settings, tls_context=client_ctx), default_footer=FOOTER)
         try:
             await good.send(_msg("1:tls:1"))
             await good.send(_msg("1:tls:2"))

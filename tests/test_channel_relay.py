@@ -26,9 +26,7 @@ from activities.channels.relay import RelayChannel, sign, verify
 from tests.fakes import RELAY_TOKEN, FakeRelay, relay_server  # noqa: F401
 
 
-def _msg(
-    action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **kw: str
-) -> OutboundMessage:
+def _msg(action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **kw: str) -> OutboundMessage:
     fields = {
         "channel": channel,
         "action": action,

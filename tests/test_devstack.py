@@ -94,10 +94,7 @@ def test_compose_health_checks_and_conditions(compose: dict[str, Any]) -> None:
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["temporal"]["condition"] == "service_healthy"
         assert deps["postgres"]["condition"] == "service_healthy"
-    assert (
-        services["worker"]["depends_on"]["temporal-admin-tools"]["condition"]
-        == "service_completed_successfully"
-    )
+    assert services["worker"]["depends_on"]["temporal-admin-tools"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_registers_search_attributes_and_sets_settings(compose: dict[str, Any]) -> None:
@@ -122,10 +119,7 @@ def test_compose_registers_search_attributes_and_sets_settings(compose: dict[str
     ):
         assert var in fields and var in env, var
     assert env["SMTP_HOST"] == "mailpit" and env["TEMPORAL_ADDRESS"] == "temporal:7233"
-    assert (
-        env["DATABASE_URL"].startswith("postgresql+asyncpg://")
-        and "@postgres:" in env["DATABASE_URL"]
-    )
+    assert env["DATABASE_URL"].startswith("postgresql+asyncpg://") and "@postgres:" in env["DATABASE_URL"]
 
 
 # ------------------------------------------------------------------------- SMTP catcher
@@ -262,9 +256,7 @@ class Launcher:
                 continue
             if line is None:
                 self._eof = True
-                pytest.fail(
-                    f"launcher exited ({self.proc.wait()}) before {text!r}:\n{self.output()}"
-                )
+                pytest.fail(f"launcher exited ({self.proc.wait()}) before {text!r}:\n{self.output()}")
             self.lines.append(line)
             if text in line:
                 return

@@ -64,17 +64,13 @@ async def test_identity_channel_value_is_unique(session_factory: SessionFactory)
     async with session_factory() as s:
         pid = (await s.execute(text("INSERT INTO persons DEFAULT VALUES RETURNING id"))).scalar()
         await s.execute(
-            text(
-                "INSERT INTO identities (person_id, channel, value) VALUES (:p, 'email', 'a@x.io')"
-            ),
+            text("INSERT INTO identities (person_id, channel, value) VALUES (:p, 'email', 'a@x.io')"),
             {"p": pid},
         )
         await s.commit()
         with pytest.raises(DBAPIError):
             await s.execute(
-                text(
-                    "INSERT INTO identities (person_id, channel, value) VALUES (:p, 'email', 'a@x.io')"
-                ),
+                text("INSERT INTO identities (person_id, channel, value) VALUES (:p, 'email', 'a@x.io')"),
                 {"p": pid},
             )
 
@@ -88,9 +84,7 @@ class _Sleeper:
         return "woke"
 
 
-async def test_time_skipping_server_skips_a_month(
-    temporal_env: WorkflowEnvironment, task_queue: str
-) -> None:
+async def test_time_skipping_server_skips_a_month(temporal_env: WorkflowEnvironment, task_queue: str) -> None:
     async with Worker(temporal_env.client, task_queue=task_queue, workflows=[_Sleeper]):
         handle = await temporal_env.client.start_workflow(
             _Sleeper.run,

@@ -29,8 +29,6 @@ def test_histories_are_present() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_replay(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(
-        workflows=[EnrollmentWorkflow, AudienceWorkflow], data_converter=pydantic_data_converter
-    )
+    replayer = Replayer(workflows=[EnrollmentWorkflow, AudienceWorkflow], data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
+from services.classify import get_classifier
 from sqlalchemy import select, text
 from temporalio.client import Client
 
@@ -26,7 +27,6 @@ from db.session import SessionFactory, make_engine, make_session_factory
 from db.tables import Delivery, Enrollment, SequenceVersion
 from models.activities import EnrollmentRef
 from models.enrollment import ControlSignal, SequenceRef
-from services.classify import get_classifier
 from services.tokens import TokenError, read_token
 from settings import Settings, get_settings
 from temporal_client import connect
@@ -73,9 +73,7 @@ def create_app(
             except Exception as err:  # keep serving /healthz, which will say so
                 log.error("Temporal not reachable at %s: %s", cfg.temporal_address, err)
         processor = (
-            InboundProcessor(
-                sf, cl, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay
-            )
+            InboundProcessor(sf, cl, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay)
             if cl is not None
             else None
         )
@@ -119,9 +117,7 @@ def create_app(
         try:
             payload = InboundPayload.model_validate_json(body)
         except ValidationError as err:
-            problems = [
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
-            ]
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()]
             return JSONResponse({"error": "invalid body", "fields": problems}, status_code=400)
         if d.processor is None:
             return JSONResponse({"error": "Temporal is not reachable"}, status_code=503)
@@ -148,9 +144,7 @@ def create_app(
             '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
             '<button type="submit">Unsubscribe</button></form>'
         )
-        return HTMLResponse(
-            _page("Unsubscribe?", "<p>Press the button to stop all messages from us.</p>" + form)
-        )
+        return HTMLResponse(_page("Unsubscribe?", "<p>Press the button to stop all messages from us.</p>" + form))
 
     @app.post("/u/{token}")
     async def unsubscribe(token: str, request: Request) -> Response:
@@ -181,8 +175,11 @@ def create_app(
             async with d.session_factory() as session, session.begin():
                 if not rows:
                     await append_event(
-                        session, type_="unsubscribed", person_id=person_id,
-                        dedup_key=f"unsubscribed:link:{person_id}", data={"via": "link"},
+                        session,
+                        type_="unsubscribed",
+                        person_id=person_id,
+                        dedup_key=f"unsubscribed:link:{person_id}",
+                        data={"via": "link"},
                     )
                 for enrollment, version in rows:
                     await append_event(
@@ -224,9 +221,7 @@ def create_app(
                     delivery_id=delivery.id,
                     dedup_key=f"opened:{delivery.id}",
                 )
-        return Response(
-            PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, max-age=0"}
-        )
+        return Response(PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, max-age=0"})
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from services.classify import ReplyClassifier
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from temporalio.client import Client
@@ -41,17 +42,14 @@ from db.tables import (
     Suppression,
 )
 from models.activities import EnrollmentRef
-from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
 from models.durations import parse_duration
-from services.classify import ReplyClassifier
+from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
 from services.identities import find_person_by_identity
 
 log = logging.getLogger("sequencer.inbound")
 
 CHANNELS = ("email", "x", "linkedin", "xmtp")
-EventType = Literal[
-    "reply", "connection_accepted", "followed_back", "replied_to_note", "bounce", "complaint"
-]
+EventType = Literal["reply", "connection_accepted", "followed_back", "replied_to_note", "bounce", "complaint"]
 SIGNAL_FOR = {
     "reply": "replied",
     "connection_accepted": "connection_accepted",
@@ -158,9 +156,7 @@ class InboundProcessor:
             await self._log(active, person_id, "bounced", channel, signal_id, {"via": "webhook"})
             status = "suppressed_identity"
         elif label == "out_of_office":
-            until = (
-                datetime.combine(return_date, time(9, 0), tzinfo=UTC) if return_date else None
-            )
+            until = datetime.combine(return_date, time(9, 0), tzinfo=UTC) if return_date else None
             sig = OutOfOfficeSignal(
                 event_id=signal_id,
                 until=until,
@@ -168,7 +164,11 @@ class InboundProcessor:
             )
             await self._signal_all(active, "out_of_office", sig)
             await self._log(
-                active, person_id, "out_of_office", channel, signal_id,
+                active,
+                person_id,
+                "out_of_office",
+                channel,
+                signal_id,
                 {"until": until.isoformat() if until else None},
             )
             status = "rescheduled"
@@ -283,8 +283,12 @@ class InboundProcessor:
         async with self.session_factory() as session, session.begin():
             if not active:
                 await append_event(
-                    session, type_=type_, person_id=person_id, channel=channel,
-                    dedup_key=f"{type_}:{event_key}", data=data,
+                    session,
+                    type_=type_,
+                    person_id=person_id,
+                    channel=channel,
+                    dedup_key=f"{type_}:{event_key}",
+                    data=data,
                 )
             for item in active:
                 await append_event(
@@ -309,7 +313,7 @@ class InboundProcessor:
     async def _suppress_identity(self, channel: str, value: str, person_id: int, source: str) -> None:
         async with self.session_factory() as session, session.begin():
             person = None
-            for ident_channel in (["x", "x_handle"] if channel == "x" else [channel]):
+            for ident_channel in ["x", "x_handle"] if channel == "x" else [channel]:
                 try:
                     person = await find_person_by_identity(session, ident_channel, value)
                 except ValueError:
@@ -318,12 +322,16 @@ class InboundProcessor:
                     from db.tables import Identity
 
                     ident = (
-                        await session.execute(
-                            select(Identity).where(
-                                Identity.person_id == person.id, Identity.channel == ident_channel
+                        (
+                            await session.execute(
+                                select(Identity).where(
+                                    Identity.person_id == person.id, Identity.channel == ident_channel
+                                )
                             )
                         )
-                    ).scalars().first()
+                        .scalars()
+                        .first()
+                    )
                     if ident is not None:
                         session.add(Suppression(identity_id=ident.id, reason="bounce", source=source))
                         return
@@ -362,17 +370,13 @@ class InboundProcessor:
         await asyncio.gather(*(one(w) for w in ids))
 
 
-async def suppress_person(
-    session_factory: SessionFactory, person_id: int, reason: str, source: str
-) -> bool:
+async def suppress_person(session_factory: SessionFactory, person_id: int, reason: str, source: str) -> bool:
     """Suppress a whole person (idempotent); True when a new suppression was written."""
     async with session_factory() as session, session.begin():
         await session.execute(select(Person.id).where(Person.id == person_id).with_for_update())
         exists = (
             await session.execute(
-                select(Suppression.id).where(
-                    Suppression.person_id == person_id, Suppression.reason == reason
-                )
+                select(Suppression.id).where(Suppression.person_id == person_id, Suppression.reason == reason)
             )
         ).first()
         if exists:
@@ -381,4 +385,4 @@ async def suppress_person(
     return True
 
 
-__all__ = ["InboundProcessor", "InboundPayload", "InboundResult", "suppress_person", "CHANNELS", "timedelta"]
+__all__ = ["InboundProcessor", "InboundPayload", "InboundResult", "suppress_person", "CHANNELS"]

@@ -23,7 +23,7 @@ Semantics worth knowing (also in the README):
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -257,16 +257,11 @@ class EnrollmentWorkflow:
                 self.state.step_started = False
                 self.state.action_done = False
                 steps_this_run += 1
-                if (
-                    workflow.info().is_continue_as_new_suggested()
-                    or steps_this_run >= inp.max_steps_per_run
-                ):
+                if workflow.info().is_continue_as_new_suggested() or steps_this_run >= inp.max_steps_per_run:
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     self.state.runs += 1
                     now = workflow.now()
-                    self.state.events = [
-                        e for e in self.state.events if not e.consumed and e.received_at >= now
-                    ]
+                    self.state.events = [e for e in self.state.events if not e.consumed and e.received_at >= now]
                     workflow.continue_as_new(
                         EnrollmentInput(
                             enrollment_id=inp.enrollment_id,
@@ -283,13 +278,19 @@ class EnrollmentWorkflow:
         return await self._finish(self.terminal)
 
     # ------------------------------------------------------------------ helpers
+    def _woken(self, seen: int) -> Callable[[], bool]:
+        """A wait condition: stop/unsubscribe, a pause, or a new event since `seen`."""
+        return lambda: self.terminal is not None or self.state.paused or len(self.state.events) != seen
+
     def _check_terminal(self) -> None:
         if self.terminal is not None:
             raise self.terminal
 
     def _upsert(self, *, first: bool = False, next_at: datetime | None = None) -> None:
-        status = self.terminal.status if self.terminal else (
-            EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE
+        status = (
+            self.terminal.status
+            if self.terminal
+            else (EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE)
         )
         updates: list[SearchAttributeUpdate[Any]] = [
             CURRENT_STEP.value_set(self.state.current_step),
@@ -364,12 +365,12 @@ class EnrollmentWorkflow:
         since = self.state.step_started_at
         return [e for e in self.state.events if since is None or e.received_at >= since]
 
-    async def _sleep_until(self, when: datetime, phase: str, step: Step) -> None:
+    async def _sleep_until(self, when: datetime, phase: str, step: Step, *, reply_stops: bool = True) -> None:
         """Wait until `when` (a durable timer), holding on pause and waking on stop/reply."""
         while True:
             self._check_terminal()
             await self._hold_while_paused()
-            if self._pending_reply_stops(step, waiting_on_edges=False):
+            if reply_stops and self._pending_reply_stops(step, waiting_on_edges=False):
                 raise _Terminal(EnrollmentStatus.REPLIED, "replied before the next action")
             now = workflow.now()
             if when <= now:
@@ -381,12 +382,10 @@ class EnrollmentWorkflow:
             seen = len(self.state.events)
             try:
                 await workflow.wait_condition(
-                    lambda: self.terminal is not None
-                    or self.state.paused
-                    or len(self.state.events) != seen,
+                    self._woken(seen),
                     timeout=when - now,
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _perform(self, step: Step) -> None:
@@ -399,8 +398,8 @@ class EnrollmentWorkflow:
         if self.state.not_before is not None:
             desired = max(desired, self.state.not_before)
         channel = step.channel
-        if channel is None:  # WAIT / CHECK_FOR_REPLY: only timing
-            await self._sleep_until(desired, "delay", step)
+        if channel is None:  # WAIT / CHECK_FOR_REPLY: only timing; replies count for the edges
+            await self._sleep_until(desired, "delay", step, reply_stops=False)
             self.state.not_before = None
             return
         attempt = self.state.visits.get(step.id, 1)
@@ -433,9 +432,7 @@ class EnrollmentWorkflow:
                 raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
             self.state.senders[str(channel)] = slot.sender_id
             await self._sleep_until(slot.slot_at, "waiting for send slot", step)
-            again = earliest_action_time(
-                slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz
-            )
+            again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
             if again == slot.slot_at:
                 break
             if again is None:
@@ -526,12 +523,10 @@ class EnrollmentWorkflow:
             seen = len(self.state.events)
             try:
                 await workflow.wait_condition(
-                    lambda: self.terminal is not None
-                    or self.state.paused
-                    or len(self.state.events) != seen,
+                    self._woken(seen),
                     timeout=(self.until - now) if self.until else None,
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _finish(self, end: _Terminal | None) -> EnrollmentResult:

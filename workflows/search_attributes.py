@@ -34,8 +34,7 @@ ALL_SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
 
 #: `temporal server start-dev --search-attribute NAME=TYPE` spellings.
 DEV_SERVER_FLAGS = [
-    f"{key.name}={key.indexed_value_type.name.title().replace('_', '')}"
-    for key in ALL_SEARCH_ATTRIBUTES
+    f"{key.name}={key.indexed_value_type.name.title().replace('_', '')}" for key in ALL_SEARCH_ATTRIBUTES
 ]
 
 

@@ -59,8 +59,7 @@ class OutboundMessage(BaseModel):
         channels = {c.value for c in Channel}
         if self.channel not in channels:
             raise ValueError(
-                f"OutboundMessage.channel: unknown channel {self.channel!r}; "
-                f"expected one of {sorted(channels)}"
+                f"OutboundMessage.channel: unknown channel {self.channel!r}; expected one of {sorted(channels)}"
             )
         try:
             action = Action(self.action)
@@ -71,10 +70,7 @@ class OutboundMessage(BaseModel):
             ) from None
         expected = ACTION_CHANNEL.get(action)
         if expected is None or expected.value != self.channel:
-            raise ValueError(
-                f"OutboundMessage.action: {action.value} is not an action of channel "
-                f"{self.channel!r}"
-            )
+            raise ValueError(f"OutboundMessage.action: {action.value} is not an action of channel {self.channel!r}")
         return self
 
 
@@ -99,9 +95,7 @@ class ChannelError(Exception):
 class TransientChannelError(ChannelError):
     """Not delivered; retry later, not before `retry_after` seconds when given."""
 
-    def __init__(
-        self, message: str, *, code: str | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
 

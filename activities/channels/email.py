@@ -156,9 +156,7 @@ class SmtpPool:
         self.connections_opened = 0
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, tls_context: ssl.SSLContext | None = None
-    ) -> SmtpPool:
+    def from_settings(cls, settings: Settings, *, tls_context: ssl.SSLContext | None = None) -> SmtpPool:
         """A pool configured from `SMTP_*` settings."""
         return cls(
             settings.smtp_host,
@@ -262,9 +260,7 @@ class SmtpPool:
         except (SMTPException, OSError):
             client.close()
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, payload: bytes, sender: str, recipients: list[str]
-    ) -> str:
+    async def _transaction(self, client: aiosmtplib.SMTP, payload: bytes, sender: str, recipients: list[str]) -> str:
         mail_options: list[str] = []
         try:
             # EHLO first (MAIL would do it too) so that extensions are known for options.
@@ -317,9 +313,7 @@ class SmtpPool:
             raise _classify_reply(err.code, err.message, "command", bounce=False) from err
         except ValueError as err:  # an address aiosmtplib refuses to put on the wire
             await self._rset(client)
-            raise PermanentChannelError(
-                f"SMTP: invalid envelope address: {err}", code="invalid_address"
-            ) from err
+            raise PermanentChannelError(f"SMTP: invalid envelope address: {err}", code="invalid_address") from err
 
         # From here on the body may reach the server: a lost answer is uncertain.
         protocol = client.protocol
@@ -335,8 +329,7 @@ class SmtpPool:
         except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, TimeoutError) as err:
             client.close()
             raise UncertainChannelError(
-                f"SMTP: no reply after the message body was sent ({err}); "
-                "the server may have accepted it",
+                f"SMTP: no reply after the message body was sent ({err}); the server may have accepted it",
                 code="no_final_reply",
             ) from err
         except SMTPResponseException as err:
@@ -390,9 +383,7 @@ def _split_address(address: str, field: str) -> Address:
 
 def _text_to_html(text: str) -> str:
     paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-    return "\n".join(
-        "<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs
-    )
+    return "\n".join("<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
 
 
 class EmailChannel:
@@ -453,13 +444,10 @@ class EmailChannel:
             f'<a href="{html_lib.escape(url, quote=True)}">Unsubscribe</a></p>'
         )
         if re.search(r"</body\s*>", html_body, re.IGNORECASE):
-            html_part = re.sub(
-                r"</body\s*>", lambda _m: html_footer + "</body>", html_body, count=1, flags=re.I
-            )
+            html_part = re.sub(r"</body\s*>", lambda _m: html_footer + "</body>", html_body, count=1, flags=re.I)
         else:
             html_part = (
-                '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
-                f"{html_body}{html_footer}</body></html>"
+                f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>{html_body}{html_footer}</body></html>'
             )
 
         email = EmailMessage()

@@ -52,9 +52,7 @@ def sign(token: str, timestamp: int, body: bytes) -> str:
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
-def verify(
-    token: str, timestamp: str, body: bytes, signature: str, *, now: float, window: float = 300.0
-) -> bool:
+def verify(token: str, timestamp: str, body: bytes, signature: str, *, now: float, window: float = 300.0) -> bool:
     """Check a relay request's signature and timestamp (for relay implementers and tests)."""
     try:
         ts = int(timestamp)
@@ -120,13 +118,9 @@ class RelayChannel:
         """Ask the relay to perform the action; raise a classified `ChannelError`."""
         allowed = RELAY_ACTIONS.get(msg.channel, frozenset())
         if msg.action not in allowed:
-            raise PermanentChannelError(
-                f"relay cannot perform {msg.channel}/{msg.action}", code="unsupported_action"
-            )
+            raise PermanentChannelError(f"relay cannot perform {msg.channel}/{msg.action}", code="unsupported_action")
         if msg.action != "SEND_CONNECTION_REQUEST" and not (msg.text or "").strip():
-            raise PermanentChannelError(
-                f"relay: the {msg.action} text is empty", code="invalid_message"
-            )
+            raise PermanentChannelError(f"relay: the {msg.action} text is empty", code="invalid_message")
         body = json.dumps(relay_payload(msg), separators=(",", ":"), ensure_ascii=False).encode()
         timestamp = int(self.clock())
         headers = {

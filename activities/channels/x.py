@@ -110,11 +110,7 @@ class XChannel:
     @classmethod
     def from_settings(cls, settings: Settings, *, timeout: float = 30.0) -> XChannel:
         """A channel on `X_API_BASE_URL` with the `X_API_TOKEN` bearer token."""
-        return cls(
-            make_x_client(
-                settings.x_api_base_url, settings.x_api_token.get_secret_value(), timeout=timeout
-            )
-        )
+        return cls(make_x_client(settings.x_api_base_url, settings.x_api_token.get_secret_value(), timeout=timeout))
 
     async def send(self, msg: OutboundMessage) -> SendResult:
         """Perform the action on X; raise a classified `ChannelError` on failure."""
@@ -159,9 +155,7 @@ class XChannel:
             )
             self._data(response)
             return SendResult(provider_message_id=None)
-        raise PermanentChannelError(
-            f"x channel cannot perform {msg.action}", code="unsupported_action"
-        )
+        raise PermanentChannelError(f"x channel cannot perform {msg.action}", code="unsupported_action")
 
     def _data(self, response: httpx.Response) -> dict[str, Any]:
         try:
@@ -171,9 +165,7 @@ class XChannel:
         data = body.get("data") if isinstance(body, dict) else None
         return data if isinstance(data, dict) else {}
 
-    async def _request(
-        self, msg: OutboundMessage, method: str, path: str, json: Any = None
-    ) -> httpx.Response:
+    async def _request(self, msg: OutboundMessage, method: str, path: str, json: Any = None) -> httpx.Response:
         headers: dict[str, str] = {}
         token = self.sender_tokens.get(msg.sender)
         if token:
@@ -186,8 +178,7 @@ class XChannel:
             ) from err
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as err:
             raise UncertainChannelError(
-                f"x: no answer after the request was sent ({type(err).__name__}: {err}); "
-                "X may have performed it",
+                f"x: no answer after the request was sent ({type(err).__name__}: {err}); X may have performed it",
                 code="no_response",
             ) from err
         return self._check(response)
@@ -209,18 +200,14 @@ class XChannel:
                     retry_after = None
             if retry_after is None:
                 retry_after = parse_retry_after(response.headers.get("retry-after"), now)
-            raise TransientChannelError(
-                f"x: rate limited on {where}: {detail}", code="429", retry_after=retry_after
-            )
+            raise TransientChannelError(f"x: rate limited on {where}: {detail}", code="429", retry_after=retry_after)
         if status >= 500 or status == 408:
             raise TransientChannelError(
                 f"x: server error {status} on {where}: {detail}",
                 code=str(status),
                 retry_after=parse_retry_after(response.headers.get("retry-after"), now),
             )
-        raise PermanentChannelError(
-            f"x: {status} on {where}: {detail}", code=str(status), bounce=False
-        )
+        raise PermanentChannelError(f"x: {status} on {where}: {detail}", code=str(status), bounce=False)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

@@ -49,15 +49,26 @@ SEQUENCE = {
     "name": "replay-demo",
     "send_window": {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"},
     "steps": [
-        {"id": "follow", "action": "FOLLOW_ON_TWITTER", "edges": [
-            {"trigger": "FOLLOWED_BACK", "to": "dm"},
-            {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "email"}]},
-        {"id": "dm", "action": "SEND_TWITTER_DM", "text": "Hi {{ first_name }}", "edges": [
-            {"trigger": "REPLIED", "to": "done"},
-            {"trigger": "NOT_REPLIED", "after": "2d", "to": "email"}]},
-        {"id": "email", "action": "SEND_EMAIL", "variants": [
-            {"name": "A", "subject": "A", "body": "a"}, {"name": "B", "subject": "B", "body": "b"}],
-         "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": "4d", "to": "done"}]},
+        {
+            "id": "follow",
+            "action": "FOLLOW_ON_TWITTER",
+            "edges": [
+                {"trigger": "FOLLOWED_BACK", "to": "dm"},
+                {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "email"},
+            ],
+        },
+        {
+            "id": "dm",
+            "action": "SEND_TWITTER_DM",
+            "text": "Hi {{ first_name }}",
+            "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": "2d", "to": "email"}],
+        },
+        {
+            "id": "email",
+            "action": "SEND_EMAIL",
+            "variants": [{"name": "A", "subject": "A", "body": "a"}, {"name": "B", "subject": "B", "body": "b"}],
+            "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": "4d", "to": "done"}],
+        },
         {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
     ],
 }
@@ -122,7 +133,9 @@ async def main() -> None:
     )
     await register_search_attributes(env.client)
     acts: list[Any] = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
-    async with Worker(env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts):
+    async with Worker(
+        env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts
+    ):
         # 1. follow-back → DM → reply (signals while waiting) → done
         h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(1), id="replay-1", task_queue="replay")
         await _until(env, h, "follow")
@@ -140,7 +153,9 @@ async def main() -> None:
         await h.result()
         (HERE / "enrollment_timeouts_pause.json").write_text((await h.fetch_history()).to_json())
         # 3. continue-as-new every step (first run's history)
-        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(3, max_steps=1), id="replay-3", task_queue="replay")
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run, _input(3, max_steps=1), id="replay-3", task_queue="replay"
+        )
         await h.result()
         first = env.client.get_workflow_handle("replay-3", run_id=h.first_execution_run_id)
         (HERE / "enrollment_continue_as_new.json").write_text((await first.fetch_history()).to_json())

@@ -44,9 +44,7 @@ def upgrade() -> None:
         sa.Column("channel", sa.String(length=32), nullable=True),
         sa.Column("delivery_id", sa.BigInteger(), nullable=True),
         sa.Column("dedup_key", sa.String(length=300), nullable=True),
-        sa.Column(
-            "data", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False
-        ),
+        sa.Column("data", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("dedup_key"),
     )
@@ -60,9 +58,7 @@ def upgrade() -> None:
         sa.Column("last_name", sa.String(length=200), nullable=True),
         sa.Column("company", sa.String(length=300), nullable=True),
         sa.Column("timezone", sa.String(length=64), server_default="UTC", nullable=False),
-        sa.Column(
-            "fields", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False
-        ),
+        sa.Column("fields", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),
@@ -151,9 +147,7 @@ def upgrade() -> None:
             server_default=sa.text("now()"),
             nullable=False,
         ),
-        sa.CheckConstraint(
-            "consent IN ('unknown','granted','denied')", name="ck_identities_consent"
-        ),
+        sa.CheckConstraint("consent IN ('unknown','granted','denied')", name="ck_identities_consent"),
         sa.ForeignKeyConstraint(["person_id"], ["persons.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("channel", "value", name="uq_identities_channel_value"),
@@ -169,9 +163,7 @@ def upgrade() -> None:
         sa.Column("person_id", sa.BigInteger(), nullable=True),
         sa.Column("classification", sa.String(length=32), nullable=True),
         sa.Column("status", sa.String(length=24), nullable=False),
-        sa.Column(
-            "payload", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False
-        ),
+        sa.Column("payload", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False),
         sa.Column(
             "received_at",
             sa.DateTime(timezone=True),
@@ -187,9 +179,7 @@ def upgrade() -> None:
         "segment_members",
         sa.Column("segment_id", sa.BigInteger(), nullable=False),
         sa.Column("person_id", sa.BigInteger(), nullable=False),
-        sa.Column(
-            "added_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
-        ),
+        sa.Column("added_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(["person_id"], ["persons.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["segment_id"], ["segments.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("segment_id", "person_id"),
@@ -267,12 +257,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("sequence_id", "person_id", name="uq_enrollments_sequence_person"),
         sa.UniqueConstraint("workflow_id"),
     )
-    op.create_index(
-        "ix_enrollments_person_status", "enrollments", ["person_id", "status"], unique=False
-    )
-    op.create_index(
-        "ix_enrollments_sequence_status", "enrollments", ["sequence_id", "status"], unique=False
-    )
+    op.create_index("ix_enrollments_person_status", "enrollments", ["person_id", "status"], unique=False)
+    op.create_index("ix_enrollments_sequence_status", "enrollments", ["sequence_id", "status"], unique=False)
     op.create_table(
         "suppressions",
         sa.Column("id", sa.BigInteger(), nullable=False),
@@ -286,9 +272,7 @@ def upgrade() -> None:
             server_default=sa.text("now()"),
             nullable=False,
         ),
-        sa.CheckConstraint(
-            "person_id IS NOT NULL OR identity_id IS NOT NULL", name="ck_suppressions_target"
-        ),
+        sa.CheckConstraint("person_id IS NOT NULL OR identity_id IS NOT NULL", name="ck_suppressions_target"),
         sa.ForeignKeyConstraint(["identity_id"], ["identities.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["person_id"], ["persons.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),

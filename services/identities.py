@@ -1,0 +1,75 @@
+"""Identity values: one normal form per channel, so the identity graph can match them.
+
+The same human arrives as "Ada@Example.com", "@ada_l", or a LinkedIn URL with
+tracking parameters; normalizing on the way in (imports) and on the way out (webhook
+lookups) is what makes cross-channel dedup and reply matching work.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.tables import Identity, Person
+
+#: CSV column → identity channel.
+COLUMN_CHANNEL = {
+    "email": "email",
+    "x_user_id": "x",
+    "x_handle": "x_handle",
+    "linkedin_url": "linkedin",
+    "xmtp_address": "xmtp",
+}
+_HANDLE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
+_XMTP = re.compile(r"^0x[0-9a-f]{40}$")
+
+
+def normalize(channel: str, value: str) -> str:
+    """The canonical form of an identity value (ValueError says what is wrong)."""
+    raw = (value or "").strip()
+    if not raw:
+        raise ValueError(f"empty {channel} identity")
+    if channel == "email":
+        try:
+            return validate_email(raw, check_deliverability=False).normalized.lower()
+        except EmailNotValidError as err:
+            raise ValueError(f"bad email {raw!r}: {err}") from None
+    if channel == "x":
+        if not raw.isdigit():
+            raise ValueError(f"bad X user id {raw!r}: digits only")
+        return raw
+    if channel == "x_handle":
+        handle = raw.removeprefix("@")
+        if not _HANDLE.match(handle):
+            raise ValueError(f"bad X handle {raw!r}: 1-15 letters, digits or _")
+        return handle.lower()
+    if channel == "linkedin":
+        url = raw if "://" in raw else "https://" + raw
+        parts = urlsplit(url)
+        host = parts.netloc.lower().removeprefix("www.")
+        path = parts.path.rstrip("/")
+        if not host.endswith("linkedin.com") or not path.startswith("/in/") or len(path) <= 4:
+            raise ValueError(f"bad LinkedIn URL {raw!r}: expected https://www.linkedin.com/in/NAME")
+        return f"https://www.linkedin.com{path.lower()}"
+    if channel == "xmtp":
+        addr = raw.lower()
+        if not _XMTP.match(addr):
+            raise ValueError(f"bad XMTP address {raw!r}: expected 0x and 40 hex digits")
+        return addr
+    raise ValueError(f"unknown identity channel {channel!r}")
+
+
+async def find_person_by_identity(session: AsyncSession, channel: str, value: str) -> Person | None:
+    """The person owning this identity, or None (ValueError for a malformed value)."""
+    canonical = normalize(channel, value)
+    return (
+        await session.execute(
+            select(Person)
+            .join(Identity, Identity.person_id == Person.id)
+            .where(Identity.channel == channel, Identity.value == canonical)
+        )
+    ).scalar_one_or_none()

@@ -1,0 +1,205 @@
+"""Templates: sandboxed Jinja2 with StrictUndefined, checked before anything is sent.
+
+A message with a hole in it ("Hi ,") is worse than no message. Templates are rendered
+in Jinja2's sandbox with `StrictUndefined`, so a variable that does not exist is an
+error naming it, and they are checked three times: for syntax when a version is
+created, against every person of the audience when it is enrolled (or dry-run), and
+at send time (a failure there is a permanent delivery failure, never a half-send).
+Variables are the person's known fields plus every custom CSV column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy import select
+
+from db.session import SessionFactory
+from db.tables import Identity, Person
+from models.sequence import MESSAGE_ACTIONS, SequenceDefinition, Step, Variant
+
+KNOWN_FIELDS = (
+    "first_name",
+    "last_name",
+    "company",
+    "timezone",
+    "email",
+    "x_handle",
+    "x_user_id",
+    "linkedin_url",
+    "xmtp_address",
+)
+IDENTITY_FIELD = {
+    "email": "email",
+    "x": "x_user_id",
+    "x_handle": "x_handle",
+    "linkedin": "linkedin_url",
+    "xmtp": "xmtp_address",
+}
+_TEXT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_HTML = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
+FIELDS = ("subject", "text", "body", "html")
+
+
+class TemplateError(ValueError):
+    """A template that cannot render for this person."""
+
+
+@dataclass
+class TemplateProblem:
+    """One problem: where (step, variant, field), for whom, and what."""
+
+    step: str
+    variant: str | None
+    field: str
+    message: str
+    person_id: int | None = None
+
+    def __str__(self) -> str:
+        where = f"step {self.step!r}" + (f" variant {self.variant!r}" if self.variant else "")
+        who = f"person {self.person_id}, " if self.person_id is not None else ""
+        return f"{who}{where} {self.field}: {self.message}"
+
+
+@dataclass
+class RenderedContent:
+    """A rendered message."""
+
+    subject: str | None
+    text: str | None
+    html: str | None
+    variant: str | None
+
+
+def person_context(person: Person, identities: Iterable[Identity]) -> dict[str, Any]:
+    """Template variables: custom fields, then known fields (known ones win)."""
+    ctx: dict[str, Any] = {k: v for k, v in (person.fields or {}).items() if v not in (None, "")}
+    ctx.update(
+        first_name=person.first_name or "",
+        last_name=person.last_name or "",
+        company=person.company or "",
+        timezone=person.timezone or "UTC",
+    )
+    for ident in identities:
+        name = IDENTITY_FIELD.get(ident.channel)
+        if name:
+            ctx[name] = ident.value
+    for name in KNOWN_FIELDS:  # known identity fields exist (empty) even when missing
+        ctx.setdefault(name, "")
+    return ctx
+
+
+def _sources(step: Step) -> list[tuple[str | None, Step | Variant]]:
+    if step.variants:
+        return [(v.name, v) for v in step.variants]
+    return [(None, step)]
+
+
+def _render(env: SandboxedEnvironment, source: str, ctx: dict[str, Any], where: str) -> str:
+    try:
+        return env.from_string(source).render(ctx)
+    except UndefinedError as err:
+        known = ", ".join(sorted(ctx)) or "none"
+        missing = str(err.message or err).replace("'dict object' has no attribute ", "")
+        raise TemplateError(f"{where}: template variable {missing} does not exist (known: {known})") from None
+    except SecurityError as err:
+        raise TemplateError(f"{where}: not allowed in templates: {err}") from None
+    except TemplateSyntaxError as err:
+        raise TemplateError(f"{where}: syntax error on line {err.lineno}: {err.message}") from None
+
+
+def render_step(step: Step, variant_name: str | None, context: dict[str, Any]) -> RenderedContent:
+    """Render a step's content (the chosen variant's, if it has variants)."""
+    source: Step | Variant = step
+    if step.variants:
+        source = next((v for v in step.variants if v.name == variant_name), step.variants[0])
+    where = f"step {step.id!r}" + (f" variant {source.name!r}" if isinstance(source, Variant) else "")
+    subject = _render(_TEXT, source.subject, context, where + " subject") if source.subject else None
+    text_src = source.text or source.body
+    text = _render(_TEXT, text_src, context, where + " text") if text_src else None
+    html = _render(_HTML, source.html, context, where + " html") if source.html else None
+    if subject is not None:
+        subject = " ".join(subject.split())
+    return RenderedContent(
+        subject=subject,
+        text=text,
+        html=html,
+        variant=source.name if isinstance(source, Variant) else None,
+    )
+
+
+def check_definition_templates(defn: SequenceDefinition, known_fields: set[str] | None = None) -> list[TemplateProblem]:
+    """Syntax of every template, and (when `known_fields` is given) every variable.
+
+    At `sequences create` time custom CSV columns are not known yet, so callers pass
+    None: syntax and sandbox rules are checked then, variables at enroll time against
+    each person.
+    """
+    problems: list[TemplateProblem] = []
+    for step in defn.steps:
+        for variant, src in _sources(step):
+            for field in FIELDS:
+                source = getattr(src, field, None)
+                if not source:
+                    continue
+                env = _HTML if field == "html" else _TEXT
+                try:
+                    ast = env.parse(source)
+                except TemplateSyntaxError as err:
+                    problems.append(
+                        TemplateProblem(
+                            step.id,
+                            variant,
+                            field,
+                            f"syntax error on line {err.lineno}: {err.message}",
+                        )
+                    )
+                    continue
+                if known_fields is not None:
+                    for name in sorted(meta.find_undeclared_variables(ast) - known_fields):
+                        problems.append(
+                            TemplateProblem(
+                                step.id,
+                                variant,
+                                field,
+                                f"template variable {name!r} does not exist",
+                            )
+                        )
+    return problems
+
+
+def message_steps(defn: SequenceDefinition) -> list[Step]:
+    """Every step that sends a message (rendered for every person at enroll)."""
+    return [s for s in defn.steps if s.action in MESSAGE_ACTIONS]
+
+
+async def check_audience(
+    session_factory: SessionFactory, defn: SequenceDefinition, person_ids: list[int]
+) -> list[TemplateProblem]:
+    """Render every message step (every variant) for every person; list what fails."""
+    steps = message_steps(defn)
+    problems: list[TemplateProblem] = []
+    if not steps or not person_ids:
+        return problems
+    for i in range(0, len(person_ids), 1000):
+        chunk = person_ids[i : i + 1000]
+        async with session_factory() as session:
+            people = list((await session.execute(select(Person).where(Person.id.in_(chunk)))).scalars())
+            idents = list((await session.execute(select(Identity).where(Identity.person_id.in_(chunk)))).scalars())
+        by_person: dict[int, list[Identity]] = {}
+        for ident in idents:
+            by_person.setdefault(ident.person_id, []).append(ident)
+        for person in people:
+            ctx = person_context(person, by_person.get(person.id, []))
+            for step in steps:
+                for variant, _ in _sources(step):
+                    try:
+                        render_step(step, variant, ctx)
+                    except TemplateError as err:
+                        problems.append(TemplateProblem(step.id, variant, "template", str(err), person.id))
+    return problems

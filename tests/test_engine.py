@@ -1,0 +1,458 @@
+"""The enrollment workflow on the time-skipping server, with real PostgreSQL and channels.
+
+Covers every trigger on every action it fits (both branches of every wait), pause and
+resume across a timer, stop, signals before start, duplicate signals, send windows
+across a weekend in a non-UTC zone, absolute times, continue-as-new, re-enrollment and
+versions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+from temporalio.client import WorkflowHandle
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory
+from models.enrollment import ControlSignal, EnrollmentResult, EnrollmentStatus, InboundSignal
+from models.sequence import ALLOWED_TRIGGERS, NEGATIVE_OF, Action, Trigger
+from tests.engine_harness import (
+    all_senders,
+    events_of,
+    make_channels,
+    make_person,
+    running_worker,
+    start_enrollment,
+    store_version,
+    wait_for_status,
+)
+from tests.fakes import relay_server, x_server  # noqa: F401
+from workflows.enrollment import EnrollmentWorkflow
+
+CONTENT = {
+    Action.SEND_EMAIL: {
+        "subject": "Hi {{ first_name }}",
+        "body": "Hello {{ first_name }} at {{ company }}",
+    },
+    Action.SEND_TWITTER_DM: {"text": "Hey {{ first_name }}"},
+    Action.SEND_LINKEDIN_DM: {"text": "Hey {{ first_name }}"},
+    Action.SEND_XMTP_DM: {"text": "gm {{ first_name }}"},
+    Action.SEND_CONNECTION_REQUEST: {"text": "Let's connect, {{ first_name }}"},
+}
+SIGNAL_NAME = {
+    Trigger.REPLIED: "replied",
+    Trigger.CONNECTION_ACCEPTED: "connection_accepted",
+    Trigger.FOLLOWED_BACK: "followed_back",
+    Trigger.REPLIED_TO_NOTE: "replied_to_note",
+}
+
+
+@dataclass
+class Ctx:
+    env: WorkflowEnvironment
+    sf: SessionFactory
+    task_queue: str
+    smtp: Any
+    x: Any
+    relay: Any
+
+    async def person(self, **kw: Any) -> int:
+        defaults: dict[str, Any] = {
+            "email": f"{uuid.uuid4().hex[:8]}@lead.test",
+            "x": str(uuid.uuid4().int % 10**12),
+            "linkedin": f"https://www.linkedin.com/in/{uuid.uuid4().hex[:8]}",
+            "xmtp": "0x" + uuid.uuid4().hex + "abcdefab",
+        }
+        defaults.update(kw)
+        return await make_person(self.sf, **defaults)
+
+    async def start(self, raw: dict[str, Any] | str, person: int | None = None, **kw: Any) -> WorkflowHandle[Any, Any]:
+        ref, defn = await store_version(self.sf, raw)
+        pid = person if person is not None else await self.person()
+        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, pid, **kw)
+
+
+@pytest.fixture
+async def ctx(
+    temporal_env: WorkflowEnvironment,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> AsyncIterator[Ctx]:
+    await all_senders(session_factory)
+    channels = make_channels(smtp_server, x_server, relay_server)
+    try:
+        async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+            yield Ctx(temporal_env, session_factory, task_queue, smtp_server, x_server, relay_server)
+    finally:
+        await channels.aclose()
+
+
+def _seq(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "steps": steps, **extra}
+
+
+def _branch_sequence(action: Action, event: Trigger) -> dict[str, Any]:
+    negative = next(n for n, e in NEGATIVE_OF.items() if e == event) if event in NEGATIVE_OF.values() else None
+    edges: list[dict[str, Any]] = [{"trigger": str(event), "to": "yes"}]
+    if negative is not None:
+        edges.append({"trigger": str(negative), "after": "2d", "to": "no"})
+    else:  # REPLIED_TO_NOTE has no negative twin: a NORMAL_EDGE timeout is the other branch
+        edges.append({"trigger": "NOT_REPLIED", "after": "2d", "to": "no"})
+    return _seq(
+        f"branch-{action.lower()}-{event.lower()}-{uuid.uuid4().hex[:6]}",
+        [
+            {"id": "act", "action": str(action), **CONTENT.get(action, {}), "edges": edges},
+            {"id": "yes", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {"id": "no", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+        stop_on_reply=False,
+    )
+
+
+PAIRS = sorted(
+    (action, trigger) for action, triggers in ALLOWED_TRIGGERS.items() for trigger in triggers if trigger in SIGNAL_NAME
+)
+
+
+def _steps(result: EnrollmentResult) -> list[str]:
+    return [p.step for p in result.path]
+
+
+@pytest.mark.parametrize(("action", "event"), PAIRS, ids=[f"{a}-{t}" for a, t in PAIRS])
+async def test_event_branch_and_timeout_branch(ctx: Ctx, action: Action, event: Trigger) -> None:
+    raw = _branch_sequence(action, event)
+    # Event branch: the signal arrives while the step waits.
+    handle = await ctx.start(raw)
+    await wait_for_status(handle, lambda v: v.phase == "waiting")
+    await handle.signal(SIGNAL_NAME[event], InboundSignal(event_id=f"e-{uuid.uuid4()}", channel="email"))
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert _steps(result) == ["act", "yes"]
+    assert result.path[0].left_by == str(event)
+    # Timeout branch: nothing arrives, two days are skipped.
+    raw2 = dict(raw, name=raw["name"] + "-t")
+    handle2 = await ctx.start(raw2)
+    result2 = await handle2.result()
+    assert _steps(result2) == ["act", "no"]
+    assert result2.path[0].left_at is not None
+    assert result2.path[0].left_at - result2.path[0].started_at >= timedelta(days=2)
+
+
+async def test_actions_reach_their_channels(ctx: Ctx) -> None:
+    raw = _seq(
+        f"all-channels-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "follow",
+                "action": "FOLLOW_ON_TWITTER",
+                "edges": [{"trigger": "NORMAL_EDGE", "to": "dm"}],
+            },
+            {
+                "id": "dm",
+                "action": "SEND_TWITTER_DM",
+                "text": "Hi {{ first_name }}",
+                "edges": [{"trigger": "NORMAL_EDGE", "to": "li"}],
+            },
+            {
+                "id": "li",
+                "action": "SEND_CONNECTION_REQUEST",
+                "text": "Hi",
+                "edges": [{"trigger": "NORMAL_EDGE", "to": "xm"}],
+            },
+            {
+                "id": "xm",
+                "action": "SEND_XMTP_DM",
+                "text": "gm",
+                "edges": [{"trigger": "NORMAL_EDGE", "to": "mail"}],
+            },
+            {
+                "id": "mail",
+                "action": "SEND_EMAIL",
+                "subject": "S",
+                "body": "B",
+                "edges": [{"trigger": "NORMAL_EDGE", "to": "unf"}],
+            },
+            {"id": "unf", "action": "UNFOLLOW_ON_TWITTER", "edges": [{"trigger": "END"}]},
+        ],
+    )
+    result = await (await ctx.start(raw)).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert [p.outcome for p in result.path] == ["sent"] * 6
+    assert len(ctx.x.dms) == 1 and ctx.x.dms[0]["text"] == "Hi Ada"
+    assert len(ctx.relay.actions) == 2
+    assert len(ctx.smtp.messages) == 1
+    sent = await events_of(ctx.sf, "sent")
+    assert [e.step_id for e in sent] == ["follow", "dm", "li", "xm", "mail", "unf"]
+
+
+async def test_pause_and_resume_across_a_timer(ctx: Ctx) -> None:
+    raw = _seq(
+        f"pause-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "ask",
+                "action": "CHECK_FOR_REPLY",
+                "edges": [
+                    {"trigger": "REPLIED", "to": "yes"},
+                    {"trigger": "NOT_REPLIED", "after": "2d", "to": "no"},
+                ],
+            },
+            {"id": "yes", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {
+                "id": "no",
+                "action": "SEND_EMAIL",
+                "subject": "Nudge",
+                "body": "Still there?",
+                "edges": [{"trigger": "END"}],
+            },
+        ],
+    )
+    handle = await ctx.start(raw)
+    waiting = await wait_for_status(handle, lambda v: v.phase == "waiting")
+    assert waiting.until is not None
+    await handle.signal(EnrollmentWorkflow.pause, ControlSignal(reason="holiday"))
+    paused = await wait_for_status(handle, lambda v: v.paused and v.phase == "paused")
+    assert paused.status == EnrollmentStatus.PAUSED
+    await ctx.env.sleep(timedelta(days=5))  # far past the 2-day timer
+    still = await handle.query(EnrollmentWorkflow.status)
+    assert still.current_step == "ask" and still.paused
+    assert ctx.smtp.messages == []  # nothing skipped ahead while paused
+    await handle.signal(EnrollmentWorkflow.resume, ControlSignal())
+    result = await handle.result()
+    assert _steps(result) == ["ask", "no"]
+    assert result.path[0].left_at is not None
+    held = result.path[0].left_at - result.path[0].started_at
+    assert held >= timedelta(days=7), "the clock stopped while paused: 2 days still had to run"
+    assert len(ctx.smtp.messages) == 1
+
+
+async def test_stop_ends_without_further_sends(ctx: Ctx) -> None:
+    raw = _seq(
+        f"stop-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "wait",
+                "action": "WAIT",
+                "edges": [{"trigger": "NORMAL_EDGE", "after": "1d", "to": "mail"}],
+            },
+            {
+                "id": "mail",
+                "action": "SEND_EMAIL",
+                "subject": "S",
+                "body": "B",
+                "edges": [{"trigger": "END"}],
+            },
+        ],
+    )
+    handle = await ctx.start(raw)
+    await wait_for_status(handle, lambda v: v.phase == "waiting")
+    await handle.signal(EnrollmentWorkflow.stop, ControlSignal(reason="manual"))
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.STOPPED
+    assert ctx.smtp.messages == []
+    ended = await events_of(ctx.sf, "ended")
+    assert ended[-1].data["status"] == "stopped"
+
+
+async def test_signal_before_start_is_not_lost(ctx: Ctx) -> None:
+    raw = _seq(
+        f"early-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "ask",
+                "action": "CHECK_FOR_REPLY",
+                "edges": [
+                    {"trigger": "REPLIED", "to": "yes"},
+                    {"trigger": "NOT_REPLIED", "after": "3d", "to": "no"},
+                ],
+            },
+            {"id": "yes", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {"id": "no", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    )
+    handle = await ctx.start(
+        raw,
+        start_signal="replied",
+        start_signal_args=[InboundSignal(event_id="before-start", channel="x")],
+    )
+    result = await handle.result()
+    assert _steps(result) == ["ask", "yes"]
+
+
+async def test_duplicate_event_id_is_ignored(ctx: Ctx) -> None:
+    raw = _seq(
+        f"dup-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "a",
+                "action": "CHECK_FOR_REPLY",
+                "edges": [
+                    {"trigger": "REPLIED", "to": "b"},
+                    {"trigger": "NOT_REPLIED", "after": "1d", "to": "end_a"},
+                ],
+            },
+            {
+                "id": "b",
+                "action": "CHECK_FOR_REPLY",
+                "edges": [
+                    {"trigger": "REPLIED", "to": "end_b_replied"},
+                    {"trigger": "NOT_REPLIED", "after": "1d", "to": "end_b_quiet"},
+                ],
+            },
+            {"id": "end_a", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {"id": "end_b_replied", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {"id": "end_b_quiet", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    )
+    handle = await ctx.start(raw)
+    await wait_for_status(handle, lambda v: v.phase == "waiting" and v.current_step == "a")
+    sig = InboundSignal(event_id="same-event", channel="email")
+    await handle.signal(EnrollmentWorkflow.replied, sig)
+    await wait_for_status(handle, lambda v: v.phase == "waiting" and v.current_step == "b")
+    await handle.signal(EnrollmentWorkflow.replied, sig)  # the provider retried its webhook
+    result = await handle.result()
+    assert _steps(result) == ["a", "b", "end_b_quiet"]
+
+
+async def test_send_window_skips_the_weekend_in_the_persons_zone(ctx: Ctx) -> None:
+    tz = ZoneInfo("America/New_York")
+    now = (await ctx.env.get_current_time()).astimezone(tz)
+    days_to_saturday = (5 - now.weekday()) % 7 or 7
+    saturday_noon = (now + timedelta(days=days_to_saturday)).replace(hour=12, minute=0, second=0, microsecond=0)
+    raw = _seq(
+        f"window-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "mail",
+                "action": "SEND_EMAIL",
+                "subject": "S",
+                "body": "B",
+                "at": saturday_noon.isoformat(),
+                "edges": [{"trigger": "END"}],
+            },
+        ],
+        send_window={"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:30"},
+        timezone="UTC",
+    )
+    pid = await ctx.person(timezone="America/New_York")
+    handle = await ctx.start(raw, person=pid, timezone="America/New_York")
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    sent = (await events_of(ctx.sf, "sent"))[0].occurred_at.astimezone(tz)
+    monday_nine = (saturday_noon + timedelta(days=2)).replace(hour=9, minute=0)
+    assert sent.weekday() == 0
+    assert monday_nine <= sent < monday_nine + timedelta(minutes=1)
+
+
+async def test_absolute_time_step(ctx: Ctx) -> None:
+    start = await ctx.env.get_current_time()
+    at = (start + timedelta(days=10)).replace(microsecond=0)
+    raw = _seq(
+        f"absolute-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "mail",
+                "action": "SEND_EMAIL",
+                "subject": "Launch",
+                "body": "Today!",
+                "at": at.isoformat(),
+                "edges": [{"trigger": "END"}],
+            }
+        ],
+    )
+    result = await (await ctx.start(raw)).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    sent = (await events_of(ctx.sf, "sent"))[0].occurred_at
+    assert at <= sent < at + timedelta(minutes=1)
+
+
+async def test_continue_as_new_keeps_state(ctx: Ctx) -> None:
+    steps = [
+        {
+            "id": f"s{i}",
+            "action": "WAIT",
+            "edges": [{"trigger": "NORMAL_EDGE", "after": "3d", "to": f"s{i + 1}"}],
+        }
+        for i in range(5)
+    ]
+    steps.append(
+        {
+            "id": "s5",
+            "action": "SEND_EMAIL",
+            "variants": [
+                {"name": "A", "subject": "A", "body": "a"},
+                {"name": "B", "subject": "B", "body": "b"},
+            ],
+            "edges": [{"trigger": "END"}],
+        }
+    )
+    raw = _seq(f"can-{uuid.uuid4().hex[:6]}", steps)
+    handle = await ctx.start(raw, max_steps_per_run=2)
+    result = await handle.result()
+    assert _steps(result) == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    assert result.status == EnrollmentStatus.COMPLETED
+    first_run = ctx.env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+    history = await first_run.fetch_history()
+    assert history.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
+    assert len(ctx.smtp.messages) == 1
+
+
+async def test_reenrollment_is_refused(ctx: Ctx) -> None:
+    raw = _seq(
+        f"once-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "w",
+                "action": "WAIT",
+                "edges": [{"trigger": "NORMAL_EDGE", "after": "1d", "to": "e"}],
+            },
+            {"id": "e", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    )
+    ref, defn = await store_version(ctx.sf, raw)
+    pid = await ctx.person()
+    handle = await start_enrollment(ctx.env.client, ctx.task_queue, ctx.sf, ref, defn, pid)
+    with pytest.raises(IntegrityError, match="uq_enrollments_sequence_person"):
+        await start_enrollment(ctx.env.client, ctx.task_queue, ctx.sf, ref, defn, pid)
+    with pytest.raises(WorkflowAlreadyStartedError):  # and the workflow id refuses too
+        await ctx.env.client.start_workflow("Enrollment", {"ignored": True}, id=handle.id, task_queue=ctx.task_queue)
+    await handle.result()
+
+
+async def test_stop_on_reply_ends_before_the_next_send(ctx: Ctx) -> None:
+    raw = _seq(
+        f"sor-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "mail1",
+                "action": "SEND_EMAIL",
+                "subject": "One",
+                "body": "1",
+                "edges": [{"trigger": "NORMAL_EDGE", "after": "2d", "to": "mail2"}],
+            },
+            {
+                "id": "mail2",
+                "action": "SEND_EMAIL",
+                "subject": "Two",
+                "body": "2",
+                "edges": [{"trigger": "END"}],
+            },
+        ],
+    )
+    handle = await ctx.start(raw)
+    await wait_for_status(handle, lambda v: v.phase == "waiting")
+    await handle.signal(EnrollmentWorkflow.replied, InboundSignal(event_id="r1", channel="email"))
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.REPLIED
+    assert len(ctx.smtp.messages) == 1
