@@ -58,7 +58,7 @@ TARGET_IDENTITY = {
     Channel.LINKEDIN: "linkedin",
     Channel.XMTP: "xmtp",
 }
-FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed"}
+FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
 
 
 @dataclass
@@ -166,9 +166,9 @@ class DeliveryActivities:
         if person is None:
             return await self._finalize(inp, delivery, "failed", error="unknown person")
         target = next((i for i in identities if i.channel == TARGET_IDENTITY[channel]), None)
-        if target is None:
+        if target is None:  # nothing to send to on this channel: the lead moves on
             return await self._finalize(
-                inp, delivery, "failed", error=f"person has no {TARGET_IDENTITY[channel]} identity"
+                inp, delivery, "skipped", error=f"person has no {TARGET_IDENTITY[channel]} identity"
             )
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")

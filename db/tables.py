@@ -218,7 +218,7 @@ class Delivery(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('claimed','sending','sent','failed','bounced','uncertain','suppressed')",
+            "status IN ('claimed','sending','sent','failed','bounced','uncertain','suppressed','skipped')",
             name="ck_deliveries_status",
         ),
         Index("ix_deliveries_enrollment", "enrollment_id"),

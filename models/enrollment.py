@@ -75,6 +75,7 @@ class EnrollmentState(BaseModel):
     paused_for_seconds: float = 0.0
     runs: int = 1
     via: str | None = None
+    skipped: bool = False
 
 
 class EnrollmentInput(BaseModel):

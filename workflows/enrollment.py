@@ -17,7 +17,9 @@ Semantics worth knowing (also in the README):
   step being waited on branches on REPLIED.
 * A permanent send failure (bounce, invalid recipient, refused by the provider) ends
   the enrollment as `failed`: the dead-letter state, visible in status and stats.
-  A suppressed person ends as `suppressed`. An uncertain delivery (the provider may
+  A suppressed person ends as `suppressed`. A person with no identity on a step's
+  channel (no X account, say) skips that step: its timed edge (NOT_* or NORMAL_EDGE)
+  is taken at once, since the awaited event cannot come. An uncertain delivery (the provider may
   have accepted it) is never re-sent; the lead continues as if it was sent.
 """
 
@@ -487,11 +489,17 @@ class EnrollmentWorkflow:
             raise _Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
         if out.status in ("failed", "bounced"):
             raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
+        self.state.skipped = out.status == "skipped"
 
     async def _choose_edge(self, step: Step) -> Edge | None:
         """Wait for the first of the step's edges: an event, or a timer running out."""
         if not step.edges or any(e.trigger == Trigger.END for e in step.edges):
             return None
+        if self.state.skipped:  # no identity on this channel: no event can come, take the timed way on
+            self.state.skipped = False
+            timed_edges = [e for e in step.edges if e.trigger not in EVENT_TRIGGERS]
+            timed_edges.sort(key=lambda e: e.after or timedelta(0))
+            return timed_edges[0] if timed_edges else None
         base = self.state.wait_started_at or workflow.now()
         wanted = {TRIGGER_KIND[e.trigger]: e for e in step.edges if e.trigger in EVENT_TRIGGERS}
         timed = [e for e in step.edges if e.trigger not in EVENT_TRIGGERS]
