@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from email.message import Message
 from pathlib import Path
 
@@ -146,7 +146,7 @@ class SmtpRecorder:
 
     def parsed(self) -> list[Message]:
         """Every accepted message, parsed."""
-        return [message_from_bytes(raw) for _, _, raw in self.messages]
+        return [message_from_bytes(raw, policy=policy.default) for _, _, raw in self.messages]
 
 
 class _Handler:

@@ -1,0 +1,333 @@
+"""Sending through the engine: exactly once, paced, gated, threaded, classified.
+
+Real aiosmtpd, real local X/relay HTTP servers, real PostgreSQL, the time-skipping
+Temporal server, and the production worker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from db.session import SessionFactory
+from db.tables import Delivery, SendSlot, Suppression
+from models.enrollment import EnrollmentStatus
+from tests.engine_harness import (
+    all_senders,
+    events_of,
+    make_channels,
+    make_person,
+    make_sender,
+    running_worker,
+    start_enrollment,
+    store_version,
+    wait_for_status,
+)
+from tests.fakes import relay_server, x_server  # noqa: F401
+from workflows.enrollment import EnrollmentWorkflow
+
+
+class Crash:
+    """Simulates the worker dying at one point, once."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.fired = 0
+
+    def __call__(self, where: str) -> None:
+        if where == self.point and not self.fired:
+            self.fired += 1
+            raise RuntimeError(f"simulated crash {where}")
+
+
+def email_sequence(n: int, gap: str = "1d", name: str | None = None) -> dict[str, Any]:
+    steps = []
+    for i in range(n):
+        nxt = [{"trigger": "NOT_REPLIED", "after": gap, "to": f"m{i + 1}"}] if i + 1 < n else [{"trigger": "END"}]
+        if i + 1 < n:
+            nxt.insert(0, {"trigger": "REPLIED", "to": "done"})
+        steps.append(
+            {
+                "id": f"m{i}",
+                "action": "SEND_EMAIL",
+                "subject": f"Mail {i} for {{{{ first_name }}}}",
+                "body": f"Body {i}",
+                "edges": nxt,
+            }
+        )
+    if n > 1:
+        steps.append({"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]})
+    return {"name": name or f"mail-{uuid.uuid4().hex[:8]}", "steps": steps}
+
+
+@pytest.fixture
+def wired(
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> Callable[..., Any]:
+    """Returns an async context manager running the worker with options."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def run(**kw: Any) -> AsyncIterator[Any]:
+        channels = make_channels(smtp_server, x_server, relay_server)
+        try:
+            async with running_worker(temporal_env.client, task_queue, session_factory, channels, **kw) as worker:
+                yield worker
+        finally:
+            await channels.aclose()
+
+    return run
+
+
+async def _enroll(env: Any, sf: SessionFactory, tq: str, raw: dict[str, Any], **person: Any) -> Any:
+    ref, defn = await store_version(sf, raw)
+    pid = await make_person(sf, email=person.pop("email", f"{uuid.uuid4().hex[:8]}@lead.test"), **person)
+    return await start_enrollment(env.client, tq, sf, ref, defn, pid)
+
+
+async def _slots(sf: SessionFactory) -> list[Any]:
+    async with sf() as s:
+        return sorted((await s.execute(select(SendSlot.slot_at))).scalars())
+
+
+async def _deliveries(sf: SessionFactory) -> list[Delivery]:
+    async with sf() as s:
+        return list((await s.execute(select(Delivery).order_by(Delivery.id))).scalars())
+
+
+async def test_crash_between_claim_and_provider_call_sends_once(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    crash = Crash("after_claim")
+    async with wired(fault=crash):
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(1))
+        result = await handle.result()
+    assert crash.fired == 1
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert len(smtp_server.messages) == 1
+    [delivery] = await _deliveries(session_factory)
+    assert delivery.status == "sent" and delivery.attempts_made == 1
+
+
+async def test_crash_after_provider_accepted_is_uncertain_never_resent(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    crash = Crash("after_send")
+    async with wired(fault=crash):
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(1))
+        result = await handle.result()
+    assert crash.fired == 1
+    assert len(smtp_server.messages) == 1, "the retry must not send again"
+    [delivery] = await _deliveries(session_factory)
+    assert delivery.status == "uncertain"
+    assert [e.type for e in await events_of(session_factory, "uncertain")] == ["uncertain"]
+    assert result.path[0].outcome == "uncertain"
+
+
+@pytest.mark.parametrize("code", ["421 4.3.2 Service not available, try later", "451 4.7.1 Greylisted"])
+async def test_smtp_transient_then_accept_sends_once(
+    code: str, wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    smtp_server.fail_codes.append(code)
+    async with wired():
+        result = await (await _enroll(temporal_env, session_factory, task_queue, email_sequence(1))).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert len(smtp_server.messages) == 1
+    [delivery] = await _deliveries(session_factory)
+    assert delivery.status == "sent" and delivery.attempts_made == 2
+
+
+async def test_smtp_550_bounces_suppresses_and_dead_letters(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    smtp_server.reject_rcpt["gone@lead.test"] = "550 5.1.1 No such user"
+    async with wired():
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(2), email="gone@lead.test")
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.FAILED
+    assert smtp_server.messages == []
+    [delivery] = await _deliveries(session_factory)
+    assert delivery.status == "bounced"
+    async with session_factory() as s:
+        sup = (await s.execute(select(Suppression))).scalars().all()
+    assert [x.reason for x in sup] == ["bounce"] and sup[0].identity_id is not None
+    assert (await events_of(session_factory, "ended"))[0].data["status"] == "failed"
+
+
+async def test_x_429_honours_the_reset_header(
+    wired: Any,
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    x_server: Any,  # noqa: F811
+) -> None:
+    await all_senders(session_factory)
+    x_server.fail_next(429, {"x-rate-limit-reset": str(int(time.time()) + 900)}, {"title": "Too Many Requests"})
+    raw = {
+        "name": f"x-{uuid.uuid4().hex[:6]}",
+        "steps": [
+            {"id": "dm", "action": "SEND_TWITTER_DM", "text": "Hi {{ first_name }}", "edges": [{"trigger": "END"}]}
+        ],
+    }
+    async with wired():
+        handle = await _enroll(temporal_env, session_factory, task_queue, raw, x="424242")
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert len(x_server.dms) == 1
+    history = await handle.fetch_history()
+    scheduled = [e for e in history.events if e.HasField("activity_task_started_event_attributes")]
+    attempts = max(e.activity_task_started_event_attributes.attempt for e in scheduled)
+    assert attempts == 2
+    started = [e for e in history.events if e.HasField("activity_task_completed_event_attributes")]
+    assert started  # the DM activity completed after waiting for the reset
+    [delivery] = [d for d in await _deliveries(session_factory) if d.step_id == "dm"]
+    assert delivery.status == "sent"
+
+
+async def test_suppression_added_mid_sequence_stops_the_next_send(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    async with wired():
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(2))
+        view = await wait_for_status(handle, lambda v: v.phase == "waiting")
+        async with session_factory() as s, s.begin():
+            s.add(Suppression(person_id=view.person_id, reason="dnd", source="test"))
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.SUPPRESSED
+    assert len(smtp_server.messages) == 1
+    statuses = [d.status for d in await _deliveries(session_factory)]
+    assert statuses == ["sent", "suppressed"]
+    assert (await events_of(session_factory, "suppressed"))[0].data["error"].startswith("suppressed (person)")
+
+
+async def test_three_emails_thread_under_the_first(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    async with wired():
+        result = await (await _enroll(temporal_env, session_factory, task_queue, email_sequence(3))).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    m1, m2, m3 = smtp_server.parsed()
+    ids = [m["Message-ID"] for m in (m1, m2, m3)]
+    assert len(set(ids)) == 3
+    assert m1["In-Reply-To"] is None
+    assert m2["In-Reply-To"] == ids[0] and m2["References"].split() == [ids[0]]
+    assert m3["In-Reply-To"] == ids[1] and m3["References"].split() == ids[:2]
+    for m in (m1, m2, m3):
+        assert m["List-Unsubscribe"].strip().startswith("<https://links.acme.test/u/")
+        assert m["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        kinds = sorted(part.get_content_type() for part in m.walk() if not part.is_multipart())
+        assert kinds == ["text/html", "text/plain"]
+        plain = next(p for p in m.walk() if p.get_content_type() == "text/plain").get_content()
+        assert "Acme Inc, 1 Test Street, Springfield" in plain and "https://links.acme.test/u/" in plain
+    ledger = await _deliveries(session_factory)
+    assert [d.message_id for d in ledger] == ids
+
+
+async def test_governor_paces_sends_with_a_durable_timer(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await make_sender(session_factory, "email", "paced@acme.test", spacing=3600)
+    raw = email_sequence(1)
+    ref, defn = await store_version(session_factory, raw)
+    async with wired():
+        handles = []
+        for i in range(3):
+            pid = await make_person(session_factory, email=f"p{i}-{uuid.uuid4().hex[:6]}@lead.test")
+            handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
+        deferred = await wait_for_status(handles[2], lambda v: v.phase == "waiting for send slot")
+        assert deferred.until is not None
+        for h in handles:
+            await h.result()
+    sent = sorted(e.occurred_at for e in await events_of(session_factory, "sent"))
+    assert len(sent) == 3 and len(smtp_server.messages) == 3
+    slots = await _slots(session_factory)
+    assert all(b - a >= timedelta(hours=1) for a, b in zip(slots, slots[1:], strict=False))
+    assert all(b - a >= timedelta(minutes=59) for a, b in zip(sent, sent[1:], strict=False))
+    assert len(await events_of(session_factory, "deferred_until")) == 2
+
+
+async def test_one_touch_per_person_per_day_across_sequences(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    pid = await make_person(session_factory, email="busy@lead.test")
+    handles = []
+    async with wired(touch_cap=1):
+        for _ in range(2):
+            raw = dict(email_sequence(1), allow_concurrent=True)
+            ref, defn = await store_version(session_factory, raw)
+            handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
+        for h in handles:
+            await h.result()
+    sent = sorted(e.occurred_at for e in await events_of(session_factory, "sent"))
+    assert len(sent) == 2
+    slots = await _slots(session_factory)
+    assert slots[1] - slots[0] >= timedelta(hours=24)
+    assert sent[1] - sent[0] >= timedelta(hours=23, minutes=59)
+    reasons = [e.data["reason"] for e in await events_of(session_factory, "deferred_until")]
+    assert reasons == ["person frequency cap"]
+
+
+async def test_missing_identity_skips_to_the_timed_edge(
+    wired: Any,
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+) -> None:
+    await all_senders(session_factory)
+    raw = {
+        "name": f"skip-{uuid.uuid4().hex[:6]}",
+        "steps": [
+            {"id": "follow", "action": "FOLLOW_ON_TWITTER", "edges": [
+                {"trigger": "FOLLOWED_BACK", "to": "done"},
+                {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "mail"}]},
+            {"id": "mail", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]},
+            {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    }  # fmt: skip
+    async with wired():
+        result = await (await _enroll(temporal_env, session_factory, task_queue, raw)).result()
+    assert [p.step for p in result.path] == ["follow", "mail"]
+    assert result.path[0].outcome == "skipped"
+    assert result.path[1].started_at - result.path[0].started_at < timedelta(days=1)
+    assert x_server.requests == [] and len(smtp_server.messages) == 1
+
+
+async def test_status_query_shows_the_wait(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str
+) -> None:
+    await all_senders(session_factory)
+    async with wired():
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(2, gap="2d"))
+        view = await wait_for_status(handle, lambda v: v.phase == "waiting")
+        assert view.current_step == "m0"
+        assert view.waiting_for == ["REPLIED", "NOT_REPLIED"]
+        assert view.until is not None and view.until - view.path[0].started_at >= timedelta(days=2)
+        assert view.last_delivery_status == "sent"
+        await handle.signal(EnrollmentWorkflow.stop, _stop())
+        await handle.result()
+
+
+def _stop() -> Any:
+    from models.enrollment import ControlSignal
+
+    return ControlSignal(reason="test over")
