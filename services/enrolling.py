@@ -41,6 +41,7 @@ async def start_audience(
     segment: str,
     *,
     page_size: int = 500,
+    pages_per_run: int = 40,
     wait: bool = True,
     on_progress: Callable[[AudienceProgress], None] | None = None,
 ) -> AudienceProgress | None:
@@ -52,7 +53,9 @@ async def start_audience(
     try:
         handle = await client.start_workflow(
             AudienceWorkflow.run,
-            AudienceInput(sequence_name=sequence, segment_name=segment, page_size=page_size),
+            AudienceInput(
+                sequence_name=sequence, segment_name=segment, page_size=page_size, pages_per_run=pages_per_run
+            ),
             id=wid,
             task_queue=settings.temporal_task_queue,
         )

@@ -1,0 +1,194 @@
+"""Audiences on the dev server: durable paged enrollment, visibility-wide control, status.
+
+These run on the Temporal dev server (real visibility and search attributes), because
+pausing a whole sequence finds its running enrollments through visibility.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from db.session import SessionFactory
+from db.tables import Enrollment, Event
+from models.enrollment import EnrollmentStatus
+from services.control import person_status, running_workflow_ids, signal_enrollments
+from services.enrolling import dry_run, start_audience
+from services.sequence_store import create_version
+from settings import Settings
+from tests.engine_harness import all_senders, make_channels, running_worker
+from tests.fakes import relay_server, x_server  # noqa: F401
+from workflows.audience import audience_workflow_id
+from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
+from workflows.search_attributes import SEQUENCE_NAME
+
+pytestmark = pytest.mark.devserver
+
+
+async def seed(sf: SessionFactory, n: int, segment: str, *, company_field: bool = True) -> list[int]:
+    """n people with an email each, in a static segment (bulk SQL)."""
+    async with sf() as s, s.begin():
+        ids = list(
+            (
+                await s.execute(
+                    text(
+                        "INSERT INTO persons (first_name, company, timezone, fields) "
+                        "SELECT 'Lead' || g, 'Co' || g, 'UTC', "
+                        "CASE WHEN :cf THEN jsonb_build_object('role', 'CTO') ELSE '{}'::jsonb END "
+                        "FROM generate_series(1, :n) g RETURNING id"
+                    ),
+                    {"n": n, "cf": company_field},
+                )
+            ).scalars()
+        )
+        await s.execute(
+            text(
+                "INSERT INTO identities (person_id, channel, value) "
+                "SELECT id, 'email', :seg || id || '@lead.test' FROM unnest(CAST(:ids AS bigint[])) id"
+            ),
+            {"ids": ids, "seg": segment},
+        )
+        seg = (
+            await s.execute(text("INSERT INTO segments (name, kind) VALUES (:n, 'static') RETURNING id"), {"n": segment})
+        ).scalar_one()
+        await s.execute(
+            text("INSERT INTO segment_members SELECT :s, id FROM unnest(CAST(:ids AS bigint[])) id"),
+            {"s": seg, "ids": ids},
+        )
+    return ids
+
+
+def seq_file(tmp_path: Path, name: str, body: str = "Hi {{ first_name }}, as {{ role }}...") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"""
+name: {name}
+steps:
+  - id: wait
+    action: WAIT
+    edges: [{{trigger: NORMAL_EDGE, after: 10d, to: mail}}]
+  - id: mail
+    action: SEND_EMAIL
+    subject: "Hello {{{{ first_name }}}}"
+    body: "{body}"
+    edges: [{{trigger: END}}]
+"""
+    )
+    return path
+
+
+@pytest.fixture
+async def stack(
+    dev_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> Any:
+    await all_senders(session_factory)
+    channels = make_channels(smtp_server, x_server, relay_server)
+    settings = Settings(
+        temporal_address=dev_env.client.service_client.config.target_host, temporal_task_queue=task_queue
+    )
+    try:
+        async with running_worker(dev_env.client, task_queue, session_factory, channels):
+            yield settings
+    finally:
+        await channels.aclose()
+
+
+async def _eventually(check: Any, attempts: int = 200) -> Any:
+    """Visibility is eventually consistent: poll a condition (bounded)."""
+    last = None
+    for _ in range(attempts):
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition never held (last {last!r})")
+
+
+async def test_audience_enrolls_every_member_in_pages_and_repeats_as_noop(
+    stack: Settings, session_factory: SessionFactory, dev_env: Any, tmp_path: Path
+) -> None:
+    name = f"aud-{uuid.uuid4().hex[:6]}"
+    ids = await seed(session_factory, 600, name)
+    await create_version(session_factory, seq_file(tmp_path, name))
+    seen: list[Any] = []
+    progress = await start_audience(
+        session_factory, stack, name, name, page_size=100, pages_per_run=2, on_progress=seen.append
+    )
+    assert progress is not None and progress.done
+    assert (progress.total, progress.started, progress.already, progress.refused) == (600, 600, 0, 0)
+    assert seen and seen[-1].done
+    async with session_factory() as s:
+        assert (await s.execute(select(func.count()).select_from(Enrollment))).scalar_one() == 600
+        enrolled = (await s.execute(select(func.count()).where(Event.type == "enrolled"))).scalar_one()
+        assert enrolled == 600
+    again = await start_audience(session_factory, stack, name, name, page_size=500)
+    assert again is not None and (again.started, again.already) == (0, 600)
+    desc = await dev_env.client.get_workflow_handle(workflow_id_for(name, ids[0])).describe()
+    assert desc.typed_search_attributes.get(SEQUENCE_NAME) == name
+    audience = dev_env.client.get_workflow_handle(audience_workflow_id(name, name))
+    query = f'WorkflowId = "{audience.id}"'
+
+    async def runs() -> int:
+        return len([w async for w in dev_env.client.list_workflows(query)])
+
+    assert await _eventually(lambda: _at_least(runs, 4)), "600 people / 100 per page / 2 pages per run"
+
+
+async def test_enroll_refuses_people_whose_templates_do_not_render(
+    stack: Settings, session_factory: SessionFactory, tmp_path: Path
+) -> None:
+    name = f"tpl-{uuid.uuid4().hex[:6]}"
+    await seed(session_factory, 5, name, company_field=False)  # no `role` custom field
+    await create_version(session_factory, seq_file(tmp_path, name))
+    report = await dry_run(session_factory, name, name)
+    assert report.people == 5 and report.previews == []
+    assert any("role" in p for p in report.problems)
+    progress = await start_audience(session_factory, stack, name, name)
+    assert progress is not None and (progress.started, progress.refused) == (0, 5)
+    assert "role" in progress.refusals[0]
+
+
+async def test_pause_resume_stop_a_whole_sequence_and_status(
+    stack: Settings, session_factory: SessionFactory, dev_env: Any, tmp_path: Path
+) -> None:
+    name = f"ctl-{uuid.uuid4().hex[:6]}"
+    ids = await seed(session_factory, 20, name)
+    await create_version(session_factory, seq_file(tmp_path, name))
+    await start_audience(session_factory, stack, name, name)
+    client = dev_env.client
+    await _eventually(lambda: _count(client, name, 20))
+    assert await signal_enrollments(stack, "pause", name, None, client=client) == 20
+
+    async def all_paused() -> bool:
+        views = [await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status) for i in ids]
+        return all(v.status == EnrollmentStatus.PAUSED for v in views)
+
+    await _eventually(all_paused)
+    rows = await person_status(session_factory, stack, ids[0], client=client)
+    assert [(r.sequence, r.status, r.current_step) for r in rows] == [(name, "paused", "wait")]
+    assert await signal_enrollments(stack, "resume", name, ids[0], client=client) == 1
+    resumed = await client.get_workflow_handle(workflow_id_for(name, ids[0])).query(EnrollmentWorkflow.status)
+    assert resumed.status == EnrollmentStatus.ACTIVE and resumed.waiting_for == ["NORMAL_EDGE"]
+    assert await signal_enrollments(stack, "stop", name, None, client=client) == 20
+    results = [await client.get_workflow_handle_for(EnrollmentWorkflow.run, workflow_id_for(name, i)).result() for i in ids]
+    assert {r.status for r in results} == {EnrollmentStatus.STOPPED}
+    with pytest.raises(LookupError):
+        await signal_enrollments(stack, "pause", name, ids[0], client=client)
+
+
+async def _at_least(fn: Any, n: int) -> bool:
+    return await fn() >= n
+
+
+async def _count(client: Any, name: str, n: int) -> bool:
+    return len(await running_workflow_ids(client, name)) == n
