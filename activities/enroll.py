@@ -26,7 +26,7 @@ from db.session import SessionFactory
 from db.tables import Enrollment, Event, Person, Segment, SegmentMember
 from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentInput, EnrollmentStatus, SequenceRef
-from models.sequence import SequenceDefinition
+from models.sequence import SequenceDefinition, Step
 from services.sequence_store import get_version
 from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
@@ -138,7 +138,7 @@ class EnrollActivities:
             version=version.version,
         )
         candidates = [p for p in people if p.id not in refused]
-        rows = await self._claim_rows(candidates, ref)
+        rows = await self._claim_rows(candidates, ref, defn.first_step)
         sem = asyncio.Semaphore(START_CONCURRENCY)
 
         async def one(person: Person) -> str:
@@ -156,7 +156,9 @@ class EnrollActivities:
         activity.heartbeat(out.next_after)
         return out
 
-    async def _claim_rows(self, people: list[Person], ref: SequenceRef) -> dict[int, tuple[int | None, bool]]:
+    async def _claim_rows(
+        self, people: list[Person], ref: SequenceRef, first: Step
+    ) -> dict[int, tuple[int | None, bool]]:
         """Insert enrollment rows for a page in one statement.
 
         Returns person id → (enrollment id to start, or None when the person is already
@@ -177,6 +179,7 @@ class EnrollActivities:
                                     "person_id": p.id,
                                     "workflow_id": workflow_id_for(ref.sequence_name, p.id),
                                     "status": "active",
+                                    "current_step": first.id,
                                 }
                                 for p in people
                             ]
@@ -215,6 +218,19 @@ class EnrollActivities:
                             }
                             for pid, eid in inserted.items()
                         ]
+                        + [
+                            {
+                                "type": "step_started",
+                                "person_id": pid,
+                                "enrollment_id": eid,
+                                "sequence_id": ref.sequence_id,
+                                "sequence_version_id": ref.version_id,
+                                "step_id": first.id,
+                                "dedup_key": f"{eid}:step_started:{first.id}:1",
+                                "data": {"action": str(first.action), "visit": 1},
+                            }
+                            for pid, eid in inserted.items()
+                        ]
                     )
                     .on_conflict_do_nothing(index_elements=["dedup_key"])
                 )
@@ -237,6 +253,7 @@ class EnrollActivities:
                     person_timezone=person_timezone(person, defn.timezone_field),
                     sequence=ref,
                     definition=defn,
+                    first_step_recorded=True,
                 ),
                 id=workflow_id_for(ref.sequence_name, person.id),
                 task_queue=self.target.task_queue,

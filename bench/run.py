@@ -34,7 +34,6 @@ from typing import Any
 
 from pydantic import SecretStr
 from sqlalchemy import text
-from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -44,34 +43,7 @@ from db.session import SessionFactory
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
-# ---------------------------------------------------------------- baselines
-@workflow.defn(name="BenchNoop")
-class NoopWorkflow:
-    """A workflow that does nothing: the raw start baseline."""
-
-    @workflow.run
-    async def run(self) -> None:
-        return None
-
-
-@workflow.defn(name="BenchSignal")
-class SignalWorkflow:
-    """Waits for a signal and records it: the bare signal round trip baseline."""
-
-    def __init__(self) -> None:
-        self.got = 0
-
-    @workflow.signal
-    def ping(self) -> None:
-        self.got += 1
-
-    @workflow.query
-    def seen(self) -> int:
-        return self.got
-
-    @workflow.run
-    async def run(self) -> None:
-        await workflow.wait_condition(lambda: self.got > 0, timeout=timedelta(hours=1))
+from bench.baselines import NoopWorkflow, SignalWorkflow  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -442,11 +414,11 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
 
     import httpx
     import uvicorn
-    from services.classify import get_classifier
-    from webhooks.signature import sign
 
+    from services.classify import get_classifier
     from settings import Settings
     from webhooks.app import create_app
+    from webhooks.signature import sign
     from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 
     client = stack.env.client

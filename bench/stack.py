@@ -6,6 +6,7 @@ servers, so both sides share this stack.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import tempfile
@@ -70,7 +71,7 @@ async def bench_stack() -> AsyncIterator[Stack]:
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("sqlalchemy.url", cluster.url())
     cfg.attributes["configure_logger"] = False
-    command.upgrade(cfg, "head")
+    await asyncio.to_thread(command.upgrade, cfg, "head")  # env.py runs its own event loop
     engine = make_engine(cluster.url(), pool_size=20)
     sink = Sink("127.0.0.1", free_port())
     controller = Controller(sink, hostname=sink.host, port=sink.port)

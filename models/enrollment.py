@@ -88,6 +88,7 @@ class EnrollmentInput(BaseModel):
     definition: SequenceDefinition
     state: EnrollmentState | None = None
     max_steps_per_run: int = 500
+    first_step_recorded: bool = False
 
 
 class EnrollmentResult(BaseModel):

@@ -54,7 +54,9 @@ async def seed(sf: SessionFactory, n: int, segment: str, *, company_field: bool 
             {"ids": ids, "seg": segment},
         )
         seg = (
-            await s.execute(text("INSERT INTO segments (name, kind) VALUES (:n, 'static') RETURNING id"), {"n": segment})
+            await s.execute(
+                text("INSERT INTO segments (name, kind) VALUES (:n, 'static') RETURNING id"), {"n": segment}
+            )
         ).scalar_one()
         await s.execute(
             text("INSERT INTO segment_members SELECT :s, id FROM unnest(CAST(:ids AS bigint[])) id"),
@@ -170,7 +172,9 @@ async def test_pause_resume_stop_a_whole_sequence_and_status(
     assert await signal_enrollments(stack, "pause", name, None, client=client) == 20
 
     async def all_paused() -> bool:
-        views = [await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status) for i in ids]
+        views = [
+            await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status) for i in ids
+        ]
         return all(v.status == EnrollmentStatus.PAUSED for v in views)
 
     await _eventually(all_paused)
@@ -180,7 +184,9 @@ async def test_pause_resume_stop_a_whole_sequence_and_status(
     resumed = await client.get_workflow_handle(workflow_id_for(name, ids[0])).query(EnrollmentWorkflow.status)
     assert resumed.status == EnrollmentStatus.ACTIVE and resumed.waiting_for == ["NORMAL_EDGE"]
     assert await signal_enrollments(stack, "stop", name, None, client=client) == 20
-    results = [await client.get_workflow_handle_for(EnrollmentWorkflow.run, workflow_id_for(name, i)).result() for i in ids]
+    results = [
+        await client.get_workflow_handle_for(EnrollmentWorkflow.run, workflow_id_for(name, i)).result() for i in ids
+    ]
     assert {r.status for r in results} == {EnrollmentStatus.STOPPED}
     with pytest.raises(LookupError):
         await signal_enrollments(stack, "pause", name, ids[0], client=client)

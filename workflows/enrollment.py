@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeUpdate
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -289,23 +289,31 @@ class EnrollmentWorkflow:
             raise self.terminal
 
     def _upsert(self, *, first: bool = False, next_at: datetime | None = None) -> None:
+        """Keep the Web UI's search attributes current, writing only what changed."""
         status = (
             self.terminal.status
             if self.terminal
             else (EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE)
         )
-        updates: list[SearchAttributeUpdate[Any]] = [
-            CURRENT_STEP.value_set(self.state.current_step),
-            ENROLLMENT_STATUS.value_set(str(status)),
-            NEXT_ACTION_AT.value_set(next_at) if next_at else NEXT_ACTION_AT.value_unset(),
+        wanted: list[tuple[SearchAttributeKey[Any], Any]] = [
+            (CURRENT_STEP, self.state.current_step),
+            (ENROLLMENT_STATUS, str(status)),
+            (NEXT_ACTION_AT, next_at),
         ]
         if first:
-            updates += [
-                SEQUENCE_NAME.value_set(self.inp.sequence.sequence_name),
-                SEQUENCE_VERSION.value_set(self.inp.sequence.version),
-                PERSON_ID.value_set(str(self.inp.person_id)),
+            wanted += [
+                (SEQUENCE_NAME, self.inp.sequence.sequence_name),
+                (SEQUENCE_VERSION, self.inp.sequence.version),
+                (PERSON_ID, str(self.inp.person_id)),
             ]
-        workflow.upsert_search_attributes(updates)
+        current = workflow.info().typed_search_attributes
+        updates: list[SearchAttributeUpdate[Any]] = [
+            key.value_set(value) if value is not None else key.value_unset()
+            for key, value in wanted
+            if current.get(key) != value
+        ]
+        if updates:
+            workflow.upsert_search_attributes(updates)
 
     async def _record(self, type_: str, step: Step | None, **data: object) -> None:
         variant = self.state.variants.get(step.id) if step else None
@@ -339,6 +347,8 @@ class EnrollmentWorkflow:
         self.state.path.append(PathEntry(step=step.id, visit=visit, started_at=workflow.now()))
         self._upsert()
         via, self.state.via = self.state.via, None
+        if visit == 1 and step.id == self.defn.first_step.id and self.inp.first_step_recorded:
+            return  # the enrolling activity logged it with the enrollment, in bulk
         await self._record("step_started", step, action=str(step.action), visit=visit, via=via)
 
     def _leave(self, edge: Edge | None) -> None:
