@@ -133,7 +133,6 @@ def segments_create(
 ) -> None:
     """Store a rule-based segment (a changed rule makes a new version)."""
     from services.segment_rules import RuleSyntaxError
-
     from services.segments import create_rule_segment
 
     async def go(sf: SessionFactory) -> Any:
@@ -367,6 +366,57 @@ def demo() -> None:
 
     for line in _run(go):
         console.print(line)
+
+
+@app.command("reply")
+def reply(
+    person: int = typer.Option(..., "--person"),
+    channel: str = typer.Option("email", "--channel", help="email, x, linkedin or xmtp"),
+    text: str = typer.Option("Sounds good, let's talk", "--text"),
+    type_: str = typer.Option("reply", "--type", help="reply, connection_accepted, followed_back, ..."),
+) -> None:
+    """Post a signed inbound event for a person to the webhook app, as a provider would."""
+    import time
+    import uuid
+
+    import httpx
+    from sqlalchemy import select
+
+    from db.tables import Identity
+    from webhooks.signature import sign
+
+    wanted = {"email": ["email"], "x": ["x", "x_handle"], "linkedin": ["linkedin"], "xmtp": ["xmtp"]}
+    if channel not in wanted:
+        err.print(f"[red]--channel:[/red] unknown channel {channel!r}")
+        raise typer.Exit(2)
+
+    async def go(sf: SessionFactory) -> Any:
+        async with sf() as session:
+            rows = (
+                await session.execute(
+                    select(Identity.channel, Identity.value).where(
+                        Identity.person_id == person, Identity.channel.in_(wanted[channel])
+                    )
+                )
+            ).all()
+        if not rows:
+            raise LookupError(f"person {person} has no {channel} identity")
+        settings = get_settings()
+        body = json.dumps(
+            {"event_id": f"cli-{uuid.uuid4().hex}", "type": type_, "from": rows[0][1], "text": text}
+        ).encode()
+        signature = sign(settings.webhook_secret.get_secret_value(), body, int(time.time()))
+        async with httpx.AsyncClient(base_url=settings.public_base_url, timeout=10) as http:
+            return await http.post(
+                f"/webhooks/{channel}",
+                content=body,
+                headers={"X-Signature": signature, "Content-Type": "application/json"},
+            )
+
+    response = _run(go)
+    console.print(f"{response.status_code} {response.text}")
+    if response.status_code >= 300:
+        raise typer.Exit(1)
 
 
 def main() -> None:
