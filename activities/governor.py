@@ -21,6 +21,7 @@ ends up unused (the lead was stopped) simply stays taken: wasting capacity is sa
 from __future__ import annotations
 
 import random
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -251,13 +252,17 @@ class SendGovernor:
 
 
 def _hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:
-    """True when adding `slot` keeps every rolling hour containing it within `cap`."""
+    """True when adding `slot` keeps every rolling hour containing it within `cap`.
+
+    `times` must be sorted. Only windows that start at `slot - 1h` (just after) or at an
+    existing slot in (slot - 1h, slot] can hold the most slots, so those are checked.
+    """
+    if len(times) < cap:
+        return True
     hour = timedelta(hours=1)
-    starts = [slot - hour + timedelta(microseconds=1)] + [t for t in times if slot - hour < t <= slot]
-    for w in starts:
-        if sum(1 for t in times if w <= t < w + hour) + 1 > cap:
-            return False
-    return True
+    starts = [slot - hour + timedelta(microseconds=1)]
+    starts += times[bisect_right(times, slot - hour) : bisect_right(times, slot)]
+    return all(bisect_left(times, w + hour) - bisect_left(times, w) + 1 <= cap for w in starts)
 
 
 def _local_day(at: datetime, tz_name: str | None) -> tuple[datetime, datetime]:
