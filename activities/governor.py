@@ -20,6 +20,7 @@ ends up unused (the lead was stopped) simply stays taken: wasting capacity is sa
 
 from __future__ import annotations
 
+import asyncio
 import random
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ class SendGovernor:
     def __init__(self, session_factory: SessionFactory, rng: random.Random | None = None) -> None:
         self.session_factory = session_factory
         self.rng = rng or random.Random()
+        # Reservations of one channel queue here, in the process, instead of each holding a
+        # database connection while it waits for the sender rows' lock.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def reserve(
         self,
@@ -70,7 +74,8 @@ class SendGovernor:
         person_daily_cap: int = 1,
     ) -> Reservation:
         """Reserve (or return the existing) slot for `delivery_key`."""
-        async with self.session_factory() as session, session.begin():
+        lock = self._locks.setdefault(channel, asyncio.Lock())
+        async with lock, self.session_factory() as session, session.begin():
             existing = (
                 await session.execute(select(SendSlot).where(SendSlot.delivery_key == delivery_key))
             ).scalar_one_or_none()
@@ -225,26 +230,23 @@ class SendGovernor:
                 slot = min(boundaries)
                 reason = "hourly cap"
                 continue
-            # spacing to both neighbours
+            # spacing to both neighbours: walk the sender's slots from just before the
+            # candidate to the first gap wide enough (one query, however dense the queue)
             if spacing > timedelta(0):
-                prev = (
+                around = (
                     await session.execute(
-                        select(func.max(SendSlot.slot_at)).where(
-                            SendSlot.sender_id == acct.id, SendSlot.slot_at <= slot
-                        )
+                        select(SendSlot.slot_at)
+                        .where(SendSlot.sender_id == acct.id, SendSlot.slot_at > slot - spacing)
+                        .order_by(SendSlot.slot_at)
                     )
-                ).scalar_one()
-                if prev is not None and slot - prev < spacing:
-                    slot = prev + spacing
-                    reason = reason or "spacing"
-                    continue
-                nxt = (
-                    await session.execute(
-                        select(func.min(SendSlot.slot_at)).where(SendSlot.sender_id == acct.id, SendSlot.slot_at > slot)
-                    )
-                ).scalar_one()
-                if nxt is not None and nxt - slot < spacing:
-                    slot = nxt + spacing
+                ).scalars()
+                candidate = slot
+                for existing in around:
+                    if existing >= candidate + spacing:
+                        break
+                    candidate = max(candidate, existing + spacing)
+                if candidate != slot:
+                    slot = candidate
                     reason = reason or "spacing"
                     continue
             return slot, reason

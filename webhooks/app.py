@@ -18,7 +18,6 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
-from services.classify import get_classifier
 from sqlalchemy import select, text
 from temporalio.client import Client
 
@@ -27,6 +26,7 @@ from db.session import SessionFactory, make_engine, make_session_factory
 from db.tables import Delivery, Enrollment, SequenceVersion
 from models.activities import EnrollmentRef
 from models.enrollment import ControlSignal, SequenceRef
+from services.classify import get_classifier
 from services.tokens import TokenError, read_token
 from settings import Settings, get_settings
 from temporal_client import connect

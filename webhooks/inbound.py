@@ -25,7 +25,6 @@ from datetime import UTC, datetime, time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from services.classify import ReplyClassifier
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from temporalio.client import Client
@@ -44,6 +43,7 @@ from db.tables import (
 from models.activities import EnrollmentRef
 from models.durations import parse_duration
 from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
+from services.classify import ReplyClassifier
 from services.identities import find_person_by_identity
 
 log = logging.getLogger("sequencer.inbound")
