@@ -18,6 +18,8 @@ def parse_duration(text: str) -> timedelta:
     Raises:
         ValueError: naming the text when it is not a duration.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"malformed duration {text!r}: write e.g. 30s, 15m, 4h, 3d or 1w")
     raw = text.strip().lower()
     pos = 0
     total = 0
@@ -48,7 +50,11 @@ def _coerce(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"malformed duration {value!r}: a duration cannot be negative")
         return timedelta(seconds=value)
+    if isinstance(value, timedelta) and value < timedelta(0):
+        raise ValueError(f"malformed duration {value!r}: a duration cannot be negative")
     return value
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -327,18 +327,113 @@ def validate_definition(raw: dict[str, Any]) -> SequenceDefinition:
     Raises:
         SequenceValidationError: with every issue found, each naming the step and rule.
     """
-    try:
-        definition = SequenceDefinition.model_validate(raw)
-    except ValidationError as err:
-        raise SequenceValidationError(_pydantic_issues(raw, err)) from None
-    issues = graph_issues(definition)
-    if issues:
+    definition, issues = check_definition(raw)
+    if issues or definition is None:
         raise SequenceValidationError(issues)
     return definition
 
 
+#: Graph rules still reported for a step whose own fields did not validate.
+_STRUCTURAL = frozenset({"duplicate-step", "edge-target", "unreachable", "never-ends", "cycle-without-wait"})
+
+
+def check_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition | None, list[SequenceIssue]]:
+    """Every issue of a parsed sequence file, and the definition when there is none.
+
+    Field errors (an unknown action, a malformed duration …) do not hide graph errors
+    elsewhere in the file: the graph is then checked on a lenient reading of the raw
+    steps, so one run of `sequences validate` lists everything to fix.
+    """
+    try:
+        definition = SequenceDefinition.model_validate(raw)
+    except ValidationError as err:
+        issues = _pydantic_issues(raw, err)
+        lenient, placeholders = lenient_definition(raw)
+        seen = {(i.step, i.rule, i.message) for i in issues}
+        for issue in graph_issues(lenient):
+            if issue.step in placeholders and issue.rule not in _STRUCTURAL:
+                continue
+            if issue.step is None and issue.rule not in ("unknown-timezone", "send-window", "timeline"):
+                continue
+            if (issue.step, issue.rule, issue.message) not in seen:
+                issues.append(issue)
+                seen.add((issue.step, issue.rule, issue.message))
+        return None, issues
+    issues = graph_issues(definition)
+    return (None if issues else definition), issues
+
+
+def lenient_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition, set[str]]:
+    """A best-effort definition of a file with field errors, for the graph checks.
+
+    A step that does not validate becomes a silent placeholder keeping its id and the
+    targets of its edges; the returned set names those placeholders.
+    """
+    steps: list[Step] = []
+    placeholders: set[str] = set()
+    raw_steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    for index, item in enumerate(raw_steps or []):
+        if not isinstance(item, dict):
+            continue
+        try:
+            steps.append(Step.model_validate(item))
+            continue
+        except ValidationError:
+            pass
+        sid = str(item.get("id") or f"#{index + 1}")
+        edges: list[Edge] = []
+        raw_edges = item.get("edges") if isinstance(item.get("edges"), list) else []
+        for raw_edge in raw_edges or []:
+            target = raw_edge.get("to") if isinstance(raw_edge, dict) else None
+            if isinstance(target, str) and target:
+                edges.append(Edge.model_construct(trigger=Trigger.NORMAL_EDGE, to=target, after=None, at=None))
+            else:  # an edge we cannot read, or END: count it as an end (no cascade of never-ends)
+                edges.append(Edge.model_construct(trigger=Trigger.END, to=None, after=None, at=None))
+        placeholders.add(sid)
+        steps.append(
+            Step.model_construct(
+                id=sid,
+                action=Action.WAIT,
+                subject=None,
+                body=None,
+                html=None,
+                text=None,
+                variants=[],
+                delay=timedelta(seconds=1),  # a placeholder never makes a waitless loop on its own
+                at=None,
+                edges=edges,
+            )
+        )
+
+    def part(model: type[BaseModel], value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return model.model_validate(value)
+        except ValidationError:
+            return None
+
+    tz = raw.get("timezone")
+    definition = SequenceDefinition.model_construct(
+        name=str(raw.get("name") or "?"),
+        timezone=tz if isinstance(tz, str) else "UTC",
+        send_window=part(SendWindow, raw.get("send_window")),
+        timeline=part(Timeline, raw.get("timeline")),
+        steps=steps,
+    )
+    return definition, placeholders
+
+
 def _is_instant(edge: Edge) -> bool:
-    return edge.trigger == Trigger.NORMAL_EDGE and not edge.after and edge.at is None
+    """An edge that, taken a second time around a loop, waits for nothing.
+
+    An absolute `at` waits only the first time (after that the moment has passed).
+    """
+    return edge.trigger == Trigger.NORMAL_EDGE and not edge.after
+
+
+def _step_waits(step: Step) -> bool:
+    return bool(step.delay)
 
 
 def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
@@ -363,6 +458,8 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
     if d.timeline and d.timeline.start and d.timeline.end:
         if _aware(d.timeline.start) >= _aware(d.timeline.end):
             add(None, "timeline", "timeline start is not before its end")
+    if not d.steps:
+        return issues
 
     ids = [s.id for s in d.steps]
     seen: set[str] = set()
@@ -375,7 +472,7 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
     for step in d.steps:
         issues.extend(_content_issues(step))
         triggers = [e.trigger for e in step.edges]
-        for trig in set(triggers):
+        for trig in sorted(set(triggers)):
             if triggers.count(trig) > 1:
                 add(step.id, "duplicate-trigger", f"trigger {trig} appears more than once")
         if Trigger.END in triggers and len(triggers) > 1:
@@ -401,11 +498,11 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
                     "edge-target",
                     f"{edge.trigger} edge points to missing step {edge.to!r}",
                 )
-            if edge.trigger in NEGATIVE_OF and edge.after is None:
+            if edge.trigger in NEGATIVE_OF and not edge.after:
                 add(
                     step.id,
                     "negative-needs-after",
-                    f"{edge.trigger} needs `after` (how long to wait)",
+                    f"{edge.trigger} needs `after` (how long to wait for {NEGATIVE_OF[edge.trigger]}), longer than 0s",
                 )
             if edge.trigger in EVENT_TRIGGERS and (edge.after or edge.at):
                 add(
@@ -424,10 +521,11 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
         if step.delay is not None and step.at is not None:
             add(step.id, "delay-or-at", "a step takes `delay` or `at`, not both")
 
-    if issues:
-        return issues
-
-    graph = {s.id: [e.to for e in s.edges if e.to] for s in d.steps}
+    # The graph checks ignore edges to missing steps (reported above) and count such an
+    # edge as a possible end, so one typo does not cascade into a page of errors.
+    graph: dict[str, list[str]] = {}
+    for s in d.steps:
+        graph.setdefault(s.id, []).extend(e.to for e in s.edges if e.to and e.to in known)
     reach: set[str] = set()
     stack = [d.steps[0].id]
     while stack:
@@ -436,11 +534,15 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
             continue
         reach.add(node)
         stack.extend(graph[node])
-    for sid in ids:
+    for sid in dict.fromkeys(ids):
         if sid not in reach:
             add(sid, "unreachable", f"step {sid!r} cannot be reached from the first step {ids[0]!r}")
 
-    terminal = {s.id for s in d.steps if not s.edges or any(e.trigger == Trigger.END for e in s.edges)}
+    terminal = {
+        s.id
+        for s in d.steps
+        if not s.edges or any(e.trigger == Trigger.END or (e.to and e.to not in known) for e in s.edges)
+    }
     ends: set[str] = set(terminal)
     changed = True
     while changed:
@@ -449,28 +551,40 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
             if sid not in ends and any(t in ends for t in targets):
                 ends.add(sid)
                 changed = True
-    for sid in ids:
+    for sid in dict.fromkeys(ids):
         if sid in reach and sid not in ends:
             add(sid, "never-ends", f"no path from step {sid!r} reaches an END")
 
-    instant = {s.id: [e.to for e in s.edges if e.to and _is_instant(e)] for s in d.steps}
     by_id = {s.id: s for s in d.steps}
+    instant: dict[str, list[str]] = {}
+    for s in d.steps:
+        instant.setdefault(s.id, []).extend(
+            e.to for e in s.edges if e.to and e.to in known and _is_instant(e) and not _step_waits(by_id[e.to])
+        )
     color: dict[str, int] = {}
+    reported: set[frozenset[str]] = set()
 
     def visit(node: str, trail: list[str]) -> None:
         color[node] = 1
         for nxt in instant[node]:
-            if by_id[nxt].delay or by_id[nxt].at or by_id[nxt].action == Action.WAIT:
-                continue
             if color.get(nxt) == 1:
                 cycle = trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt]
-                add(nxt, "cycle-without-wait", "loop with no wait in it: " + " -> ".join(cycle))
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    add(
+                        nxt,
+                        "cycle-without-wait",
+                        "loop with no wait in it: "
+                        + " -> ".join(cycle)
+                        + " (give one of its edges an `after` or one of its steps a `delay`)",
+                    )
             elif color.get(nxt) is None:
                 visit(nxt, trail + [nxt])
         color[node] = 2
 
-    for sid in ids:
-        if color.get(sid) is None and not (by_id[sid].delay or by_id[sid].at):
+    for sid in dict.fromkeys(ids):
+        if color.get(sid) is None:
             visit(sid, [sid])
     return issues
 
@@ -512,5 +626,7 @@ __all__ = [
     "SequenceIssue",
     "SequenceValidationError",
     "validate_definition",
+    "check_definition",
+    "lenient_definition",
     "graph_issues",
 ]

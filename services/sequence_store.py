@@ -25,7 +25,8 @@ from models.sequence import (
     SequenceDefinition,
     SequenceIssue,
     SequenceValidationError,
-    validate_definition,
+    check_definition,
+    lenient_definition,
 )
 from services.templating import check_definition_templates
 
@@ -52,6 +53,36 @@ class StoredVersion:
     definition: SequenceDefinition
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate key(s) {dupes}")
+    return dict(pairs)
+
+
 def load_sequence_file(path: Path) -> tuple[dict[str, Any], str]:
     """Parse YAML or JSON; syntax errors name the file, line and column."""
     try:
@@ -60,17 +91,21 @@ def load_sequence_file(path: Path) -> tuple[dict[str, Any], str]:
         raise SequenceValidationError([SequenceIssue(rule="file", message=f"{path}: {err}")]) from None
     try:
         if path.suffix.lower() == ".json" or source.lstrip().startswith("{"):
-            data = json.loads(source)
+            data = json.loads(source, object_pairs_hook=_json_object)
         else:
-            data = yaml.safe_load(source)
+            data = yaml.load(source, Loader=_UniqueKeyLoader)  # a SafeLoader
     except json.JSONDecodeError as err:
         raise SequenceValidationError(
             [SequenceIssue(rule="syntax", message=f"{path}:{err.lineno}:{err.colno}: {err.msg}")]
         ) from None
+    except ValueError as err:  # a duplicate key in JSON
+        raise SequenceValidationError([SequenceIssue(rule="syntax", message=f"{path}: {err}")]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        problem = f"{context}: {problem}" if context and "duplicate" in str(problem) else problem
         raise SequenceValidationError([SequenceIssue(rule="syntax", message=f"{where}: {problem}")]) from None
     if not isinstance(data, dict):
         raise SequenceValidationError(
@@ -87,12 +122,20 @@ def load_sequence_file(path: Path) -> tuple[dict[str, Any], str]:
 def validate_file(path: Path) -> SequenceDefinition:
     """Graph rules and template syntax, all problems at once."""
     data, _ = load_sequence_file(path)
-    defn = validate_definition(data)
-    problems = check_definition_templates(defn)
-    if problems:
-        raise SequenceValidationError(
-            [SequenceIssue(step=p.step, rule="template", message=f"{p.field}: {p.message}") for p in problems]
-        )
+    return validate_data(data)
+
+
+def validate_data(data: dict[str, Any]) -> SequenceDefinition:
+    """Graph rules and template syntax of a parsed file; every problem in one error."""
+    defn, issues = check_definition(data)
+    # with field or graph errors, still check the templates of every step that parsed,
+    # so that one run lists everything
+    candidate = defn if defn is not None else lenient_definition(data)[0]
+    for p in check_definition_templates(candidate):
+        where = f"variant {p.variant!r} {p.field}" if p.variant else p.field
+        issues.append(SequenceIssue(step=p.step, rule="template", message=f"{where}: {p.message}"))
+    if issues or defn is None:
+        raise SequenceValidationError(issues)
     return defn
 
 
@@ -104,8 +147,8 @@ def content_hash(defn: SequenceDefinition) -> str:
 
 async def create_version(session_factory: SessionFactory, path: Path) -> CreatedVersion:
     """Validate and store a new immutable version unless the same content exists."""
-    defn = validate_file(path)
-    _, source = load_sequence_file(path)
+    data, source = load_sequence_file(path)
+    defn = validate_data(data)
     digest = content_hash(defn)
     async with session_factory() as session, session.begin():
         await session.execute(insert(Sequence).values(name=defn.name).on_conflict_do_nothing(index_elements=["name"]))
