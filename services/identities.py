@@ -63,9 +63,26 @@ def normalize(channel: str, value: str) -> str:
     raise ValueError(f"unknown identity channel {channel!r}")
 
 
+def lookup_value(channel: str, value: str) -> str:
+    """The form to look an inbound value up by (ValueError when it cannot be an identity).
+
+    `normalize()`, except that an email address on a reserved or special-use domain
+    (`.test`, `.local`, …), which the validator refuses for sending, is still matched by
+    its lower-cased form: whoever stored it, a reply from it belongs to its person.
+    """
+    try:
+        return normalize(channel, value)
+    except ValueError:
+        raw = (value or "").strip()
+        local, at, domain = raw.rpartition("@")
+        if channel == "email" and at and local and "." in domain and not any(c.isspace() for c in raw):
+            return raw.lower()
+        raise
+
+
 async def find_person_by_identity(session: AsyncSession, channel: str, value: str) -> Person | None:
     """The person owning this identity, or None (ValueError for a malformed value)."""
-    canonical = normalize(channel, value)
+    canonical = lookup_value(channel, value)
     return (
         await session.execute(
             select(Person)

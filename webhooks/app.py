@@ -7,12 +7,13 @@ Every inbound request is authenticated before its body is even parsed.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -42,12 +43,40 @@ PIXEL = (
 
 @dataclass
 class Deps:
-    """What the routes need."""
+    """What the routes need.
+
+    When Temporal is not reachable at startup the app still serves (/healthz says so,
+    unsubscribe links still suppress) and connects again on the next request that needs
+    it, so a webhook app started before Temporal recovers without a restart.
+    """
 
     settings: Settings
     session_factory: SessionFactory
     client: Client | None
     processor: InboundProcessor | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def temporal(self) -> Client | None:
+        """The Temporal client, connecting now if the last attempt failed."""
+        if self.client is None:
+            async with self.lock:
+                if self.client is None:
+                    try:
+                        self.client = await asyncio.wait_for(connect(self.settings), timeout=5)
+                    except Exception as err:
+                        log.warning("Temporal not reachable at %s: %s", self.settings.temporal_address, err)
+                        return None
+                    self.processor = _processor(self.settings, self.session_factory, self.client)
+        return self.client
+
+    async def inbound(self) -> InboundProcessor | None:
+        """The inbound processor (None while Temporal is unreachable)."""
+        await self.temporal()
+        return self.processor
+
+
+def _processor(cfg: Settings, sf: SessionFactory, client: Client) -> InboundProcessor:
+    return InboundProcessor(sf, client, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay)
 
 
 def create_app(
@@ -72,11 +101,7 @@ def create_app(
                 cl = await connect(cfg)
             except Exception as err:  # keep serving /healthz, which will say so
                 log.error("Temporal not reachable at %s: %s", cfg.temporal_address, err)
-        processor = (
-            InboundProcessor(sf, cl, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay)
-            if cl is not None
-            else None
-        )
+        processor = _processor(cfg, sf, cl) if cl is not None else None
         app.state.deps = Deps(cfg, sf, cl, processor)
         yield
         if engine is not None:
@@ -119,9 +144,17 @@ def create_app(
         except ValidationError as err:
             problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()]
             return JSONResponse({"error": "invalid body", "fields": problems}, status_code=400)
-        if d.processor is None:
-            return JSONResponse({"error": "Temporal is not reachable"}, status_code=503)
-        result = await d.processor.process(channel, payload)
+        processor = await d.inbound()
+        if processor is None:
+            return JSONResponse({"error": "Temporal is not reachable; retry later"}, status_code=503)
+        try:
+            result = await processor.process(channel, payload)
+        except Exception as err:  # the event stays unfinished: the provider's retry completes it
+            log.exception("inbound %s/%s failed", channel, payload.event_id)
+            return JSONResponse(
+                {"error": f"could not process the event ({err.__class__.__name__}); retry later"},
+                status_code=503,
+            )
         return JSONResponse(
             {
                 "status": result.status,
@@ -163,10 +196,11 @@ def create_app(
                     .where(Enrollment.person_id == person_id, Enrollment.status.in_(["active", "paused"]))
                 )
             ).all()
-        if d.client is not None:
+        client = await d.temporal()
+        if client is not None:
             for enrollment, _ in rows:
                 try:
-                    await d.client.get_workflow_handle(enrollment.workflow_id).signal(
+                    await client.get_workflow_handle(enrollment.workflow_id).signal(
                         "unsubscribe", ControlSignal(reason="unsubscribe link", source="link")
                     )
                 except Exception as err:  # finished already: the suppression still holds
@@ -233,11 +267,12 @@ def create_app(
             report["postgres"] = "ok"
         except Exception as err:
             report["postgres"] = f"error: {err.__class__.__name__}: {err}"[:300]
-        if d.client is None:
-            report["temporal"] = "error: not connected"
+        client = await d.temporal()
+        if client is None:
+            report["temporal"] = f"error: not reachable at {d.settings.temporal_address}"
         else:
             try:
-                await d.client.service_client.check_health()
+                await client.service_client.check_health()
                 report["temporal"] = "ok"
             except Exception as err:
                 report["temporal"] = f"error: {err.__class__.__name__}: {err}"[:300]

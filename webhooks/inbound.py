@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
+from email.utils import parseaddr
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.records import append_event
 from db.session import SessionFactory
 from db.tables import (
     Delivery,
     Enrollment,
+    Identity,
     InboundEvent,
     Person,
     SequenceVersion,
@@ -44,7 +48,7 @@ from models.activities import EnrollmentRef
 from models.durations import parse_duration
 from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
 from services.classify import ReplyClassifier
-from services.identities import find_person_by_identity
+from services.identities import lookup_value
 
 log = logging.getLogger("sequencer.inbound")
 
@@ -70,6 +74,32 @@ class InboundPayload(BaseModel):
     occurred_at: datetime | None = None
 
     model_config = {"populate_by_name": True, "extra": "ignore"}
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _split_references(cls, value: Any) -> Any:
+        """Accept the raw header too: `References: <a@x> <b@y>` as one string."""
+        if isinstance(value, str):
+            return [part for part in re.split(r"[\s,]+", value) if part]
+        return value
+
+
+def _message_id_forms(raw: list[str | None]) -> list[str]:
+    """Message-IDs as given and in their `<...>` form (providers send either)."""
+    out: list[str] = []
+    for value in raw:
+        v = (value or "").strip()
+        if not v:
+            continue
+        bare = v.strip("<>").strip()
+        if bare:
+            out += [v, f"<{bare}>", bare]
+    return list(dict.fromkeys(out))
+
+
+def _not_found(err: RPCError) -> bool:
+    """The workflow is gone (finished, or never started): nothing to change there."""
+    return err.status == RPCStatusCode.NOT_FOUND
 
 
 @dataclass
@@ -129,9 +159,22 @@ class InboundProcessor:
                 )
             ).scalar_one_or_none()
         if new_id is None:
-            return InboundResult(status="duplicate")
+            async with self.session_factory() as session:
+                earlier = (
+                    await session.execute(
+                        select(InboundEvent.id, InboundEvent.status).where(
+                            InboundEvent.channel == channel, InboundEvent.provider_event_id == payload.event_id
+                        )
+                    )
+                ).one()
+            if earlier.status != "received":
+                return InboundResult(status="duplicate")
+            # An earlier delivery of this event was not finished (Temporal was unreachable, the
+            # process died): finish it now. Every step below is idempotent (the workflows ignore
+            # an event id they have seen, events have dedup keys, suppressions are looked up first).
+            new_id = int(earlier.id)
 
-        person_id = await self._resolve(channel, payload)
+        person_id, identity_id = await self._resolve(channel, payload)
         if person_id is None:
             await self._mark(new_id, "unknown_sender", None, None)
             log.info("inbound %s/%s from unknown sender %r", channel, payload.event_id, payload.from_)
@@ -152,11 +195,11 @@ class InboundProcessor:
             await self._log(active, person_id, "unsubscribed", channel, signal_id, {"via": reason})
             status = "unsubscribed"
         elif payload.type == "bounce":
-            await self._suppress_identity(channel, payload.from_, person_id, signal_id)
+            await self._suppress_identity(identity_id, person_id, signal_id)
             await self._log(active, person_id, "bounced", channel, signal_id, {"via": "webhook"})
             status = "suppressed_identity"
         elif label == "out_of_office":
-            until = datetime.combine(return_date, time(9, 0), tzinfo=UTC) if return_date else None
+            until = await self._return_time(person_id, return_date) if return_date else None
             sig = OutOfOfficeSignal(
                 event_id=signal_id,
                 until=until,
@@ -193,33 +236,56 @@ class InboundProcessor:
         return InboundResult(status=status, person_id=person_id, enrollments=len(active), classification=label)
 
     # ------------------------------------------------------------------ helpers
-    async def _resolve(self, channel: str, payload: InboundPayload) -> int | None:
+    async def _resolve(self, channel: str, payload: InboundPayload) -> tuple[int | None, int | None]:
+        """(person id, identity id) of the sender, or (None, None) for an unknown sender.
+
+        The `from` value is looked up in the identity graph (an email `From:` header such as
+        `Ada <ada@x.com>` is reduced to its address); for email, In-Reply-To and References
+        are then matched against the Message-IDs of our own deliveries.
+        """
+        sender = payload.from_
+        if channel == "email":
+            sender = parseaddr(sender)[1] or sender
         async with self.session_factory() as session:
-            candidates = [channel]
-            if channel == "x":
-                candidates = ["x", "x_handle"]
-            for ident_channel in candidates:
+            for ident_channel in ["x", "x_handle"] if channel == "x" else [channel]:
                 try:
-                    person = await find_person_by_identity(session, ident_channel, payload.from_)
+                    canonical = lookup_value(ident_channel, sender)
                 except ValueError:
-                    person = None
-                if person is not None:
-                    return int(person.id)
+                    continue
+                found = (
+                    await session.execute(
+                        select(Identity.person_id, Identity.id).where(
+                            Identity.channel == ident_channel, Identity.value == canonical
+                        )
+                    )
+                ).first()
+                if found is not None:
+                    return int(found.person_id), int(found.id)
             if channel == "email":
-                ids = [payload.in_reply_to, *payload.references]
-                ids = [i.strip() for i in ids if i and i.strip()]
+                ids = _message_id_forms([payload.in_reply_to, *payload.references])
                 if ids:
                     row = (
                         await session.execute(
-                            select(Enrollment.person_id)
+                            select(Enrollment.person_id, Delivery.identity_id)
                             .join(Delivery, Delivery.enrollment_id == Enrollment.id)
                             .where(Delivery.message_id.in_(ids))
+                            .order_by(Delivery.id.desc())
                             .limit(1)
                         )
-                    ).scalar_one_or_none()
+                    ).first()
                     if row is not None:
-                        return int(row)
-        return None
+                        return int(row.person_id), (int(row.identity_id) if row.identity_id is not None else None)
+        return None, None
+
+    async def _return_time(self, person_id: int, day: date) -> datetime:
+        """09:00 in the person's own time zone on the day they are back."""
+        async with self.session_factory() as session:
+            name = (await session.execute(select(Person.timezone).where(Person.id == person_id))).scalar_one_or_none()
+        try:
+            tz: tzinfo = ZoneInfo(name or "UTC")
+        except (ZoneInfoNotFoundError, ValueError):
+            tz = UTC
+        return datetime.combine(day, time(9, 0), tzinfo=tz).astimezone(UTC)
 
     async def _active_enrollments(self, person_id: int) -> list[ActiveEnrollment]:
         async with self.session_factory() as session:
@@ -263,13 +329,24 @@ class InboundProcessor:
         return out
 
     async def _signal_all(self, active: list[ActiveEnrollment], name: str, arg: BaseModel) -> None:
-        async def one(item: ActiveEnrollment) -> None:
-            try:
-                await self.client.get_workflow_handle(item.workflow_id).signal(name, arg)
-            except RPCError as err:  # finished in the meantime: nothing to change
-                log.info("signal %s to %s not delivered: %s", name, item.workflow_id, err)
+        await self._signal_ids([a.workflow_id for a in active], name, arg)
 
-        await asyncio.gather(*(one(a) for a in active))
+    async def _signal_ids(self, workflow_ids: list[str], name: str, arg: BaseModel) -> None:
+        """Signal every workflow; one that has finished is skipped, any other error raises.
+
+        Raising matters: the inbound event then stays `received`, the webhook answers 503,
+        and the provider's retry finishes the job instead of being taken for a duplicate.
+        """
+
+        async def one(wid: str) -> None:
+            try:
+                await self.client.get_workflow_handle(wid).signal(name, arg)
+            except RPCError as err:
+                if not _not_found(err):
+                    raise
+                log.info("signal %s to %s not delivered: %s", name, wid, err)
+
+        await asyncio.gather(*(one(w) for w in workflow_ids))
 
     async def _log(
         self,
@@ -310,32 +387,22 @@ class InboundProcessor:
                 .values(status=status, person_id=person_id, classification=label)
             )
 
-    async def _suppress_identity(self, channel: str, value: str, person_id: int, source: str) -> None:
+    async def _suppress_identity(self, identity_id: int | None, person_id: int, source: str) -> None:
+        """A bounce suppresses the identity that bounced (the person when it is not known); idempotent."""
         async with self.session_factory() as session, session.begin():
-            person = None
-            for ident_channel in ["x", "x_handle"] if channel == "x" else [channel]:
-                try:
-                    person = await find_person_by_identity(session, ident_channel, value)
-                except ValueError:
-                    person = None
-                if person is not None:
-                    from db.tables import Identity
-
-                    ident = (
-                        (
-                            await session.execute(
-                                select(Identity).where(
-                                    Identity.person_id == person.id, Identity.channel == ident_channel
-                                )
-                            )
-                        )
-                        .scalars()
-                        .first()
-                    )
-                    if ident is not None:
-                        session.add(Suppression(identity_id=ident.id, reason="bounce", source=source))
-                        return
-            session.add(Suppression(person_id=person_id, reason="bounce", source=source))
+            await session.execute(select(Person.id).where(Person.id == person_id).with_for_update())
+            target = (
+                Suppression.identity_id == identity_id
+                if identity_id is not None
+                else Suppression.person_id == person_id
+            )
+            query = select(Suppression.id).where(target, Suppression.reason == "bounce")
+            exists = (await session.execute(query)).first()
+            if exists is None:
+                if identity_id is not None:
+                    session.add(Suppression(identity_id=identity_id, reason="bounce", source=source))
+                else:
+                    session.add(Suppression(person_id=person_id, reason="bounce", source=source))
 
     async def _hold_company(self, person_id: int, active: list[ActiveEnrollment]) -> None:
         """Pause the colleagues' enrollments in sequences that ask for it."""
@@ -360,20 +427,18 @@ class InboundProcessor:
             ).scalars()
             ids = list(rows)
         sig = ControlSignal(reason=f"colleague {person_id} at {person.company} replied", source="company-hold")
-
-        async def one(wid: str) -> None:
-            try:
-                await self.client.get_workflow_handle(wid).signal("pause", sig)
-            except RPCError:
-                pass
-
-        await asyncio.gather(*(one(w) for w in ids))
+        await self._signal_ids(ids, "pause", sig)
 
 
 async def suppress_person(session_factory: SessionFactory, person_id: int, reason: str, source: str) -> bool:
-    """Suppress a whole person (idempotent); True when a new suppression was written."""
+    """Suppress a whole person (idempotent); True when a new suppression was written.
+
+    A person who no longer exists (deleted after the link was sent) has nothing to suppress.
+    """
     async with session_factory() as session, session.begin():
-        await session.execute(select(Person.id).where(Person.id == person_id).with_for_update())
+        found = (await session.execute(select(Person.id).where(Person.id == person_id).with_for_update())).first()
+        if found is None:
+            return False
         exists = (
             await session.execute(
                 select(Suppression.id).where(Suppression.person_id == person_id, Suppression.reason == reason)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SignatureError(ValueError):
@@ -38,11 +41,14 @@ def verify(secret: str, header: str | None, body: bytes, *, now: float, window_s
             except ValueError:
                 raise SignatureError("malformed X-Signature header: t is not a unix time") from None
         elif key == "v1":
-            candidates.append(value.strip().lower())
+            candidate = value.strip().lower()
+            if not _HEX_SHA256.match(candidate):  # also keeps compare_digest away from non-ASCII text
+                raise SignatureError("malformed X-Signature header: v1 must be 64 hex digits")
+            candidates.append(candidate)
     if timestamp is None or not candidates:
         raise SignatureError("malformed X-Signature header: expected t=<unix>,v1=<hex>")
     if abs(now - timestamp) > window_seconds:
         raise SignatureError(f"timestamp outside the {window_seconds}s replay window")
     expected = sign(secret, body, timestamp).split("v1=", 1)[1]
-    if not any(hmac.compare_digest(expected, c) for c in candidates):
+    if not any(hmac.compare_digest(expected.encode(), c.encode()) for c in candidates):
         raise SignatureError("bad signature")

@@ -1,0 +1,682 @@
+"""The webhook app served for real: signatures, bodies, dedup, identity matching, pixel, health.
+
+`webhooks.app:create_app` runs under a real uvicorn server on a free loopback port, in the
+test's event loop, with its lifespan: it makes its own engine on the test's PostgreSQL
+database and connects to the time-skipping Temporal server by address, as in production.
+The production worker (tests/engine_harness.py) runs the enrollment workflows, so signals
+really reach them; email goes to the aiosmtpd `smtp_server`.
+
+The shared harness (`Hook`, `hook`, `email_sequence`, `serve`) is imported by
+tests/test_inbound_flow.py and tests/test_unsubscribe.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy import func, select
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory
+from db.tables import Identity, InboundEvent
+from devstack.postgres import free_port
+from models.enrollment import EnrollmentStatus
+from services.tokens import make_token
+from settings import Settings
+from tests.engine_harness import (
+    LINK_SECRET,
+    all_senders,
+    events_of,
+    make_channels,
+    make_person,
+    running_worker,
+    start_enrollment,
+    store_version,
+    wait_for_status,
+)
+from tests.fakes import relay_server, x_server  # noqa: F401
+from webhooks import signature
+from webhooks.app import PIXEL, create_app
+from webhooks.signature import sign
+
+# --------------------------------------------------------------------------- harness
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn (lifespan on) on a free 127.0.0.1 port in this event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(2000):  # readiness poll: the server sets `started` after the lifespan ran
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.005)
+        if not server.started:
+            if task.done():
+                task.result()
+            raise RuntimeError("the webhook app did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=15)
+        sock.close()
+
+
+def temporal_address(env: WorkflowEnvironment) -> str:
+    """host:port of the time-skipping server, for the app to connect to by itself."""
+    return env.client.service_client.config.target_host
+
+
+def app_settings(env: WorkflowEnvironment, database_url: str, **overrides: Any) -> Settings:
+    """Settings pointing the app at the test's database, Temporal server and link secret."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "temporal_address": temporal_address(env),
+        "webhook_secret": SecretStr(LINK_SECRET),  # the worker signs its links with it too
+        "public_base_url": "https://links.acme.test",
+        "webhook_max_body_bytes": 4096,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def signed(body: bytes, *, secret: str = LINK_SECRET, at: int | None = None) -> dict[str, str]:
+    """The headers a provider sends."""
+    stamp = int(time.time()) if at is None else at
+    return {"X-Signature": sign(secret, body, stamp), "Content-Type": "application/json"}
+
+
+def email_sequence(gap: str = "2d", **extra: Any) -> dict[str, Any]:
+    """m0 (email) → REPLIED → done | NOT_REPLIED after `gap` → m1 (email) → END."""
+    return {
+        "name": extra.pop("name", f"hook-{uuid.uuid4().hex[:8]}"),
+        **extra,
+        "steps": [
+            {
+                "id": "m0",
+                "action": "SEND_EMAIL",
+                "subject": "Hello {{ first_name }}",
+                "body": "First mail",
+                "html": "<p>First mail</p>",
+                "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": gap, "to": "m1"}],
+            },
+            {
+                "id": "m1",
+                "action": "SEND_EMAIL",
+                "subject": "Again",
+                "body": "Second mail",
+                "edges": [{"trigger": "END"}],
+            },
+            {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    }
+
+
+@dataclass
+class Hook:
+    """A running webhook app, a running worker and the servers they talk to."""
+
+    http: httpx.AsyncClient
+    env: WorkflowEnvironment
+    sf: SessionFactory
+    task_queue: str
+    smtp: Any
+    base_url: str
+
+    async def post(
+        self,
+        channel: str,
+        payload: dict[str, Any] | bytes,
+        *,
+        secret: str = LINK_SECRET,
+        at: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        sent = signed(body, secret=secret, at=at) if headers is None else headers
+        return await self.http.post(f"/webhooks/{channel}", content=body, headers=sent)
+
+    async def person(self, **kw: Any) -> int:
+        kw.setdefault("email", f"{uuid.uuid4().hex[:10]}@lead.test")
+        return await make_person(self.sf, **kw)
+
+    async def add_identity(self, person_id: int, channel: str, value: str) -> None:
+        async with self.sf() as s, s.begin():
+            s.add(Identity(person_id=person_id, channel=channel, value=value))
+
+    async def enroll(self, raw: dict[str, Any], person_id: int) -> WorkflowHandle[Any, Any]:
+        ref, defn = await store_version(self.sf, raw)
+        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, person_id)
+
+    async def enroll_many(self, raw: dict[str, Any], people: list[int]) -> list[WorkflowHandle[Any, Any]]:
+        ref, defn = await store_version(self.sf, raw)
+        return [await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, p) for p in people]
+
+    async def waiting_at(self, handle: WorkflowHandle[Any, Any], step: str = "m0") -> Any:
+        return await wait_for_status(handle, lambda v: v.current_step == step and v.phase == "waiting")
+
+    async def count(self, model: Any, *where: Any) -> int:
+        async with self.sf() as s:
+            return int((await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one())
+
+    def mails_to(self, address: str) -> list[Any]:
+        return [m for m in self.smtp.parsed() if m["To"] == address]
+
+
+@pytest.fixture
+async def hook(
+    temporal_env: WorkflowEnvironment,
+    database_url: str,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> AsyncIterator[Hook]:
+    """The webhook app (own engine, own Temporal connection) plus the production worker."""
+    await all_senders(session_factory)
+    channels = make_channels(smtp_server, x_server, relay_server)
+    app = create_app(app_settings(temporal_env, database_url))
+    try:
+        async with (
+            running_worker(temporal_env.client, task_queue, session_factory, channels),
+            serve(app) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as http,
+        ):
+            yield Hook(http, temporal_env, session_factory, task_queue, smtp_server, base)
+    finally:
+        await channels.aclose()
+
+
+async def signals_in_history(handle: WorkflowHandle[Any, Any], name: str) -> int:
+    """How many times the workflow was signalled `name` (its history, not our bookkeeping)."""
+    history = await handle.fetch_history()
+    return sum(
+        1
+        for e in history.events
+        if e.HasField("workflow_execution_signaled_event_attributes")
+        and e.workflow_execution_signaled_event_attributes.signal_name == name
+    )
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(signature.hmac, "compare_digest", spy)
+    body = b'{"x": 1}'
+    signature.verify("s3cret", sign("s3cret", body, 1000), body, now=1000)
+    with pytest.raises(signature.SignatureError, match="bad signature"):
+        signature.verify("other", sign("s3cret", body, 1000), body, now=1000)
+    assert len(calls) == 2
+
+
+async def test_valid_signature_is_accepted(hook: Hook) -> None:
+    resp = await hook.post("email", {"event_id": "e-valid", "type": "reply", "from": "nobody@else.test", "text": "hi"})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["status"] == "unknown_sender"
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("wrong secret", "bad signature"),
+        ("expired", "replay window"),
+        ("future", "replay window"),
+        ("missing", "missing"),
+        ("garbage", "malformed"),
+        ("no timestamp", "malformed"),
+        ("no mac", "malformed"),
+        ("t not a number", "malformed"),
+        ("mac not hex", "malformed"),
+        ("body changed", "bad signature"),
+    ],
+)
+async def test_bad_signatures_are_refused_and_write_nothing(hook: Hook, case: str, expected: str) -> None:
+    payload = {"event_id": f"e-{case}", "type": "reply", "from": "nobody@else.test", "text": "hi"}
+    body = json.dumps(payload).encode()
+    now = int(time.time())
+    good = sign(LINK_SECRET, body, now)
+    headers = {
+        "wrong secret": signed(body, secret="not-the-secret"),
+        "expired": signed(body, at=now - 301),
+        "future": signed(body, at=now + 301),
+        "missing": {"Content-Type": "application/json"},
+        "garbage": {"X-Signature": "garbage"},
+        "no timestamp": {"X-Signature": good.split(",", 1)[1]},
+        "no mac": {"X-Signature": f"t={now}"},
+        "t not a number": {"X-Signature": good.replace(f"t={now}", "t=yesterday")},
+        "mac not hex": {"X-Signature": f"t={now},v1=" + "zz" * 32},
+        "body changed": {"X-Signature": sign(LINK_SECRET, body + b" ", now)},
+    }[case]
+    resp = await hook.post("email", body, headers=headers)
+    assert resp.status_code == 401, resp.text
+    assert expected in resp.json()["error"]
+    assert await hook.count(InboundEvent) == 0
+
+
+async def test_non_ascii_signature_is_refused_not_a_server_error(hook: Hook) -> None:
+    body = b'{"event_id": "e-1", "type": "reply", "from": "a@b.test"}'
+    mac = "\u00e9" * 64
+    raw = f"t={int(time.time())},v1={mac}".encode("latin-1")
+    resp = await hook.http.post("/webhooks/email", content=body, headers=[(b"X-Signature", raw)])
+    assert resp.status_code == 401
+    assert await hook.count(InboundEvent) == 0
+
+
+async def test_a_signature_near_the_window_edge_is_still_accepted(hook: Hook) -> None:
+    for i, offset in enumerate((-290, 290)):  # clocks drift both ways
+        payload = {"event_id": f"edge-{i}", "type": "reply", "from": "nobody@else.test"}
+        resp = await hook.post("email", payload, at=int(time.time()) + offset)
+        assert resp.status_code == 202, resp.text
+
+
+async def test_a_rotated_secret_can_be_sent_alongside_the_old_one(hook: Hook) -> None:
+    body = json.dumps({"event_id": "rot", "type": "reply", "from": "nobody@else.test"}).encode()
+    now = int(time.time())
+    old = sign("old-secret", body, now).split("v1=")[1]
+    new = sign(LINK_SECRET, body, now).split("v1=")[1]
+    resp = await hook.post("email", body, headers={"X-Signature": f"t={now},v1={old},v1={new}"})
+    assert resp.status_code == 202
+
+
+async def test_replayed_request_is_answered_as_a_duplicate_and_signals_once(hook: Hook) -> None:
+    """The same signed request again (inside the window) is idempotent: 202 duplicate, no second signal."""
+    pid = await hook.person(email="ada@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    await hook.waiting_at(handle)
+    body = json.dumps({"event_id": "rep-1", "type": "reply", "from": "ada@lead.test", "text": "Thanks!"}).encode()
+    headers = signed(body)
+    first = await hook.post("email", body, headers=headers)
+    again = await hook.post("email", body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["status"] == "signalled"
+    assert again.json() == {"status": "duplicate", "person_id": None, "enrollments": 0, "classification": None}
+    result = await handle.result()
+    assert [p.step for p in result.path] == ["m0", "done"]
+    assert await signals_in_history(handle, "replied") == 1
+    assert len(await events_of(hook.sf, "replied")) == 1
+    assert await hook.count(InboundEvent) == 1
+    # After the window the very same request is refused before dedup is even consulted.
+    stale = signed(body, at=int(time.time()) - 600)
+    assert (await hook.post("email", body, headers=stale)).status_code == 401
+
+
+async def test_duplicate_event_id_with_a_fresh_signature_signals_once(hook: Hook) -> None:
+    pid = await hook.person(email="dup@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    await hook.waiting_at(handle)
+    answers = []
+    for text in ("Yes, let's talk", "Yes, let's talk (sent twice by the provider)"):
+        resp = await hook.post("email", {"event_id": "dup-1", "type": "reply", "from": "dup@lead.test", "text": text})
+        assert resp.status_code == 202
+        answers.append(resp.json()["status"])
+    assert answers == ["signalled", "duplicate"]
+    result = await handle.result()
+    assert result.path[0].left_by == "REPLIED"
+    assert await signals_in_history(handle, "replied") == 1
+    assert len(await events_of(hook.sf, "replied")) == 1
+    assert len(await events_of(hook.sf, "positive_reply")) == 1
+    assert len(hook.smtp.messages) == 1
+    # The same event id on another channel is another provider's event.
+    other = await hook.post("x", {"event_id": "dup-1", "type": "reply", "from": "@nobody_here"})
+    assert other.json()["status"] == "unknown_sender"
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+async def test_malformed_json_is_400(hook: Hook) -> None:
+    resp = await hook.post("email", b'{"event_id": "x", "type": ')
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "invalid body"
+    assert any("json" in f.lower() for f in resp.json()["fields"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"type": "reply", "from": "a@b.test"}, "event_id"),
+        ({"event_id": "", "type": "reply", "from": "a@b.test"}, "event_id"),
+        ({"event_id": "e", "from": "a@b.test"}, "type"),
+        ({"event_id": "e", "type": "reply"}, "from"),
+        ({"event_id": "e", "type": "reply", "from": ""}, "from"),
+        ({"event_id": "e", "type": "reply", "from": "a@b.test", "occurred_at": "last tuesday"}, "occurred_at"),
+        ({"event_id": "e", "type": "reply", "from": "a@b.test", "references": 5}, "references"),
+        ({"event_id": ["e"], "type": "reply", "from": "a@b.test"}, "event_id"),
+    ],
+)
+async def test_missing_or_invalid_fields_are_400_naming_the_field(
+    hook: Hook, payload: dict[str, Any], field: str
+) -> None:
+    resp = await hook.post("email", payload)
+    assert resp.status_code == 400, resp.text
+    fields = resp.json()["fields"]
+    assert any(f.startswith(f"{field}:") for f in fields), fields
+    assert await hook.count(InboundEvent) == 0
+
+
+async def test_unknown_type_is_400(hook: Hook) -> None:
+    resp = await hook.post("email", {"event_id": "e", "type": "liked_post", "from": "a@b.test"})
+    assert resp.status_code == 400
+    [problem] = resp.json()["fields"]
+    assert problem.startswith("type:") and "reply" in problem
+
+
+async def test_a_json_array_is_400(hook: Hook) -> None:
+    resp = await hook.post("email", b"[1, 2]")
+    assert resp.status_code == 400
+
+
+async def test_unknown_channel_is_404_after_authentication(hook: Hook) -> None:
+    payload = {"event_id": "e", "type": "reply", "from": "a@b.test"}
+    resp = await hook.post("myspace", payload)
+    assert resp.status_code == 404
+    assert "email, x, linkedin, xmtp" in resp.json()["error"]
+    unsigned = await hook.post("myspace", payload, headers={})
+    assert unsigned.status_code == 401  # nothing is revealed to an unauthenticated caller
+    assert await hook.count(InboundEvent) == 0
+
+
+async def _raw_request(base_url: str, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Write a request by hand, keep the connection open, and read what the server answers."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        for part in body_parts:
+            writer.write(part)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        rest = await asyncio.wait_for(reader.read(65536), timeout=10)
+        return status_line + rest
+    finally:
+        writer.close()
+
+
+async def test_oversized_declared_body_is_413_before_it_is_sent(hook: Hook) -> None:
+    """Content-Length over the limit: answered 413 though only 100 of 1,000,000 bytes were sent."""
+    head = (
+        b"POST /webhooks/email HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"X-Signature: t=1,v1=00\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    answer = await _raw_request(hook.base_url, head, [b"{" + b" " * 99])
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"4096 bytes" in answer
+
+
+async def test_oversized_chunked_body_is_413_without_reading_to_the_end(hook: Hook) -> None:
+    """No Content-Length: the server stops at the limit; the final chunk is never sent."""
+    head = (
+        b"POST /webhooks/email HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"x" * 1024
+    parts = [b"400\r\n" + chunk + b"\r\n" for _ in range(6)]  # 6 KiB > 4 KiB, and no terminating 0-chunk
+    answer = await _raw_request(hook.base_url, head, parts)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+async def test_a_body_at_the_limit_is_accepted(hook: Hook) -> None:
+    payload = {"event_id": "big", "type": "reply", "from": "nobody@else.test", "text": ""}
+    base = len(json.dumps(payload).encode())
+    payload["text"] = "a" * (4096 - base)
+    body = json.dumps(payload).encode()
+    assert len(body) == 4096
+    assert (await hook.post("email", body)).status_code == 202
+    assert (await hook.post("email", body + b" ")).status_code == 413
+
+
+# --------------------------------------------------------------------------- identity graph
+
+
+async def test_unknown_sender_is_recorded_not_an_error(hook: Hook) -> None:
+    resp = await hook.post(
+        "linkedin", {"event_id": "li-9", "type": "connection_accepted", "from": "https://www.linkedin.com/in/stranger"}
+    )
+    assert resp.status_code == 202
+    assert resp.json()["status"] == "unknown_sender"
+    async with hook.sf() as s:
+        [row] = (await s.execute(select(InboundEvent))).scalars().all()
+    assert (row.channel, row.provider_event_id, row.type, row.status, row.person_id) == (
+        "linkedin",
+        "li-9",
+        "connection_accepted",
+        "unknown_sender",
+        None,
+    )
+    assert row.from_value == "https://www.linkedin.com/in/stranger"
+    assert await events_of(hook.sf) == []
+    # A malformed identity value is just as unknown, not a 500.
+    odd = await hook.post("x", {"event_id": "x-odd", "type": "reply", "from": "not a handle!"})
+    assert odd.status_code == 202 and odd.json()["status"] == "unknown_sender"
+
+
+async def test_a_reply_on_x_branches_the_email_sequence(hook: Hook) -> None:
+    """Cross-channel: enrolled by email, replies on X by handle; the email after NOT_REPLIED never goes."""
+    pid = await hook.person(email="grace@lead.test", x="31337")
+    await hook.add_identity(pid, "x_handle", "grace_h")
+    other = await hook.person(email="bystander@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    bystander = await hook.enroll(email_sequence(), other)
+    await hook.waiting_at(handle)
+    await hook.waiting_at(bystander)
+    resp = await hook.post(
+        "x", {"event_id": "dm-77", "type": "reply", "from": "@Grace_H", "text": "Sounds good, let's talk"}
+    )
+    assert resp.status_code == 202
+    assert resp.json() == {"status": "signalled", "person_id": pid, "enrollments": 1, "classification": "positive"}
+    view = await wait_for_status(handle, lambda v: v.current_step == "done" or v.status != EnrollmentStatus.ACTIVE)
+    assert [(p.step, p.left_by) for p in view.path][:1] == [("m0", "REPLIED")]
+    result = await handle.result()  # skips past the 2-day NOT_REPLIED timer had it still been pending
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert [(p.step, p.left_by) for p in result.path] == [("m0", "REPLIED"), ("done", "END")]
+    assert await bystander.result()  # the bystander's timer ran out: their follow-up did go
+    assert [m["Subject"] for m in hook.mails_to("grace@lead.test")] == ["Hello Ada"]
+    assert [m["Subject"] for m in hook.mails_to("bystander@lead.test")] == ["Hello Ada", "Again"]
+    [replied] = await events_of(hook.sf, "replied")
+    assert (replied.channel, replied.person_id, replied.step_id) == ("x", pid, "m0")
+    # The numeric X user id resolves to the same person.
+    by_id = await hook.post("x", {"event_id": "dm-78", "type": "reply", "from": "31337", "text": "again"})
+    assert by_id.json()["person_id"] == pid
+
+
+async def test_a_reply_reaches_every_active_enrollment_of_the_person(hook: Hook) -> None:
+    pid = await hook.person(email="multi@lead.test")
+    first = await hook.enroll(email_sequence(allow_concurrent=True), pid)
+    second = await hook.enroll(email_sequence(allow_concurrent=True), pid)
+    await hook.waiting_at(first)
+    await hook.waiting_at(second)
+    resp = await hook.post(
+        "email", {"event_id": "m-1", "type": "reply", "from": "Multi <MULTI@lead.test>", "text": "ok"}
+    )
+    assert resp.json()["enrollments"] == 2
+    for h in (first, second):
+        assert [p.step for p in (await h.result()).path] == ["m0", "done"]
+        assert await signals_in_history(h, "replied") == 1
+    assert len(hook.smtp.messages) == 2
+
+
+async def test_an_email_reply_from_an_unknown_address_matches_by_in_reply_to(hook: Hook) -> None:
+    pid = await hook.person(email="lin@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    await hook.waiting_at(handle)
+    [sent] = hook.smtp.parsed()
+    our_id = sent["Message-ID"]
+    assert our_id.startswith("<") and our_id.endswith(">")
+    unrelated = await hook.post(
+        "email", {"event_id": "ir-0", "type": "reply", "from": "assistant@lin-corp.test", "in_reply_to": "<nope@x>"}
+    )
+    assert unrelated.json()["status"] == "unknown_sender"
+    resp = await hook.post(
+        "email",
+        {
+            "event_id": "ir-1",
+            "type": "reply",
+            "from": "Lin's Assistant <assistant@lin-corp.test>",
+            "text": "Lin asked me to set up a call",
+            "in_reply_to": our_id.strip("<>"),  # some providers drop the angle brackets
+        },
+    )
+    assert resp.status_code == 202
+    assert resp.json()["status"] == "signalled" and resp.json()["person_id"] == pid
+    result = await handle.result()
+    assert [(p.step, p.left_by) for p in result.path] == [("m0", "REPLIED"), ("done", "END")]
+    assert len(hook.smtp.messages) == 1
+
+
+async def test_an_email_reply_matches_by_references_given_as_the_raw_header(hook: Hook) -> None:
+    pid = await hook.person(email="ref@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    await hook.waiting_at(handle)
+    [sent] = hook.smtp.parsed()
+    resp = await hook.post(
+        "email",
+        {
+            "event_id": "rf-1",
+            "type": "reply",
+            "from": "forwarded@elsewhere.test",
+            "text": "Forwarding this to the right person",
+            "references": f"<older@thread.test> {sent['Message-ID']}",
+        },
+    )
+    assert resp.json()["status"] == "signalled" and resp.json()["person_id"] == pid
+    assert (await handle.result()).path[0].left_by == "REPLIED"
+
+
+# --------------------------------------------------------------------------- pixel
+
+
+async def test_open_pixel_records_one_open_per_delivery(hook: Hook) -> None:
+    pid = await hook.person(email="reader@lead.test")
+    handle = await hook.enroll(email_sequence(track_opens=True), pid)
+    await hook.waiting_at(handle)
+    [mail] = hook.smtp.parsed()
+    html = next(p for p in mail.walk() if p.get_content_type() == "text/html").get_content()
+    [token] = re.findall(r'src="https://links\.acme\.test/o/([^"]+)"', html)
+    for _ in range(3):  # a mail client fetches the image again every time the message is opened
+        resp = await hook.http.get(f"/o/{token}")
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "image/gif"
+        assert resp.content == PIXEL and resp.content.startswith(b"GIF89a")
+        assert "no-store" in resp.headers["cache-control"]
+    [opened] = await events_of(hook.sf, "opened")
+    assert (opened.person_id, opened.step_id, opened.channel) == (pid, "m0", "email")
+    assert opened.delivery_id is not None
+    await handle.terminate("test over")
+
+
+async def test_open_pixel_with_a_bad_token_still_returns_the_image_and_records_nothing(hook: Hook) -> None:
+    forged_unknown = make_token(LINK_SECRET, "open", {"k": "no-such-delivery"})
+    wrong_purpose = make_token(LINK_SECRET, "unsubscribe", {"k": "x"})
+    other_secret = make_token("attacker", "open", {"k": "x"})
+    for token in ("garbage", "a.b", forged_unknown, wrong_purpose, other_secret, forged_unknown[:-3] + "AAA"):
+        resp = await hook.http.get(f"/o/{token}")
+        assert resp.status_code == 200 and resp.content == PIXEL
+    assert await events_of(hook.sf) == []
+
+
+async def test_mail_without_tracking_has_no_pixel(hook: Hook) -> None:
+    pid = await hook.person(email="private@lead.test")
+    handle = await hook.enroll(email_sequence(), pid)
+    await hook.waiting_at(handle)
+    [mail] = hook.smtp.parsed()
+    html = next(p for p in mail.walk() if p.get_content_type() == "text/html").get_content()
+    assert "/o/" not in html
+    await handle.terminate("test over")
+
+
+# --------------------------------------------------------------------------- health
+
+
+async def test_healthz_is_ok_when_both_are_up(hook: Hook) -> None:
+    resp = await hook.http.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.json() == {"postgres": "ok", "temporal": "ok", "status": "ok"}
+
+
+async def test_healthz_names_postgres_when_the_database_is_down(temporal_env: WorkflowEnvironment) -> None:
+    closed = free_port()
+    app = create_app(app_settings(temporal_env, f"postgresql+asyncpg://nobody@127.0.0.1:{closed}/gone"))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        resp = await http.get("/healthz")
+    assert resp.status_code == 503
+    report = resp.json()
+    assert report["status"] == "degraded" and report["temporal"] == "ok"
+    assert report["postgres"].startswith("error:")
+
+
+async def _forward(listen: socket.socket, target: str) -> asyncio.Server:
+    """A TCP forwarder: Temporal "comes up" at the listening port when this starts."""
+    host, port = target.split(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, sock=listen)
+
+
+async def test_healthz_names_temporal_when_it_is_down_and_recovers_when_it_comes_up(
+    temporal_env: WorkflowEnvironment, database_url: str
+) -> None:
+    port = free_port()
+    app = create_app(app_settings(temporal_env, database_url, temporal_address=f"127.0.0.1:{port}"))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        down = await http.get("/healthz")
+        assert down.status_code == 503
+        assert down.json()["postgres"] == "ok" and down.json()["status"] == "degraded"
+        assert down.json()["temporal"].startswith("error:") and str(port) in down.json()["temporal"]
+        body = json.dumps({"event_id": "while-down", "type": "reply", "from": "a@b.test"}).encode()
+        queued = await http.post("/webhooks/email", content=body, headers=signed(body))
+        assert queued.status_code == 503  # the provider retries later
+        listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listen.bind(("127.0.0.1", port))
+        forwarder = await _forward(listen, temporal_address(temporal_env))
+        try:
+            up = await http.get("/healthz")  # no restart needed: the app connects again
+            assert up.status_code == 200, up.text
+            assert up.json() == {"postgres": "ok", "temporal": "ok", "status": "ok"}
+            retry = await http.post("/webhooks/email", content=body, headers=signed(body))
+            assert retry.status_code == 202 and retry.json()["status"] == "unknown_sender"
+        finally:
+            forwarder.close()
