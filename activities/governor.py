@@ -111,17 +111,24 @@ class SendGovernor:
 
             start = max(now, not_before)
             reason: str | None = None
-            if person_id is not None and counts_as_touch and person_daily_cap > 0:
-                start, reason = await self._person_cap(session, person_id, start, person_daily_cap)
-            best: tuple[datetime, int, SenderAccount, str | None] | None = None
+            person_capped = person_id is not None and counts_as_touch and person_daily_cap > 0
             jitters = {acct.id: self.rng.uniform(0, acct.jitter_seconds or 0) for acct in locked}
-            for acct in locked:
-                slot, why = await self._earliest(session, acct, start, jitters[acct.id])
-                today = await self._count_day(session, acct, slot)
-                key = (slot, today, acct, why)
-                if best is None or (slot, today, acct.id) < (best[0], best[1], best[2].id):
-                    best = key
-            assert best is not None
+            for _ in range(MAX_ITERATIONS):
+                if person_capped:
+                    assert person_id is not None
+                    start, why_person = await self._person_cap(session, person_id, start, person_daily_cap)
+                    reason = why_person or reason
+                best = await self._best_sender(session, locked, start, jitters)
+                if not person_capped or best[0] == start:
+                    break
+                # The sender pushed the slot past `start`: the person's cap must hold there too.
+                assert person_id is not None
+                again, _ = await self._person_cap(session, person_id, best[0], person_daily_cap)
+                if again == best[0]:
+                    break
+                start, reason = again, "person frequency cap"
+            else:
+                raise NoSlotError(f"no slot for person {person_id}")
             slot_at, _, acct, why = best
             session.add(
                 SendSlot(
@@ -137,6 +144,19 @@ class SendGovernor:
             if slot_at > start:
                 reason = why or reason
             return Reservation(acct.id, slot_at, reason if slot_at > max(now, not_before) else None)
+
+    async def _best_sender(
+        self, session: AsyncSession, locked: list[SenderAccount], start: datetime, jitters: dict[int, float]
+    ) -> tuple[datetime, int, SenderAccount, str | None]:
+        """Rotation: the sender whose earliest free slot is soonest (then fewest today, then id)."""
+        best: tuple[datetime, int, SenderAccount, str | None] | None = None
+        for acct in locked:
+            slot, why = await self._earliest(session, acct, start, jitters[acct.id])
+            today = await self._count_day(session, acct, slot)
+            if best is None or (slot, today, acct.id) < (best[0], best[1], best[2].id):
+                best = (slot, today, acct, why)
+        assert best is not None
+        return best
 
     # ------------------------------------------------------------------ rules
     async def _person_cap(
@@ -256,13 +276,15 @@ class SendGovernor:
 def _hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:
     """True when adding `slot` keeps every rolling hour containing it within `cap`.
 
-    `times` must be sorted. Only windows that start at `slot - 1h` (just after) or at an
-    existing slot in (slot - 1h, slot] can hold the most slots, so those are checked.
+    `times` must be sorted. A window [w, w + 1h) holds the slot when w is in
+    (slot - 1h, slot]; the fullest of them starts at an existing slot in that range or at
+    `slot` itself (the window ahead of it, which matters when slots are granted out of
+    time order), so those are checked.
     """
     if len(times) < cap:
         return True
     hour = timedelta(hours=1)
-    starts = [slot - hour + timedelta(microseconds=1)]
+    starts = [slot]
     starts += times[bisect_right(times, slot - hour) : bisect_right(times, slot)]
     return all(bisect_left(times, w + hour) - bisect_left(times, w) + 1 <= cap for w in starts)
 
