@@ -1,9 +1,12 @@
 """The people CSV import: upsert people and identities, snapshot a static segment.
 
-Every bad line is reported with its line number and reason and changes nothing; every
-good line lands (each row runs in its own savepoint; batches commit every few hundred
-rows so that 100,000 rows import in one go). A row matches an existing person through
-any of its identities, so importing the same file again changes nothing.
+Every bad line is reported with its line number (the physical line of the file where
+the record starts, the header being line 1) and every reason it was refused, and
+changes nothing; every good line lands (each row runs in its own savepoint; batches
+commit every few hundred rows so that 100,000 rows import in one go). A row matches an existing person through
+any of its identities, so importing the same file again changes nothing. Known columns
+are matched case-insensitively ("Email", "First Name"); other columns become custom
+fields under their own name.
 
 The segment named on the command line becomes a snapshot of exactly this import's good
 rows (an existing static segment of that name is replaced), as v1's static segments.
@@ -19,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.session import SessionFactory
@@ -27,6 +31,7 @@ from models.sequence import is_timezone
 from services.identities import COLUMN_CHANNEL, normalize
 
 PERSON_COLUMNS = ("first_name", "last_name", "company", "timezone")
+MAX_LENGTH = {"first_name": 200, "last_name": 200, "company": 300, "timezone": 64}
 BATCH = 500
 
 
@@ -56,9 +61,16 @@ class _BadRow(Exception):
 
 
 def _parse_row(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """Split a row into person columns, normalized identities and custom fields.
+
+    Raises:
+        _BadRow: naming every problem of the row at once (joined with "; ").
+    """
     person: dict[str, Any] = {}
     identities: dict[str, str] = {}
     custom: dict[str, str] = {}
+    problems: list[str] = []
+    bad_identity = False
     for key, raw in row.items():
         value = (raw or "").strip()
         if not value:
@@ -67,16 +79,32 @@ def _parse_row(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], dic
             try:
                 identities[COLUMN_CHANNEL[key]] = normalize(COLUMN_CHANNEL[key], value)
             except ValueError as err:
-                raise _BadRow(f"{key}: {err}") from None
+                problems.append(f"{key}: {err}")
+                bad_identity = True
         elif key in PERSON_COLUMNS:
+            if len(value) > MAX_LENGTH[key]:
+                problems.append(f"{key}: longer than {MAX_LENGTH[key]} characters")
             person[key] = value
         else:
             custom[key] = value
-    if not identities:
-        raise _BadRow(f"no identity: fill at least one of {', '.join(COLUMN_CHANNEL)}")
+    if not identities and not bad_identity:
+        problems.append(f"no identity: fill at least one of {', '.join(COLUMN_CHANNEL)}")
     if "timezone" in person and not is_timezone(person["timezone"]):
-        raise _BadRow(f"timezone: unknown time zone {person['timezone']!r}")
+        problems.append(f"timezone: unknown time zone {person['timezone']!r} (use an IANA name such as Europe/Paris)")
+    if problems:
+        raise _BadRow("; ".join(problems))
     return person, identities, custom
+
+
+def _header(cells: list[str]) -> list[str]:
+    """Known columns match case-insensitively ("Email", "First Name"); others keep their name."""
+    known = set(COLUMN_CHANNEL) | set(PERSON_COLUMNS)
+    out = []
+    for cell in cells:
+        name = cell.strip()
+        canonical = name.lower().replace(" ", "_").replace("-", "_")
+        out.append(canonical if canonical in known else name)
+    return out
 
 
 async def _upsert(
@@ -114,7 +142,11 @@ async def _upsert(
         for channel, value in identities.items():
             if (channel, value) not in owned:
                 if channel in current:
-                    raise _BadRow(f"person {pid} already has {channel} {current[channel]!r}; this row says {value!r}")
+                    matched = ", ".join(f"{c} {v!r}" for (c, v) in sorted(owned))
+                    raise _BadRow(
+                        f"{matched} belongs to person {pid}, who already has {channel} {current[channel]!r}; "
+                        f"this row says {value!r} (an identity owned by another person?)"
+                    )
                 session.add(Identity(person_id=pid, channel=channel, value=value))
                 changed = True
         await session.flush()
@@ -146,15 +178,27 @@ async def import_people(
     with handle:
         reader = csv.reader(handle)
         try:
-            header = [h.strip() for h in next(reader)]
+            header = _header(next(reader))
         except StopIteration:
             raise ValueError(f"{path}: the file is empty (a header row is required)") from None
+        except csv.Error as err:
+            raise ValueError(f"{path}: line 1: {err}") from None
         if not any(h in COLUMN_CHANNEL for h in header):
             raise ValueError(f"{path}: the header names no identity column ({', '.join(COLUMN_CHANNEL)})")
         dupes = {h for h in header if header.count(h) > 1}
         if dupes:
             raise ValueError(f"{path}: duplicate header column(s) {sorted(dupes)}")
-        rows = list(reader)
+        # (line where the record starts, cells): a quoted cell may span several lines
+        rows: list[tuple[int, list[str]]] = []
+        while True:
+            line = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise ValueError(f"{path}: line {line}: {err}") from None
+            rows.append((line, cells))
     total = len(rows)
     members: list[int] = []
     async with session_factory() as session, session.begin():
@@ -163,8 +207,7 @@ async def import_people(
             raise ValueError(f"segment {segment!r} is a rule segment; import into another name")
     for start in range(0, total, BATCH):
         async with session_factory() as session, session.begin():
-            for offset, cells in enumerate(rows[start : start + BATCH]):
-                line = start + offset + 2  # the header is line 1
+            for line, cells in rows[start : start + BATCH]:
                 if not any(c.strip() for c in cells):
                     continue
                 report.rows += 1
@@ -177,6 +220,10 @@ async def import_people(
                         pid, outcome = await _upsert(session, values, identities, custom)
                 except _BadRow as err:
                     report.errors.append(RowError(line, str(err)))
+                    continue
+                except DBAPIError as err:  # the savepoint rolled the row back; the batch goes on
+                    detail = str(err.orig).splitlines()[0] if err.orig else str(err)
+                    report.errors.append(RowError(line, f"database refused the row: {detail}"))
                     continue
                 members.append(pid)
                 setattr(report, outcome, getattr(report, outcome) + 1)
