@@ -266,7 +266,7 @@ class InboundProcessor:
                 if ids:
                     row = (
                         await session.execute(
-                            select(Enrollment.person_id, Delivery.identity_id)
+                            select(Enrollment.person_id, Delivery.identity_id, Delivery.channel)
                             .join(Delivery, Delivery.enrollment_id == Enrollment.id)
                             .where(Delivery.message_id.in_(ids))
                             .order_by(Delivery.id.desc())
@@ -274,7 +274,22 @@ class InboundProcessor:
                         )
                     ).first()
                     if row is not None:
-                        return int(row.person_id), (int(row.identity_id) if row.identity_id is not None else None)
+                        if row.identity_id is not None:
+                            return int(row.person_id), int(row.identity_id)
+                        # The ledger row does not name the address: the person's only one on that
+                        # channel is it; with several we cannot tell, so no identity is named.
+                        targets = (
+                            (
+                                await session.execute(
+                                    select(Identity.id).where(
+                                        Identity.person_id == row.person_id, Identity.channel == row.channel
+                                    )
+                                )
+                            )
+                            .scalars()
+                            .all()
+                        )
+                        return int(row.person_id), (int(targets[0]) if len(targets) == 1 else None)
         return None, None
 
     async def _return_time(self, person_id: int, day: date) -> datetime:
