@@ -10,12 +10,14 @@ Variables are the person's known fields plus every custom CSV column.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import select
 
@@ -41,8 +43,29 @@ IDENTITY_FIELD = {
     "linkedin": "linkedin_url",
     "xmtp": "xmtp_address",
 }
-_TEXT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-_HTML = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
+_UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
+#: Largest string or list a template may build with `*`, and largest exponent of `**`.
+MAX_REPEAT = 100_000
+MAX_EXPONENT = 100
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, also refusing `"x" * 10**9` and `10 ** 100000000` (memory and CPU bombs)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_REPEAT:
+                    raise SecurityError(f"repetition would build {len(seq) * times} items (limit {MAX_REPEAT})")
+        return super().call_binop(context, operator, left, right)
+
+
+_TEXT = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_HTML = _Sandbox(undefined=StrictUndefined, autoescape=True, keep_trailing_newline=True)
 FIELDS = ("subject", "text", "body", "html")
 
 
@@ -77,20 +100,24 @@ class RenderedContent:
 
 
 def person_context(person: Person, identities: Iterable[Identity]) -> dict[str, Any]:
-    """Template variables: custom fields, then known fields (known ones win)."""
+    """Template variables: custom fields, then known fields (known ones win).
+
+    Only fields with a value are variables: a person without a first name makes
+    `{{ first_name }}` an error (never "Hi ,"); a template that accepts a missing
+    value says so with `{{ first_name | default('there') }}` or `{% if x_handle is defined %}`.
+    """
     ctx: dict[str, Any] = {k: v for k, v in (person.fields or {}).items() if v not in (None, "")}
-    ctx.update(
-        first_name=person.first_name or "",
-        last_name=person.last_name or "",
-        company=person.company or "",
-        timezone=person.timezone or "UTC",
-    )
+    known = {
+        "first_name": person.first_name,
+        "last_name": person.last_name,
+        "company": person.company,
+        "timezone": person.timezone or "UTC",
+    }
+    ctx.update({k: v for k, v in known.items() if v not in (None, "")})
     for ident in identities:
         name = IDENTITY_FIELD.get(ident.channel)
-        if name:
+        if name and ident.value:
             ctx[name] = ident.value
-    for name in KNOWN_FIELDS:  # known identity fields exist (empty) even when missing
-        ctx.setdefault(name, "")
     return ctx
 
 
@@ -103,14 +130,25 @@ def _sources(step: Step) -> list[tuple[str | None, Step | Variant]]:
 def _render(env: SandboxedEnvironment, source: str, ctx: dict[str, Any], where: str) -> str:
     try:
         return env.from_string(source).render(ctx)
-    except UndefinedError as err:
-        known = ", ".join(sorted(ctx)) or "none"
-        missing = str(err.message or err).replace("'dict object' has no attribute ", "")
-        raise TemplateError(f"{where}: template variable {missing} does not exist (known: {known})") from None
     except SecurityError as err:
         raise TemplateError(f"{where}: not allowed in templates: {err}") from None
+    except UndefinedError as err:
+        known = ", ".join(sorted(ctx)) or "none"
+        text = str(err.message or err)
+        match = _UNDEFINED.match(text)
+        if match:
+            name = match.group(1)
+            raise TemplateError(
+                f"{where}: template variable {name!r} is not set for this person (known: {known}; "
+                f"for an optional value write {{{{ {name} | default('') }}}})"
+            ) from None
+        raise TemplateError(f"{where}: {text}") from None
     except TemplateSyntaxError as err:
         raise TemplateError(f"{where}: syntax error on line {err.lineno}: {err.message}") from None
+    except OverflowError as err:  # the sandbox's range limit
+        raise TemplateError(f"{where}: not allowed in templates: {err}") from None
+    except Exception as err:  # 1/0, "a" + 1 …: a template that cannot render is a TemplateError
+        raise TemplateError(f"{where}: {type(err).__name__}: {err}") from None
 
 
 def render_step(step: Step, variant_name: str | None, context: dict[str, Any]) -> RenderedContent:
@@ -150,6 +188,7 @@ def check_definition_templates(defn: SequenceDefinition, known_fields: set[str] 
                 env = _HTML if field == "html" else _TEXT
                 try:
                     ast = env.parse(source)
+                    env.from_string(source)  # compiling finds unknown filters and tests too
                 except TemplateSyntaxError as err:
                     problems.append(
                         TemplateProblem(
