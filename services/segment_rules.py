@@ -7,12 +7,17 @@ Comparisons: `=`, `!=`, `<`, `>`, `<=`, `>=`, `in (…)`, `contains`, `is empty`
 `is not empty`; combined with `and`, `or`, `not` and parentheses (`not` binds tightest,
 then `and`, then `or`). Fields are person columns (first_name, last_name, company,
 timezone, id), identity fields (email, x_handle, x_user_id, linkedin_url,
-xmtp_address) and any other name is a custom CSV column. Values only ever become bound
-parameters: the rule text is never pasted into SQL. Errors name the column.
+xmtp_address) and any other name is a custom CSV column. Strings are quoted with ' or "
+and a backslash escapes the next character (`'O\\'Brien'`); text comparisons ignore case;
+a number compares numerically with a custom field whose value is a number (other values
+never match `<`, `>`, `=`). A person without a field matches `!=` and `is empty`.
+Values only ever become bound parameters: the rule text is never pasted into SQL.
+Errors name the column (1-based) and show a caret under it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,14 +39,15 @@ _NUMBER = r"^-?[0-9]+(\.[0-9]+)?$"
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-      | (?P<num>-?\d+(?:\.\d+)?)(?![\w.])
-      | (?P<op><=|>=|!=|=|<|>)
+      | (?P<num>-?[0-9]+(?:\.[0-9]+)?)(?![\w.])
+      | (?P<op>[<>=!~]+)
       | (?P<punct>[(),])
       | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
     )""",
     re.VERBOSE,
 )
 KEYWORDS = {"and", "or", "not", "in", "contains", "is", "empty", "true", "false"}
+OPERATORS = {"=", "!=", "<", ">", "<=", ">="}
 
 
 class RuleSyntaxError(ValueError):
@@ -78,7 +84,11 @@ def tokenize(expr: str) -> list[Tok]:
         start = m.start(kind)
         value = m.group(kind)
         if kind == "str":
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            if "\x00" in value:
+                raise RuleSyntaxError("a NUL character cannot be part of a string", start + value.index("\x00"), expr)
+            value = re.sub(r"\\(.)", r"\1", value[1:-1], flags=re.DOTALL)
+        elif kind == "op" and value not in OPERATORS:
+            raise RuleSyntaxError(f"unknown operator {value!r} (use =, !=, <, >, <=, >=)", start, expr)
         elif kind == "word" and value.lower() in KEYWORDS:
             kind, value = "kw", value.lower()
         toks.append(Tok(kind, value, start))
@@ -132,7 +142,7 @@ class _Parser:
 
     def parse(self) -> Any:
         if self.peek().kind == "end":
-            raise self.fail("empty rule")
+            raise RuleSyntaxError("empty rule", 0, self.expr)
         node = self.or_()
         if self.peek().kind != "end":
             raise self.fail(f"unexpected {self.peek().value!r}")
@@ -245,7 +255,7 @@ def _compile_cmp(node: Cmp) -> ColumnElement[bool]:
             return exists(ident.where(Identity.value.icontains(str(values[0]), autoescape=True)))
         if op == "in":
             return exists(ident.where(func.lower(Identity.value).in_([str(v).lower() for v in values])))
-        raise ValueError(f"{field}: operator {op} is not supported on identity fields")
+        raise ValueError(f"{field}: operator {op} is not supported on identity fields")  # _check reports it first
     value = _text_value(field)
     if op == "is empty":
         return or_(value.is_(None), func.trim(value) == "")
@@ -254,8 +264,8 @@ def _compile_cmp(node: Cmp) -> ColumnElement[bool]:
     if op == "contains":
         return value.icontains(str(values[0]), autoescape=True)
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if field == "id":
-        col: Any = Person.id
+    if field == "id" and numeric:
+        col: Any = Person.id if all(isinstance(v, int) for v in values) else cast(Person.id, Numeric)
         vals: list[Any] = list(values)
     elif numeric:
         col = case((value.op("~")(_NUMBER), cast(value, Numeric)), else_=None)
@@ -283,14 +293,48 @@ def _compile(node: Any) -> ColumnElement[bool]:
     if isinstance(node, Cmp):
         return _compile_cmp(node)
     if isinstance(node, Not):
-        return not_(_compile(node.part))
+        # two-valued: a comparison on a missing field is false, so its negation is true
+        return not_(func.coalesce(_compile(node.part), false()))
     parts = [_compile(p) for p in node.parts]
     return and_(true(), *parts) if node.op == "and" else or_(false(), *parts)
 
 
+_IDENTITY_OPS = {"=", "!=", "in", "contains", "is empty", "is not empty"}
+
+
+def _check(node: Any, expr: str) -> None:
+    """Reject what parses but cannot be evaluated, still naming the position."""
+    if isinstance(node, Cmp):
+        if node.field in IDENTITY_FIELDS and node.op not in _IDENTITY_OPS:
+            message = f"operator {node.op!r} is not supported on identity field {node.field}"
+            raise RuleSyntaxError(message, node.pos, expr)
+    elif isinstance(node, Not):
+        _check(node.part, expr)
+    else:
+        for part in node.parts:
+            _check(part, expr)
+
+
+def canonical(node: Any) -> str:
+    """A normal form of a parsed rule: equal for rules that differ only in spacing, quotes or case of keywords."""
+    if isinstance(node, Cmp):
+        values = ", ".join(json.dumps(v) for v in node.values)
+        return f"{node.field} {node.op}" + (f" ({values})" if node.op == "in" else f" {values}" if values else "")
+    if isinstance(node, Not):
+        return f"not ({canonical(node.part)})"
+    return f" {node.op} ".join(f"({canonical(p)})" for p in node.parts)
+
+
+def canonical_rule(expr: str) -> str:
+    """`canonical` of the rule's text (RuleSyntaxError if it does not parse)."""
+    return canonical(parse_rule(expr))
+
+
 def compile_rule(expr: str) -> ColumnElement[bool]:
     """A SQLAlchemy condition over `Person` for the rule (only bound parameters)."""
-    return _compile(parse_rule(expr))
+    node = parse_rule(expr)
+    _check(node, expr)
+    return _compile(node)
 
 
 async def evaluate_rule(session: AsyncSession, expr: str) -> list[int]:

@@ -1,7 +1,8 @@
 """Rule-based segments: parsed and compiled once, stored with a version.
 
 A rule segment is evaluated when an audience is enrolled (it is a live filter); a
-changed rule bumps the version so that audits can tell which rule enrolled whom.
+changed rule bumps the version so that audits can tell which rule enrolled whom. A rule
+that differs only in spacing, quote style or keyword case is the same rule (same version).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 
 from db.session import SessionFactory
 from db.tables import Person, Segment
-from services.segment_rules import compile_rule
+from services.segment_rules import RuleSyntaxError, canonical_rule, compile_rule
 
 
 @dataclass
@@ -22,6 +23,15 @@ class RuleSegment:
     name: str
     version: int
     size: int
+
+
+def _same_rule(stored: str | None, rule: str) -> bool:
+    if stored is None:
+        return False
+    try:
+        return canonical_rule(stored) == canonical_rule(rule)
+    except RuleSyntaxError:  # stored under an older grammar: compare the text
+        return stored == rule
 
 
 async def create_rule_segment(session_factory: SessionFactory, name: str, rule: str) -> RuleSegment:
@@ -36,7 +46,7 @@ async def create_rule_segment(session_factory: SessionFactory, name: str, rule: 
             session.add(segment)
         elif segment.kind != "rule":
             raise ValueError(f"segment {name!r} is a static (imported) segment; pick another name")
-        elif segment.rule != rule:
+        elif not _same_rule(segment.rule, rule):
             segment.rule = rule
             segment.version += 1
         size = (await session.execute(select(func.count()).select_from(Person).where(condition))).scalar_one()
