@@ -22,7 +22,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
 from db.tables import Enrollment, Identity, Segment, SegmentMember
-from models.enrollment import AudienceInput, AudienceProgress, ControlSignal, EnrollmentStatus, InboundSignal
+from models.enrollment import (
+    AudienceInput,
+    AudienceProgress,
+    ControlSignal,
+    EnrollmentResult,
+    EnrollmentStatus,
+    InboundSignal,
+)
 from services.sequence_store import create_version
 from tests.engine_harness import (
     all_senders,
@@ -159,7 +166,7 @@ async def test_new_version_does_not_touch_running_enrollments(wired: Env, tmp_pa
     await w.env.sleep(timedelta(days=5))  # skip past every timer of both versions
     results = {}
     for p in [*old, *new]:
-        handle = w.env.client.get_workflow_handle_for(EnrollmentWorkflow.run, workflow_id_for(name, p))
+        handle = w.env.client.get_workflow_handle(workflow_id_for(name, p), result_type=EnrollmentResult)
         results[p] = await handle.result()
     async with w.sf() as s:
         rows = {r.person_id: r for r in (await s.execute(select(Enrollment))).scalars()}
