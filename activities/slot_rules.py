@@ -1,0 +1,184 @@
+"""The governor's rules as pure functions over sorted slot times.
+
+The governor (activities/governor.py) loads a sender's granted slots once per batch of
+reservations, under the sender rows' lock, and decides every slot here in memory. Keeping
+the rules free of I/O makes them cheap (no query per candidate time, so a long queue of
+slots costs one read, not one read per slot) and lets them be tested exhaustively without
+a database.
+
+A slot for a sender satisfies:
+
+* at most `per_day` slots in the sender's local calendar day (the warm-up allowance
+  while the account is new),
+* at most `per_hour` slots in any rolling 60 minutes that contains it,
+* at least `spacing` (minimum spacing plus this slot's jitter) to both neighbours;
+
+and for the person, at most `cap` touches in any rolling 24 hours.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(hours=24)
+HORIZON = timedelta(days=366)
+MAX_ITERATIONS = 100_000
+
+
+class NoSlotError(RuntimeError):
+    """No time within a year satisfies the caps (a misconfigured sender)."""
+
+
+def local_day(at: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The start and end of `at`'s calendar day in `tz`, in `at`'s zone."""
+    local = at.astimezone(tz)
+    start = datetime.combine(local.date(), datetime.min.time(), tzinfo=tz)
+    end = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), tzinfo=tz)
+    return start.astimezone(at.tzinfo), end.astimezone(at.tzinfo)
+
+
+def hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:
+    """True when adding `slot` keeps every rolling hour containing it within `cap`.
+
+    `times` must be sorted. A window [w, w + 1h) holds the slot when w is in
+    (slot - 1h, slot]; the fullest of them starts at an existing slot in that range or at
+    `slot` itself (the window ahead of it, which matters when slots are granted out of
+    time order), so those are checked.
+    """
+    if len(times) < cap:
+        return True
+    starts = [slot]
+    starts += times[bisect_right(times, slot - HOUR) : bisect_right(times, slot)]
+    return all(bisect_left(times, w + HOUR) - bisect_left(times, w) + 1 <= cap for w in starts)
+
+
+@dataclass
+class SenderBook:
+    """One sender account's caps and the slots it has granted (sorted)."""
+
+    sender_id: int
+    per_hour: int
+    per_day: int
+    min_spacing: timedelta
+    tz: ZoneInfo
+    times: list[datetime] = field(default_factory=list)
+    day_cap: Callable[[datetime], int] | None = None
+    """Cap for the local day starting at the argument (warm-up); `per_day` when None."""
+
+    def cap_for(self, day_start: datetime) -> int:
+        """The day cap that applies to the local day starting at `day_start`."""
+        return self.day_cap(day_start) if self.day_cap is not None else self.per_day
+
+    def count_day(self, at: datetime) -> int:
+        """Slots granted in `at`'s local day."""
+        start, end = local_day(at, self.tz)
+        return bisect_left(self.times, end) - bisect_left(self.times, start)
+
+    def add(self, at: datetime) -> None:
+        """Record a granted slot."""
+        insort(self.times, at)
+
+    def earliest(self, start: datetime, jitter: timedelta = timedelta(0)) -> tuple[datetime, str | None]:
+        """The first time at or after `start` that satisfies the sender's caps."""
+        spacing = self.min_spacing + jitter
+        slot = start
+        reason: str | None = None
+        times = self.times
+        for _ in range(MAX_ITERATIONS):
+            if slot - start > HORIZON:
+                break
+            day_start, day_end = local_day(slot, self.tz)
+            cap = self.cap_for(day_start)
+            if bisect_left(times, day_end) - bisect_left(times, day_start) >= cap:
+                slot = day_end
+                reason = "warm-up" if cap < self.per_day else "daily cap"
+                continue
+            if not hour_ok(times, slot, self.per_hour):
+                near = times[bisect_right(times, slot - HOUR) : bisect_left(times, slot + HOUR)]
+                boundaries = [t + HOUR for t in near if t + HOUR > slot]
+                boundaries += [t + timedelta(microseconds=1) for t in near if t > slot]
+                slot = min(boundaries)
+                reason = "hourly cap"
+                continue
+            if spacing > timedelta(0):
+                candidate = slot
+                for existing in times[bisect_right(times, slot - spacing) :]:
+                    if existing >= candidate + spacing:
+                        break
+                    candidate = max(candidate, existing + spacing)
+                if candidate != slot:
+                    slot = candidate
+                    reason = reason or "spacing"
+                    continue
+            return slot, reason
+        raise NoSlotError(f"sender {self.sender_id} has no free slot within {HORIZON.days} days")
+
+
+def person_earliest(times: list[datetime], start: datetime, cap: int) -> tuple[datetime, str | None]:
+    """The first time at or after `start` when one more touch keeps every rolling 24 h within `cap`.
+
+    `times` are the person's touches, sorted.
+    """
+    if cap <= 0:
+        return start, None
+    reason = None
+    for _ in range(MAX_ITERATIONS):
+        lo = bisect_right(times, start - DAY)
+        mid = bisect_right(times, start)
+        hi = bisect_left(times, start + DAY)
+        window = times[lo:mid]
+        after = times[mid:hi]
+        if len(window) + len(after) < cap or (len(window) < cap and not after):
+            return start, reason
+        if len(window) >= cap:
+            start = window[len(window) - cap] + DAY
+        else:
+            start = after[-1] + DAY
+        reason = "person frequency cap"
+    raise NoSlotError("no slot within the person's frequency cap")
+
+
+def best_sender(
+    books: list[SenderBook], start: datetime, jitters: dict[int, timedelta]
+) -> tuple[datetime, SenderBook, str | None]:
+    """Rotation: the sender whose earliest free slot is soonest (then fewest that day, then id)."""
+    best: tuple[datetime, int, int, SenderBook, str | None] | None = None
+    for book in books:
+        slot, why = book.earliest(start, jitters.get(book.sender_id, timedelta(0)))
+        key = (slot, book.count_day(slot), book.sender_id)
+        if best is None or key < best[:3]:
+            best = (*key, book, why)
+    if best is None:
+        raise NoSlotError("no sender account to choose from")
+    return best[0], best[3], best[4]
+
+
+def choose_slot(
+    books: list[SenderBook],
+    person_times: list[datetime] | None,
+    start: datetime,
+    person_cap: int,
+    jitters: dict[int, timedelta],
+) -> tuple[datetime, SenderBook, str | None]:
+    """The slot for one send: the soonest sender slot that the person's cap allows too.
+
+    `person_times` is None when the send does not count as a touch (follows, unfollows).
+    """
+    reason: str | None = None
+    for _ in range(MAX_ITERATIONS):
+        if person_times is not None:
+            start, why_person = person_earliest(person_times, start, person_cap)
+            reason = why_person or reason
+        slot, book, why = best_sender(books, start, jitters)
+        if person_times is None or slot == start:
+            return slot, book, (why or reason) if slot > start else reason
+        again, _ = person_earliest(person_times, slot, person_cap)
+        if again == slot:
+            return slot, book, why or reason
+        start, reason = again, "person frequency cap"
+    raise NoSlotError("no slot that both the sender's and the person's caps allow")
