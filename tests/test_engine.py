@@ -149,6 +149,66 @@ async def test_event_branch_and_timeout_branch(ctx: Ctx, action: Action, event: 
     assert result2.path[0].left_at - result2.path[0].started_at >= timedelta(days=2)
 
 
+ACTIONS = sorted(Action)
+
+
+def _channel_calls(ctx: Ctx, action: Action) -> int:
+    """How many times the action's provider (SMTP, X, relay) was asked to act."""
+    if action == Action.SEND_EMAIL:
+        return len(ctx.smtp.messages)
+    if action in (Action.SEND_TWITTER_DM, Action.FOLLOW_ON_TWITTER, Action.UNFOLLOW_ON_TWITTER):
+        return len(ctx.x.requests)
+    if action in (Action.SEND_CONNECTION_REQUEST, Action.SEND_LINKEDIN_DM, Action.SEND_XMTP_DM):
+        return len(ctx.relay.actions)
+    return 0
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=[str(a) for a in ACTIONS])
+async def test_normal_edge_and_end_on_every_action(ctx: Ctx, action: Action) -> None:
+    """NORMAL_EDGE (after its delay) leaves the action, END finishes on it."""
+    raw = _seq(
+        f"normal-{action.lower()}-{uuid.uuid4().hex[:6]}",
+        [
+            {
+                "id": "act",
+                "action": str(action),
+                **CONTENT.get(action, {}),
+                "edges": [{"trigger": "NORMAL_EDGE", "after": "1d", "to": "fin"}],
+            },
+            {"id": "fin", "action": str(action), **CONTENT.get(action, {}), "edges": [{"trigger": "END"}]},
+        ],
+    )
+    result = await (await ctx.start(raw)).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert _steps(result) == ["act", "fin"]
+    assert [p.left_by for p in result.path] == ["NORMAL_EDGE", "END"]
+    first = result.path[0]
+    assert first.left_at is not None and first.left_at - first.started_at >= timedelta(days=1)
+    sends = action not in (Action.WAIT, Action.CHECK_FOR_REPLY)
+    assert [p.outcome for p in result.path] == (["sent", "sent"] if sends else [None, None])
+    assert _channel_calls(ctx, action) == (2 if sends else 0)
+
+
+def test_every_allowed_trigger_is_exercised() -> None:
+    """The parametrisations above cover every (action, trigger) the validator allows."""
+    covered = set(PAIRS)
+    for action, event in PAIRS:  # the timeout branch of each event test
+        negative = next((n for n, e in NEGATIVE_OF.items() if e == event), Trigger.NOT_REPLIED)
+        covered.add((action, negative))
+    covered |= {(action, t) for action in ACTIONS for t in (Trigger.NORMAL_EDGE, Trigger.END)}
+    allowed = {(action, t) for action, triggers in ALLOWED_TRIGGERS.items() for t in triggers}
+    assert allowed - covered == set()
+    assert {a for a, _ in PAIRS} >= {
+        Action.SEND_EMAIL,
+        Action.SEND_TWITTER_DM,
+        Action.SEND_LINKEDIN_DM,
+        Action.SEND_XMTP_DM,
+        Action.CHECK_FOR_REPLY,
+        Action.SEND_CONNECTION_REQUEST,
+        Action.FOLLOW_ON_TWITTER,
+    }
+
+
 async def test_actions_reach_their_channels(ctx: Ctx) -> None:
     raw = _seq(
         f"all-channels-{uuid.uuid4().hex[:6]}",
