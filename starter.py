@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,10 +46,14 @@ def _run(fn: Callable[[SessionFactory], Awaitable[T]]) -> T:
         finally:
             await engine.dispose()
 
+    from models.sequence import SequenceValidationError
+
     try:
         return asyncio.run(inner())
+    except SequenceValidationError:
+        raise  # the caller lists every issue
     except (LookupError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         err.print(f"[red]cannot connect:[/red] {exc} (is `make run` up? DATABASE_URL / TEMPORAL_ADDRESS)")
@@ -71,9 +76,9 @@ def sequences_validate(file: Path = typer.Argument(..., exists=True, dir_okay=Fa
 
 
 def _print_issues(file: Path, exc: Any) -> None:
-    err.print(f"[red]{file}: {len(exc.issues)} problem(s)[/red]")
+    err.print(f"[red]{escape(str(file))}: {len(exc.issues)} problem(s)[/red]", soft_wrap=True)
     for issue in exc.issues:
-        err.print(f"  - {issue}")
+        err.print(f"  - {escape(str(issue))}", soft_wrap=True, highlight=False)
 
 
 @sequences_app.command("create")
@@ -120,7 +125,7 @@ def people_import(
         f"segment {segment!r} has {report.members} people"
     )
     for row_error in report.errors:
-        err.print(f"  line {row_error.line}: {row_error.reason}")
+        err.print(f"  line {row_error.line}: {escape(row_error.reason)}", soft_wrap=True, highlight=False)
     if report.errors:
         raise typer.Exit(1)
 
@@ -141,7 +146,7 @@ def segments_create(
     try:
         seg = _run(go)
     except RuleSyntaxError as exc:
-        err.print(f"[red]--where:[/red] {exc}")
+        err.print(f"[red]--where:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(f"segment {name!r} version {seg.version}: {seg.size} people match now")
 
@@ -215,7 +220,7 @@ def enroll(
         + (f" of {progress.total}" if progress.total is not None else "")
     )
     for refusal in progress.refusals[:20]:
-        err.print(f"  refused: {refusal}")
+        err.print(f"  refused: {escape(refusal)}", soft_wrap=True, highlight=False)
 
 
 def _progress_printer() -> Callable[[Any], None]:
@@ -247,9 +252,14 @@ def _dry_run(sequence: str, segment: str) -> None:
     for item in report.previews[:20]:
         table.add_row(str(item.person_id), item.step, item.variant or "", item.to or "", item.preview)
     console.print(table)
-    console.print(f"{report.people} people, {len(report.previews)} messages rendered, {len(report.problems)} problems")
+    console.print(
+        f"{report.people} people, {len(report.previews)} messages rendered, "
+        f"{len(report.problems)} problems, {len(report.warnings)} warnings"
+    )
     for problem in report.problems:
-        err.print(f"  [red]problem[/red] {problem}")
+        err.print(f"  [red]problem[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+    for warning in report.warnings:
+        err.print(f"  [yellow]warning[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
 

@@ -378,8 +378,11 @@ def lenient_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition, set[str
         try:
             steps.append(Step.model_validate(item))
             continue
-        except ValidationError:
-            pass
+        except ValidationError as err:
+            repaired = _repair_durations(item, err)
+        if repaired is not None:  # only durations were malformed: check the rest of the step as written
+            steps.append(repaired)
+            continue
         sid = str(item.get("id") or f"#{index + 1}")
         edges: list[Edge] = []
         raw_edges = item.get("edges") if isinstance(item.get("edges"), list) else []
@@ -422,6 +425,34 @@ def lenient_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition, set[str
         steps=steps,
     )
     return definition, placeholders
+
+
+def _repair_durations(item: dict[str, Any], err: ValidationError) -> Step | None:
+    """The step with its malformed `after`/`delay` values replaced by 1d, if that is all that is wrong."""
+    fixed = dict(item)
+    edges = (
+        [dict(e) if isinstance(e, dict) else e for e in item.get("edges") or []]
+        if isinstance(item.get("edges"), list)
+        else None
+    )
+    for e in err.errors():
+        loc = e["loc"]
+        if loc == ("delay",):
+            fixed["delay"] = "1d"
+        elif len(loc) == 3 and loc[0] == "edges" and loc[2] == "after" and edges is not None:
+            index = loc[1]
+            if isinstance(index, int) and index < len(edges) and isinstance(edges[index], dict):
+                edges[index]["after"] = "1d"
+            else:
+                return None
+        else:
+            return None
+    if edges is not None:
+        fixed["edges"] = edges
+    try:
+        return Step.model_validate(fixed)
+    except ValidationError:
+        return None
 
 
 def _is_instant(edge: Edge) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.enroll import segment_page
@@ -21,7 +21,7 @@ from models.enrollment import AudienceInput, AudienceProgress
 from models.schedule import choose_variant
 from models.sequence import ACTION_CHANNEL, MESSAGE_ACTIONS, Channel, SequenceDefinition, Step
 from services.sequence_store import get_version
-from services.templating import person_context, render_step
+from services.templating import TemplateError, TemplateProblem, check_audience, person_context, render_step
 from settings import Settings
 from temporal_client import connect
 from workflows.audience import AudienceWorkflow, audience_workflow_id
@@ -31,6 +31,14 @@ TARGET = {
     Channel.X: "x",
     Channel.LINKEDIN: "linkedin",
     Channel.XMTP: "xmtp",
+}
+#: Identity channels that can receive a step on each channel, as the delivery activity
+#: picks them (X needs the numeric user id: a handle alone does not reach the X API).
+TARGETS: dict[Channel, tuple[str, ...]] = {
+    Channel.EMAIL: ("email",),
+    Channel.X: ("x",),
+    Channel.LINKEDIN: ("linkedin",),
+    Channel.XMTP: ("xmtp",),
 }
 
 
@@ -108,16 +116,51 @@ class Preview:
 
 
 @dataclass
+class DryRunProblem:
+    """Something that would refuse this person at enroll (or, as a warning, skip them)."""
+
+    person_id: int
+    step: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f", step {self.step!r}" if self.step else ""
+        return f"person {self.person_id}{where}: {self.message}"
+
+
+@dataclass
 class DryRunReport:
-    """What a dry run found."""
+    """What a dry run found.
+
+    `problems` are what `enroll` would refuse the person for (a template that does not
+    render for them on any message step and variant, an active enrollment elsewhere);
+    `warnings` do not stop an enrollment but change what it does (a suppressed person
+    is never contacted; a step on a channel the person has no identity for is skipped).
+    """
 
     people: int = 0
     previews: list[Preview] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    issues: list[DryRunProblem] = field(default_factory=list)
+    warning_issues: list[DryRunProblem] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """Each problem as one line naming the person and the step."""
+        return [str(p) for p in self.issues]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Each warning as one line naming the person and the step."""
+        return [str(w) for w in self.warning_issues]
 
 
 async def dry_run(session_factory: SessionFactory, sequence: str, segment: str) -> DryRunReport:
-    """Render every first message of the audience; report each problem; send nothing."""
+    """Render every first message of the audience; report each problem; send nothing.
+
+    Reads only: no enrollment row, delivery, event or workflow is created. Templates are
+    checked exactly as `enroll` checks them (every message step, every variant), so a
+    clean dry run means no person is refused for a template.
+    """
     version = await get_version(session_factory, sequence)
     defn = version.definition
     steps = first_message_steps(defn)
@@ -131,12 +174,18 @@ async def dry_run(session_factory: SessionFactory, sequence: str, segment: str) 
         ids = [p.id for p in people]
         async with session_factory() as session:
             identities = list((await session.execute(select(Identity).where(Identity.person_id.in_(ids)))).scalars())
-            suppressed = {
-                row
-                for row in (
-                    await session.execute(select(Suppression.person_id).where(Suppression.person_id.in_(ids)))
-                ).scalars()
-            }
+            suppressions = list(
+                (
+                    await session.execute(
+                        select(Suppression.person_id, Suppression.identity_id, Suppression.reason).where(
+                            or_(
+                                Suppression.person_id.in_(ids),
+                                Suppression.identity_id.in_(select(Identity.id).where(Identity.person_id.in_(ids))),
+                            )
+                        )
+                    )
+                ).all()
+            )
             busy = dict(
                 (
                     await session.execute(
@@ -151,32 +200,70 @@ async def dry_run(session_factory: SessionFactory, sequence: str, segment: str) 
         by_person: dict[int, list[Identity]] = {}
         for ident in identities:
             by_person.setdefault(ident.person_id, []).append(ident)
+        suppressed_people = {pid: reason for pid, iid, reason in suppressions if pid is not None and iid is None}
+        suppressed_identities = {iid for _, iid, _ in suppressions if iid is not None}
+        template_problems: dict[int, list[TemplateProblem]] = {}
+        for problem in await check_audience(session_factory, defn, ids):
+            if problem.person_id is not None:
+                template_problems.setdefault(problem.person_id, []).append(problem)
         for person in people:
             report.people += 1
             mine = by_person.get(person.id, [])
-            if person.id in suppressed:
-                report.problems.append(f"person {person.id}: suppressed (would not be contacted)")
+            if person.id in suppressed_people:
+                report.warning_issues.append(
+                    DryRunProblem(person.id, None, f"suppressed ({suppressed_people[person.id]}): never contacted")
+                )
                 continue
             if person.id in busy and not defn.allow_concurrent:
-                report.problems.append(f"person {person.id}: already active in {busy[person.id]}")
+                report.issues.append(
+                    DryRunProblem(
+                        person.id,
+                        None,
+                        f"already in an active enrollment ({busy[person.id]}); enroll would refuse this person",
+                    )
+                )
+            for tp in template_problems.get(person.id, []):
+                report.issues.append(DryRunProblem(person.id, tp.step, _strip_step(tp.message, tp.step)))
+            failed_steps = {tp.step for tp in template_problems.get(person.id, [])}
             ctx = person_context(person, mine)
             for step in steps:
                 channel = ACTION_CHANNEL[step.action]
-                target = next((i.value for i in mine if channel and i.channel == TARGET[channel]), None)
-                if target is None:
-                    report.problems.append(
-                        f"person {person.id}, step {step.id!r}: no {TARGET[channel] if channel else ''} identity"
+                wanted = TARGETS[channel] if channel else ()
+                target_ident = next((i for c in wanted for i in mine if i.channel == c), None)
+                if target_ident is None:
+                    report.warning_issues.append(
+                        DryRunProblem(
+                            person.id, step.id, f"no {' or '.join(wanted)} identity: this step would be skipped"
+                        )
                     )
+                elif target_ident.id in suppressed_identities:
+                    report.warning_issues.append(
+                        DryRunProblem(person.id, step.id, f"{target_ident.channel} {target_ident.value} is suppressed")
+                    )
+                if step.id in failed_steps:
+                    continue
                 variant = choose_variant(step.variants, key=f"{person.id}:{step.id}")
                 try:
                     content = render_step(step, variant.name if variant else None, ctx)
-                except Exception as exc:
-                    report.problems.append(f"person {person.id}, step {step.id!r}: {exc}")
+                except TemplateError as exc:  # check_audience renders the same; kept as a guard
+                    report.issues.append(DryRunProblem(person.id, step.id, _strip_step(str(exc), step.id)))
                     continue
                 text = content.subject or content.text or ""
                 report.previews.append(
-                    Preview(person.id, step.id, variant.name if variant else None, target, text[:80])
+                    Preview(
+                        person.id,
+                        step.id,
+                        variant.name if variant else None,
+                        target_ident.value if target_ident else None,
+                        " ".join(text.split())[:80],
+                    )
                 )
         if len(people) < 1000:
             break
     return report
+
+
+def _strip_step(message: str, step: str) -> str:
+    """A template message without its leading "step 'x'" (the problem names the step)."""
+    prefix = f"step {step!r} "
+    return message[len(prefix) :] if message.startswith(prefix) else message

@@ -141,14 +141,15 @@ def test_connection_triggers_only_after_a_connection_request(tmp_path: Path, tri
     edge: dict[str, Any] = {"trigger": trigger, "to": "done"}
     if trigger == "CONNECTION_NOT_ACCEPTED":
         edge["after"] = "3d"
-    first = {"id": "first", "action": action, "subject": "s", "body": "b", "text": "t", "edges": [edge]}
+    edges: list[dict[str, Any]] = [edge]
+    first: dict[str, Any] = {"id": "first", "action": action, "subject": "s", "body": "b", "text": "t", "edges": edges}
     if action != "SEND_EMAIL":
         first.pop("subject")
         first.pop("body")
     if action in ("FOLLOW_ON_TWITTER", "CHECK_FOR_REPLY"):
         first.pop("text")
     if trigger != "CONNECTION_NOT_ACCEPTED":
-        first["edges"].append({"trigger": "CONNECTION_NOT_ACCEPTED", "after": "3d", "to": "done"})
+        edges.append({"trigger": "CONNECTION_NOT_ACCEPTED", "after": "3d", "to": "done"})
     issues = issues_of(tmp_path, seq(first, done()))
     issue = find(issues, "trigger-fits-action", "first")
     assert {f"trigger {trigger} cannot follow action {action}"} <= {i.message for i in issues}
@@ -330,6 +331,7 @@ def test_several_errors_are_all_reported(tmp_path: Path) -> None:
     assert {
         ("fax", "unknown-action"),
         ("mail", "malformed-duration"),
+        ("mail", "edge-target"),  # a malformed duration does not hide the step's other errors
         (None, "unknown-timezone"),
         (None, "send-window"),
         ("dm", "unreachable"),
