@@ -108,7 +108,8 @@ def people_import(
     """Upsert people and identities from a CSV; bad rows are reported by line, good rows land."""
     from services.people_import import import_people
 
-    total_lines = max(0, sum(1 for _ in file.open(encoding="utf-8", errors="replace")) - 1)
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        total_lines = max(0, sum(1 for _ in handle) - 1)
     with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
         task = bar.add_task("rows", total=total_lines)
 
