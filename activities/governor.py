@@ -218,7 +218,15 @@ class SendGovernor:
     async def _earliest(
         self, session: AsyncSession, acct: SenderAccount, start: datetime, jitter: float
     ) -> tuple[datetime, str | None]:
+        """The sender's earliest slot at or after `start` that keeps its caps and spacing.
+
+        One count per local day visited and, for the first day with room, one read of
+        that day's slots (with margins for the hour and spacing around it); the search
+        inside the day runs in memory.
+        """
         spacing = timedelta(seconds=(acct.min_spacing_seconds or 0) + jitter)
+        hour = timedelta(hours=1)
+        margin = max(hour, spacing)
         slot = start
         reason: str | None = None
         for _ in range(MAX_ITERATIONS):
@@ -226,51 +234,66 @@ class SendGovernor:
                 break
             # daily cap (or warm-up) in the sender's local day
             day_start, day_end = _local_day(slot, acct.timezone)
-            if await self._count_day(session, acct, slot) >= self._day_cap(acct, day_start):
+            day_cap = self._day_cap(acct, day_start)
+            if await self._count_day(session, acct, slot) >= day_cap:
                 slot = day_end
-                reason = "warm-up" if self._day_cap(acct, day_start) < acct.per_day else "daily cap"
+                reason = "warm-up" if day_cap < acct.per_day else "daily cap"
                 continue
-            # rolling hourly cap: any 60-minute window containing the slot
-            near = list(
+            times = list(
                 (
                     await session.execute(
                         select(SendSlot.slot_at)
                         .where(
                             SendSlot.sender_id == acct.id,
-                            SendSlot.slot_at > slot - timedelta(hours=1),
-                            SendSlot.slot_at < slot + timedelta(hours=1),
+                            SendSlot.slot_at > day_start - margin,
+                            SendSlot.slot_at < day_end + margin,
                         )
                         .order_by(SendSlot.slot_at)
                     )
                 ).scalars()
             )
-            if not _hour_ok(near, slot, acct.per_hour):
-                boundaries = [t + timedelta(hours=1) for t in near if t + timedelta(hours=1) > slot]
-                boundaries += [t + timedelta(microseconds=1) for t in near if t > slot]
-                slot = min(boundaries)
-                reason = "hourly cap"
-                continue
-            # spacing to both neighbours: walk the sender's slots from just before the
-            # candidate to the first gap wide enough (one query, however dense the queue)
-            if spacing > timedelta(0):
-                around = (
-                    await session.execute(
-                        select(SendSlot.slot_at)
-                        .where(SendSlot.sender_id == acct.id, SendSlot.slot_at > slot - spacing)
-                        .order_by(SendSlot.slot_at)
-                    )
-                ).scalars()
-                candidate = slot
-                for existing in around:
-                    if existing >= candidate + spacing:
-                        break
-                    candidate = max(candidate, existing + spacing)
-                if candidate != slot:
-                    slot = candidate
-                    reason = reason or "spacing"
-                    continue
-            return slot, reason
+            found, why = _search_day(times, slot, day_end, acct.per_hour, spacing)
+            if why == "hourly cap" or (why == "spacing" and reason is None):
+                reason = why
+            if found is not None:
+                return found, reason
+            slot = max(day_end, slot)  # no room left in this day: the next one
         raise NoSlotError(f"sender {acct.channel}:{acct.address} has no free slot within {HORIZON.days} days")
+
+
+def _search_day(
+    times: list[datetime], slot: datetime, day_end: datetime, per_hour: int, spacing: timedelta
+) -> tuple[datetime | None, str | None]:
+    """The earliest time in [slot, day_end) within the rolling-hour cap and spacing.
+
+    `times` (sorted) must hold every slot within max(1 h, spacing) of the day.
+    """
+    hour = timedelta(hours=1)
+    reason: str | None = None
+    for _ in range(MAX_ITERATIONS):
+        if slot >= day_end:
+            return None, reason
+        # rolling hourly cap: any 60-minute window containing the slot
+        near = times[bisect_right(times, slot - hour) : bisect_left(times, slot + hour)]
+        if not _hour_ok(near, slot, per_hour):
+            boundaries = [t + hour for t in near if t + hour > slot]
+            boundaries += [t + timedelta(microseconds=1) for t in near if t > slot]
+            slot = min(boundaries)
+            reason = "hourly cap"
+            continue
+        # spacing to both neighbours: walk from just before the candidate to the first gap wide enough
+        if spacing > timedelta(0):
+            candidate = slot
+            for existing in times[bisect_right(times, slot - spacing) :]:
+                if existing >= candidate + spacing:
+                    break
+                candidate = max(candidate, existing + spacing)
+            if candidate != slot:
+                slot = candidate
+                reason = reason or "spacing"
+                continue
+        return slot, reason
+    return None, reason
 
 
 def _hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:

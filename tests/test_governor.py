@@ -396,3 +396,37 @@ async def test_person_cap_with_four_workers(workers: list[SendGovernor], session
         worst = max(sum(1 for u in touches if t - DAY < u <= t) for t in touches)
         assert worst <= 2, (pid, touches)
         assert worst == 2  # the cap was reached, not avoided
+
+
+# --------------------------------------------------------------------------- per-channel defaults
+
+
+async def test_channel_defaults_are_lowest_for_x_and_linkedin_and_are_enforced(
+    workers: list[SendGovernor], session_factory: SessionFactory
+) -> None:
+    from services.senders import CHANNEL_DEFAULTS, add_sender
+
+    email = await add_sender(session_factory, channel="email", address="Sales@Example.com")
+    x = await add_sender(session_factory, channel="x", address="900", timezone="Europe/Berlin")
+    li = await add_sender(session_factory, channel="linkedin", address="https://www.linkedin.com/in/seller")
+    assert email.address == "sales@example.com"
+    for low in (x, li):
+        assert low.per_hour < email.per_hour and low.per_day < email.per_day
+        assert low.min_spacing_seconds >= email.min_spacing_seconds
+    # re-adding updates the caps in place (same account)
+    again = await add_sender(session_factory, channel="x", address="900", per_hour=6, timezone="Europe/Berlin")
+    assert again.id == x.id and again.per_hour == 6 and again.per_day == CHANNEL_DEFAULTS["x"].per_day
+    for bad in ({"per_hour": 0}, {"per_hour": 500, "per_day": 100}, {"timezone": "Mars/Olympus"}):
+        with pytest.raises(ValueError):
+            await add_sender(session_factory, channel="x", address="901", **bad)
+
+    jobs: list[dict[str, object]] = [
+        {"delivery_key": f"x{i}", "channel": "x", "person_id": None, "now": T0, "not_before": T0} for i in range(60)
+    ]
+    await reserve_concurrently(workers, jobs)
+    times = [r.slot_at for r in await slots(session_factory, x.id)]
+    d = CHANNEL_DEFAULTS["x"]
+    assert len(times) == 60
+    assert max_in_window(times, HOUR) == 6  # the updated cap, reached and never exceeded
+    assert max(per_local_day(times, "Europe/Berlin").values()) <= d.per_day
+    assert min(gaps(times)) >= d.spacing
