@@ -257,7 +257,7 @@ async def _hanging_dm(w: Env, raw: dict[str, Any]) -> Any:
     ref, defn = await store_version(w.sf, raw)
     pid = await make_person(w.sf, email=f"{uuid.uuid4().hex[:8]}@lead.test", x=str(uuid.uuid4().int % 10**12))
     handle = await start_enrollment(w.env.client, w.task_queue, w.sf, ref, defn, pid)
-    for _ in range(500):  # readiness poll: the provider has the request and has not answered
+    for _ in range(1500):  # readiness poll: the provider has the request and has not answered
         if w.x.requests:
             break
         await asyncio.sleep(0.01)
