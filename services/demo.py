@@ -20,7 +20,7 @@ SEQUENCE_FILE = ROOT / "examples" / "founders.yaml"
 PEOPLE_FILE = ROOT / "examples" / "people.csv"
 SEGMENT = "demo"
 SENDERS = [
-    ("email", "founder@sequencer.local", "Ada from Sequencer"),
+    ("email", "founder@sequencer.example", "Ada from Sequencer"),
     ("x", "1000000001", None),
     ("linkedin", "https://www.linkedin.com/in/sequencer-demo", None),
     ("xmtp", "0x" + "5e" * 20, None),

@@ -332,6 +332,15 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(
         for var in ("TEMPORAL_PORT", "TEMPORAL_UI_PORT", "SMTP_PORT", "API_PORT", "PG_PORT"):
             assert _accepts(int(env[var])), f"nothing listens on {var}={env[var]}"
         _send_mail(int(env["SMTP_PORT"]), "first-run")
+        # The demo loaded and its leads are moving: the first step (follow on X) reached the
+        # provider stand-in through Temporal, the worker and PostgreSQL.
+        assert "demo` failed" not in banner, banner
+        assert "demo: enrolled" in banner, banner
+        calls = dev / "providers" / "calls.jsonl"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (calls.exists() and '"x.follow"' in calls.read_text()):
+            time.sleep(0.5)
+        assert calls.exists() and '"x.follow"' in calls.read_text(), launcher.output()
         pids = json.loads((dev / "pids.json").read_text())
         assert {"temporal", "smtp", "worker", "api"} <= set(pids)
         assert all(_alive(pid) for pid in pids.values()), pids
