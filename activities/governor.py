@@ -11,30 +11,45 @@ A slot satisfies, for its sender account:
   sender's local midnight), or the warm-up allowance while the account is new,
 
 and, for the person, at most `person_daily_cap` touches in any rolling 24 hours across
-every sequence and channel. Reservations are serialized per sender with a row lock
-(`SELECT … FOR UPDATE`), so the caps hold for any number of workers, and they are
-idempotent per delivery key so that activity retries never take a second slot. Times
-come from the caller (the workflow's clock), never from the wall clock. A slot that
-ends up unused (the lead was stopped) simply stays taken: wasting capacity is safe.
+every sequence and channel. The rules themselves are pure functions in
+`activities/slot_rules.py`.
+
+Concurrency: reservations are serialized per sender with a row lock (`SELECT … FOR
+UPDATE`) and per person with an advisory lock, so the caps hold for any number of
+workers. Within one worker, reservations of a channel that arrive together are decided
+as one batch in one transaction (group commit): one lock, one read of the senders' slots,
+every decision in memory, one insert. A thousand leads asking at once cost a handful of
+transactions instead of a thousand queued behind one lock. Reservations are idempotent per
+delivery key, so activity retries never take a second slot. Times come from the caller
+(the workflow's clock), never from the wall clock. A slot that ends up unused (the lead
+was stopped) simply stays taken: wasting capacity is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from bisect import insort
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from activities.slot_rules import NoSlotError, SenderBook, choose_slot
 from db.session import SessionFactory
 from db.tables import SenderAccount, SendSlot
 
-MAX_ITERATIONS = 10_000
-HORIZON = timedelta(days=366)
+__all__ = ["NoSlotError", "Reservation", "SendGovernor"]
+
+MAX_BATCH = 200
+# How far before the earliest requested start a granted slot can still matter: the start
+# of the sender's local day (up to 24 h, 25 h across a DST change) and the person's
+# rolling 24 hours.
+LOOKBACK = timedelta(hours=26)
 
 
 @dataclass
@@ -46,19 +61,39 @@ class Reservation:
     reason: str | None = None
 
 
-class NoSlotError(RuntimeError):
-    """No time within a year satisfies the caps (a misconfigured sender)."""
+@dataclass
+class _Request:
+    delivery_key: str
+    channel: str
+    person_id: int | None
+    now: datetime
+    not_before: datetime
+    preferred_sender_id: int | None
+    allowed_senders: list[str] | None
+    counts_as_touch: bool
+    person_daily_cap: int
+    future: asyncio.Future[Reservation] = field(repr=False)
+
+    @property
+    def start(self) -> datetime:
+        return max(self.now, self.not_before)
+
+    @property
+    def person_capped(self) -> bool:
+        return self.person_id is not None and self.counts_as_touch and self.person_daily_cap > 0
 
 
 class SendGovernor:
     """Allocates send slots for sender accounts."""
 
-    def __init__(self, session_factory: SessionFactory, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, session_factory: SessionFactory, rng: random.Random | None = None, max_batch: int = MAX_BATCH
+    ) -> None:
         self.session_factory = session_factory
         self.rng = rng or random.Random()
-        # Reservations of one channel queue here, in the process, instead of each holding a
-        # database connection while it waits for the sender rows' lock.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.max_batch = max_batch
+        self._pending: dict[str, list[_Request]] = defaultdict(list)
+        self._flushers: dict[str, asyncio.Task[None]] = {}
 
     async def reserve(
         self,
@@ -74,247 +109,213 @@ class SendGovernor:
         person_daily_cap: int = 1,
     ) -> Reservation:
         """Reserve (or return the existing) slot for `delivery_key`."""
-        lock = self._locks.setdefault(channel, asyncio.Lock())
-        async with lock, self.session_factory() as session, session.begin():
-            existing = (
-                await session.execute(select(SendSlot).where(SendSlot.delivery_key == delivery_key))
-            ).scalar_one_or_none()
-            if existing is not None:
-                return Reservation(existing.sender_id, existing.slot_at, None)
-            query = select(SenderAccount).where(SenderAccount.channel == channel, SenderAccount.active.is_(True))
-            if allowed_senders:
-                query = query.where(SenderAccount.address.in_(allowed_senders))
-            candidates = list((await session.execute(query.order_by(SenderAccount.id))).scalars())
-            if not candidates:
-                return Reservation(None, max(now, not_before), "no sender account")
-            if preferred_sender_id is not None and any(c.id == preferred_sender_id for c in candidates):
-                candidates = [c for c in candidates if c.id == preferred_sender_id]
-            # Lock candidates in id order (no deadlocks), and the person (touch cap).
-            locked = list(
+        request = _Request(
+            delivery_key=delivery_key,
+            channel=channel,
+            person_id=person_id,
+            now=now,
+            not_before=not_before,
+            preferred_sender_id=preferred_sender_id,
+            allowed_senders=list(allowed_senders) if allowed_senders else None,
+            counts_as_touch=counts_as_touch,
+            person_daily_cap=person_daily_cap,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._pending[channel].append(request)
+        flusher = self._flushers.get(channel)
+        if flusher is None or flusher.done():
+            self._flushers[channel] = asyncio.create_task(self._flush(channel), name=f"governor-{channel}")
+        return await request.future
+
+    async def _flush(self, channel: str) -> None:
+        """Decide the channel's pending reservations, a batch per transaction, until none is left."""
+        queue = self._pending[channel]
+        while queue:
+            batch = [r for r in queue[: self.max_batch] if not r.future.done()]
+            del queue[: self.max_batch]
+            if not batch:
+                continue
+            try:
+                outcomes = await self._reserve_batch(channel, batch)
+            except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(err)
+                continue
+            for request, outcome in zip(batch, outcomes, strict=True):
+                if request.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+
+    async def _reserve_batch(self, channel: str, batch: list[_Request]) -> list[Reservation | Exception]:
+        async with self.session_factory() as session, session.begin():
+            keys = sorted({r.delivery_key for r in batch})
+            done = await self._existing(session, keys)
+            todo = [r for r in batch if r.delivery_key not in done]
+            if not todo:
+                return [done[r.delivery_key] for r in batch]
+
+            active = list(
                 (
                     await session.execute(
                         select(SenderAccount)
-                        .where(SenderAccount.id.in_([c.id for c in candidates]))
+                        .where(SenderAccount.channel == channel, SenderAccount.active.is_(True))
                         .order_by(SenderAccount.id)
-                        .with_for_update()
                     )
                 ).scalars()
             )
-            if person_id is not None and counts_as_touch and person_daily_cap > 0:
-                await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 7_000_000_000 + person_id})
-            # A concurrent retry of the same key may have won while we waited for locks.
-            existing = (
-                await session.execute(select(SendSlot).where(SendSlot.delivery_key == delivery_key))
-            ).scalar_one_or_none()
-            if existing is not None:
-                return Reservation(existing.sender_id, existing.slot_at, None)
-
-            start = max(now, not_before)
-            reason: str | None = None
-            person_capped = person_id is not None and counts_as_touch and person_daily_cap > 0
-            jitters = {acct.id: self.rng.uniform(0, acct.jitter_seconds or 0) for acct in locked}
-            for _ in range(MAX_ITERATIONS):
-                if person_capped:
-                    assert person_id is not None
-                    start, why_person = await self._person_cap(session, person_id, start, person_daily_cap)
-                    reason = why_person or reason
-                best = await self._best_sender(session, locked, start, jitters)
-                if not person_capped or best[0] == start:
-                    break
-                # The sender pushed the slot past `start`: the person's cap must hold there too.
-                assert person_id is not None
-                again, _ = await self._person_cap(session, person_id, best[0], person_daily_cap)
-                if again == best[0]:
-                    break
-                start, reason = again, "person frequency cap"
-            else:
-                raise NoSlotError(f"no slot for person {person_id}")
-            slot_at, _, acct, why = best
-            session.add(
-                SendSlot(
-                    sender_id=acct.id,
-                    person_id=person_id,
-                    delivery_key=delivery_key,
-                    slot_at=slot_at,
-                    counts_as_touch=counts_as_touch,
+            candidates = {id(r): _candidates(r, active) for r in todo}
+            wanted = sorted({a.id for accts in candidates.values() for a in accts})
+            locked: dict[int, SenderAccount] = {}
+            if wanted:
+                # Lock the senders in id order (no deadlocks), then the people (touch cap).
+                rows = await session.execute(
+                    select(SenderAccount)
+                    .where(SenderAccount.id.in_(wanted))
+                    .order_by(SenderAccount.id)
+                    .with_for_update()
                 )
-            )
-            if acct.last_slot_at is None or slot_at > acct.last_slot_at:
-                acct.last_slot_at = slot_at
-            if slot_at > start:
-                reason = why or reason
-            return Reservation(acct.id, slot_at, reason if slot_at > max(now, not_before) else None)
-
-    async def _best_sender(
-        self, session: AsyncSession, locked: list[SenderAccount], start: datetime, jitters: dict[int, float]
-    ) -> tuple[datetime, int, SenderAccount, str | None]:
-        """Rotation: the sender whose earliest free slot is soonest (then fewest today, then id)."""
-        best: tuple[datetime, int, SenderAccount, str | None] | None = None
-        for acct in locked:
-            slot, why = await self._earliest(session, acct, start, jitters[acct.id])
-            today = await self._count_day(session, acct, slot)
-            if best is None or (slot, today, acct.id) < (best[0], best[1], best[2].id):
-                best = (slot, today, acct, why)
-        assert best is not None
-        return best
-
-    # ------------------------------------------------------------------ rules
-    async def _person_cap(
-        self, session: AsyncSession, person_id: int, start: datetime, cap: int
-    ) -> tuple[datetime, str | None]:
-        reason = None
-        for _ in range(MAX_ITERATIONS):
-            rows = list(
-                (
-                    await session.execute(
-                        select(SendSlot.slot_at)
-                        .where(
-                            SendSlot.person_id == person_id,
-                            SendSlot.counts_as_touch.is_(True),
-                            SendSlot.slot_at > start - timedelta(hours=24),
-                            SendSlot.slot_at < start + timedelta(hours=24),
-                        )
-                        .order_by(SendSlot.slot_at)
-                    )
-                ).scalars()
-            )
-            # every rolling 24 h window containing `start` must hold fewer than cap touches
-            window = [t for t in rows if start - timedelta(hours=24) < t <= start]
-            after = [t for t in rows if start < t < start + timedelta(hours=24)]
-            if len(window) + len(after) < cap or (len(window) < cap and not after):
-                return start, reason
-            if len(window) >= cap:
-                start = window[len(window) - cap] + timedelta(hours=24)
-            else:
-                start = after[-1] + timedelta(hours=24) if after else start
-            reason = "person frequency cap"
-        raise NoSlotError(f"no slot for person {person_id}")
-
-    def _day_cap(self, acct: SenderAccount, day_start: datetime) -> int:
-        if not acct.warmup_start_per_day or acct.warmup_days <= 0:
-            return acct.per_day
-        tz = ZoneInfo(acct.timezone or "UTC")
-        created = acct.created_at.astimezone(tz).date() if acct.created_at else day_start.date()
-        age = (day_start.astimezone(tz).date() - created).days
-        if age >= acct.warmup_days:
-            return acct.per_day
-        step = (acct.per_day - acct.warmup_start_per_day) / max(acct.warmup_days, 1)
-        return max(1, min(acct.per_day, int(acct.warmup_start_per_day + step * max(age, 0))))
-
-    async def _count_day(self, session: AsyncSession, acct: SenderAccount, at: datetime) -> int:
-        day_start, day_end = _local_day(at, acct.timezone)
-        return int(
-            (
+                locked = {a.id: a for a in rows.scalars()}
+            people = sorted({r.person_id for r in todo if r.person_capped and r.person_id is not None})
+            if people:
                 await session.execute(
-                    select(func.count()).where(
-                        SendSlot.sender_id == acct.id,
-                        SendSlot.slot_at >= day_start,
-                        SendSlot.slot_at < day_end,
+                    text(
+                        "SELECT pg_advisory_xact_lock(7000000000 + k) "
+                        "FROM (SELECT k FROM unnest(CAST(:ks AS bigint[])) AS k ORDER BY k) AS ordered"
+                    ),
+                    {"ks": people},
+                )
+            # A concurrent retry of the same key in another worker may have won meanwhile.
+            done.update(await self._existing(session, [r.delivery_key for r in todo]))
+
+            earliest = min(r.start for r in todo)
+            books = await self._books(session, list(locked.values()), earliest)
+            touches = await self._touches(session, people, earliest)
+
+            outcomes: list[Reservation | Exception] = []
+            granted: dict[str, Reservation] = {}
+            for request in batch:
+                key = request.delivery_key
+                if key in done:
+                    outcomes.append(done[key])
+                    continue
+                if key in granted:
+                    outcomes.append(granted[key])
+                    continue
+                accts = [locked[a.id] for a in candidates.get(id(request), []) if a.id in locked]
+                if not accts:
+                    outcomes.append(Reservation(None, request.start, "no sender account"))
+                    continue
+                person_times = touches[request.person_id] if request.person_capped and request.person_id else None
+                jitters = {a.id: timedelta(seconds=self.rng.uniform(0, a.jitter_seconds or 0)) for a in accts}
+                try:
+                    slot_at, book, why = choose_slot(
+                        [books[a.id] for a in accts], person_times, request.start, request.person_daily_cap, jitters
+                    )
+                except NoSlotError as err:
+                    outcomes.append(NoSlotError(f"no slot for person {request.person_id} on {channel}: {err}"))
+                    continue
+                book.add(slot_at)
+                if request.person_id is not None and request.counts_as_touch:
+                    insort(touches[request.person_id], slot_at)
+                acct = locked[book.sender_id]
+                session.add(
+                    SendSlot(
+                        sender_id=acct.id,
+                        person_id=request.person_id,
+                        delivery_key=key,
+                        slot_at=slot_at,
+                        counts_as_touch=request.counts_as_touch,
                     )
                 )
-            ).scalar_one()
+                if acct.last_slot_at is None or slot_at > acct.last_slot_at:
+                    acct.last_slot_at = slot_at
+                reservation = Reservation(acct.id, slot_at, why if slot_at > request.start else None)
+                granted[key] = reservation
+                outcomes.append(reservation)
+            return outcomes
+
+    @staticmethod
+    async def _existing(session: AsyncSession, keys: list[str]) -> dict[str, Reservation]:
+        if not keys:
+            return {}
+        rows = await session.execute(
+            select(SendSlot.delivery_key, SendSlot.sender_id, SendSlot.slot_at).where(SendSlot.delivery_key.in_(keys))
         )
+        return {key: Reservation(sender_id, slot_at, None) for key, sender_id, slot_at in rows}
 
-    async def _earliest(
-        self, session: AsyncSession, acct: SenderAccount, start: datetime, jitter: float
-    ) -> tuple[datetime, str | None]:
-        """The sender's earliest slot at or after `start` that keeps its caps and spacing.
-
-        One count per local day visited and, for the first day with room, one read of
-        that day's slots (with margins for the hour and spacing around it); the search
-        inside the day runs in memory.
-        """
-        spacing = timedelta(seconds=(acct.min_spacing_seconds or 0) + jitter)
-        hour = timedelta(hours=1)
-        margin = max(hour, spacing)
-        slot = start
-        reason: str | None = None
-        for _ in range(MAX_ITERATIONS):
-            if slot - start > HORIZON:
-                break
-            # daily cap (or warm-up) in the sender's local day
-            day_start, day_end = _local_day(slot, acct.timezone)
-            day_cap = self._day_cap(acct, day_start)
-            if await self._count_day(session, acct, slot) >= day_cap:
-                slot = day_end
-                reason = "warm-up" if day_cap < acct.per_day else "daily cap"
-                continue
-            times = list(
-                (
-                    await session.execute(
-                        select(SendSlot.slot_at)
-                        .where(
-                            SendSlot.sender_id == acct.id,
-                            SendSlot.slot_at > day_start - margin,
-                            SendSlot.slot_at < day_end + margin,
-                        )
-                        .order_by(SendSlot.slot_at)
-                    )
-                ).scalars()
+    @staticmethod
+    async def _books(session: AsyncSession, accounts: list[SenderAccount], earliest: datetime) -> dict[int, SenderBook]:
+        books = {
+            a.id: SenderBook(
+                sender_id=a.id,
+                per_hour=a.per_hour,
+                per_day=a.per_day,
+                min_spacing=timedelta(seconds=a.min_spacing_seconds or 0),
+                tz=ZoneInfo(a.timezone or "UTC"),
+                day_cap=_warmup(a),
             )
-            found, why = _search_day(times, slot, day_end, acct.per_hour, spacing)
-            if why == "hourly cap" or (why == "spacing" and reason is None):
-                reason = why
-            if found is not None:
-                return found, reason
-            slot = max(day_end, slot)  # no room left in this day: the next one
-        raise NoSlotError(f"sender {acct.channel}:{acct.address} has no free slot within {HORIZON.days} days")
+            for a in accounts
+        }
+        if not books:
+            return books
+        lookback = max(
+            [LOOKBACK] + [timedelta(seconds=(a.min_spacing_seconds or 0) + (a.jitter_seconds or 0)) for a in accounts]
+        )
+        rows = await session.execute(
+            select(SendSlot.sender_id, SendSlot.slot_at)
+            .where(SendSlot.sender_id.in_(list(books)), SendSlot.slot_at > earliest - lookback)
+            .order_by(SendSlot.slot_at)
+        )
+        for sender_id, slot_at in rows:
+            books[sender_id].times.append(slot_at)
+        return books
+
+    @staticmethod
+    async def _touches(session: AsyncSession, people: list[int], earliest: datetime) -> dict[int, list[datetime]]:
+        touches: dict[int, list[datetime]] = defaultdict(list)
+        if not people:
+            return touches
+        rows = await session.execute(
+            select(SendSlot.person_id, SendSlot.slot_at)
+            .where(
+                SendSlot.person_id.in_(people),
+                SendSlot.counts_as_touch.is_(True),
+                SendSlot.slot_at > earliest - LOOKBACK,
+            )
+            .order_by(SendSlot.slot_at)
+        )
+        for person_id, slot_at in rows:
+            if person_id is not None:
+                touches[person_id].append(slot_at)
+        return touches
 
 
-def _search_day(
-    times: list[datetime], slot: datetime, day_end: datetime, per_hour: int, spacing: timedelta
-) -> tuple[datetime | None, str | None]:
-    """The earliest time in [slot, day_end) within the rolling-hour cap and spacing.
-
-    `times` (sorted) must hold every slot within max(1 h, spacing) of the day.
-    """
-    hour = timedelta(hours=1)
-    reason: str | None = None
-    for _ in range(MAX_ITERATIONS):
-        if slot >= day_end:
-            return None, reason
-        # rolling hourly cap: any 60-minute window containing the slot
-        near = times[bisect_right(times, slot - hour) : bisect_left(times, slot + hour)]
-        if not _hour_ok(near, slot, per_hour):
-            boundaries = [t + hour for t in near if t + hour > slot]
-            boundaries += [t + timedelta(microseconds=1) for t in near if t > slot]
-            slot = min(boundaries)
-            reason = "hourly cap"
-            continue
-        # spacing to both neighbours: walk from just before the candidate to the first gap wide enough
-        if spacing > timedelta(0):
-            candidate = slot
-            for existing in times[bisect_right(times, slot - spacing) :]:
-                if existing >= candidate + spacing:
-                    break
-                candidate = max(candidate, existing + spacing)
-            if candidate != slot:
-                slot = candidate
-                reason = reason or "spacing"
-                continue
-        return slot, reason
-    return None, reason
+def _candidates(request: _Request, active: list[SenderAccount]) -> list[SenderAccount]:
+    """The sender accounts this request may use: its sequence's, or its thread's mailbox."""
+    accts = [a for a in active if not request.allowed_senders or a.address in request.allowed_senders]
+    if request.preferred_sender_id is not None and any(a.id == request.preferred_sender_id for a in accts):
+        accts = [a for a in accts if a.id == request.preferred_sender_id]
+    return accts
 
 
-def _hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:
-    """True when adding `slot` keeps every rolling hour containing it within `cap`.
+def _warmup(acct: SenderAccount) -> Callable[[datetime], int] | None:
+    """The warm-up day cap of a new account, or None when it has none."""
+    if not acct.warmup_start_per_day or acct.warmup_days <= 0:
+        return None
+    tz = ZoneInfo(acct.timezone or "UTC")
+    per_day, start_per_day, days = acct.per_day, acct.warmup_start_per_day, acct.warmup_days
+    created = acct.created_at.astimezone(tz).date() if acct.created_at else None
 
-    `times` must be sorted. A window [w, w + 1h) holds the slot when w is in
-    (slot - 1h, slot]; the fullest of them starts at an existing slot in that range or at
-    `slot` itself (the window ahead of it, which matters when slots are granted out of
-    time order), so those are checked.
-    """
-    if len(times) < cap:
-        return True
-    hour = timedelta(hours=1)
-    starts = [slot]
-    starts += times[bisect_right(times, slot - hour) : bisect_right(times, slot)]
-    return all(bisect_left(times, w + hour) - bisect_left(times, w) + 1 <= cap for w in starts)
+    def cap(day_start: datetime) -> int:
+        day = day_start.astimezone(tz).date()
+        age = (day - (created or day)).days
+        if age >= days:
+            return per_day
+        step = (per_day - start_per_day) / max(days, 1)
+        return max(1, min(per_day, int(start_per_day + step * max(age, 0))))
 
-
-def _local_day(at: datetime, tz_name: str | None) -> tuple[datetime, datetime]:
-    tz = ZoneInfo(tz_name or "UTC")
-    local = at.astimezone(tz)
-    start = datetime.combine(local.date(), datetime.min.time(), tzinfo=tz)
-    end = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), tzinfo=tz)
-    return start.astimezone(at.tzinfo), end.astimezone(at.tzinfo)
+    return cap
