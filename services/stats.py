@@ -20,7 +20,7 @@ from db.tables import Delivery, Enrollment, Event, Sequence, SequenceVersion
 FUNNEL: dict[str, tuple[str, ...]] = {
     "enrolled": ("enrolled",),
     "sent": ("sent",),
-    "delivered": (),  # sent minus bounced (SMTP acceptance is all a relay tells us)
+    "delivered": (),  # sent minus the bounces reported after acceptance (see below)
     "opened": ("opened",),
     "replied": ("replied",),
     "positive": ("positive_reply",),
@@ -78,22 +78,28 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
                 )
             ).all()
         )
+        late = Event.delivery_id.is_(None).label("late")
         event_rows = await session.execute(
             select(
                 Event.sequence_version_id,
                 Event.step_id,
                 Event.variant,
                 Event.type,
+                late,
                 func.count(func.distinct(Event.enrollment_id)),
                 func.count(),
             )
             .where(Event.sequence_id == seq.id)
-            .group_by(Event.sequence_version_id, Event.step_id, Event.variant, Event.type)
+            .group_by(Event.sequence_version_id, Event.step_id, Event.variant, Event.type, late)
         )
         type_to_col = {t: col for col, types in FUNNEL.items() for t in types}
         cells: dict[tuple[int, str | None, str | None], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FUNNEL, 0))
         totals = dict.fromkeys(FUNNEL, 0)
-        for version_id, step, variant, type_, enrollments, count in event_rows:
+        # A bounce with a delivery id is the provider refusing the send itself (never counted as
+        # sent); one without (a bounce notification by webhook) came after the send was accepted,
+        # so only those are taken off `sent` to give `delivered`.
+        late_bounces: dict[tuple[int, str | None, str | None], int] = defaultdict(int)
+        for version_id, step, variant, type_, is_late, enrollments, count in event_rows:
             col = type_to_col.get(type_)
             if col is None:
                 continue
@@ -101,9 +107,11 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             value = count if col in ("sent", "opened", "bounced", "failed", "uncertain") else enrollments
             cells[key][col] += value
             totals[col] += value
-        for counts in cells.values():
-            counts["delivered"] = max(0, counts["sent"] - counts["bounced"])
-        totals["delivered"] = max(0, totals["sent"] - totals["bounced"])
+            if col == "bounced" and is_late:
+                late_bounces[key] += count
+        for key, counts in cells.items():
+            counts["delivered"] = max(0, counts["sent"] - late_bounces[key])
+        totals["delivered"] = sum(counts["delivered"] for counts in cells.values())
         rows = [
             FunnelRow(version=v, step=s, variant=var, counts=c)
             for (v, s, var), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or ""))
