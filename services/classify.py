@@ -209,6 +209,8 @@ POSITIVE = _rx(
     r"\bschicken sie mir\b|\bsenden sie mir\b",
     r"\bavec plaisir\b|\bca m'interesse\b|\binteresse\b|\bparlons\b|\bje suis disponible\b|\bvolontiers\b",
     r"\bme interesa\b|\bsuena bien\b|\bhablemos\b|\bcon gusto\b|\bestoy disponible\b",
+    # a reply that opens with a plain yes ("Sure.", "Oui, pourquoi pas", "Sí, claro")
+    r"^\W*(?:yes|yeah|yep|sure|absolutely|definitely|ja|jawohl|oui|si|claro|por supuesto|bien sur)\b",
 )
 
 
