@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from db.tables import InboundEvent, Suppression
-from models.enrollment import EnrollmentStatus
+from models.enrollment import ControlSignal, EnrollmentStatus
 from tests.engine_harness import events_of, wait_for_status
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.test_webhooks import Hook, email_sequence, hook, signals_in_history  # noqa: F401
@@ -233,6 +233,12 @@ async def test_a_reply_for_a_finished_workflow_is_accepted(hook: Hook) -> None: 
 
 
 async def test_a_reply_holds_colleagues_in_sequences_that_ask_for_it(hook: Hook) -> None:  # noqa: F811
+    """One person at Globex replies: the Globex colleague in the same (holding) sequence is paused.
+
+    A paused workflow has no timer, so the test never waits on a result while it is the only
+    thing left on the time-skipping server (which would skip straight to its execution timeout):
+    time is moved with `env.sleep`, and the hold is released with `resume` before the end.
+    """
     holding = email_sequence(gap="2d", hold_company_on_reply=True)
     plain = email_sequence(gap="2d")
     replier = await hook.person(email="a@globex.test", company="Globex")
@@ -244,23 +250,32 @@ async def test_a_reply_holds_colleagues_in_sequences_that_ask_for_it(hook: Hook)
     for h in (h_replier, h_colleague, h_elsewhere, h_other):
         await hook.waiting_at(h)
 
-    resp = await hook.post(
-        "email", {"event_id": "co-1", "type": "reply", "from": "a@globex.test", "text": "Let's talk"}
-    )
+    reply = {"event_id": "co-1", "type": "reply", "from": "a@globex.test", "text": "Let's talk"}
+    resp = await hook.post("email", reply)
     assert resp.json()["status"] == "signalled"
     held = await wait_for_status(h_colleague, lambda v: v.paused)
-    assert held.status == EnrollmentStatus.PAUSED
-    assert (await h_colleague.query(EnrollmentWorkflow.status)).current_step == "m0"
+    assert held.status == EnrollmentStatus.PAUSED and held.current_step == "m0"
+    assert await signals_in_history(h_colleague, "pause") == 1
+    for h in (h_elsewhere, h_other):  # another company / a sequence without the rule: untouched
+        assert not (await h.query(EnrollmentWorkflow.status)).paused
+    paused_at = await hook.env.get_current_time()
 
-    assert [p.left_by for p in (await h_replier.result()).path] == ["REPLIED", "END"]
-    for h in (h_elsewhere, h_other):  # different company / sequence without the rule: untouched
-        result = await h.result()
-        assert [p.left_by for p in result.path] == ["NOT_REPLIED", "END"]
-    await hook.env.sleep(timedelta(days=3))
+    await hook.env.sleep(timedelta(days=3))  # well past the 2-day NOT_REPLIED timers
+    for h in (h_replier, h_elsewhere, h_other):
+        await wait_for_status(h, lambda v: v.phase == "finished")
+    assert [p.left_by for p in (await h_replier.query(EnrollmentWorkflow.status)).path] == ["REPLIED", "END"]
+    for h in (h_elsewhere, h_other):
+        assert [p.left_by for p in (await h.query(EnrollmentWorkflow.status)).path] == ["NOT_REPLIED", "END"]
     view = await h_colleague.query(EnrollmentWorkflow.status)
-    assert view.status == EnrollmentStatus.PAUSED and view.phase == "paused" and view.current_step == "m0"
-    assert [m["To"] for m in hook.smtp.parsed()].count("b@globex.test") == 1
-    assert sorted(m["To"] for m in hook.smtp.parsed()) == sorted(
-        ["a@globex.test", "b@globex.test", "c@initech.test", "c@initech.test", "d@globex.test", "d@globex.test"]
-    )
-    await h_colleague.terminate("test over")
+    assert view.phase == "paused" and view.current_step == "m0"
+    recipients = sorted(m["To"] for m in hook.smtp.parsed())
+    expected = ["a@globex.test", "b@globex.test"] + ["c@initech.test", "d@globex.test"] * 2
+    assert recipients == sorted(expected)
+
+    # The hold is a pause: resuming picks up where it stopped, with the timer's time left.
+    await h_colleague.signal(EnrollmentWorkflow.resume, ControlSignal(reason="sales said go on", source="test"))
+    result = await h_colleague.result()
+    assert [(p.step, p.left_by) for p in result.path] == [("m0", "NOT_REPLIED"), ("m1", "END")]
+    # The clock stopped while held: m1 came two days after the resume, not at once.
+    assert result.path[1].started_at >= paused_at + timedelta(days=4)
+    assert [m["To"] for m in hook.smtp.parsed()].count("b@globex.test") == 2

@@ -628,10 +628,20 @@ async def test_healthz_names_postgres_when_the_database_is_down(temporal_env: Wo
     app = create_app(app_settings(temporal_env, f"postgresql+asyncpg://nobody@127.0.0.1:{closed}/gone"))
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
         resp = await http.get("/healthz")
-    assert resp.status_code == 503
-    report = resp.json()
-    assert report["status"] == "degraded" and report["temporal"] == "ok"
-    assert report["postgres"].startswith("error:")
+        assert resp.status_code == 503
+        report = resp.json()
+        assert report["status"] == "degraded" and report["temporal"] == "ok"
+        assert report["postgres"].startswith("error:")
+        # Everything else degrades cleanly: no 500s.
+        pixel = await http.get(f"/o/{make_token(LINK_SECRET, 'open', {'k': 'some-delivery'})}")
+        assert pixel.status_code == 200 and pixel.content == PIXEL
+        unsub = await http.post(
+            f"/u/{make_token(LINK_SECRET, 'unsubscribe', {'p': 1})}", content=b"List-Unsubscribe=One-Click"
+        )
+        assert unsub.status_code == 503 and "Please try again" in unsub.text
+        body = json.dumps({"event_id": "db-down", "type": "reply", "from": "a@b.test"}).encode()
+        inbound = await http.post("/webhooks/email", content=body, headers=signed(body))
+        assert inbound.status_code == 503 and "retry later" in inbound.json()["error"]
 
 
 async def _forward(listen: socket.socket, target: str) -> asyncio.Server:

@@ -41,6 +41,9 @@ PIXEL = (
 )
 
 
+NO_STORE = {"Cache-Control": "no-store, max-age=0"}
+
+
 @dataclass
 class Deps:
     """What the routes need.
@@ -169,8 +172,8 @@ def create_app(
     async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
         d = deps(request)
         try:
-            read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)
-        except TokenError:
+            int(read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)["p"])
+        except (TokenError, KeyError, TypeError, ValueError):
             return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
         form = (
             f'<form method="post" action="/u/{html.escape(token)}">'
@@ -184,10 +187,14 @@ def create_app(
         d = deps(request)
         try:
             data = read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)
-        except TokenError:
-            return HTMLResponse(_page("This link is not valid", ""), 400)
-        person_id = int(data["p"])
-        new = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
+            person_id = int(data["p"])
+        except (TokenError, KeyError, TypeError, ValueError):
+            return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
+        try:
+            new = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
+        except Exception:  # nothing was written: say so, so that the person tries again
+            log.exception("unsubscribe of person %s failed", person_id)
+            return HTMLResponse(_page("Please try again", "<p>We could not record your request just now.</p>"), 503)
         async with d.session_factory() as session:
             rows = (
                 await session.execute(
@@ -233,29 +240,12 @@ def create_app(
             data = read_token(d.settings.webhook_secret.get_secret_value(), "open", token)
             key = str(data["k"])
         except (TokenError, KeyError):
-            return Response(PIXEL, media_type="image/gif")
-        async with d.session_factory() as session, session.begin():
-            row = (
-                await session.execute(
-                    select(Delivery, Enrollment, SequenceVersion)
-                    .join(Enrollment, Enrollment.id == Delivery.enrollment_id)
-                    .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
-                    .where(Delivery.idempotency_key == key)
-                )
-            ).first()
-            if row is not None:
-                delivery, enrollment, version = row
-                await append_event(
-                    session,
-                    type_="opened",
-                    ref=_ref(enrollment, version),
-                    step_id=delivery.step_id,
-                    variant=delivery.variant,
-                    channel=delivery.channel,
-                    delivery_id=delivery.id,
-                    dedup_key=f"opened:{delivery.id}",
-                )
-        return Response(PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store, max-age=0"})
+            return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
+        try:
+            await _record_open(d.session_factory, key)
+        except Exception:  # an open is statistics: the image is served whatever happens
+            log.exception("recording an open failed")
+        return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
@@ -281,6 +271,31 @@ def create_app(
         return JSONResponse(report, status_code=200 if healthy else 503)
 
     return app
+
+
+async def _record_open(sf: SessionFactory, key: str) -> None:
+    """One `opened` event per delivery, however often the image is fetched."""
+    async with sf() as session, session.begin():
+        row = (
+            await session.execute(
+                select(Delivery, Enrollment, SequenceVersion)
+                .join(Enrollment, Enrollment.id == Delivery.enrollment_id)
+                .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
+                .where(Delivery.idempotency_key == key)
+            )
+        ).first()
+        if row is not None:
+            delivery, enrollment, version = row
+            await append_event(
+                session,
+                type_="opened",
+                ref=_ref(enrollment, version),
+                step_id=delivery.step_id,
+                variant=delivery.variant,
+                channel=delivery.channel,
+                delivery_id=delivery.id,
+                dedup_key=f"opened:{delivery.id}",
+            )
 
 
 def _ref(enrollment: Enrollment, version: SequenceVersion) -> EnrollmentRef:
