@@ -138,17 +138,19 @@ def segments_create(
     where: str = typer.Option(..., "--where", help="e.g. company = 'Acme' and (role in ('CEO','CTO'))"),
 ) -> None:
     """Store a rule-based segment (a changed rule makes a new version)."""
-    from services.segment_rules import RuleSyntaxError
+    from services.segment_rules import RuleSyntaxError, parse_rule
     from services.segments import create_rule_segment
+
+    try:
+        parse_rule(where)  # a syntax error is reported (exit 1) before anything connects
+    except RuleSyntaxError as exc:
+        err.print(f"[red]--where:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
     async def go(sf: SessionFactory) -> Any:
         return await create_rule_segment(sf, name, where)
 
-    try:
-        seg = _run(go)
-    except RuleSyntaxError as exc:
-        err.print(f"[red]--where:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    seg = _run(go)
     console.print(f"segment {name!r} version {seg.version}: {seg.size} people match now")
 
 
