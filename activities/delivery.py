@@ -4,7 +4,10 @@ The order inside `deliver` is what makes "no double sends, ever" true:
 
 1. Claim the ledger row keyed by (enrollment, step, attempt of that step). A row that
    already reached an outcome is returned as it is: a retry never sends again.
-2. The suppression/consent gate, right before the provider call.
+2. The suppression/consent gate, right before the provider call. An X step for a person
+   known only by handle first resolves it to the numeric user id (a read at X, never a
+   send) and stores that id as the person's `x` identity, so it is looked up once and
+   inbound events from the id find the person; the gate is applied to both.
 3. Render the template (a broken template is a permanent failure, never a half-send).
 4. Mark the row `sending` and commit, then call the provider. If the process dies
    after this commit, the retry finds `sending` and records the delivery as
@@ -37,6 +40,7 @@ from activities.channels.base import (
     UncertainChannelError,
     make_message_id,
 )
+from activities.channels.x import XUserResolver
 from activities.governor import SendGovernor
 from activities.records import append_event
 from db.session import SessionFactory
@@ -48,6 +52,7 @@ from models.activities import (
     ReserveSlotOutput,
 )
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
+from services.identities import IdentityOwnedError, attach_identity
 from services.templating import person_context, render_step
 from services.tokens import make_token
 
@@ -58,6 +63,8 @@ TARGET_IDENTITY = {
     Channel.LINKEDIN: "linkedin",
     Channel.XMTP: "xmtp",
 }
+#: An identity that stands in for the target until it is resolved to one (X handle → user id).
+RESOLVABLE_IDENTITY = {Channel.X: "x_handle"}
 FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
 
 
@@ -69,6 +76,17 @@ class DeliveryConfig:
     link_secret: str
     postal_address: str
     person_daily_touch_cap: int = 1
+
+
+def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> str | None:
+    """Why this send must not happen (a suppression of the person or target, denied consent), or None."""
+    for sup in suppressions:
+        if sup.person_id == person.id or sup.identity_id == target.id:
+            scope = "person" if sup.person_id == person.id else target.value
+            return f"suppressed ({scope}): {sup.reason}"
+    if target.consent == "denied":
+        return f"consent denied for {target.value}"
+    return None
 
 
 def delivery_key(enrollment_id: int, step_id: str, attempt: int) -> str:
@@ -166,20 +184,33 @@ class DeliveryActivities:
         if person is None:
             return await self._finalize(inp, delivery, "failed", error="unknown person")
         target = next((i for i in identities if i.channel == TARGET_IDENTITY[channel]), None)
+        stand_in = RESOLVABLE_IDENTITY.get(channel)
+        if target is None and stand_in:
+            target = next((i for i in identities if i.channel == stand_in), None)
         if target is None:  # nothing to send to on this channel: the lead moves on
-            return await self._finalize(
-                inp, delivery, "skipped", error=f"person has no {TARGET_IDENTITY[channel]} identity"
-            )
+            wanted = " or ".join(filter(None, (TARGET_IDENTITY[channel], stand_in)))
+            return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")
 
-        # The gate: right before the provider call.
-        for sup in suppressions:
-            if sup.person_id == person.id or sup.identity_id == target.id:
-                scope = "person" if sup.person_id == person.id else target.value
-                return await self._finalize(inp, delivery, "suppressed", error=f"suppressed ({scope}): {sup.reason}")
-        if target.consent == "denied":
-            return await self._finalize(inp, delivery, "suppressed", error=f"consent denied for {target.value}")
+        # The gate: right before the provider call (and before any lookup at the provider).
+        blocked = _gate(person, target, suppressions)
+        if blocked:
+            return await self._finalize(inp, delivery, "suppressed", error=blocked)
+        if stand_in and target.channel == stand_in:
+            resolved = await self._resolve_x_handle(inp, delivery, target)
+            if isinstance(resolved, DeliverOutput):
+                return resolved
+            async with self.session_factory() as session:
+                more = list(
+                    (await session.execute(select(Suppression).where(Suppression.identity_id == resolved.id))).scalars()
+                )
+            blocked = _gate(person, resolved, more)
+            if blocked:
+                return await self._finalize(inp, delivery, "suppressed", error=blocked)
+            target = resolved
+            identities.append(resolved)
+            self._fault("after_resolve")
 
         try:
             content = render_step(step, inp.variant, person_context(person, identities))
@@ -226,6 +257,81 @@ class DeliveryActivities:
         self._fault("after_send")
         delivery.message_id = message.message_id
         return await self._finalize(inp, delivery, "sent", provider_message_id=result.provider_message_id)
+
+    async def _resolve_x_handle(
+        self, inp: DeliverInput, delivery: Delivery, handle: Identity
+    ) -> Identity | DeliverOutput:
+        """The person's `x` identity for their handle, looked up at X and stored; or the outcome.
+
+        Runs after the claim and before the row is marked `sending`: nothing has been sent,
+        so a transient lookup failure puts the row back to `claimed` and retries (honouring
+        X's reset header), and a permanent one ends the delivery without any send.
+        """
+        client = self.channels.get(str(Channel.X))
+        if not isinstance(client, XUserResolver):
+            return await self._finalize(
+                inp,
+                delivery,
+                "failed",
+                error=f"person has only the X handle @{handle.value} and the x channel cannot resolve handles",
+            )
+        try:
+            user_id = await client.resolve_username(handle.value)
+        except (TransientChannelError, UncertainChannelError) as err:  # a lookup performs nothing: retry it
+            async with self.session_factory() as session, session.begin():
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery.id)
+                    .values(status="claimed", error=f"resolving @{handle.value}: {err}")
+                )
+            retry_after = err.retry_after if isinstance(err, TransientChannelError) else None
+            raise ApplicationError(
+                f"transient x error resolving @{handle.value}: {err}",
+                type="TransientChannelError",
+                next_retry_delay=(timedelta(seconds=retry_after) if retry_after else None),
+            ) from err
+        except PermanentChannelError as err:
+            return await self._finalize(
+                inp,
+                delivery,
+                "bounced" if err.bounce else "failed",
+                error=f"x handle @{handle.value} could not be resolved: {err}",
+                bounce_identity=handle if err.bounce else None,
+            )
+        try:
+            async with self.session_factory() as session, session.begin():
+                identity, created = await attach_identity(
+                    session, inp.ref.person_id, "x", user_id, consent=handle.consent
+                )
+                if created:
+                    await append_event(
+                        session,
+                        type_="identity_resolved",
+                        ref=inp.ref,
+                        step_id=inp.step.id,
+                        channel=str(Channel.X),
+                        delivery_id=delivery.id,
+                        occurred_at=inp.now,
+                        dedup_key=f"x_handle:{handle.id}:{user_id}",
+                        data={"x_handle": handle.value, "x_user_id": user_id, "identity_id": identity.id},
+                    )
+        except IdentityOwnedError as err:
+            return await self._finalize(
+                inp,
+                delivery,
+                "failed",
+                error=(
+                    f"x handle @{handle.value} resolves to X user id {user_id}, which already belongs to "
+                    f"person {err.owner_id}: the same X account is two people here; nothing was sent "
+                    "(merge the two people or correct the handle)"
+                ),
+            )
+        except ValueError as err:  # not a user id: the resolver broke its contract
+            return await self._finalize(
+                inp, delivery, "failed", error=f"x handle @{handle.value} resolved to a bad user id: {err}"
+            )
+        activity.logger.info("x handle @%s resolved to user id %s", handle.value, user_id)
+        return identity
 
     @activity.defn(name="give_up_delivery")
     async def give_up_delivery(self, inp: DeliverInput) -> DeliverOutput:

@@ -4,10 +4,15 @@
 on loopback (like the SMTP catcher for email). Every call is appended as one JSON line
 to `.dev/providers/calls.jsonl`, which is what a developer reads to see them.
 Run: `uvicorn devstack.providers:app --port 8081` (X at /2/..., relay at /v1/actions).
+
+The X user lookup (`GET /2/users/by/username/{username}`) answers every handle with a
+stable made-up numeric id (derived from the lower-cased handle), except handles that
+start with `unknown`, which answer as X does for a missing account (200 with `errors`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -69,6 +74,37 @@ async def x_unfollow(source_id: str, target_id: str, request: Request) -> JSONRe
     """X API v2: unfollow a user."""
     _record("x.unfollow", request, {"source": source_id, "target": target_id})
     return JSONResponse({"data": {"following": False}})
+
+
+def stand_in_user_id(username: str) -> str:
+    """The made-up, stable numeric X user id the stand-in gives `username`."""
+    digest = hashlib.sha256(username.lower().encode("utf-8")).hexdigest()
+    return str(10**17 + int(digest[:15], 16) % (9 * 10**17))
+
+
+@app.get("/2/users/by/username/{username}")
+async def x_user_by_username(username: str, request: Request) -> JSONResponse:
+    """X API v2: look a user up by handle."""
+    if username.lower().startswith("unknown"):
+        _record("x.lookup", request, {"username": username, "found": False})
+        return JSONResponse(
+            {
+                "errors": [
+                    {
+                        "value": username,
+                        "detail": f"Could not find user with username: [{username}].",
+                        "title": "Not Found Error",
+                        "resource_type": "user",
+                        "parameter": "username",
+                        "resource_id": username,
+                        "type": "https://api.twitter.com/2/problems/resource-not-found",
+                    }
+                ]
+            }
+        )
+    user_id = stand_in_user_id(username)
+    _record("x.lookup", request, {"username": username, "id": user_id})
+    return JSONResponse({"data": {"id": user_id, "name": username, "username": username}})
 
 
 @app.post("/v1/actions")

@@ -33,10 +33,10 @@ TARGET = {
     Channel.XMTP: "xmtp",
 }
 #: Identity channels that can receive a step on each channel, as the delivery activity
-#: picks them (X needs the numeric user id: a handle alone does not reach the X API).
+#: picks them (X: the numeric user id, else the handle, which delivery resolves to the id).
 TARGETS: dict[Channel, tuple[str, ...]] = {
     Channel.EMAIL: ("email",),
-    Channel.X: ("x",),
+    Channel.X: ("x", "x_handle"),
     Channel.LINKEDIN: ("linkedin",),
     Channel.XMTP: ("xmtp",),
 }

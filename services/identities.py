@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.tables import Identity, Person
@@ -90,3 +91,52 @@ async def find_person_by_identity(session: AsyncSession, channel: str, value: st
             .where(Identity.channel == channel, Identity.value == canonical)
         )
     ).scalar_one_or_none()
+
+
+class IdentityOwnedError(ValueError):
+    """The identity to attach to a person already belongs to another person."""
+
+    def __init__(self, channel: str, value: str, owner_id: int, person_id: int) -> None:
+        super().__init__(
+            f"{channel} identity {value!r} already belongs to person {owner_id}, not person {person_id} "
+            "(the same account imported as two people?); merge them or correct the data"
+        )
+        self.channel = channel
+        self.value = value
+        self.owner_id = owner_id
+        self.person_id = person_id
+
+
+async def attach_identity(
+    session: AsyncSession,
+    person_id: int,
+    channel: str,
+    value: str,
+    *,
+    consent: str = "unknown",
+) -> tuple[Identity, bool]:
+    """Store `value` as the person's identity on `channel`: (the row, whether it is new).
+
+    Idempotent and safe under concurrency (INSERT … ON CONFLICT DO NOTHING on the unique
+    (channel, value), then the owner is read): the same value for the same person is
+    returned as it is.
+
+    Raises:
+        ValueError: the value is malformed for the channel.
+        IdentityOwnedError: another person owns this identity (nothing is changed).
+    """
+    canonical = normalize(channel, value)
+    inserted = (
+        await session.execute(
+            insert(Identity)
+            .values(person_id=person_id, channel=channel, value=canonical, consent=consent)
+            .on_conflict_do_nothing(constraint="uq_identities_channel_value")
+            .returning(Identity.id)
+        )
+    ).scalar_one_or_none()
+    row = (
+        await session.execute(select(Identity).where(Identity.channel == channel, Identity.value == canonical))
+    ).scalar_one()
+    if row.person_id != person_id:
+        raise IdentityOwnedError(channel, canonical, int(row.person_id), person_id)
+    return row, inserted is not None

@@ -186,12 +186,19 @@ def _problem(status: int, title: str, detail: str) -> JSONResponse:
 
 
 class FakeX(FakeService):
-    """The X API v2 subset the X channel uses: DM, follow, unfollow."""
+    """The X API v2 subset the X channel uses: DM, follow, unfollow, user lookup by username.
+
+    `users` maps a handle (any case) to its numeric id; `lookups` lists every username
+    looked up (scripted failures included). An unknown username answers as X does: HTTP
+    200 with an `errors` array of type resource-not-found and no `data`.
+    """
 
     def __init__(self, token: str = X_TOKEN) -> None:
         self.token = token
         self.dms: list[dict[str, str]] = []
         self.following: set[tuple[str, str]] = set()
+        self.users: dict[str, str] = {}
+        self.lookups: list[str] = []
         self._ids = itertools.count(1_000_000_000_000_000_001)
         super().__init__()
 
@@ -199,6 +206,10 @@ class FakeX(FakeService):
     def auth_headers(self) -> dict[str, str]:
         """Headers a client needs to be accepted."""
         return {"Authorization": f"Bearer {self.token}"}
+
+    def add_user(self, username: str, user_id: str) -> None:
+        """Make `@username` an existing account with this numeric id."""
+        self.users[username.lower()] = user_id
 
     def routes(self) -> list[Route]:
         return [
@@ -209,6 +220,7 @@ class FakeX(FakeService):
             ),
             Route("/2/users/{user_id}/following", self._follow, methods=["POST"]),
             Route("/2/users/{user_id}/following/{target_id}", self._unfollow, methods=["DELETE"]),
+            Route("/2/users/by/username/{username}", self._by_username, methods=["GET"]),
         ]
 
     async def _gate(self, request: Request) -> tuple[RecordedRequest, Response | None]:
@@ -251,6 +263,32 @@ class FakeX(FakeService):
             return early
         self.following.discard((request.path_params["user_id"], request.path_params["target_id"]))
         return JSONResponse({"data": {"following": False}})
+
+    async def _by_username(self, request: Request) -> Response:
+        username = request.path_params["username"]
+        with self._lock:
+            self.lookups.append(username)
+        _rec, early = await self._gate(request)
+        if early is not None:
+            return early
+        user_id = self.users.get(username.lower())
+        if user_id is None:
+            return JSONResponse(
+                {
+                    "errors": [
+                        {
+                            "value": username,
+                            "detail": f"Could not find user with username: [{username}].",
+                            "title": "Not Found Error",
+                            "resource_type": "user",
+                            "parameter": "username",
+                            "resource_id": username,
+                            "type": "https://api.twitter.com/2/problems/resource-not-found",
+                        }
+                    ]
+                }
+            )
+        return JSONResponse({"data": {"id": user_id, "name": username.title(), "username": username}})
 
 
 class FakeRelay(FakeService):

@@ -232,3 +232,135 @@ def test_message_validation_names_the_field() -> None:
         _msg("SEND_EMAIL")
     with pytest.raises(ValueError, match="OutboundMessage.channel"):
         OutboundMessage(channel="fax", action="SEND_EMAIL", idempotency_key="k", sender="s", to="t")
+
+
+# ---------------------------------------------------------------------- handle lookup
+async def test_resolve_username_gets_the_numeric_id_with_the_bearer_token(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.add_user("Ada_L", "3333")
+    assert await channel.resolve_username("@ada_l") == "3333"
+    req = x_server.requests[-1]
+    assert (req.method, req.path) == ("GET", "/2/users/by/username/ada_l")
+    assert req.headers["authorization"] == f"Bearer {X_TOKEN}"
+    assert req.body == b""
+    assert x_server.lookups == ["ada_l"] and x_server.dms == [] and x_server.following == set()
+
+
+async def test_resolve_unknown_username_is_a_permanent_invalid_recipient(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    # X answers an unknown handle with HTTP 200, an `errors` array and no `data`.
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.resolve_username("nobody_here")
+    assert caught.value.code == "invalid_recipient" and caught.value.bounce is True
+    assert "invalid recipient" in str(caught.value)
+    assert "Could not find user with username: [nobody_here]" in str(caught.value)
+
+
+async def test_resolve_404_is_a_permanent_invalid_recipient(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(404, {}, {"title": "Not Found Error", "detail": "Could not find user with username: [gone]."})
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.resolve_username("gone")
+    assert caught.value.code == "invalid_recipient" and caught.value.bounce is True
+    assert "Could not find user" in str(caught.value)
+
+
+async def test_resolve_suspended_account_is_a_permanent_invalid_recipient(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(
+        200,
+        {},
+        {
+            "errors": [
+                {
+                    "detail": "User has been suspended: [spammer].",
+                    "title": "Forbidden",
+                    "type": "https://api.twitter.com/2/problems/resource-not-found",
+                }
+            ]
+        },
+    )
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.resolve_username("spammer")
+    assert caught.value.bounce is True and "suspended" in str(caught.value)
+
+
+async def test_resolve_429_is_transient_until_the_reset(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.add_user("ada_l", "3333")
+    x_server.fail_next(429, {"x-rate-limit-reset": str(int(NOW) + 600)}, {"title": "Too Many Requests"})
+    with pytest.raises(TransientChannelError) as caught:
+        await channel.resolve_username("ada_l")
+    assert caught.value.code == "429"
+    assert caught.value.retry_after == pytest.approx(600.0)
+    assert await channel.resolve_username("ada_l") == "3333"
+    assert x_server.lookups == ["ada_l", "ada_l"]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_resolve_5xx_is_transient(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+    status: int,
+) -> None:
+    x_server.fail_next(status, {}, {"title": "Service Unavailable"})
+    with pytest.raises(TransientChannelError) as caught:
+        await channel.resolve_username("ada_l")
+    assert caught.value.code == str(status)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+async def test_resolve_other_4xx_is_permanent_not_a_bounce(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+    status: int,
+) -> None:
+    x_server.fail_next(status, {}, {"title": "Forbidden", "detail": "Your app is not permitted"})
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.resolve_username("ada_l")
+    assert caught.value.code == str(status) and caught.value.bounce is False
+    assert "Your app is not permitted" in str(caught.value)
+
+
+async def test_resolve_errors_other_than_not_found_are_permanent_not_a_bounce(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(200, {}, {"errors": [{"title": "Invalid Request", "detail": "username is invalid"}]})
+    with pytest.raises(PermanentChannelError) as caught:
+        await channel.resolve_username("ada_l")
+    assert caught.value.code == "lookup_error" and caught.value.bounce is False
+
+
+async def test_resolve_read_timeout_is_transient_not_uncertain(x_server: FakeX) -> None:  # noqa: F811
+    # A lookup performs nothing at X, so no answer means "ask again", never "maybe sent".
+    x_server.hang_next()
+    timeout = httpx.Timeout(5.0, read=0.3)
+    ch = XChannel(httpx.AsyncClient(base_url=x_server.base_url, headers=x_server.auth_headers, timeout=timeout))
+    try:
+        with pytest.raises(TransientChannelError) as caught:
+            await ch.resolve_username("ada_l")
+    finally:
+        await ch.aclose()
+    assert caught.value.code == "no_response"
+
+
+async def test_resolve_malformed_handle_is_permanent_without_a_request(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    for bad in ("", "has space", "way_too_long_for_x_handles", "ada/../../2/users"):
+        with pytest.raises(PermanentChannelError) as caught:
+            await channel.resolve_username(bad)
+        assert caught.value.bounce is True
+    assert x_server.requests == []

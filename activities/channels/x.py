@@ -1,4 +1,4 @@
-"""X (Twitter) through its public HTTP API v2: DM a participant, follow, unfollow.
+"""X (Twitter) through its public HTTP API v2: DM a participant, follow, unfollow, look up a handle.
 
 Why a thin client over an injected `httpx.AsyncClient`: the worker owns one client (one
 connection pool, base URL `X_API_BASE_URL`, bearer token `X_API_TOKEN`), tests point the
@@ -12,14 +12,21 @@ answers to the ledger's outcomes:
 - a read timeout or a dropped connection after the request was written → uncertain.
 
 X has no idempotency header, so the ledger's claim-before-send is what prevents doubles.
+
+`resolve_username` turns a handle into the numeric user id the actions need
+(`GET /2/users/by/username/{username}`, app bearer token). It is a read, so a timeout is
+transient rather than uncertain; an unknown or suspended account (HTTP 404, or X's usual
+HTTP 200 whose `errors` say "Could not find user" / resource-not-found) is a permanent,
+bounce-like "invalid recipient"; 429/5xx/other 4xx are classified as for the actions.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +44,18 @@ if TYPE_CHECKING:
 
 #: X's limit on a DM's text.
 _MAX_DM_CHARS = 10_000
+#: What X accepts as a username (without the @).
+_USERNAME = re.compile(r"^[A-Za-z0-9_]{1,15}$")
+_NOT_FOUND_TYPE = "https://api.twitter.com/2/problems/resource-not-found"
+
+
+@runtime_checkable
+class XUserResolver(Protocol):
+    """Something that turns an X handle into the account's numeric user id."""
+
+    async def resolve_username(self, username: str) -> str:
+        """The numeric user id of `username`; raise a classified `ChannelError` on failure."""
+        ...
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -81,7 +100,7 @@ def _error_detail(response: httpx.Response) -> str:
 def _user_id(value: str, what: str) -> str:
     if not value.isdigit():
         raise PermanentChannelError(
-            f"x: {what} {value!r} is not a numeric X user id (handles are not accepted)",
+            f"x: {what} {value!r} is not a numeric X user id (resolve a handle with resolve_username first)",
             code="invalid_user_id",
             bounce=what == "recipient",
         )
@@ -129,7 +148,7 @@ class XChannel:
                     code="invalid_message",
                 )
             response = await self._request(
-                msg,
+                msg.sender,
                 "POST",
                 f"/2/dm_conversations/with/{quote(target, safe='')}/messages",
                 json={"text": text},
@@ -140,7 +159,7 @@ class XChannel:
         source = _user_id(msg.sender, "sender")
         if msg.action == "FOLLOW_ON_TWITTER":
             response = await self._request(
-                msg,
+                msg.sender,
                 "POST",
                 f"/2/users/{quote(source, safe='')}/following",
                 json={"target_user_id": target},
@@ -149,7 +168,7 @@ class XChannel:
             return SendResult(provider_message_id=None)
         if msg.action == "UNFOLLOW_ON_TWITTER":
             response = await self._request(
-                msg,
+                msg.sender,
                 "DELETE",
                 f"/2/users/{quote(source, safe='')}/following/{quote(target, safe='')}",
             )
@@ -165,9 +184,73 @@ class XChannel:
         data = body.get("data") if isinstance(body, dict) else None
         return data if isinstance(data, dict) else {}
 
-    async def _request(self, msg: OutboundMessage, method: str, path: str, json: Any = None) -> httpx.Response:
+    async def resolve_username(self, username: str) -> str:
+        """The numeric user id of the account `@username` (the app's bearer token).
+
+        Raises:
+            TransientChannelError: 429 (not before the reset), 5xx, unreachable, no answer.
+            PermanentChannelError: `invalid_recipient` with `bounce=True` for an unknown or
+                suspended account or a malformed handle; other 4xx with `bounce=False`.
+        """
+        handle = (username or "").strip().removeprefix("@")
+        if not _USERNAME.match(handle):
+            raise PermanentChannelError(
+                f"x: {username!r} is not a valid X handle (1-15 letters, digits or _)",
+                code="invalid_recipient",
+                bounce=True,
+            )
+        path = f"/2/users/by/username/{quote(handle, safe='')}"
+        response = await self._request(None, "GET", path, read_only=True, accept=(404,))
+        if response.status_code == 404:
+            raise PermanentChannelError(
+                f"x: invalid recipient: no X user @{handle} (404 on GET {path}: {_error_detail(response)})",
+                code="invalid_recipient",
+                bounce=True,
+            )
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        data = body.get("data") if isinstance(body, dict) else None
+        user_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(user_id, str) and user_id.isdigit():
+            return user_id
+        errors = body.get("errors") if isinstance(body, dict) else None
+        if isinstance(errors, list) and errors:
+            detail = _error_detail(response)
+            not_found = any(
+                isinstance(e, dict)
+                and (
+                    e.get("type") == _NOT_FOUND_TYPE
+                    or "could not find user" in str(e.get("detail", "")).lower()
+                    or "suspended" in str(e.get("detail", "")).lower()
+                )
+                for e in errors
+            )
+            if not_found:
+                raise PermanentChannelError(
+                    f"x: invalid recipient: no X user @{handle} ({detail})",
+                    code="invalid_recipient",
+                    bounce=True,
+                )
+            raise PermanentChannelError(f"x: looking up @{handle} failed: {detail}", code="lookup_error")
+        raise PermanentChannelError(
+            f"x: looking up @{handle} gave no numeric user id: {str(body)[:300]}", code="lookup_error"
+        )
+
+    async def _request(
+        self,
+        sender: str | None,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        read_only: bool = False,
+        accept: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        """Send one request; `read_only` requests have no effect, so no answer is transient."""
         headers: dict[str, str] = {}
-        token = self.sender_tokens.get(msg.sender)
+        token = self.sender_tokens.get(sender) if sender else None
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
@@ -177,10 +260,16 @@ class XChannel:
                 f"x: could not reach the API ({type(err).__name__}: {err})", code="connect"
             ) from err
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as err:
+            if read_only:
+                raise TransientChannelError(
+                    f"x: no answer to {method} {path} ({type(err).__name__}: {err})", code="no_response"
+                ) from err
             raise UncertainChannelError(
                 f"x: no answer after the request was sent ({type(err).__name__}: {err}); X may have performed it",
                 code="no_response",
             ) from err
+        if response.status_code in accept:
+            return response
         return self._check(response)
 
     def _check(self, response: httpx.Response) -> httpx.Response:
