@@ -344,3 +344,31 @@ async def test_dry_run_does_not_warn_about_x_steps_for_a_handle(
         ids = {p.first_name: p.id for p in (await s.execute(select(Person))).scalars()}
     assert dry.warnings == [f"person {ids['Bob']}, step 'dm': no x or x_handle identity: this step would be skipped"]
     assert {p.person_id: p.to for p in dry.previews} == {ids["Ada"]: "ada_l", ids["Bob"]: None, ids["Cy"]: "31337"}
+
+
+async def test_dev_stand_in_resolves_handles_like_x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import devstack.providers as providers
+    from activities.channels.base import PermanentChannelError
+    from activities.channels.x import XChannel, make_x_client
+    from tests.fakes import run_app
+
+    monkeypatch.setattr(providers, "LOG", tmp_path / "calls.jsonl")
+    with run_app(providers.app) as url:
+        channel = XChannel(make_x_client(url, "dev-token", timeout=5.0))
+        try:
+            first = await channel.resolve_username("Ada_L")
+            again = await channel.resolve_username("ada_l")
+            with pytest.raises(PermanentChannelError) as caught:
+                await channel.resolve_username("unknown_person")
+        finally:
+            await channel.aclose()
+    assert first == again == providers.stand_in_user_id("ada_l") and first.isdigit()
+    assert caught.value.bounce is True and "Could not find user" in str(caught.value)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [(c["kind"], c["method"], c["body"].get("found", True)) for c in calls] == [
+        ("x.lookup", "GET", True),
+        ("x.lookup", "GET", True),
+        ("x.lookup", "GET", False),
+    ]
