@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from sqlalchemy import select
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import Worker
@@ -188,9 +189,33 @@ async def wait_for_status(
     for _ in range(attempts):
         view = await handle.query(EnrollmentWorkflow.status)
         if predicate(view):
+            await wait_until_settled(handle)
             return view
         await asyncio.sleep(0.02)
     raise AssertionError(f"status never matched; last: {view}")
+
+
+_BUSY = {
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+}
+
+
+async def wait_until_settled(handle: WorkflowHandle[Any, Any], *, attempts: int = 400) -> None:
+    """Wait until the server has recorded what the workflow's last task decided.
+
+    A query can answer from the worker's state before the workflow task that started a
+    timer has completed on the server; skipping time then (`env.sleep`) would skip it
+    before the timer exists. The history's last event tells: nothing scheduled or running.
+    """
+    for _ in range(attempts):
+        history = await handle.fetch_history()
+        if history.events and history.events[-1].event_type not in _BUSY:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the workflow never settled (a task stayed scheduled or running)")
 
 
 async def events_of(sf: SessionFactory, type_: str | None = None) -> list[Event]:
