@@ -40,6 +40,7 @@ from activities.channels.base import (
     UncertainChannelError,
     make_message_id,
 )
+from activities.channels.email import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import SendGovernor
 from activities.records import append_event
@@ -225,6 +226,7 @@ class DeliveryActivities:
                 .values(
                     status="sending",
                     message_id=message.message_id,
+                    identity_id=target.id,
                     attempts_made=Delivery.attempts_made + 1,
                 )
             )
@@ -389,7 +391,9 @@ class DeliveryActivities:
             {"p": inp.ref.person_id, "i": target.id, "e": inp.ref.enrollment_id},
         )
         html = content.html
-        if inp.track_opens and html:
+        if inp.track_opens and channel == "email":
+            # a text-only step gets the HTML part the channel would build, with the pixel in it
+            html = html if html is not None else text_to_html(content.text or "")
             pixel = make_token(self.config.link_secret, "open", {"k": key})
             html += f'<img src="{base}/o/{pixel}" width="1" height="1" alt="" />'
         domain = sender.address.rsplit("@", 1)[-1] if "@" in sender.address else "sequencer.local"

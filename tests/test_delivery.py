@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from db.session import SessionFactory
-from db.tables import Delivery, SendSlot, Suppression
+from db.tables import Delivery, Identity, SendSlot, Suppression
 from models.enrollment import EnrollmentStatus
 from tests.engine_harness import (
     all_senders,
@@ -331,3 +331,23 @@ def _stop() -> Any:
     from models.enrollment import ControlSignal
 
     return ControlSignal(reason="test over")
+
+
+async def test_text_only_email_with_open_tracking_carries_the_pixel_and_the_ledger_names_the_address(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    raw = {**email_sequence(1), "track_opens": True}
+    async with wired():
+        result = await (await _enroll(temporal_env, session_factory, task_queue, raw, email="pixel@lead.test")).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    [message] = smtp_server.parsed()
+    html = next(p for p in message.walk() if p.get_content_type() == "text/html").get_content()
+    assert "<p>Body 0</p>" in html
+    assert '<img src="https://links.acme.test/o/' in html
+    plain = next(p for p in message.walk() if p.get_content_type() == "text/plain").get_content()
+    assert "/o/" not in plain
+    [delivery] = await _deliveries(session_factory)
+    async with session_factory() as s:
+        address = (await s.execute(select(Identity.value).where(Identity.id == delivery.identity_id))).scalar_one()
+    assert address == "pixel@lead.test"

@@ -381,7 +381,8 @@ def _split_address(address: str, field: str) -> Address:
         ) from err
 
 
-def _text_to_html(text: str) -> str:
+def text_to_html(text: str) -> str:
+    """Plain text as simple HTML paragraphs (the HTML part of a text-only message)."""
     paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
     return "\n".join("<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
 
@@ -436,7 +437,7 @@ class EmailChannel:
         text = msg.text if msg.text is not None else _html_to_text_fallback(msg.html or "")
         text_footer = f"\n\n--\n{footer}\nUnsubscribe: {url}\n"
         text_part = text.rstrip("\n") + text_footer
-        html_body = msg.html if msg.html is not None else _text_to_html(text)
+        html_body = msg.html if msg.html is not None else text_to_html(text)
         html_footer = (
             '<hr style="border:none;border-top:1px solid #ddd">'
             '<p style="font-size:12px;color:#666">'
