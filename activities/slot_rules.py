@@ -43,18 +43,28 @@ def local_day(at: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
 
 
 def hour_ok(times: list[datetime], slot: datetime, cap: int) -> bool:
-    """True when adding `slot` keeps every rolling hour containing it within `cap`.
+    """True when adding `slot` keeps every rolling hour containing it within `cap`."""
+    return hour_violation_end(times, slot, cap) is None
+
+
+def hour_violation_end(times: list[datetime], slot: datetime, cap: int) -> datetime | None:
+    """Where the latest full rolling hour containing `slot` ends, or None when there is room.
 
     `times` must be sorted. A window [w, w + 1h) holds the slot when w is in
     (slot - 1h, slot]; the fullest of them starts at an existing slot in that range or at
     `slot` itself (the window ahead of it, which matters when slots are granted out of
-    time order), so those are checked.
+    time order), so those are checked. Every time from `slot` up to the returned end lies in
+    a full window too, so the search may jump there without passing over a free time.
     """
     if len(times) < cap:
-        return True
+        return None
     starts = [slot]
     starts += times[bisect_right(times, slot - HOUR) : bisect_right(times, slot)]
-    return all(bisect_left(times, w + HOUR) - bisect_left(times, w) + 1 <= cap for w in starts)
+    end: datetime | None = None
+    for w in starts:
+        if bisect_left(times, w + HOUR) - bisect_left(times, w) + 1 > cap and (end is None or w + HOUR > end):
+            end = w + HOUR
+    return end
 
 
 @dataclass
@@ -98,19 +108,17 @@ class SenderBook:
                 slot = day_end
                 reason = "warm-up" if cap < self.per_day else "daily cap"
                 continue
-            if not hour_ok(times, slot, self.per_hour):
-                near = times[bisect_right(times, slot - HOUR) : bisect_left(times, slot + HOUR)]
-                boundaries = [t + HOUR for t in near if t + HOUR > slot]
-                boundaries += [t + timedelta(microseconds=1) for t in near if t > slot]
-                slot = min(boundaries)
+            full_until = hour_violation_end(times, slot, self.per_hour)
+            if full_until is not None:
+                slot = full_until
                 reason = "hourly cap"
                 continue
             if spacing > timedelta(0):
                 candidate = slot
-                for existing in times[bisect_right(times, slot - spacing) :]:
-                    if existing >= candidate + spacing:
-                        break
-                    candidate = max(candidate, existing + spacing)
+                i = bisect_right(times, slot - spacing)
+                while i < len(times) and times[i] < candidate + spacing:
+                    candidate = max(candidate, times[i] + spacing)
+                    i += 1
                 if candidate != slot:
                     slot = candidate
                     reason = reason or "spacing"

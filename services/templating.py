@@ -10,12 +10,13 @@ Variables are the person's known fields plus every custom CSV column.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, meta
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
@@ -127,9 +128,15 @@ def _sources(step: Step) -> list[tuple[str | None, Step | Variant]]:
     return [(None, step)]
 
 
+@functools.lru_cache(maxsize=1024)
+def _compiled(env: SandboxedEnvironment, source: str) -> Template:
+    """Compile once per source: a sequence's few templates render for every person."""
+    return env.from_string(source)
+
+
 def _render(env: SandboxedEnvironment, source: str, ctx: dict[str, Any], where: str) -> str:
     try:
-        return env.from_string(source).render(ctx)
+        return _compiled(env, source).render(ctx)
     except SecurityError as err:
         raise TemplateError(f"{where}: not allowed in templates: {err}") from None
     except UndefinedError as err:

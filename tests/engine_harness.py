@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import yaml
 from sqlalchemy import select
 from temporalio.api.enums.v1 import EventType
@@ -284,3 +285,42 @@ async def running_worker(
 
 
 ONE_DAY = timedelta(days=1)
+
+
+class Crash:
+    """Simulates the worker dying at one point, once (the worker's `fault` hook)."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.fired = 0
+
+    def __call__(self, where: str) -> None:
+        if where == self.point and not self.fired:
+            self.fired += 1
+            raise RuntimeError(f"simulated crash {where}")
+
+
+@pytest.fixture
+def wired(
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,
+    relay_server: Any,
+) -> Callable[..., Any]:
+    """An async context manager factory: the production worker, with options, on local servers.
+
+    Import it into a test module (with `x_server` and `relay_server` from tests/fakes.py).
+    """
+
+    @asynccontextmanager
+    async def run(**kw: Any) -> AsyncIterator[Any]:
+        channels = make_channels(smtp_server, x_server, relay_server)
+        try:
+            async with running_worker(temporal_env.client, task_queue, session_factory, channels, **kw) as worker:
+                yield worker
+        finally:
+            await channels.aclose()
+
+    return run

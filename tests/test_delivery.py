@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -19,31 +18,17 @@ from db.session import SessionFactory
 from db.tables import Delivery, Identity, SendSlot, Suppression
 from models.enrollment import EnrollmentStatus
 from tests.engine_harness import (
+    Crash,
     all_senders,
     events_of,
-    make_channels,
     make_person,
     make_sender,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.enrollment import EnrollmentWorkflow
-
-
-class Crash:
-    """Simulates the worker dying at one point, once."""
-
-    def __init__(self, point: str) -> None:
-        self.point = point
-        self.fired = 0
-
-    def __call__(self, where: str) -> None:
-        if where == self.point and not self.fired:
-            self.fired += 1
-            raise RuntimeError(f"simulated crash {where}")
 
 
 def email_sequence(n: int, gap: str = "1d", name: str | None = None) -> dict[str, Any]:
@@ -64,30 +49,6 @@ def email_sequence(n: int, gap: str = "1d", name: str | None = None) -> dict[str
     if n > 1:
         steps.append({"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]})
     return {"name": name or f"mail-{uuid.uuid4().hex[:8]}", "steps": steps}
-
-
-@pytest.fixture
-def wired(
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> Callable[..., Any]:
-    """Returns an async context manager running the worker with options."""
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def run(**kw: Any) -> AsyncIterator[Any]:
-        channels = make_channels(smtp_server, x_server, relay_server)
-        try:
-            async with running_worker(temporal_env.client, task_queue, session_factory, channels, **kw) as worker:
-                yield worker
-        finally:
-            await channels.aclose()
-
-    return run
 
 
 async def _enroll(env: Any, sf: SessionFactory, tq: str, raw: dict[str, Any], **person: Any) -> Any:

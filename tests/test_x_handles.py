@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,9 @@ from services.enrolling import dry_run
 from services.identities import IdentityOwnedError, attach_identity, find_person_by_identity
 from services.people_import import import_people
 from tests.engine_harness import (
+    Crash,
     all_senders,
     events_of,
-    make_channels,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
@@ -38,42 +35,6 @@ from tests.fakes import FakeX, relay_server, x_server  # noqa: F401
 from webhooks.inbound import InboundPayload, InboundProcessor
 
 X_SENDER = "900"  # the X sender account all_senders() creates
-
-
-class Crash:
-    """Simulates the worker dying at one point, once."""
-
-    def __init__(self, point: str) -> None:
-        self.point = point
-        self.fired = 0
-
-    def __call__(self, where: str) -> None:
-        if where == self.point and not self.fired:
-            self.fired += 1
-            raise RuntimeError(f"simulated crash {where}")
-
-
-@pytest.fixture
-def wired(
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: FakeX,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> Callable[..., Any]:
-    """Returns an async context manager running the production worker with options."""
-
-    @asynccontextmanager
-    async def run(**kw: Any) -> AsyncIterator[Any]:
-        channels = make_channels(smtp_server, x_server, relay_server)
-        try:
-            async with running_worker(temporal_env.client, task_queue, session_factory, channels, **kw) as worker:
-                yield worker
-        finally:
-            await channels.aclose()
-
-    return run
 
 
 async def _person(sf: SessionFactory, *, handle: str | None = None, x: str | None = None) -> int:
