@@ -9,6 +9,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import SearchAttributeKey
+
+NEXT_ACTION_AT = SearchAttributeKey.for_datetime("NextActionAt")
 
 
 @workflow.defn(name="BenchNoop")
@@ -18,6 +21,16 @@ class NoopWorkflow:
     @workflow.run
     async def run(self) -> None:
         return None
+
+
+@workflow.defn(name="BenchTimer")
+class TimerWorkflow:
+    """Sets one search attribute and waits on a 30-day timer: what an enrollment must do at least."""
+
+    @workflow.run
+    async def run(self) -> None:
+        workflow.upsert_search_attributes([NEXT_ACTION_AT.value_set(workflow.now() + timedelta(days=30))])
+        await workflow.sleep(timedelta(days=30))
 
 
 @workflow.defn(name="BenchSignal")
