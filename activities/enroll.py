@@ -38,7 +38,7 @@ from workflows.search_attributes import (
     SEQUENCE_VERSION,
 )
 
-START_CONCURRENCY = 64
+START_CONCURRENCY = 128
 
 
 @dataclass
