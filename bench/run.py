@@ -155,24 +155,26 @@ def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Worker:
 
 
 # ---------------------------------------------------------------- benchmarks
-async def bench_enroll(stack: Stack, people: int, tmp: Path) -> dict[str, Any]:
-    """Audience enrollment vs raw no-op workflow starts."""
+async def bench_enroll(stack: Stack, people: int, tmp: Path, baseline: int | None = None) -> dict[str, Any]:
+    """Audience enrollment vs raw no-op workflow starts (`baseline` of them, default as many)."""
     from services.enrolling import start_audience
     from services.sequence_store import create_version
     from settings import Settings
 
     client: Client = stack.env.client
 
+    base_n = baseline or people
+
     async def raw_starts() -> float:
         raw_q = f"raw-{uuid.uuid4().hex[:6]}"
         async with Worker(client, task_queue=raw_q, workflows=[NoopWorkflow], max_concurrent_workflow_tasks=200):
             t0 = time.perf_counter()
             await gather_bounded(
-                people,
+                base_n,
                 64,
                 lambda i: client.start_workflow(NoopWorkflow.run, id=f"{raw_q}-{i}", task_queue=raw_q),
             )
-            return people / (time.perf_counter() - t0)
+            return base_n / (time.perf_counter() - t0)
 
     async def timer_starts() -> float:
         # Context, not the target's baseline: the least an open enrollment costs the server
@@ -181,7 +183,7 @@ async def bench_enroll(stack: Stack, people: int, tmp: Path) -> dict[str, Any]:
         async with Worker(client, task_queue=timer_q, workflows=[TimerWorkflow], max_concurrent_workflow_tasks=200):
             t0 = time.perf_counter()
             await gather_bounded(
-                people,
+                base_n,
                 64,
                 lambda i: client.start_workflow(
                     TimerWorkflow.run,
@@ -192,7 +194,7 @@ async def bench_enroll(stack: Stack, people: int, tmp: Path) -> dict[str, Any]:
                     ),
                 ),
             )
-            return people / (time.perf_counter() - t0)
+            return base_n / (time.perf_counter() - t0)
 
     name = f"bench-enroll-{uuid.uuid4().hex[:6]}"
     await seed_people(stack.session_factory, people, name, tag=name)
@@ -224,9 +226,10 @@ async def bench_enroll(stack: Stack, people: int, tmp: Path) -> dict[str, Any]:
     raw_after = await raw_starts()
     timer_rate = await timer_starts()
     raw_rate, eng_rate = (raw_before + raw_after) / 2, people / eng_s
+    sizes = f" (baselines of {base_n})" if base_n != people else ""
     return {
         "name": "enroll",
-        "line": f"enroll {people}: raw starts {raw_rate:.0f}/s ({raw_before:.0f} before, {raw_after:.0f} after), "
+        "line": f"enroll {people}{sizes}: raw starts {raw_rate:.0f}/s ({raw_before:.0f} before, {raw_after:.0f} after), "
         f"enrollments {eng_rate:.0f}/s, ratio {eng_rate / raw_rate:.2f}x (target >= 0.8x); for context, starts of "
         f"a bare workflow that stays open on a timer with search attributes {timer_rate:.0f}/s "
         f"(measured last, on the fullest server)",
@@ -549,6 +552,7 @@ async def main() -> None:
     """Run the selected benchmarks and record them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--people", type=int, default=5000, help="enrollments for the enroll benchmark")
+    parser.add_argument("--baseline", type=int, help="raw starts per baseline measurement (default: --people)")
     parser.add_argument("--leads", type=int, default=2000, help="waiting leads for the webhook benchmark")
     parser.add_argument("--only", action="append", help="run only these (enroll, reaction, send, governed, webhook)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -560,7 +564,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sequencer-bench-files-"))
     async with bench_stack() as stack:
         runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-            ("enroll", lambda: bench_enroll(stack, args.people, tmp)),
+            ("enroll", lambda: bench_enroll(stack, args.people, tmp, args.baseline)),
             ("reaction", lambda: bench_reaction(stack, 400, tmp)),
             ("send", lambda: bench_send(stack, 1000, tmp)),
             ("governed", lambda: bench_governed(stack, 600)),
