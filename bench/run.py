@@ -229,7 +229,8 @@ async def bench_enroll(stack: Stack, people: int, tmp: Path, baseline: int | Non
     sizes = f" (baselines of {base_n})" if base_n != people else ""
     return {
         "name": "enroll",
-        "line": f"enroll {people}{sizes}: raw starts {raw_rate:.0f}/s ({raw_before:.0f} before, {raw_after:.0f} after), "
+        "line": f"enroll {people}{sizes}: raw starts {raw_rate:.0f}/s "
+        f"({raw_before:.0f} before, {raw_after:.0f} after), "
         f"enrollments {eng_rate:.0f}/s, ratio {eng_rate / raw_rate:.2f}x (target >= 0.8x); for context, starts of "
         f"a bare workflow that stays open on a timer with search attributes {timer_rate:.0f}/s "
         f"(measured last, on the fullest server)",
