@@ -42,7 +42,7 @@ from activities.channels.base import (
 )
 from activities.channels.email import text_to_html
 from activities.channels.x import XUserResolver
-from activities.governor import SendGovernor
+from activities.governor import NoSlotError, SendGovernor
 from activities.records import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SenderAccount, Suppression
@@ -117,17 +117,26 @@ class DeliveryActivities:
     async def reserve_send_slot(self, inp: ReserveSlotInput) -> ReserveSlotOutput:
         """Ask the channel's governor for a send time (idempotent per round)."""
         key = delivery_key(inp.ref.enrollment_id, inp.step_id, inp.attempt)
-        reservation = await self.governor.reserve(
-            delivery_key=f"{key}:r{inp.round}",
-            channel=inp.channel,
-            person_id=inp.ref.person_id,
-            now=inp.now,
-            not_before=inp.not_before,
-            preferred_sender_id=inp.preferred_sender_id,
-            allowed_senders=inp.allowed_senders or None,
-            counts_as_touch=Action(inp.action) in MESSAGE_ACTIONS,
-            person_daily_cap=self.config.person_daily_touch_cap,
-        )
+        try:
+            reservation = await self.governor.reserve(
+                delivery_key=f"{key}:r{inp.round}",
+                channel=inp.channel,
+                person_id=inp.ref.person_id,
+                now=inp.now,
+                not_before=inp.not_before,
+                preferred_sender_id=inp.preferred_sender_id,
+                allowed_senders=inp.allowed_senders or None,
+                counts_as_touch=Action(inp.action) in MESSAGE_ACTIONS,
+                person_daily_cap=self.config.person_daily_touch_cap,
+            )
+        except NoSlotError as err:
+            # A sender whose caps allow nothing (per_day 0, say) is a configuration to fix, not a
+            # lead to drop: ask again hourly, with the reason in the Web UI's pending activity.
+            raise ApplicationError(
+                f"no send slot within a year: {err} (check the sender's caps with `senders add`)",
+                type="NoSendSlot",
+                next_retry_delay=timedelta(hours=1),
+            ) from err
         if reservation.sender_id is not None and reservation.slot_at > inp.now:
             async with self.session_factory() as session, session.begin():
                 await append_event(

@@ -430,3 +430,41 @@ async def test_channel_defaults_are_lowest_for_x_and_linkedin_and_are_enforced(
     assert max_in_window(times, HOUR) == 6  # the updated cap, reached and never exceeded
     assert max(per_local_day(times, "Europe/Berlin").values()) <= d.per_day
     assert min(gaps(times)) >= d.spacing
+
+
+async def test_a_sender_that_can_never_send_is_a_classified_hourly_retry(session_factory: SessionFactory) -> None:
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.delivery import DeliveryActivities, DeliveryConfig
+    from models.activities import EnrollmentRef, ReserveSlotInput
+    from models.enrollment import SequenceRef
+
+    await add_account(session_factory, "closed@acme.test", per_day=0)
+    pid = await make_person(session_factory, email="lead@lead.test")
+    activities = DeliveryActivities(
+        session_factory,
+        SendGovernor(session_factory),
+        {},
+        DeliveryConfig(public_base_url="https://links.acme.test", link_secret="s", postal_address="1 Test St"),
+    )
+    inp = ReserveSlotInput(
+        ref=EnrollmentRef(
+            enrollment_id=1,
+            person_id=pid,
+            sequence=SequenceRef(sequence_id=1, sequence_name="s", version_id=1, version=1),
+        ),
+        step_id="m0",
+        attempt=1,
+        action="SEND_EMAIL",
+        channel="email",
+        now=T0,
+        not_before=T0,
+    )
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(activities.reserve_send_slot, inp)
+    assert caught.value.type == "NoSendSlot" and not caught.value.non_retryable
+    assert caught.value.next_retry_delay == HOUR
+    assert "no free slot within 366 days" in str(caught.value)
+    async with session_factory() as s:
+        assert (await s.execute(select(SendSlot))).scalars().all() == []
