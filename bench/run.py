@@ -554,6 +554,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--people", type=int, default=5000, help="enrollments for the enroll benchmark")
     parser.add_argument("--baseline", type=int, help="raw starts per baseline measurement (default: --people)")
+    parser.add_argument(
+        "--temporal-file",
+        action="store_true",
+        help="dev server state in a SQLite file (WAL), as `make run` keeps it, instead of in memory",
+    )
     parser.add_argument("--leads", type=int, default=2000, help="waiting leads for the webhook benchmark")
     parser.add_argument("--only", action="append", help="run only these (enroll, reaction, send, governed, webhook)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -563,7 +568,7 @@ async def main() -> None:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="sequencer-bench-files-"))
-    async with bench_stack() as stack:
+    async with bench_stack(temporal_file=args.temporal_file) as stack:
         runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
             ("enroll", lambda: bench_enroll(stack, args.people, tmp, args.baseline)),
             ("reaction", lambda: bench_reaction(stack, 400, tmp)),

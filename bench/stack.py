@@ -61,8 +61,12 @@ class Stack:
 
 
 @asynccontextmanager
-async def bench_stack() -> AsyncIterator[Stack]:
-    """Start PostgreSQL (migrated), the dev server and an SMTP sink; stop them after."""
+async def bench_stack(*, temporal_file: bool = False) -> AsyncIterator[Stack]:
+    """Start PostgreSQL (migrated), the dev server and an SMTP sink; stop them after.
+
+    `temporal_file` keeps the dev server's state in a SQLite file in WAL mode, as `make run`
+    does, instead of in memory (for capacity runs that hold many open workflows).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="sequencer-bench-"))
     cluster = Cluster(tmp / "pg", free_port())
     cluster.init()
@@ -82,6 +86,18 @@ async def bench_stack() -> AsyncIterator[Stack]:
         search_attributes=ALL_SEARCH_ATTRIBUTES,
         ui=False,
         dev_server_log_level="error",
+        dev_server_extra_args=(
+            [
+                "--db-filename",
+                str(tmp / "temporal.db"),
+                "--sqlite-pragma",
+                "journal_mode=wal",
+                "--sqlite-pragma",
+                "synchronous=normal",
+            ]
+            if temporal_file
+            else []
+        ),
     )
     try:
         yield Stack(env, make_session_factory(engine), sink, cluster)
