@@ -104,17 +104,21 @@ class FinishOutput(BaseModel):
 
 
 class EnrollPageInput(BaseModel):
-    """Start enrollments for one page of a segment, after a person id cursor."""
+    """Start enrollments for up to `pages` pages of `limit` people, after a person id cursor."""
 
     sequence_name: str
     segment_name: str
     after_person_id: int
     limit: int
     count_total: bool = False
+    pages: int = 1
 
 
 class EnrollPageOutput(BaseModel):
-    """What the page did; `next_after` is None when the segment is exhausted."""
+    """What the pages did; also the activity's heartbeat, so a retry resumes after the last page.
+
+    `next_after` is the cursor after the last page done, None when the segment is exhausted.
+    """
 
     next_after: int | None
     started: int = 0
@@ -122,3 +126,4 @@ class EnrollPageOutput(BaseModel):
     refused: int = 0
     refusals: list[str] = Field(default_factory=list)
     total: int | None = None
+    pages_done: int = 0

@@ -149,6 +149,7 @@ class AudienceInput(BaseModel):
     segment_name: str
     page_size: int = 500
     pages_per_run: int = 40
+    pages_per_activity: int = 8
     after_person_id: int = 0
     started: int = 0
     already: int = 0

@@ -1,8 +1,8 @@
 """Starting audiences and dry runs: what `starter.py enroll` does.
 
 A real enrollment starts the durable audience workflow and (optionally) follows its
-progress query; a dry run renders every first message and reports problems without
-starting anything or sending anything.
+progress query, topped up with the heartbeat of the batch in flight; a dry run renders
+every first message and reports problems without starting anything or sending anything.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import or_, select
+from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.enroll import segment_page
 from db.session import SessionFactory
 from db.tables import Enrollment, Identity, Suppression
+from models.activities import EnrollPageOutput
 from models.enrollment import AudienceInput, AudienceProgress
 from models.schedule import choose_variant
 from models.sequence import ACTION_CHANNEL, MESSAGE_ACTIONS, Channel, SequenceDefinition, Step
@@ -50,6 +52,7 @@ async def start_audience(
     *,
     page_size: int = 500,
     pages_per_run: int = 40,
+    pages_per_activity: int = 8,
     wait: bool = True,
     on_progress: Callable[[AudienceProgress], None] | None = None,
 ) -> AudienceProgress | None:
@@ -62,7 +65,11 @@ async def start_audience(
         handle = await client.start_workflow(
             AudienceWorkflow.run,
             AudienceInput(
-                sequence_name=sequence, segment_name=segment, page_size=page_size, pages_per_run=pages_per_run
+                sequence_name=sequence,
+                segment_name=segment,
+                page_size=page_size,
+                pages_per_run=pages_per_run,
+                pages_per_activity=pages_per_activity,
             ),
             id=wid,
             task_queue=settings.temporal_task_queue,
@@ -74,7 +81,7 @@ async def start_audience(
     result = asyncio.create_task(handle.result())
     while not result.done():
         try:
-            progress = await handle.query(AudienceWorkflow.progress)
+            progress = await live_progress(client, handle)
             if on_progress:
                 on_progress(progress)
         except Exception:  # between runs (continue-as-new) a query can miss; try again
@@ -84,6 +91,30 @@ async def start_audience(
     if on_progress:
         on_progress(final)
     return final
+
+
+async def live_progress(client: Client, handle: WorkflowHandle[AudienceWorkflow, AudienceProgress]) -> AudienceProgress:
+    """The audience's progress, including the pages its running batch has heartbeated.
+
+    The workflow only learns a batch's counts when the batch activity returns (several
+    pages); its heartbeat says how far it got. The query is read first, so a batch that
+    finishes in between is at worst missed for one poll, never counted twice.
+    """
+    progress = await handle.query(AudienceWorkflow.progress)
+    description = await handle.describe()
+    for pending in description.raw_description.pending_activities:
+        if pending.activity_type.name != "enroll_page" or not pending.heartbeat_details.payloads:
+            continue
+        [batch] = await client.data_converter.decode(pending.heartbeat_details.payloads, [EnrollPageOutput])
+        progress = progress.model_copy(
+            update={
+                "total": progress.total if progress.total is not None else batch.total,
+                "started": progress.started + batch.started,
+                "already": progress.already + batch.already,
+                "refused": progress.refused + batch.refused,
+            }
+        )
+    return progress
 
 
 def first_message_steps(defn: SequenceDefinition) -> list[Step]:

@@ -7,15 +7,22 @@ pausing a whole sequence finds its running enrollments through visibility.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+from temporalio.testing import ActivityEnvironment
 
+from activities.enroll import EnrollActivities, EnrollTarget
 from db.session import SessionFactory
-from db.tables import Enrollment, Event
+from db.tables import Enrollment, Event, Person
+from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentStatus
 from services.control import person_status, running_workflow_ids, signal_enrollments
 from services.enrolling import dry_run, start_audience
@@ -124,7 +131,14 @@ async def test_audience_enrolls_every_member_in_pages_and_repeats_as_noop(
     await create_version(session_factory, seq_file(tmp_path, name))
     seen: list[Any] = []
     progress = await start_audience(
-        session_factory, stack, name, name, page_size=100, pages_per_run=2, on_progress=seen.append
+        session_factory,
+        stack,
+        name,
+        name,
+        page_size=100,
+        pages_per_activity=2,
+        pages_per_run=1,
+        on_progress=seen.append,
     )
     assert progress is not None and progress.done
     assert (progress.total, progress.started, progress.already, progress.refused) == (600, 600, 0, 0)
@@ -143,7 +157,54 @@ async def test_audience_enrolls_every_member_in_pages_and_repeats_as_noop(
     async def runs() -> int:
         return len([w async for w in dev_env.client.list_workflows(query)])
 
-    assert await _eventually(lambda: _at_least(runs, 4)), "600 people / 100 per page / 2 pages per run"
+    assert await _eventually(lambda: _at_least(runs, 3)), "600 people / 100 per page / 2 pages per batch, 1 per run"
+
+
+async def test_a_batch_heartbeats_every_page_in_order_and_a_retry_resumes_after_the_last(
+    stack: Settings, session_factory: SessionFactory, dev_env: Any, tmp_path: Path
+) -> None:
+    name = f"batch-{uuid.uuid4().hex[:6]}"
+    ids = await seed(session_factory, 250, name)
+    await create_version(session_factory, seq_file(tmp_path, name))
+    acts = EnrollActivities(session_factory, dev_env.client, EnrollTarget(stack.temporal_task_queue))
+    env = ActivityEnvironment()
+    beats: list[EnrollPageOutput] = []
+    env.on_heartbeat = lambda *details: beats.append(details[0].model_copy(deep=True))
+    page = EnrollPageInput(sequence_name=name, segment_name=name, after_person_id=0, limit=100, count_total=True)
+
+    first = await env.run(acts.enroll_page, page.model_copy(update={"pages": 2}))
+    assert (first.started, first.already, first.pages_done, first.next_after, first.total) == (200, 0, 2, ids[199], 250)
+    assert [(b.next_after, b.started, b.pages_done) for b in beats] == [(ids[99], 100, 1), (ids[199], 200, 2)]
+
+    # A retry of a 3-page batch whose last heartbeat was after page 1: page 1 is not
+    # redone, page 2 (started by the first run) counts as already, page 3 starts.
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[beats[0].model_dump(mode="json")])
+    retried = await env.run(acts.enroll_page, page.model_copy(update={"pages": 3}))
+    assert (retried.started, retried.already, retried.pages_done, retried.next_after) == (150, 100, 3, None)
+    async with session_factory() as s:
+        count = select(func.count()).select_from(Enrollment).join(Person).where(Person.id.in_(ids))
+        assert (await s.execute(count)).scalar_one() == 250
+
+
+async def test_a_failing_start_fails_the_batch_with_its_own_error_and_keeps_the_claims(
+    stack: Settings, session_factory: SessionFactory, dev_env: Any, tmp_path: Path
+) -> None:
+    name = f"fail-{uuid.uuid4().hex[:6]}"
+    ids = await seed(session_factory, 30, name)
+    await create_version(session_factory, seq_file(tmp_path, name))
+    nowhere = Client(
+        dev_env.client.service_client, namespace="no-such-namespace", data_converter=pydantic_data_converter
+    )
+    acts = EnrollActivities(session_factory, nowhere, EnrollTarget(stack.temporal_task_queue))
+    page = EnrollPageInput(sequence_name=name, segment_name=name, after_person_id=0, limit=10, pages=3)
+    with pytest.raises(RPCError, match="no-such-namespace"):
+        await ActivityEnvironment().run(acts.enroll_page, page)
+    async with session_factory() as s:
+        claimed = (await s.execute(select(Enrollment.status).join(Person).where(Person.id.in_(ids)))).scalars().all()
+    # Claimed rows stay active, so the retry (with a working client) starts them.
+    assert claimed and set(claimed) == {"active"}
+    progress = await start_audience(session_factory, stack, name, name, page_size=10)
+    assert progress is not None and (progress.started, progress.already) == (30, 0)
 
 
 async def test_enroll_refuses_people_whose_templates_do_not_render(
