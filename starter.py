@@ -272,7 +272,7 @@ def _control(kind: str, sequence: str, person: int | None, reason: str) -> None:
     from services.control import signal_enrollments
 
     async def go(sf: SessionFactory) -> Any:
-        return await signal_enrollments(get_settings(), kind, sequence, person, reason)
+        return await signal_enrollments(get_settings(), kind, sequence, person, reason, session_factory=sf)
 
     count = _run(go)
     console.print(f"{kind}: signalled {count} enrollment(s) of {sequence!r}")

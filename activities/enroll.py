@@ -16,8 +16,6 @@ from sqlalchemy.dialects.postgresql import insert
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
@@ -25,18 +23,11 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from db.session import SessionFactory
 from db.tables import Enrollment, Event, Person, Segment, SegmentMember
 from models.activities import EnrollPageInput, EnrollPageOutput
-from models.enrollment import EnrollmentInput, EnrollmentStatus, SequenceRef
+from models.enrollment import EnrollmentInput, SequenceRef
 from models.sequence import SequenceDefinition, Step
 from services.sequence_store import get_version
 from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
-from workflows.search_attributes import (
-    CURRENT_STEP,
-    ENROLLMENT_STATUS,
-    PERSON_ID,
-    SEQUENCE_NAME,
-    SEQUENCE_VERSION,
-)
 
 START_CONCURRENCY = 128
 
@@ -325,7 +316,16 @@ class EnrollActivities:
         ref: SequenceRef,
         defn: SequenceDefinition,
     ) -> str:
-        """Start the workflow; an existing one (a repeated page) counts as already."""
+        """Start the workflow; an existing one (a repeated page) counts as already.
+
+        No search attributes go on the start request: the workflow writes all of them
+        in its first task (it must write NextActionAt there anyway). On the dev
+        server's SQLite visibility, attributes on the start request cost about 11%
+        more server time per enrollment than the same attributes written by that first
+        task (bench/RESULTS.md, 2026-11-25). Until the first task runs, visibility does
+        not know the enrollment's sequence, so whole-sequence control also reads the
+        `enrollments` rows claimed here (services/control.py).
+        """
         try:
             await self.client.start_workflow(
                 EnrollmentWorkflow.run,
@@ -340,15 +340,6 @@ class EnrollActivities:
                 id=workflow_id_for(ref.sequence_name, person.id),
                 task_queue=self.target.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(SEQUENCE_NAME, ref.sequence_name),
-                        SearchAttributePair(SEQUENCE_VERSION, ref.version),
-                        SearchAttributePair(PERSON_ID, str(person.id)),
-                        SearchAttributePair(CURRENT_STEP, defn.first_step.id),
-                        SearchAttributePair(ENROLLMENT_STATUS, str(EnrollmentStatus.ACTIVE)),
-                    ]
-                ),
             )
         except WorkflowAlreadyStartedError:
             return "already"

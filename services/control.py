@@ -1,8 +1,12 @@
 """Pause, resume, stop and status: talking to running enrollments.
 
-A whole sequence's running enrollments are found through Temporal visibility (the
-`SequenceName` search attribute), so the CLI never needs the database to know what
-is in flight; status joins the database rows with each workflow's live query.
+A whole sequence's enrollments are found in two places, and signalled once each: Temporal
+visibility (the `SequenceName` search attribute) and the database's `enrollments` rows
+that are still active or paused. Visibility alone would miss enrollments whose first
+workflow task has not run yet (a worker that is down or behind: the workflow writes
+its search attributes in that task) and is eventually consistent besides; the rows
+alone would miss nothing the engine started, but visibility also covers workflows
+started by hand. Status joins the database rows with each workflow's live query.
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ async def running_workflow_ids(client: Client, sequence: str) -> list[str]:
     return [wf.id async for wf in client.list_workflows(query)]
 
 
+async def live_enrollment_ids(session_factory: SessionFactory, sequence: str) -> list[str]:
+    """Workflow ids of a sequence's enrollments the database holds as active or paused."""
+    async with session_factory() as session:
+        rows = await session.execute(
+            select(Enrollment.workflow_id)
+            .join(Sequence, Sequence.id == Enrollment.sequence_id)
+            .where(Sequence.name == sequence, Enrollment.status.in_(["active", "paused"]))
+        )
+        return list(rows.scalars())
+
+
 async def signal_enrollments(
     settings: Settings,
     kind: str,
@@ -43,13 +58,24 @@ async def signal_enrollments(
     person: int | None,
     reason: str = "",
     *,
+    session_factory: SessionFactory | None = None,
     client: Client | None = None,
 ) -> int:
-    """Send pause/resume/stop to one person's enrollment or to every running one."""
+    """Send pause/resume/stop to one person's enrollment or to every running one.
+
+    With a session factory, a whole sequence means the running workflows visibility
+    knows plus the active or paused rows in the database (see the module docstring).
+    Returns how many workflows took the signal (finished ones do not).
+    """
     if kind not in SIGNALS:
         raise ValueError(f"unknown control {kind!r}: use one of {sorted(SIGNALS)}")
     client = client or await connect(settings)
-    ids = [workflow_id_for(sequence, person)] if person is not None else await running_workflow_ids(client, sequence)
+    if person is not None:
+        ids = [workflow_id_for(sequence, person)]
+    else:
+        ids = await running_workflow_ids(client, sequence)
+        if session_factory is not None:
+            ids = sorted(set(ids) | set(await live_enrollment_ids(session_factory, sequence)))
     sig = ControlSignal(reason=reason, source="cli")
     sem = asyncio.Semaphore(64)
 

@@ -244,13 +244,54 @@ async def test_pause_resume_stop_a_whole_sequence_and_status(
     assert await signal_enrollments(stack, "resume", name, ids[0], client=client) == 1
     resumed = await client.get_workflow_handle(workflow_id_for(name, ids[0])).query(EnrollmentWorkflow.status)
     assert resumed.status == EnrollmentStatus.ACTIVE and resumed.waiting_for == ["NORMAL_EDGE"]
-    assert await signal_enrollments(stack, "stop", name, None, client=client) == 20
+    # Visibility and the database rows name the same 20: each is signalled once.
+    assert await signal_enrollments(stack, "stop", name, None, session_factory=session_factory, client=client) == 20
     results = [
         await client.get_workflow_handle_for(EnrollmentWorkflow.run, workflow_id_for(name, i)).result() for i in ids
     ]
     assert {r.status for r in results} == {EnrollmentStatus.STOPPED}
     with pytest.raises(LookupError):
         await signal_enrollments(stack, "pause", name, ids[0], client=client)
+
+
+async def test_pausing_a_sequence_reaches_enrollments_whose_first_task_has_not_run(
+    stack: Settings,
+    session_factory: SessionFactory,
+    dev_env: Any,
+    tmp_path: Path,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> None:
+    name = f"idle-{uuid.uuid4().hex[:6]}"
+    ids = await seed(session_factory, 12, name)
+    await create_version(session_factory, seq_file(tmp_path, name))
+    idle_queue = f"idle-{uuid.uuid4().hex[:6]}"  # no worker polls it yet: think of a worker that is down
+    acts = EnrollActivities(session_factory, dev_env.client, EnrollTarget(idle_queue))
+    page = EnrollPageInput(sequence_name=name, segment_name=name, after_person_id=0, limit=100)
+    assert (await ActivityEnvironment().run(acts.enroll_page, page)).started == 12
+    client = dev_env.client
+    # The workflows write their search attributes in their first task, so visibility
+    # cannot know their sequence yet; the database rows do.
+    assert await running_workflow_ids(client, name) == []
+    paused = await signal_enrollments(stack, "pause", name, None, session_factory=session_factory, client=client)
+    assert paused == 12
+
+    channels = make_channels(smtp_server, x_server, relay_server)
+    try:
+        async with running_worker(client, idle_queue, session_factory, channels):
+
+            async def all_paused_on_the_first_step() -> bool:
+                views = [
+                    await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status)
+                    for i in ids
+                ]
+                return all(v.status == EnrollmentStatus.PAUSED and v.current_step == "wait" for v in views)
+
+            await _eventually(all_paused_on_the_first_step)
+            await _eventually(lambda: _count(client, name, 12))  # and now visibility knows them
+    finally:
+        await channels.aclose()
 
 
 async def _at_least(fn: Any, n: int) -> bool:
