@@ -19,7 +19,7 @@ from activities.channels.base import (
     UncertainChannelError,
 )
 from activities.channels.x import XChannel, make_x_client, parse_retry_after
-from tests.fakes import X_TOKEN, FakeX, x_server  # noqa: F401
+from tests.fakes import X_TOKEN, FakeRelay, FakeX, relay_server, x_server  # noqa: F401
 
 NOW = 1_700_000_000.0
 SENDER = "1111"
@@ -269,6 +269,24 @@ async def test_resolve_404_is_a_permanent_invalid_recipient(
         await channel.resolve_username("gone")
     assert caught.value.code == "invalid_recipient" and caught.value.bounce is True
     assert "Could not find user" in str(caught.value)
+
+
+async def test_a_404_that_is_not_from_x_is_a_transient_configuration_error(
+    relay_server: FakeRelay,  # noqa: F811
+) -> None:
+    # A wrong X_API_BASE_URL: some other real HTTP server answers 404 with its own page.
+    # Neither the lookup nor the send may blame the person (unknown handle, failed lead).
+    ch = XChannel(make_x_client(relay_server.base_url, X_TOKEN, timeout=5.0), clock=lambda: NOW)
+    try:
+        with pytest.raises(TransientChannelError) as lookup:
+            await ch.resolve_username("ada")
+        with pytest.raises(TransientChannelError) as send:
+            await ch.send(_msg())
+    finally:
+        await ch.aclose()
+    for caught in (lookup, send):
+        assert caught.value.code == "not_x_api" and caught.value.retry_after == 600.0
+        assert "X_API_BASE_URL" in str(caught.value) and relay_server.base_url in str(caught.value)
 
 
 async def test_resolve_suspended_account_is_a_permanent_invalid_recipient(

@@ -9,6 +9,10 @@ answers to the ledger's outcomes:
 - 5xx, connection refused, connect/pool timeouts → transient (nothing was sent);
 - 400/401/403/404/… → permanent, with X's own error detail (never a bounce: X does not
   tell a deleted account from a closed DM inbox reliably);
+- a 404 that does not carry X's JSON error body did not come from X's API (a wrong
+  `X_API_BASE_URL`, a proxy): transient, retried no sooner than 10 minutes, with a message
+  that says so, so a configuration mistake is not taken for an unknown handle or a
+  refused send (the send retry policy still ends a lead after its 12 attempts);
 - a read timeout or a dropped connection after the request was written → uncertain.
 
 X has no idempotency header, so the ledger's claim-before-send is what prevents doubles.
@@ -95,6 +99,19 @@ def _error_detail(response: httpx.Response) -> str:
         if parts:
             return ": ".join(parts)
     return str(body)[:500]
+
+
+#: How long to wait before retrying after an answer that did not come from X's API.
+NOT_X_RETRY_SECONDS = 600.0
+
+
+def _is_x_error(response: httpx.Response) -> bool:
+    """Whether the body is X's error JSON (problem `title`/`detail`/`type`, or `errors`)."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and any(key in body for key in ("errors", "title", "detail", "type"))
 
 
 def _user_id(value: str, what: str) -> str:
@@ -268,6 +285,13 @@ class XChannel:
                 f"x: no answer after the request was sent ({type(err).__name__}: {err}); X may have performed it",
                 code="no_response",
             ) from err
+        if response.status_code == 404 and not _is_x_error(response):
+            raise TransientChannelError(
+                f"x: 404 on {method} {response.request.url} did not come from X's API (no X error body: "
+                f"{response.text[:200]!r}); check X_API_BASE_URL; retrying in {NOT_X_RETRY_SECONDS / 60:.0f} min",
+                code="not_x_api",
+                retry_after=NOT_X_RETRY_SECONDS,
+            )
         if response.status_code in accept:
             return response
         return self._check(response)
