@@ -486,6 +486,7 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
         wids = {i: workflow_id_for(name, i) for i in ids}
         await _wait_phase(client, list(wids.values()))
         chosen = ids[:replies]
+        print(f"  {len(wids)} leads waiting; replying to {len(chosen)} at 20/s", flush=True)
         posted_at: dict[int, float] = {}
         answer: list[float] = []
         replied_at: dict[str, float] = {}
