@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "sequencer"
+    #: Enrollments the worker keeps in memory between tasks. A reply to a lead that is
+    #: not cached replays its history in a fresh sandbox first; with more waiting leads
+    #: than this, a burst of replies turns into a burst of replays (bench/RESULTS.md).
+    worker_max_cached_workflows: int = Field(default=5000, ge=0)
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525

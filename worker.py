@@ -96,7 +96,12 @@ async def main() -> None:
             channels=channels,
             delivery=delivery_config(settings),
         )
-        worker = build_worker(client, settings.temporal_task_queue, deps)
+        worker = build_worker(
+            client,
+            settings.temporal_task_queue,
+            deps,
+            max_cached_workflows=settings.worker_max_cached_workflows,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -150,6 +150,7 @@ def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Worker:
         deps,
         max_concurrent_activities=200,
         max_concurrent_workflow_tasks=200,
+        max_cached_workflows=settings.worker_max_cached_workflows,  # as worker.py runs it
         **kw,
     )
 
