@@ -109,9 +109,9 @@ class EnrollPageInput(BaseModel):
     sequence_name: str
     segment_name: str
     after_person_id: int
-    limit: int
+    limit: int = Field(ge=1)
     count_total: bool = False
-    pages: int = 1
+    pages: int = Field(default=1, ge=1)
 
 
 class EnrollPageOutput(BaseModel):

@@ -147,9 +147,9 @@ class AudienceInput(BaseModel):
 
     sequence_name: str
     segment_name: str
-    page_size: int = 500
+    page_size: int = Field(default=500, ge=1)
     pages_per_run: int = 40
-    pages_per_activity: int = 8
+    pages_per_activity: int = Field(default=8, ge=1)
     after_person_id: int = 0
     started: int = 0
     already: int = 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select, text
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -23,7 +24,7 @@ from activities.enroll import EnrollActivities, EnrollTarget
 from db.session import SessionFactory
 from db.tables import Enrollment, Event, Person
 from models.activities import EnrollPageInput, EnrollPageOutput
-from models.enrollment import EnrollmentStatus
+from models.enrollment import AudienceInput, EnrollmentStatus
 from services.control import person_status, running_workflow_ids, signal_enrollments
 from services.enrolling import dry_run, start_audience
 from services.sequence_store import create_version
@@ -300,3 +301,13 @@ async def _at_least(fn: Any, n: int) -> bool:
 
 async def _count(client: Any, name: str, n: int) -> bool:
     return len(await running_workflow_ids(client, name)) == n
+
+
+def test_a_batch_of_no_pages_or_empty_pages_is_refused_up_front() -> None:
+    # A batch of 0 pages would return its own cursor and the audience would loop forever.
+    with pytest.raises(ValidationError, match="pages_per_activity"):
+        AudienceInput(sequence_name="s", segment_name="g", pages_per_activity=0)
+    with pytest.raises(ValidationError, match="pages"):
+        EnrollPageInput(sequence_name="s", segment_name="g", after_person_id=0, limit=10, pages=0)
+    with pytest.raises(ValidationError, match="page_size"):
+        AudienceInput(sequence_name="s", segment_name="g", page_size=0)
