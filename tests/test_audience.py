@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +95,39 @@ steps:
 
 
 @pytest.fixture
+def worker_on(
+    dev_env: Any,
+    session_factory: SessionFactory,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> Callable[[str], AbstractAsyncContextManager[None]]:
+    """Run the production worker on a task queue, wired to the test's servers."""
+
+    @asynccontextmanager
+    async def run(task_queue: str) -> AsyncIterator[None]:
+        channels = make_channels(smtp_server, x_server, relay_server)
+        try:
+            async with running_worker(dev_env.client, task_queue, session_factory, channels):
+                yield
+        finally:
+            await channels.aclose()
+
+    return run
+
+
+@pytest.fixture
 async def stack(
     dev_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> Any:
+    worker_on: Callable[[str], AbstractAsyncContextManager[None]],
+) -> AsyncIterator[Settings]:
     await all_senders(session_factory)
-    channels = make_channels(smtp_server, x_server, relay_server)
-    settings = Settings(
-        temporal_address=dev_env.client.service_client.config.target_host, temporal_task_queue=task_queue
-    )
-    try:
-        async with running_worker(dev_env.client, task_queue, session_factory, channels):
-            yield settings
-    finally:
-        await channels.aclose()
+    async with worker_on(task_queue):
+        yield Settings(
+            temporal_address=dev_env.client.service_client.config.target_host, temporal_task_queue=task_queue
+        )
 
 
 async def _eventually(check: Any, attempts: int = 200) -> Any:
@@ -260,9 +277,7 @@ async def test_pausing_a_sequence_reaches_enrollments_whose_first_task_has_not_r
     session_factory: SessionFactory,
     dev_env: Any,
     tmp_path: Path,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    worker_on: Callable[[str], AbstractAsyncContextManager[None]],
 ) -> None:
     name = f"idle-{uuid.uuid4().hex[:6]}"
     ids = await seed(session_factory, 12, name)
@@ -278,21 +293,16 @@ async def test_pausing_a_sequence_reaches_enrollments_whose_first_task_has_not_r
     paused = await signal_enrollments(stack, "pause", name, None, session_factory=session_factory, client=client)
     assert paused == 12
 
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(client, idle_queue, session_factory, channels):
+    async with worker_on(idle_queue):
 
-            async def all_paused_on_the_first_step() -> bool:
-                views = [
-                    await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status)
-                    for i in ids
-                ]
-                return all(v.status == EnrollmentStatus.PAUSED and v.current_step == "wait" for v in views)
+        async def all_paused_on_the_first_step() -> bool:
+            views = [
+                await client.get_workflow_handle(workflow_id_for(name, i)).query(EnrollmentWorkflow.status) for i in ids
+            ]
+            return all(v.status == EnrollmentStatus.PAUSED and v.current_step == "wait" for v in views)
 
-            await _eventually(all_paused_on_the_first_step)
-            await _eventually(lambda: _count(client, name, 12))  # and now visibility knows them
-    finally:
-        await channels.aclose()
+        await _eventually(all_paused_on_the_first_step)
+        await _eventually(lambda: _count(client, name, 12))  # and now visibility knows them
 
 
 async def _at_least(fn: Any, n: int) -> bool:
