@@ -23,7 +23,7 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools
 run: $(STAMP) ## Start Temporal (UI :8233), PostgreSQL, SMTP catcher, worker and webhook app; Ctrl-C stops all
 	$(PY) -m devstack.run
 
-test: $(STAMP) ## Run the whole test suite (real PostgreSQL, Temporal test server, aiosmtpd)
+test: lint ## Run the whole test suite: lint (ruff, mypy), then pytest (real PostgreSQL, Temporal, SMTP, IMAP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy

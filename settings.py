@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     relay_url: str = "http://127.0.0.1:8082"
     relay_token: SecretStr = SecretStr("dev-relay-token")
 
+    #: Fernet key(s) that encrypt secrets stored in PostgreSQL (sender passwords, OAuth
+    #: refresh tokens, DKIM keys). Comma separated: the first encrypts, all decrypt
+    #: (rotation). `make run` writes a dev key under .dev/.
+    secrets_key: SecretStr = SecretStr("")
+
     postal_address: str = "Sequencer Dev, 1 Example Street, Springfield"
     person_daily_touch_cap: int = Field(default=1, ge=0)
     out_of_office_default_delay: str = "7d"

@@ -136,6 +136,19 @@ def dev_dir(env: Mapping[str, str]) -> Path:
     return Path(raw).expanduser().resolve() if raw else ROOT / ".dev"
 
 
+def dev_secrets_key(dev: Path) -> str:
+    """The dev stack's SECRETS_KEY: made once under `.dev/` (mode 0600), reused by later runs."""
+    from services.secret_box import generate_key
+
+    path = dev / "secrets.key"
+    if not path.exists():
+        dev.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(generate_key() + "\n")
+    return path.read_text().strip()
+
+
 def _load_libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
@@ -259,6 +272,8 @@ class Stack:
             PROVIDERS_LOG=str(self.dev / "providers" / "calls.jsonl"),
             PYTHONUNBUFFERED="1",
         )
+        if not env.get("SECRETS_KEY"):
+            env["SECRETS_KEY"] = dev_secrets_key(self.dev)
         return env
 
     def _popen(self, name: str, argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
