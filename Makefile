@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt migrate worker api bench clean-dev
+.PHONY: help install run test test-fast lint fmt migrate worker api bench clean-dev
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,6 +25,9 @@ run: $(STAMP) ## Start Temporal (UI :8233), PostgreSQL, SMTP catcher, worker and
 
 test: lint ## Run the whole test suite: lint (ruff, mypy), then pytest (real PostgreSQL, Temporal, SMTP, IMAP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Only the tests that need no server (seconds), no lint
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -192,6 +192,22 @@ def smtp_server() -> Iterator[SmtpRecorder]:
     ctl.stop()
 
 
+#: Fixtures that start a real server; a test using any of them (directly or through another
+#: fixture) is an integration test. `make test-fast` runs the others in seconds.
+SERVER_FIXTURES = frozenset({"pg_cluster", "temporal_env", "dev_env", "smtp_server"})
+
+
+def _uses_servers(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    return bool(names & SERVER_FIXTURES) or any("imap" in n or "server" in n for n in names)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run dev-server tests last so the time-skipping tests share a quiet machine."""
+    """Mark tests that need real servers `integration`; run dev-server tests last.
+
+    Dev-server tests go last so the time-skipping tests share a quiet machine.
+    """
+    for item in items:
+        if _uses_servers(item) or item.get_closest_marker("devserver"):
+            item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: 1 if item.get_closest_marker("devserver") else 0)

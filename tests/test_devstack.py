@@ -317,6 +317,7 @@ def _accepts(port: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_make_run_starts_everything_and_ctrl_c_stops_everything(
     stack_env: tuple[dict[str, str], Path],
 ) -> None:
