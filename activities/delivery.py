@@ -52,20 +52,12 @@ from models.activities import (
     ReserveSlotInput,
     ReserveSlotOutput,
 )
+from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
 from services.identities import IdentityOwnedError, attach_identity
 from services.templating import person_context, render_step
 from services.tokens import make_token
 
-#: The identity channel each outbound channel addresses.
-TARGET_IDENTITY = {
-    Channel.EMAIL: "email",
-    Channel.X: "x",
-    Channel.LINKEDIN: "linkedin",
-    Channel.XMTP: "xmtp",
-}
-#: An identity that stands in for the target until it is resolved to one (X handle → user id).
-RESOLVABLE_IDENTITY = {Channel.X: "x_handle"}
 FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
 
 
@@ -193,12 +185,12 @@ class DeliveryActivities:
             )
         if person is None:
             return await self._finalize(inp, delivery, "failed", error="unknown person")
-        target = next((i for i in identities if i.channel == TARGET_IDENTITY[channel]), None)
-        stand_in = RESOLVABLE_IDENTITY.get(channel)
+        target = next((i for i in identities if i.channel == target_kind(channel)), None)
+        stand_in = stand_in_kind(channel)
         if target is None and stand_in:
             target = next((i for i in identities if i.channel == stand_in), None)
         if target is None:  # nothing to send to on this channel: the lead moves on
-            wanted = " or ".join(filter(None, (TARGET_IDENTITY[channel], stand_in)))
+            wanted = " or ".join(kinds_for_channel(channel))
             return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")

@@ -16,15 +16,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.tables import Identity, Person
+from models.identity_kinds import FIELD_KIND
 
-#: CSV column → identity channel.
-COLUMN_CHANNEL = {
-    "email": "email",
-    "x_user_id": "x",
-    "x_handle": "x_handle",
-    "linkedin_url": "linkedin",
-    "xmtp_address": "xmtp",
-}
+#: CSV column → identity channel (the one table: models/identity_kinds.py).
+COLUMN_CHANNEL = FIELD_KIND
 _HANDLE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 _XMTP = re.compile(r"^0x[0-9a-f]{40}$")
 

@@ -26,15 +26,11 @@ from sqlalchemy import ColumnElement, Numeric, and_, case, cast, exists, false, 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.tables import Identity, Person
+from models.identity_kinds import FIELD_KIND
 
 COLUMNS = {"first_name", "last_name", "company", "timezone", "id"}
-IDENTITY_FIELDS = {
-    "email": "email",
-    "x_handle": "x_handle",
-    "x_user_id": "x",
-    "linkedin_url": "linkedin",
-    "xmtp_address": "xmtp",
-}
+#: Rule field → identity channel (the one table: models/identity_kinds.py).
+IDENTITY_FIELDS = FIELD_KIND
 _NUMBER = r"^-?[0-9]+(\.[0-9]+)?$"
 _TOKEN = re.compile(
     r"""\s*(?:

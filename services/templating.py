@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from db.session import SessionFactory
 from db.tables import Identity, Person
+from models.identity_kinds import KIND_FIELD
 from models.sequence import MESSAGE_ACTIONS, SequenceDefinition, Step, Variant
 
 KNOWN_FIELDS = (
@@ -37,13 +38,8 @@ KNOWN_FIELDS = (
     "linkedin_url",
     "xmtp_address",
 )
-IDENTITY_FIELD = {
-    "email": "email",
-    "x": "x_user_id",
-    "x_handle": "x_handle",
-    "linkedin": "linkedin_url",
-    "xmtp": "xmtp_address",
-}
+#: Identity channel → template variable (the one table: models/identity_kinds.py).
+IDENTITY_FIELD: Mapping[str, str] = KIND_FIELD
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
 #: Largest string or list a template may build with `*`, and largest exponent of `**`.
 MAX_REPEAT = 100_000
