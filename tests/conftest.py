@@ -37,7 +37,7 @@ from devstack.postgres import Cluster, free_port
 from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES, register_search_attributes
 
 # Fixtures shared by the engine tests (`wired`: the production worker on local servers).
-pytest_plugins = ["tests.engine_harness"]
+pytest_plugins = ["tests.engine_harness", "tests.imap_harness"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
