@@ -2,33 +2,42 @@
 
 The order inside `deliver` is what makes "no double sends, ever" true:
 
-1. Claim the ledger row keyed by (enrollment, step, attempt of that step). A row that
-   already reached an outcome is returned as it is: a retry never sends again.
+1. Claim the ledger row keyed by (enrollment, step, attempt of that step), as this
+   activity attempt (`owner`, a token of run, activity id and attempt number). A row that
+   already reached an outcome is returned as it is: a retry never sends again. A `claimed`
+   row held by an older attempt (a stalled or dead worker) is taken over; a newer
+   attempt's row is not.
 2. The suppression/consent gate, right before the provider call. An X step for a person
    known only by handle first resolves it to the numeric user id (a read at X, never a
    send) and stores that id as the person's `x` identity, so it is looked up once and
    inbound events from the id find the person; the gate is applied to both.
 3. Render the template (a broken template is a permanent failure, never a half-send).
-4. Mark the row `sending` and commit, then call the provider. If the process dies
-   after this commit, the retry finds `sending` and records the delivery as
-   `uncertain`: it may have gone out, so it is never re-sent.
+4. The channel takes its connection, then calls back right before the irreversible write
+   (the message body after DATA, the POST): the row goes `claimed → sending` there, and
+   only if this attempt still owns it; otherwise the channel drops the connection unwritten.
+   If the process dies after that commit, the retry finds `sending` and records the
+   delivery as `uncertain`: it may have gone out, so it is never re-sent.
 5. Record the outcome and append events.
 
-Transient errors put the row back to `claimed` and raise a retryable ApplicationError
-(with `next_retry_delay` from the provider's reset header); permanent ones mark it
-`failed` or `bounced` (a bounce also suppresses that identity) and return normally so
-the workflow can take the failure path.
+Every transition is a compare-and-set on the status it expects and on the owner: an attempt
+that lost the row (to a newer attempt, or to `give_up_delivery`) records nothing and sends
+nothing. Transient errors put the row back to `claimed` and raise a retryable
+ApplicationError (with `next_retry_delay` from the provider's reset header); permanent ones
+mark it `failed` or `bounced` (a bounce also suppresses that identity) and return normally
+so the workflow can take the failure path.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Integer, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -36,6 +45,7 @@ from activities.channels.base import (
     ChannelClient,
     OutboundMessage,
     PermanentChannelError,
+    SendAborted,
     TransientChannelError,
     UncertainChannelError,
     make_message_id,
@@ -96,7 +106,7 @@ class DeliveryActivities:
         governor: SendGovernor,
         channels: Mapping[str, ChannelClient],
         config: DeliveryConfig,
-        fault: Callable[[str], None] | None = None,
+        fault: Callable[[str], Any] | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.governor = governor
@@ -158,14 +168,33 @@ class DeliveryActivities:
         if channel is None:
             raise ApplicationError(f"{step.action} has no channel", non_retryable=True)
         key = delivery_key(inp.ref.enrollment_id, step.id, inp.attempt)
-        delivery = await self._claim(inp, key, str(channel))
+        me = _Owner.current("deliver")
+        try:
+            return await self._deliver(inp, key, str(channel), me)
+        except _Lost as lost:
+            return await self._lost(key, me, lost)
+
+    async def _deliver(self, inp: DeliverInput, key: str, channel: str, me: _Owner) -> DeliverOutput:
+        step = inp.step
+        kind = Channel(channel)
+        delivery = await self._claim(inp, key, channel, me)
         if delivery.status in FINAL:
             return self._output(delivery, duplicate=True)
-        if delivery.status == "sending":
+        if delivery.status == "sending":  # an earlier attempt may have written to the provider
+            if delivery.owner_attempt > me.attempt:
+                raise _Lost(f"the newer attempt {delivery.owner_attempt} is sending it")
             return await self._finalize(
-                inp, delivery, "uncertain", error="the process stopped after calling the provider"
+                inp,
+                delivery,
+                "uncertain",
+                error="the process stopped after calling the provider",
+                expect=("sending",),
+                owner=delivery.owner,
+                new_owner=me,
             )
-        self._fault("after_claim")
+        if delivery.owner != me.token:
+            raise _Lost(f"attempt {delivery.owner_attempt} owns it")
+        await self._hook("after_claim")
 
         async with self.session_factory() as session:
             person = await session.get(Person, inp.ref.person_id)
@@ -185,12 +214,12 @@ class DeliveryActivities:
             )
         if person is None:
             return await self._finalize(inp, delivery, "failed", error="unknown person")
-        target = next((i for i in identities if i.channel == target_kind(channel)), None)
-        stand_in = stand_in_kind(channel)
+        target = next((i for i in identities if i.channel == target_kind(kind)), None)
+        stand_in = stand_in_kind(kind)
         if target is None and stand_in:
             target = next((i for i in identities if i.channel == stand_in), None)
         if target is None:  # nothing to send to on this channel: the lead moves on
-            wanted = " or ".join(kinds_for_channel(channel))
+            wanted = " or ".join(kinds_for_channel(kind))
             return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")
@@ -212,35 +241,53 @@ class DeliveryActivities:
                 return await self._finalize(inp, delivery, "suppressed", error=blocked)
             target = resolved
             identities.append(resolved)
-            self._fault("after_resolve")
+            await self._hook("after_resolve")
 
         try:
             content = render_step(step, inp.variant, person_context(person, identities))
         except Exception as err:  # a template problem is permanent: never half-send
             return await self._finalize(inp, delivery, "failed", error=f"template: {err}")
 
-        message = self._message(inp, key, str(channel), sender, target, content)
-        async with self.session_factory() as session, session.begin():
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery.id)
-                .values(
-                    status="sending",
-                    message_id=message.message_id,
-                    identity_id=target.id,
-                    attempts_made=Delivery.attempts_made + 1,
-                )
-            )
-        client = self.channels.get(str(channel))
+        message = self._message(inp, key, channel, sender, target, content)
+        client = self.channels.get(channel)
         if client is None:
             return await self._finalize(inp, delivery, "failed", error=f"no {channel} channel")
+        target_id = target.id
+
+        async def mark_sending() -> None:
+            """claimed → sending, by this attempt only, right before the irreversible write."""
+            await self._hook("before_write")
+            async with self.session_factory() as session, session.begin():
+                won = await _transition(
+                    session,
+                    delivery.id,
+                    expect=("claimed", "sending"),  # `sending`: the pool's one reconnect calls it again
+                    owner=me.token,
+                    values={
+                        "status": "sending",
+                        "message_id": message.message_id,
+                        "identity_id": target_id,
+                        "attempts_made": Delivery.attempts_made + (Delivery.status == "claimed").cast(Integer),
+                    },
+                )
+            if not won:
+                raise SendAborted(f"delivery {key}: another attempt owns it now; nothing written")
+
         try:
-            result = await client.send(message)
+            result = await client.send(message, mark_sending)
+        except SendAborted as err:
+            raise _Lost(str(err)) from err
         except TransientChannelError as err:
             async with self.session_factory() as session, session.begin():
-                await session.execute(
-                    update(Delivery).where(Delivery.id == delivery.id).values(status="claimed", error=str(err))
+                won = await _transition(
+                    session,
+                    delivery.id,
+                    expect=("claimed", "sending"),
+                    owner=me.token,
+                    values={"status": "claimed", "error": str(err)},
                 )
+            if not won:
+                raise _Lost("taken while the provider answered") from err
             raise ApplicationError(
                 f"transient {channel} error: {err}",
                 type="TransientChannelError",
@@ -254,12 +301,36 @@ class DeliveryActivities:
                 status,
                 error=str(err),
                 bounce_identity=target if err.bounce else None,
+                expect=("claimed", "sending"),
             )
         except UncertainChannelError as err:
-            return await self._finalize(inp, delivery, "uncertain", error=str(err))
-        self._fault("after_send")
+            return await self._finalize(inp, delivery, "uncertain", error=str(err), expect=("claimed", "sending"))
+        await self._hook("after_send")
         delivery.message_id = message.message_id
-        return await self._finalize(inp, delivery, "sent", provider_message_id=result.provider_message_id)
+        return await self._finalize(
+            inp, delivery, "sent", provider_message_id=result.provider_message_id, expect=("sending",)
+        )
+
+    async def _hook(self, point: str) -> None:
+        """The fault hook (tests and the fault bench): may raise, or hold the attempt."""
+        held = self._fault(point)
+        if inspect.isawaitable(held):
+            await held
+
+    async def _lost(self, key: str, me: _Owner, lost: _Lost) -> DeliverOutput:
+        """This attempt lost the row: it recorded and sent nothing. Report the outcome if any."""
+        async with self.session_factory() as session:
+            delivery = (
+                await session.execute(select(Delivery).where(Delivery.idempotency_key == key))
+            ).scalar_one_or_none()
+        activity.logger.info("delivery %s: attempt %s stood down (%s)", key, me.attempt, lost)
+        if delivery is not None and delivery.status in FINAL:
+            return self._output(delivery, duplicate=True)
+        raise ApplicationError(
+            f"delivery {key}: attempt {me.attempt} no longer owns the ledger row ({lost}); it sent nothing",
+            type="DeliverySuperseded",
+            next_retry_delay=timedelta(seconds=2),
+        )
 
     async def _resolve_x_handle(
         self, inp: DeliverInput, delivery: Delivery, handle: Identity
@@ -282,11 +353,15 @@ class DeliveryActivities:
             user_id = await client.resolve_username(handle.value)
         except (TransientChannelError, UncertainChannelError) as err:  # a lookup performs nothing: retry it
             async with self.session_factory() as session, session.begin():
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id == delivery.id)
-                    .values(status="claimed", error=f"resolving @{handle.value}: {err}")
+                won = await _transition(
+                    session,
+                    delivery.id,
+                    expect=("claimed",),
+                    owner=delivery.owner,
+                    values={"error": f"resolving @{handle.value}: {err}"},
                 )
+            if not won:
+                raise _Lost("taken while resolving the handle") from err
             retry_after = err.retry_after if isinstance(err, TransientChannelError) else None
             raise ApplicationError(
                 f"transient x error resolving @{handle.value}: {err}",
@@ -338,23 +413,43 @@ class DeliveryActivities:
 
     @activity.defn(name="give_up_delivery")
     async def give_up_delivery(self, inp: DeliverInput) -> DeliverOutput:
-        """After retries ran out: mark the delivery failed (a dead letter), never re-send."""
+        """After retries ran out: mark the delivery failed (a dead letter), never re-send.
+
+        It takes the row from whichever attempt holds it (compare-and-set on the status and
+        owner it read): a `deliver` attempt still running finds it no longer owns the row and
+        sends nothing, so the lead is never contacted after its delivery ended `failed`. A
+        row already `sending` may have been written to the provider: it ends `uncertain`.
+        """
         key = delivery_key(inp.ref.enrollment_id, inp.step.id, inp.attempt)
-        async with self.session_factory() as session:
-            delivery = (
-                await session.execute(select(Delivery).where(Delivery.idempotency_key == key))
-            ).scalar_one_or_none()
-        if delivery is None:
-            delivery = await self._claim(inp, key, str(inp.step.channel))
-        if delivery.status in FINAL:
-            return self._output(delivery, duplicate=True)
-        status = "uncertain" if delivery.status == "sending" else "failed"
-        return await self._finalize(
-            inp, delivery, status, error=f"gave up after retries: {delivery.error or ''}".strip()
-        )
+        me = _Owner.current("give_up")
+        for _ in range(10):
+            delivery = await self._claim(inp, key, str(inp.step.channel), me, take_over=False)
+            if delivery.status in FINAL:
+                return self._output(delivery, duplicate=True)
+            status = "uncertain" if delivery.status == "sending" else "failed"
+            try:
+                return await self._finalize(
+                    inp,
+                    delivery,
+                    status,
+                    error=f"gave up after retries: {delivery.error or ''}".strip(),
+                    expect=(delivery.status,),
+                    owner=delivery.owner,
+                    new_owner=me,
+                )
+            except _Lost:
+                continue  # an attempt moved it meanwhile: read it again
+        raise ApplicationError(f"delivery {key}: the ledger row kept changing while giving up", type="LedgerBusy")
 
     # ------------------------------------------------------------------ internals
-    async def _claim(self, inp: DeliverInput, key: str, channel: str) -> Delivery:
+    async def _claim(
+        self, inp: DeliverInput, key: str, channel: str, me: _Owner, *, take_over: bool = True
+    ) -> Delivery:
+        """The ledger row, inserted `claimed` and owned by `me` if new.
+
+        A `claimed` row held by an older `deliver` attempt (a stalled or dead worker) is taken
+        over; one held by a newer attempt is not (the caller finds `owner` is not `me`).
+        """
         async with self.session_factory() as session, session.begin():
             await session.execute(
                 insert(Delivery)
@@ -368,12 +463,26 @@ class DeliveryActivities:
                     sender_id=inp.sender_id,
                     variant=inp.variant,
                     status="claimed",
+                    owner=me.token,
+                    owner_attempt=me.attempt,
                 )
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
             )
             delivery = (
                 await session.execute(select(Delivery).where(Delivery.idempotency_key == key).with_for_update())
             ).scalar_one()
+            if (
+                take_over
+                and delivery.status == "claimed"
+                and delivery.owner != me.token
+                and (delivery.owner is None or delivery.owner_attempt < me.attempt)
+            ):
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery.id)
+                    .values(owner=me.token, owner_attempt=me.attempt, sender_id=inp.sender_id)
+                )
+                delivery.owner, delivery.owner_attempt = me.token, me.attempt
         return delivery
 
     def _message(
@@ -435,7 +544,14 @@ class DeliveryActivities:
         error: str | None = None,
         provider_message_id: str | None = None,
         bounce_identity: Identity | None = None,
+        expect: tuple[str, ...] = ("claimed",),
+        owner: str | None = None,
+        new_owner: _Owner | None = None,
     ) -> DeliverOutput:
+        """Record the outcome if the row is still `expect`ed and held by `owner` (default: its owner).
+
+        Raises `_Lost` (recording nothing: no status, no event, no suppression) otherwise.
+        """
         now = datetime.now(UTC)
         async with self.session_factory() as session, session.begin():
             values: dict[str, Any] = {"status": status, "error": error}
@@ -443,7 +559,17 @@ class DeliveryActivities:
                 values["provider_message_id"] = provider_message_id
             if status == "sent":
                 values["sent_at"] = now
-            await session.execute(update(Delivery).where(Delivery.id == delivery.id).values(**values))
+            if new_owner is not None:
+                values["owner"] = new_owner.token
+            won = await _transition(
+                session,
+                delivery.id,
+                expect=expect,
+                owner=delivery.owner if owner is None and new_owner is None else owner,
+                values=values,
+            )
+            if not won:
+                raise _Lost(f"could not record {status}: the row moved on")
             if bounce_identity is not None:
                 session.add(
                     Suppression(
@@ -478,3 +604,34 @@ class DeliveryActivities:
         delivery.provider_message_id = provider_message_id or delivery.provider_message_id
         activity.logger.info("delivery %s: %s %s", delivery.idempotency_key, status, error or "")
         return self._output(delivery)
+
+
+class _Lost(Exception):
+    """This attempt no longer owns the delivery (a newer attempt or the give-up took it)."""
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Who holds a ledger row: the activity attempt's token and its attempt number."""
+
+    token: str
+    attempt: int
+
+    @classmethod
+    def current(cls, kind: str) -> _Owner:
+        info = activity.info()
+        return cls(f"{kind}:{info.workflow_run_id}:{info.activity_id}:{info.attempt}", info.attempt)
+
+
+async def _transition(
+    session: AsyncSession, delivery_id: int, *, expect: tuple[str, ...], owner: str | None, values: dict[str, Any]
+) -> bool:
+    """One compare-and-set on a ledger row: apply `values` only if its status and owner are as expected."""
+    owned = Delivery.owner.is_(None) if owner is None else Delivery.owner == owner
+    result = await session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.status.in_(expect), owned)
+        .values(**values)
+        .returning(Delivery.id)
+    )
+    return result.first() is not None

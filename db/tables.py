@@ -212,6 +212,9 @@ class Delivery(Base):
     provider_message_id: Mapped[str | None] = mapped_column(String(400))
     error: Mapped[str | None] = mapped_column(Text)
     attempts_made: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The attempt that owns the row (every transition is conditional on it) and its number.
+    owner: Mapped[str | None] = mapped_column(String(300))
+    owner_attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
     sent_at: Mapped[datetime | None] = mapped_column()

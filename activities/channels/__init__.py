@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from activities.channels.base import (
+    BeforeWrite,
     ChannelClient,
     ChannelError,
     OutboundMessage,
     PermanentChannelError,
+    SendAborted,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
@@ -25,10 +27,12 @@ if TYPE_CHECKING:
     from settings import Settings
 
 __all__ = [
+    "BeforeWrite",
     "ChannelClient",
     "ChannelError",
     "OutboundMessage",
     "PermanentChannelError",
+    "SendAborted",
     "SendResult",
     "TransientChannelError",
     "UncertainChannelError",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -112,12 +113,33 @@ class UncertainChannelError(ChannelError):
     """The provider may have acted but did not answer; do not send again."""
 
 
+class SendAborted(Exception):
+    """Raised by a `before_write` hook: do not perform the action (nothing was written).
+
+    The delivery activity's hook raises it when its attempt no longer owns the ledger row
+    (another attempt or the give-up took it); channels let it through unclassified and
+    drop the connection they were about to write on.
+    """
+
+
+#: Called by a channel right before the irreversible write (the message body, the POST);
+#: the delivery activity marks the ledger row `sending` there.
+BeforeWrite = Callable[[], Awaitable[None]]
+
+
+async def no_hook() -> None:
+    """The `before_write` of a send that needs none."""
+
+
 @runtime_checkable
 class ChannelClient(Protocol):
     """A channel: performs one `OutboundMessage` and classifies failures."""
 
-    async def send(self, msg: OutboundMessage) -> SendResult:
-        """Perform the action; raise a `ChannelError` subclass on failure."""
+    async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
+        """Perform the action; await `before_write()` right before the irreversible write.
+
+        Raise a `ChannelError` subclass on failure; let `SendAborted` from the hook through.
+        """
         ...
 
     async def aclose(self) -> None:

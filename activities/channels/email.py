@@ -51,12 +51,14 @@ from aiosmtplib import (
 )
 
 from activities.channels.base import (
+    BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
     make_message_id,
+    no_hook,
 )
 
 if TYPE_CHECKING:
@@ -197,9 +199,13 @@ class SmtpPool:
         self.connections_opened += 1
         return client
 
-    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> str:
+    async def send(
+        self, message: EmailMessage, sender: str, recipients: list[str], before_write: BeforeWrite = no_hook
+    ) -> str:
         """Send one message; return the server's final reply text.
 
+        `before_write` is awaited once the server accepted DATA, right before the body is
+        written (the irreversible step); if it raises, the connection is dropped unwritten.
         Raises `TransientChannelError`, `PermanentChannelError` or `UncertainChannelError`.
         """
         if self._closed:
@@ -222,7 +228,7 @@ class SmtpPool:
             keep = False
             try:
                 try:
-                    reply = await self._transaction(client, payload, sender, recipients)
+                    reply = await self._transaction(client, payload, sender, recipients, before_write)
                 except _BrokenBeforeData as broken:
                     client.close()
                     if not reused:
@@ -233,7 +239,7 @@ class SmtpPool:
                     # A stale pooled connection: reconnect once and try again.
                     client = await self._connect()
                     try:
-                        reply = await self._transaction(client, payload, sender, recipients)
+                        reply = await self._transaction(client, payload, sender, recipients, before_write)
                     except _BrokenBeforeData as again:
                         raise TransientChannelError(
                             f"SMTP connection lost before the message was sent: {again}",
@@ -260,7 +266,14 @@ class SmtpPool:
         except (SMTPException, OSError):
             client.close()
 
-    async def _transaction(self, client: aiosmtplib.SMTP, payload: bytes, sender: str, recipients: list[str]) -> str:
+    async def _transaction(
+        self,
+        client: aiosmtplib.SMTP,
+        payload: bytes,
+        sender: str,
+        recipients: list[str],
+        before_write: BeforeWrite = no_hook,
+    ) -> str:
         mail_options: list[str] = []
         try:
             # EHLO first (MAIL would do it too) so that extensions are known for options.
@@ -319,6 +332,11 @@ class SmtpPool:
         protocol = client.protocol
         if protocol is None:
             raise _BrokenBeforeData(SMTPServerDisconnected("connection lost before the body"))
+        try:
+            await before_write()
+        except BaseException:
+            client.close()  # mid-DATA without the final dot: the server delivers nothing
+            raise
         try:
             protocol.write(payload)
         except (SMTPServerDisconnected, ConnectionError) as err:
@@ -474,10 +492,10 @@ class EmailChannel:
         email.add_alternative(html_part, subtype="html", cte="quoted-printable")
         return email
 
-    async def send(self, msg: OutboundMessage) -> SendResult:
+    async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
         """Send the email; the provider id is its Message-ID."""
         email = self.build(msg)
-        await self.pool.send(email, msg.sender, [msg.to])
+        await self.pool.send(email, msg.sender, [msg.to], before_write)
         return SendResult(provider_message_id=str(email["Message-ID"]))
 
     async def aclose(self) -> None:

@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from activities.channels.base import (
+    BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
+    no_hook,
 )
 from activities.channels.x import parse_retry_after
 
@@ -114,7 +116,7 @@ class RelayChannel:
         )
         return cls(client, settings.relay_token.get_secret_value())
 
-    async def send(self, msg: OutboundMessage) -> SendResult:
+    async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
         """Ask the relay to perform the action; raise a classified `ChannelError`."""
         allowed = RELAY_ACTIONS.get(msg.channel, frozenset())
         if msg.action not in allowed:
@@ -131,6 +133,7 @@ class RelayChannel:
             "X-Relay-Timestamp": str(timestamp),
             "X-Relay-Signature": sign(self.token, timestamp, body),
         }
+        await before_write()
         try:
             response = await self.client.post("/v1/actions", content=body, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:

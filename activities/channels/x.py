@@ -36,11 +36,13 @@ from urllib.parse import quote
 import httpx
 
 from activities.channels.base import (
+    BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
+    no_hook,
 )
 
 if TYPE_CHECKING:
@@ -148,7 +150,7 @@ class XChannel:
         """A channel on `X_API_BASE_URL` with the `X_API_TOKEN` bearer token."""
         return cls(make_x_client(settings.x_api_base_url, settings.x_api_token.get_secret_value(), timeout=timeout))
 
-    async def send(self, msg: OutboundMessage) -> SendResult:
+    async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
         """Perform the action on X; raise a classified `ChannelError` on failure."""
         if msg.channel != "x":
             raise PermanentChannelError(
@@ -169,6 +171,7 @@ class XChannel:
                 "POST",
                 f"/2/dm_conversations/with/{quote(target, safe='')}/messages",
                 json={"text": text},
+                before_write=before_write,
             )
             data = self._data(response)
             event_id = data.get("dm_event_id")
@@ -180,6 +183,7 @@ class XChannel:
                 "POST",
                 f"/2/users/{quote(source, safe='')}/following",
                 json={"target_user_id": target},
+                before_write=before_write,
             )
             self._data(response)
             return SendResult(provider_message_id=None)
@@ -188,6 +192,7 @@ class XChannel:
                 msg.sender,
                 "DELETE",
                 f"/2/users/{quote(source, safe='')}/following/{quote(target, safe='')}",
+                before_write=before_write,
             )
             self._data(response)
             return SendResult(provider_message_id=None)
@@ -264,12 +269,14 @@ class XChannel:
         *,
         read_only: bool = False,
         accept: tuple[int, ...] = (),
+        before_write: BeforeWrite = no_hook,
     ) -> httpx.Response:
         """Send one request; `read_only` requests have no effect, so no answer is transient."""
         headers: dict[str, str] = {}
         token = self.sender_tokens.get(sender) if sender else None
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        await before_write()
         try:
             response = await self.client.request(method, path, json=json, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
