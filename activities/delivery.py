@@ -249,6 +249,13 @@ class DeliveryActivities:
             return await self._finalize(inp, delivery, "failed", error=f"template: {err}")
 
         message = self._message(inp, key, channel, sender, target, content)
+        return await self._send(inp, delivery, message, target, me)
+
+    async def _send(
+        self, inp: DeliverInput, delivery: Delivery, message: OutboundMessage, target: Identity, me: _Owner
+    ) -> DeliverOutput:
+        """The provider call, with `sending` marked by the channel's callback, and its outcome."""
+        key, channel = delivery.idempotency_key, message.channel
         client = self.channels.get(channel)
         if client is None:
             return await self._finalize(inp, delivery, "failed", error=f"no {channel} channel")

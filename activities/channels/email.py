@@ -328,7 +328,10 @@ class SmtpPool:
             await self._rset(client)
             raise PermanentChannelError(f"SMTP: invalid envelope address: {err}", code="invalid_address") from err
 
-        # From here on the body may reach the server: a lost answer is uncertain.
+        return await self._write_body(client, payload, before_write)
+
+    async def _write_body(self, client: aiosmtplib.SMTP, payload: bytes, before_write: BeforeWrite) -> str:
+        """After DATA's 354: the hook, then the body; from here a lost answer is uncertain."""
         protocol = client.protocol
         if protocol is None:
             raise _BrokenBeforeData(SMTPServerDisconnected("connection lost before the body"))
