@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_pool_size: int = 4
     smtp_timeout_seconds: float = 30.0
+    #: OAuth 2.0 defaults for senders that log in with XOAUTH2 (`senders add --oauth-*`
+    #: overrides them per sender): the token endpoint and the app's client id/secret.
+    oauth_token_url: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret: SecretStr = SecretStr("")
 
     webhook_secret: SecretStr = SecretStr("dev-webhook-secret-change-me")
     webhook_max_body_bytes: int = 64 * 1024

@@ -167,10 +167,55 @@ def senders_add(
     warmup_days: int = typer.Option(0, "--warmup-days"),
     timezone: str = typer.Option("UTC", "--timezone", help="the sender's day resets at its local midnight"),
     name: str | None = typer.Option(None, "--name", help="display name"),
+    smtp: str | None = typer.Option(
+        None, "--smtp", help="own SMTP: smtps://user:pass@host:465 or smtp://user@host:587?starttls=true"
+    ),
+    imap: str | None = typer.Option(None, "--imap", help="own mailbox: imaps://user:pass@host:993/INBOX"),
+    smtp_password_env: str | None = typer.Option(
+        None, "--smtp-password-env", help="read the SMTP password from this environment variable"
+    ),
+    imap_password_env: str | None = typer.Option(
+        None, "--imap-password-env", help="read the IMAP password from this environment variable"
+    ),
+    oauth_refresh_token_env: str | None = typer.Option(
+        None, "--oauth-refresh-token-env", help="XOAUTH2: the OAuth refresh token's environment variable"
+    ),
+    oauth_client_id: str | None = typer.Option(None, "--oauth-client-id", help="default: OAUTH_CLIENT_ID"),
+    oauth_client_secret_env: str | None = typer.Option(
+        None, "--oauth-client-secret-env", help="default: OAUTH_CLIENT_SECRET"
+    ),
+    oauth_token_url: str | None = typer.Option(
+        None, "--oauth-token-url", help="google, microsoft or a URL (default: OAUTH_TOKEN_URL)"
+    ),
+    oauth_scope: str | None = typer.Option(None, "--oauth-scope", help="scopes to ask for (Microsoft needs them)"),
+    no_smtp: bool = typer.Option(False, "--no-smtp", help="remove the own SMTP (back to the global relay)"),
+    no_imap: bool = typer.Option(False, "--no-imap", help="remove the mailbox connection"),
 ) -> None:
-    """Add (or update) a sending account with its caps, spacing and jitter."""
+    """Add (or update) a sending account: caps, spacing, jitter, and its own SMTP/IMAP."""
+    import os
+
     from models.durations import parse_duration
+    from services.mail_urls import MailUrlError, connection_flags
     from services.senders import add_sender
+
+    try:
+        flags = connection_flags(
+            os.environ,
+            smtp=smtp,
+            imap=imap,
+            smtp_password_env=smtp_password_env,
+            imap_password_env=imap_password_env,
+            oauth_refresh_token_env=oauth_refresh_token_env,
+            oauth_client_id=oauth_client_id,
+            oauth_client_secret_env=oauth_client_secret_env,
+            oauth_token_url=oauth_token_url,
+            oauth_scope=oauth_scope,
+            no_smtp=no_smtp,
+            no_imap=no_imap,
+        )
+    except MailUrlError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
     async def go(sf: SessionFactory) -> Any:
         return await add_sender(
@@ -185,6 +230,11 @@ def senders_add(
             warmup_days=warmup_days,
             timezone=timezone,
             display_name=name,
+            smtp=flags.smtp,
+            imap=flags.imap,
+            oauth=flags.oauth,
+            remove=flags.remove,
+            settings=get_settings(),
         )
 
     acct = _run(go)
@@ -192,6 +242,83 @@ def senders_add(
         f"sender {acct.channel}:{acct.address} (id {acct.id}): {acct.per_hour}/h, {acct.per_day}/day, "
         f"spacing {acct.min_spacing_seconds:g}s + jitter {acct.jitter_seconds:g}s"
     )
+    for url in (flags.smtp, flags.imap):
+        if url is not None:
+            console.print(f"  {url.kind}: {escape(url.display())} ({url.auth}); check it with `senders test {acct.id}`")
+    for kind in sorted(flags.remove):
+        console.print(f"  {kind}: removed")
+
+
+@senders_app.command("list")
+def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
+    """Every sender with its caps and connections (secrets are never shown)."""
+    from services.mail_urls import MailUrl
+    from services.senders import list_senders
+
+    views = _run(lambda sf: list_senders(sf, channel))
+    if not views:
+        console.print("no senders yet: add one with `senders add`")
+        return
+    settings = get_settings()
+    table = Table(show_lines=False)
+    for column in ("id", "channel", "address", "caps", "smtp", "imap", "status"):
+        table.add_column(column, overflow="fold")
+    for view in views:
+        acct = view.account
+        cells: dict[str, str] = {}
+        status: list[str] = []
+        for kind in ("smtp", "imap"):
+            row = view.connections.get(kind)
+            if row is None:
+                if acct.channel != "email":
+                    cells[kind] = ""
+                elif kind == "smtp":
+                    cells[kind] = f"global relay {settings.smtp_host}:{settings.smtp_port}"
+                else:
+                    cells[kind] = "-"
+                continue
+            url = MailUrl(
+                kind="imap" if kind == "imap" else "smtp",
+                host=row.host,
+                port=row.port,
+                security=row.security,  # type: ignore[arg-type]
+                username=row.username,
+                auth=row.auth,  # type: ignore[arg-type]
+                folder=row.folder,
+            )
+            cells[kind] = f"{url.display()} ({row.auth})"
+            if row.status:
+                when = f" at {row.status_at:%Y-%m-%d %H:%M}" if row.status_at else ""
+                status.append(f"{kind} {row.status}{when}" + (f": {row.status_reason}" if row.status_reason else ""))
+        if not acct.active:
+            status.insert(0, "inactive")
+        table.add_row(
+            str(acct.id),
+            acct.channel,
+            escape(acct.address),
+            f"{acct.per_hour}/h {acct.per_day}/day",
+            escape(cells["smtp"]),
+            escape(cells["imap"]),
+            escape("; ".join(status) or "ok"),
+        )
+    console.print(table)
+
+
+@senders_app.command("test")
+def senders_test(sender_id: int = typer.Argument(..., help="the sender's id (see `senders list`)")) -> None:
+    """Check a sender's SMTP login, IMAP login, IDLE support and folder; say why not."""
+    from services.mailbox_login import check_sender
+
+    results = _run(lambda sf: check_sender(sf, get_settings(), sender_id))
+    for result in results:
+        mark = (
+            "[red]FAIL[/red]"
+            if not result.ok
+            else ("[yellow]warn[/yellow]" if result.warning else "[green]ok  [/green]")
+        )
+        console.print(f"{mark} {result.name}: {escape(result.detail)}", soft_wrap=True)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------- enroll

@@ -94,6 +94,48 @@ class SenderAccount(Base):
     __table_args__ = (UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),)
 
 
+class SenderConnection(Base):
+    """A sender's own SMTP or IMAP connection; `secret` is encrypted (services/secret_box.py).
+
+    `secret` is the password (`auth='password'`) or the OAuth refresh token
+    (`auth='xoauth2'`); `status*` is the last outcome of a check or of the mailbox watcher.
+    """
+
+    __tablename__ = "sender_connections"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sender_id: Mapped[int] = mapped_column(ForeignKey("sender_accounts.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    security: Mapped[str] = mapped_column(String(16))
+    username: Mapped[str | None] = mapped_column(String(320))
+    auth: Mapped[str] = mapped_column(String(16))
+    secret: Mapped[str | None] = mapped_column(Text)
+    folder: Mapped[str | None] = mapped_column(String(255))
+    oauth_token_url: Mapped[str | None] = mapped_column(String(1000))
+    oauth_client_id: Mapped[str | None] = mapped_column(String(500))
+    oauth_client_secret: Mapped[str | None] = mapped_column(Text)
+    oauth_scope: Mapped[str | None] = mapped_column(String(1000))
+    status: Mapped[str | None] = mapped_column(String(32))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    status_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    __table_args__ = (
+        UniqueConstraint("sender_id", "kind", name="uq_sender_connections_sender_kind"),
+        CheckConstraint("kind IN ('smtp','imap')", name="ck_sender_connections_kind"),
+        CheckConstraint("security IN ('tls','starttls','plain')", name="ck_sender_connections_security"),
+        CheckConstraint("auth IN ('password','xoauth2','none')", name="ck_sender_connections_auth"),
+        CheckConstraint("port BETWEEN 1 AND 65535", name="ck_sender_connections_port"),
+        CheckConstraint(
+            "auth = 'none' OR (username IS NOT NULL AND secret IS NOT NULL)", name="ck_sender_connections_login"
+        ),
+        CheckConstraint("kind = 'smtp' OR auth <> 'none'", name="ck_sender_connections_imap_login"),
+    )
+
+
 class SendSlot(Base):
     """A time granted by a sender's governor to one delivery (idempotent per key)."""
 

@@ -6,14 +6,17 @@ for email, as v1 learned. Re-adding an account updates its caps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 
 from db.session import SessionFactory
-from db.tables import SenderAccount
+from db.tables import SenderAccount, SenderConnection
 from models.sequence import is_timezone
+from services.mail_urls import MailUrl
+from services.sender_connections import OAuthInput, remove_connection, save_connection
+from settings import Settings
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,17 @@ async def add_sender(
     warmup_days: int = 0,
     timezone: str = "UTC",
     display_name: str | None = None,
+    smtp: MailUrl | None = None,
+    imap: MailUrl | None = None,
+    oauth: OAuthInput | None = None,
+    remove: frozenset[str] = frozenset(),
+    settings: Settings | None = None,
 ) -> SenderAccount:
-    """Create or update a sender account (ValueError names the bad field)."""
+    """Create or update a sender account (ValueError names the bad field).
+
+    `smtp`/`imap` set the sender's own connections (stored encrypted, in the same
+    transaction); connections not given are kept, those named in `remove` are deleted.
+    """
     if channel not in CHANNEL_DEFAULTS:
         raise ValueError(f"--channel: unknown channel {channel!r} (use {', '.join(CHANNEL_DEFAULTS)})")
     d = CHANNEL_DEFAULTS[channel]
@@ -78,6 +90,10 @@ async def add_sender(
             raise ValueError(f"--address: {address!r} is not an email address ({err})") from None
     if not address:
         raise ValueError("--address is empty")
+    if (smtp or imap or remove) and channel != "email":
+        raise ValueError(f"--smtp/--imap: only email senders have mailbox connections, not {channel}")
+    if (smtp or imap) and settings is None:
+        raise ValueError("add_sender: connections need the settings (SECRETS_KEY)")
     async with session_factory() as session, session.begin():
         acct = (
             await session.execute(
@@ -94,4 +110,31 @@ async def add_sender(
         if display_name is not None:
             acct.display_name = display_name
         await session.flush()
+        for kind in sorted(remove):
+            await remove_connection(session, acct.id, "imap" if kind == "imap" else "smtp")
+        for url in (smtp, imap):
+            if url is not None and settings is not None:
+                await save_connection(session, acct, url, settings=settings, oauth=oauth)
     return acct
+
+
+@dataclass
+class SenderView:
+    """A sender with its connections, for `senders list` (no secret in it)."""
+
+    account: SenderAccount
+    connections: dict[str, SenderConnection] = field(default_factory=dict)
+
+
+async def list_senders(session_factory: SessionFactory, channel: str | None = None) -> list[SenderView]:
+    """Every sender (optionally of one channel) with its own SMTP/IMAP connections."""
+    async with session_factory() as session:
+        query = select(SenderAccount).order_by(SenderAccount.id)
+        if channel is not None:
+            query = query.where(SenderAccount.channel == channel)
+        views = {a.id: SenderView(a) for a in (await session.execute(query)).scalars()}
+        if views:
+            rows = await session.execute(select(SenderConnection).where(SenderConnection.sender_id.in_(list(views))))
+            for row in rows.scalars():
+                views[row.sender_id].connections[row.kind] = row
+    return list(views.values())
