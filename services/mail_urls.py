@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 Kind = Literal["smtp", "imap"]
 Security = Literal["tls", "starttls", "plain"]
@@ -104,14 +104,58 @@ def parse_mail_url(
         raise MailUrlError(f"{flag}: the URL contains '#'; percent-encode it in the password as %23")
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
-    wanted = [s for s, (k, _) in _SCHEMES.items() if k == kind]
     if scheme not in _SCHEMES or _SCHEMES[scheme][0] != kind:
+        wanted = [s for s, (k, _) in _SCHEMES.items() if k == kind]
         raise MailUrlError(f"{flag}: scheme {parts.scheme or '(none)'!r} is not one of {', '.join(wanted)}")
-    _, implicit_tls = _SCHEMES[scheme]
-    if not parts.netloc:
-        raise MailUrlError(f"{flag}: no host (expected {scheme}://user:password@host:port)")
+    host, port = _location(parts, scheme, flag)
+    query = _query(parts.query, flag)
+    security = _security(query, kind, scheme, flag)
+    if port is None:
+        port = _DEFAULT_PORTS[(kind, security)]
+    username = unquote(parts.username) if parts.username else None
+    url_password = unquote(parts.password) if parts.password is not None else None
+    if url_password is not None and password is not None:
+        raise MailUrlError(f"{flag}: the URL has a password and so does {flag}-password-env; give one")
+    secret = url_password if url_password is not None else password
+    if secret == "":
+        raise MailUrlError(f"{flag}: the password is empty")
+    auth = _auth(query, secret, oauth_available, flag)
+    if auth != "none" and not username:
+        raise MailUrlError(f"{flag}: a login needs a user name ({scheme}://user:password@{host})")
+    if auth == "none" and kind == "imap":
+        raise MailUrlError(
+            f"{flag}: no password; give imaps://user:password@host, {flag}-password-env VAR, or ?auth=xoauth2"
+        )
+    if auth == "password" and security == "plain" and not is_loopback(host):
+        fix = "imaps://" if kind == "imap" else "smtps:// or ?starttls=true"
+        raise MailUrlError(f"{flag}: the password would cross the network in clear text to {host}; use {fix}")
+    path = unquote(parts.path).strip("/")
+    if kind == "smtp" and path:
+        raise MailUrlError(f"{flag}: an SMTP URL has no path (got /{path})")
+    return MailUrl(
+        kind=kind,
+        host=host,
+        port=port,
+        security=security,
+        username=username,
+        password=secret,
+        auth=auth,
+        folder=(path or "INBOX") if kind == "imap" else None,
+    )
+
+
+_DEFAULT_PORTS: dict[tuple[Kind, Security], int] = {
+    ("smtp", "tls"): 465,
+    ("smtp", "starttls"): 587,
+    ("smtp", "plain"): 25,
+    ("imap", "tls"): 993,
+    ("imap", "plain"): 143,
+}
+
+
+def _location(parts: SplitResult, scheme: str, flag: str) -> tuple[str, int | None]:
     host = parts.hostname or ""
-    if not host:
+    if not parts.netloc or not host:
         raise MailUrlError(f"{flag}: no host (expected {scheme}://user:password@host:port)")
     try:
         port = parts.port
@@ -122,73 +166,42 @@ def parse_mail_url(
         ) from None
     if port == 0:
         raise MailUrlError(f"{flag}: port 0 is not a port")
+    return host, port
 
+
+def _query(raw: str, flag: str) -> dict[str, str]:
     query: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    for name, value in parse_qsl(raw, keep_blank_values=True):
         if name in query:
             raise MailUrlError(f"{flag}: ?{name}= is given twice")
         query[name] = value
     unknown = sorted(set(query) - {"starttls", "auth"})
     if unknown:
         raise MailUrlError(f"{flag}: unknown option ?{unknown[0]}= (use starttls=true or auth=xoauth2)")
+    return query
+
+
+def _security(query: dict[str, str], kind: Kind, scheme: str, flag: str) -> Security:
+    implicit_tls = _SCHEMES[scheme][1]
     starttls = _flag_bool(query["starttls"], flag, "starttls") if "starttls" in query else False
     if starttls and kind == "imap":
         raise MailUrlError(f"{flag}: STARTTLS is not supported for IMAP; use imaps:// (port 993)")
     if starttls and implicit_tls:
         raise MailUrlError(f"{flag}: {scheme}:// is already TLS; ?starttls=true is for {kind}://")
-    security: Security = "tls" if implicit_tls else ("starttls" if starttls else "plain")
-    if port is None:
-        port = {("smtp", "tls"): 465, ("smtp", "starttls"): 587, ("smtp", "plain"): 25}.get(
-            (kind, security), 993 if security == "tls" else 143
-        )
+    return "tls" if implicit_tls else ("starttls" if starttls else "plain")
 
-    username = unquote(parts.username) if parts.username else None
-    url_password = unquote(parts.password) if parts.password is not None else None
-    if url_password is not None and password is not None:
-        raise MailUrlError(f"{flag}: the URL has a password and so does {flag}-password-env; give one")
-    secret = url_password if url_password is not None else password
-    if secret == "":
-        raise MailUrlError(f"{flag}: the password is empty")
 
+def _auth(query: dict[str, str], secret: str | None, oauth_available: bool, flag: str) -> Auth:
     requested = query.get("auth", "").strip().lower()
-    auth: Auth
     if requested in {"xoauth2", "oauth2", "oauth"}:
         if secret is not None:
             raise MailUrlError(f"{flag}: ?auth=xoauth2 logs in with OAuth; remove the password")
-        auth = "xoauth2"
-    elif requested == "" and secret is None and oauth_available:
-        auth = "xoauth2"
-    elif requested in {"", "password", "plain", "login"}:
-        auth = "password" if secret is not None else "none"
-    else:
-        raise MailUrlError(f"{flag}: ?auth={query['auth']!r} must be password or xoauth2")
-    if auth != "none" and not username:
-        raise MailUrlError(f"{flag}: a login needs a user name ({scheme}://user:password@{host})")
-    if auth == "none" and kind == "imap":
-        raise MailUrlError(
-            f"{flag}: no password; give imaps://user:password@host, {flag}-password-env VAR, or ?auth=xoauth2"
-        )
-    if auth == "password" and security == "plain" and not is_loopback(host):
-        raise MailUrlError(
-            f"{flag}: the password would cross the network in clear text to {host}; use {kind}s:// or ?starttls=true"
-        )
-
-    folder: str | None = None
-    path = unquote(parts.path).strip("/")
-    if kind == "imap":
-        folder = path or "INBOX"
-    elif path:
-        raise MailUrlError(f"{flag}: an SMTP URL has no path (got /{path})")
-    return MailUrl(
-        kind=kind,
-        host=host,
-        port=port,
-        security=security,
-        username=username,
-        password=secret,
-        auth=auth,
-        folder=folder,
-    )
+        return "xoauth2"
+    if requested == "" and secret is None and oauth_available:
+        return "xoauth2"
+    if requested in {"", "password", "plain", "login"}:
+        return "password" if secret is not None else "none"
+    raise MailUrlError(f"{flag}: ?auth={query['auth']!r} must be password or xoauth2")
 
 
 @dataclass(frozen=True)
