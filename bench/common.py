@@ -1,0 +1,277 @@
+"""Helpers shared by the benchmarks: stack seeding, the production worker, percentiles, recording."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from bench.baselines import SignalWorkflow
+from bench.stack import Stack
+from db.session import SessionFactory
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) in milliseconds."""
+    ordered = sorted(values)
+    idx = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered)) - 1))
+    return ordered[idx] * 1000
+
+
+async def gather_bounded(n: int, limit: int, fn: Callable[[int], Awaitable[Any]]) -> list[Any]:
+    """Run fn(0..n-1) with at most `limit` in flight."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(i: int) -> Any:
+        async with sem:
+            return await fn(i)
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def seed_people(sf: SessionFactory, n: int, segment: str, *, tag: str) -> list[int]:
+    """Insert n people with an email identity each, and a static segment of them."""
+    async with sf() as session, session.begin():
+        ids = list(
+            (
+                await session.execute(
+                    text(
+                        "INSERT INTO persons (first_name, company, timezone) "
+                        "SELECT 'Lead' || g, 'Co' || (g % 500), 'UTC' FROM generate_series(1, :n) g "
+                        "RETURNING id"
+                    ),
+                    {"n": n},
+                )
+            ).scalars()
+        )
+        await session.execute(
+            text(
+                "INSERT INTO identities (person_id, channel, value) "
+                "SELECT id, 'email', :tag || '-' || id || '@leads.bench' FROM unnest(CAST(:ids AS bigint[])) id"
+            ),
+            {"ids": ids, "tag": tag},
+        )
+        seg = (
+            await session.execute(
+                text("INSERT INTO segments (name, kind) VALUES (:name, 'static') RETURNING id"),
+                {"name": segment},
+            )
+        ).scalar_one()
+        await session.execute(
+            text(
+                "INSERT INTO segment_members (segment_id, person_id) "
+                "SELECT :seg, id FROM unnest(CAST(:ids AS bigint[])) id"
+            ),
+            {"seg": seg, "ids": ids},
+        )
+    return ids
+
+
+async def add_sender(sf: SessionFactory, address: str, per_hour: int, per_day: int, spacing: float = 0.0) -> None:
+    """An email sender account."""
+    async with sf() as session, session.begin():
+        await session.execute(
+            text(
+                "INSERT INTO sender_accounts "
+                "(channel, address, per_hour, per_day, min_spacing_seconds, jitter_seconds) "
+                "VALUES ('email', :a, :h, :d, :s, 0)"
+            ),
+            {"a": address, "h": per_hour, "d": per_day, "s": spacing},
+        )
+
+
+def sequence_file(tmp: Path, name: str, steps: list[dict[str, Any]]) -> Path:
+    """Write a sequence file (YAML is JSON) for the sequence store."""
+    import json
+
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({"name": name, "steps": steps, "stop_on_reply": True}))
+    return path
+
+
+def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Worker:
+    """The production worker wired to the bench stack (email to the sink)."""
+    from activities.channels import make_channels
+    from activities.delivery import DeliveryConfig
+    from settings import Settings
+    from worker import WorkerDeps, build_worker
+
+    settings = Settings(smtp_host=stack.sink.host, smtp_port=stack.sink.port, smtp_pool_size=8)
+    deps = WorkerDeps(
+        session_factory=stack.session_factory,
+        channels=make_channels(settings),
+        delivery=DeliveryConfig(
+            public_base_url="https://links.bench.test",
+            link_secret="bench",
+            postal_address="Bench Inc, 1 Loop Road",
+            person_daily_touch_cap=0,
+        ),
+    )
+    return build_worker(
+        stack.env.client,
+        task_queue,
+        deps,
+        max_concurrent_activities=200,
+        max_concurrent_workflow_tasks=200,
+        max_cached_workflows=settings.worker_max_cached_workflows,  # as worker.py runs it
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+async def round_trip_baseline(client: Client, n: int) -> list[float]:
+    q = f"sig-{uuid.uuid4().hex[:6]}"
+    out = []
+    async with Worker(client, task_queue=q, workflows=[SignalWorkflow]):
+        handles = [await client.start_workflow(SignalWorkflow.run, id=f"{q}-{i}", task_queue=q) for i in range(n)]
+        for h in handles:
+            await h.query(SignalWorkflow.seen)
+        for h in handles:
+            t0 = time.perf_counter()
+            await h.signal(SignalWorkflow.ping)
+            while await h.query(SignalWorkflow.seen) == 0:
+                pass
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+async def waiting_leads(stack: Stack, tmp: Path, q: str, n: int, *, with_email: bool) -> tuple[str, list[int]]:
+    """n enrollments waiting on REPLIED (after an email when with_email)."""
+    from services.enrolling import start_audience
+    from services.sequence_store import create_version
+    from settings import Settings
+
+    name = f"bench-wait-{uuid.uuid4().hex[:6]}"
+    ids = await seed_people(stack.session_factory, n, name, tag=name)
+    first: dict[str, Any] = (
+        {
+            "id": "ask",
+            "action": "SEND_EMAIL",
+            "subject": "Hi {{ first_name }}",
+            "body": "Quick question",
+        }
+        if with_email
+        else {"id": "ask", "action": "CHECK_FOR_REPLY"}
+    )
+    first["edges"] = [
+        {"trigger": "REPLIED", "to": "done"},
+        {"trigger": "NOT_REPLIED", "after": "2d", "to": "nudge"},
+    ]
+    steps = [
+        first,
+        {
+            "id": "nudge",
+            "action": "SEND_EMAIL",
+            "subject": "Nudge",
+            "body": "Again",
+            "edges": [{"trigger": "END"}],
+        },
+        {
+            "id": "done",
+            "action": "WAIT",
+            "edges": [{"trigger": "NORMAL_EDGE", "after": "30d", "to": "end"}],
+        },
+        {"id": "end", "action": "WAIT", "edges": [{"trigger": "END"}]},
+    ]
+    await create_version(stack.session_factory, sequence_file(tmp, name, steps))
+    settings = Settings(temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=q)
+    await start_audience(stack.session_factory, settings, name, name, page_size=500)
+    return name, ids
+
+
+async def wait_phase(client: Client, wids: list[str], phase: str = "waiting") -> None:
+    from temporalio.service import RPCError
+
+    from workflows.enrollment import EnrollmentWorkflow
+
+    async def one(wid: str) -> None:
+        # Back off, and take a query that times out for "not yet": a worker busy
+        # sending to thousands of leads answers queries late, and polling it hard
+        # only adds to its load (an evicted workflow replays its history per query).
+        h = client.get_workflow_handle(wid)
+        delay, deadline = 0.05, time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if (await h.query(EnrollmentWorkflow.status)).phase == phase:
+                    return
+            except RPCError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise RuntimeError(f"{wid} never reached {phase}")
+
+    await gather_bounded(len(wids), 20, lambda i: one(wids[i]))
+
+
+async def bench_reaction(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
+    """Reply signal → branch taken, vs a bare signal round trip."""
+    from models.enrollment import InboundSignal
+    from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
+
+    client = stack.env.client
+    base = await round_trip_baseline(client, n)
+    q = f"react-{uuid.uuid4().hex[:6]}"
+    async with engine_worker(stack, q):
+        name, ids = await waiting_leads(stack, tmp, q, n, with_email=False)
+        wids = [workflow_id_for(name, i) for i in ids]
+        await wait_phase(client, wids)
+        lat = []
+        for wid in wids:
+            h = client.get_workflow_handle(wid)
+            t0 = time.perf_counter()
+            await h.signal(
+                EnrollmentWorkflow.replied,
+                InboundSignal(event_id=uuid.uuid4().hex, channel="email"),
+            )
+            while (await h.query(EnrollmentWorkflow.status)).current_step != "done":
+                pass
+            lat.append(time.perf_counter() - t0)
+    return {
+        "name": "reaction",
+        "line": f"reaction ({n} leads): branch p50 {pct(lat, 50):.1f} ms p99 {pct(lat, 99):.1f} ms; "
+        f"bare signal p50 {pct(base, 50):.1f} ms p99 {pct(base, 99):.1f} ms; "
+        f"p99 ratio {pct(lat, 99) / pct(base, 99):.2f}x (target <= 1.5x)",
+    }
+
+
+def machine() -> str:
+    """A one-line description of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
+
+
+def record(lines: list[str], path: Path = RESULTS) -> None:
+    """Append one block of result lines with the date and machine."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    block = f"\n## {stamp} — {machine()}\n\n" + "".join(f"- {line}\n" for line in lines)
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nAppended by `make bench` (bench/run.py).\n")
+    with path.open("a") as fh:
+        fh.write(block)
