@@ -6,7 +6,7 @@ token, encrypted with SECRETS_KEY (services/secret_box.py); `oauth_client_secret
 mailbox cannot log in), shown by `senders list`.
 
 Revision ID: 0003_sender_connections
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_sender_connections"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
