@@ -112,15 +112,31 @@ async def test_429_without_reset_uses_retry_after(
     assert caught.value.retry_after == pytest.approx(42.0)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-async def test_5xx_is_transient(
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+@pytest.mark.parametrize("action", ["SEND_TWITTER_DM", "FOLLOW_ON_TWITTER"])
+async def test_5xx_or_408_to_a_create_is_uncertain(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+    status: int,
+    action: str,
+) -> None:
+    # X's front end can fail after its back end performed the DM: never send it again.
+    x_server.fail_next(status, {}, {"title": "Service Unavailable"})
+    with pytest.raises(UncertainChannelError) as caught:
+        await channel.send(_msg(action=action))
+    assert caught.value.code == str(status)
+    assert len(x_server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [500, 503, 408])
+async def test_5xx_to_the_idempotent_unfollow_is_transient(
     channel: XChannel,
     x_server: FakeX,  # noqa: F811
     status: int,
 ) -> None:
     x_server.fail_next(status, {}, {"title": "Service Unavailable"})
     with pytest.raises(TransientChannelError) as caught:
-        await channel.send(_msg())
+        await channel.send(_msg(action="UNFOLLOW_ON_TWITTER"))
     assert caught.value.code == str(status)
     assert not isinstance(caught.value, PermanentChannelError)
 

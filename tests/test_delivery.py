@@ -312,3 +312,24 @@ async def test_text_only_email_with_open_tracking_carries_the_pixel_and_the_ledg
     async with session_factory() as s:
         address = (await s.execute(select(Identity.value).where(Identity.id == delivery.identity_id))).scalar_one()
     assert address == "pixel@lead.test"
+
+
+async def test_x_dm_answered_503_is_uncertain_and_never_sent_again(
+    wired: Any,
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    x_server: Any,  # noqa: F811
+) -> None:
+    await all_senders(session_factory)
+    x_server.fail_next(503, {}, {"title": "Service Unavailable"})
+    raw = {
+        "name": f"x5-{uuid.uuid4().hex[:6]}",
+        "steps": [{"id": "dm", "action": "SEND_TWITTER_DM", "text": "Hi", "edges": [{"trigger": "END"}]}],
+    }
+    async with wired():
+        result = await (await _enroll(temporal_env, session_factory, task_queue, raw, x="424242")).result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert [r.method for r in x_server.requests] == ["POST"], "the DM is never posted a second time"
+    [delivery] = await _deliveries(session_factory)
+    assert delivery.status == "uncertain" and "503" in (delivery.error or "")

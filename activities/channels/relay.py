@@ -8,7 +8,9 @@ over `"{timestamp}.{body}"`) and carrying the ledger's idempotency key, so that 
 can deduplicate retries itself and answer 409 for an action it already performed.
 
 Answers map to the ledger's outcomes: 200/201/202 and 409 (already done) → sent;
-429 and 5xx → transient (honouring Retry-After); other 4xx → permanent, a bounce when
+429 and 5xx → transient (honouring Retry-After: unlike X, the relay deduplicates by the
+idempotency key and answers 409 to a repeat, so retrying an action it may have performed
+is safe); other 4xx → permanent, a bounce when
 the relay says `"code": "invalid_recipient"`; no answer after the request was written →
 uncertain.
 """

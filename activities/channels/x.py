@@ -5,8 +5,12 @@ connection pool, base URL `X_API_BASE_URL`, bearer token `X_API_TOKEN`), tests p
 same code at a local HTTP app, and the only logic that matters here is the mapping of X's
 answers to the ledger's outcomes:
 
-- 429 → transient, not before `x-rate-limit-reset` (epoch seconds) or `retry-after`;
-- 5xx, connection refused, connect/pool timeouts → transient (nothing was sent);
+- 429 → transient, not before `x-rate-limit-reset` (epoch seconds) or `retry-after`
+  (the rate limiter refused the request before anything was done);
+- 5xx or 408 to a request that creates something (a DM, a follow) → uncertain: X's front
+  end may time out or fail after the back end performed it, and a retry would DM the
+  person twice; to reads (the handle lookup) and to the idempotent unfollow → transient;
+- connection refused, connect/pool timeouts → transient (nothing was sent);
 - 400/401/403/404/… → permanent, with X's own error detail (never a bounce: X does not
   tell a deleted account from a closed DM inbox reliably);
 - a 404 that does not carry X's JSON error body did not come from X's API (a wrong
@@ -172,6 +176,7 @@ class XChannel:
                 f"/2/dm_conversations/with/{quote(target, safe='')}/messages",
                 json={"text": text},
                 before_write=before_write,
+                creates=True,
             )
             data = self._data(response)
             event_id = data.get("dm_event_id")
@@ -184,6 +189,7 @@ class XChannel:
                 f"/2/users/{quote(source, safe='')}/following",
                 json={"target_user_id": target},
                 before_write=before_write,
+                creates=True,
             )
             self._data(response)
             return SendResult(provider_message_id=None)
@@ -270,8 +276,12 @@ class XChannel:
         read_only: bool = False,
         accept: tuple[int, ...] = (),
         before_write: BeforeWrite = no_hook,
+        creates: bool = False,
     ) -> httpx.Response:
-        """Send one request; `read_only` requests have no effect, so no answer is transient."""
+        """Send one request; `read_only` requests have no effect, so no answer is transient.
+
+        A request that `creates` something answered 5xx/408 may have been performed: uncertain.
+        """
         headers: dict[str, str] = {}
         token = self.sender_tokens.get(sender) if sender else None
         if token:
@@ -301,9 +311,9 @@ class XChannel:
             )
         if response.status_code in accept:
             return response
-        return self._check(response)
+        return self._check(response, creates=creates)
 
-    def _check(self, response: httpx.Response) -> httpx.Response:
+    def _check(self, response: httpx.Response, *, creates: bool = False) -> httpx.Response:
         status = response.status_code
         if 200 <= status < 300:
             return response
@@ -321,6 +331,11 @@ class XChannel:
             if retry_after is None:
                 retry_after = parse_retry_after(response.headers.get("retry-after"), now)
             raise TransientChannelError(f"x: rate limited on {where}: {detail}", code="429", retry_after=retry_after)
+        if (status >= 500 or status == 408) and creates:
+            raise UncertainChannelError(
+                f"x: {status} on {where} ({detail}); X may have performed it, so it is not sent again",
+                code=str(status),
+            )
         if status >= 500 or status == 408:
             raise TransientChannelError(
                 f"x: server error {status} on {where}: {detail}",
