@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = 64 * 1024
     webhook_replay_window_seconds: int = 300
     public_base_url: str = "http://127.0.0.1:8000"
+    #: An address that unsubscribes whoever writes to it (with the token in the subject), offered
+    #: in List-Unsubscribe beside the https link; empty: the https link only.
+    unsubscribe_mailto: str = ""
 
     x_api_base_url: str = "http://127.0.0.1:8081"
     x_api_token: SecretStr = SecretStr("dev-x-token")
@@ -59,6 +62,14 @@ class Settings(BaseSettings):
     postal_address: str = "Sequencer Dev, 1 Example Street, Springfield"
     person_daily_touch_cap: int = Field(default=1, ge=0)
     out_of_office_default_delay: str = "7d"
+
+    @field_validator("unsubscribe_mailto")
+    @classmethod
+    def _mailto_address(cls, value: str) -> str:
+        address = value.strip().removeprefix("mailto:")
+        if address and (address.count("@") != 1 or not address.isascii() or any(c in address for c in " <>?,;")):
+            raise ValueError(f"UNSUBSCRIBE_MAILTO: {value!r} is not a plain email address like unsubscribe@example.com")
+        return address
 
 
 @lru_cache(maxsize=1)

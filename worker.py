@@ -57,6 +57,7 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         link_secret=settings.webhook_secret.get_secret_value(),
         postal_address=settings.postal_address,
         person_daily_touch_cap=settings.person_daily_touch_cap,
+        unsubscribe_mailto=settings.unsubscribe_mailto,
     )
 
 

@@ -50,7 +50,7 @@ from activities.channels.base import (
     UncertainChannelError,
     make_message_id,
 )
-from activities.channels.email import text_to_html
+from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor
 from activities.records import append_event
@@ -79,6 +79,8 @@ class DeliveryConfig:
     link_secret: str
     postal_address: str
     person_daily_touch_cap: int = 1
+    #: UNSUBSCRIBE_MAILTO: an address offered as a `mailto:` beside the https link (empty: none).
+    unsubscribe_mailto: str = ""
 
 
 def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> str | None:
@@ -529,6 +531,11 @@ class DeliveryActivities:
             in_reply_to=thread[-1] if thread else None,
             references=thread,
             unsubscribe_url=f"{base}/u/{unsubscribe}",
+            unsubscribe_mailto=(
+                f"mailto:{self.config.unsubscribe_mailto}?subject=unsubscribe-{unsubscribe}"
+                if channel == "email" and self.config.unsubscribe_mailto
+                else None
+            ),
             footer=self.config.postal_address,
         )
 

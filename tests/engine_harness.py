@@ -265,17 +265,21 @@ async def running_worker(
     *,
     touch_cap: int = 0,
     fault: Callable[[str], None] | None = None,
+    delivery: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> AsyncIterator[Worker]:
-    """The production worker (build_worker) wired to the test's servers."""
+    """The production worker (build_worker) wired to the test's servers (`delivery`: DeliveryConfig overrides)."""
     deps = WorkerDeps(
         session_factory=sf,
         channels=channels.mapping(),
         delivery=DeliveryConfig(
-            public_base_url="https://links.acme.test",
-            link_secret=LINK_SECRET,
-            postal_address="Acme Inc, 1 Test Street, Springfield",
-            person_daily_touch_cap=touch_cap,
+            **{
+                "public_base_url": "https://links.acme.test",
+                "link_secret": LINK_SECRET,
+                "postal_address": "Acme Inc, 1 Test Street, Springfield",
+                "person_daily_touch_cap": touch_cap,
+                **(delivery or {}),
+            }
         ),
         fault=fault,
     )

@@ -24,11 +24,25 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from models.sequence import ACTION_CHANNEL, Action, Channel
 
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+class DkimKey(BaseModel):
+    """A DKIM signing key for one sender: `selector._domainkey.domain` publishes its public half.
+
+    Built by the delivery activity from the sender account (the key decrypted just before
+    the send) and never part of a workflow payload.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    selector: str = Field(min_length=1)
+    domain: str = Field(min_length=1)
+    private_key: SecretStr
 
 
 class OutboundMessage(BaseModel):
@@ -53,7 +67,11 @@ class OutboundMessage(BaseModel):
     in_reply_to: str | None = None
     references: list[str] = Field(default_factory=list)
     unsubscribe_url: str | None = None
+    #: An optional `mailto:` URI written beside the https one in List-Unsubscribe.
+    unsubscribe_mailto: str | None = None
     footer: str | None = None
+    #: Sign the email with this key (when the sender's relay does not sign).
+    dkim: DkimKey | None = None
 
     @model_validator(mode="after")
     def _check_channel_and_action(self) -> OutboundMessage:

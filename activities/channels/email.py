@@ -1,4 +1,4 @@
-"""Email over SMTP: a pooled aiosmtplib sender and the compliant message it sends.
+"""Email over SMTP: a pooled aiosmtplib sender for the bytes `email_compose` builds.
 
 Why it is built this way:
 
@@ -10,10 +10,8 @@ Why it is built this way:
   that goes wrong before the message body is written cannot have delivered the message
   (transient), while a timeout or disconnect after the body was written and before the
   final reply may mean the server accepted it (uncertain, never re-sent).
-- Every message carries what deliverability and the law ask for: a stable Message-ID
-  derived from the delivery key, In-Reply-To/References for threading, RFC 8058
-  List-Unsubscribe + List-Unsubscribe-Post, a text and an HTML part, and the postal
-  address footer with the unsubscribe link in both parts.
+- What the message says (headers, parts, footer, DKIM) is composed apart, in the pure
+  `activities/channels/email_compose.py`, so it is tested byte for byte without a server.
 
 What could and could not be distinguished with aiosmtplib 5: reply codes are exact at
 every step (4xx transient, 5xx permanent). A 5xx to RCPT or to the message is a bounce
@@ -30,16 +28,12 @@ reported as uncertain even when the server never saw the final dot (we cannot te
 from __future__ import annotations
 
 import asyncio
-import html as html_lib
 import re
 import ssl
-from datetime import UTC, datetime
-from email.headerregistry import Address
+from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import format_datetime
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import aiosmtplib
 from aiosmtplib import (
@@ -57,9 +51,9 @@ from activities.channels.base import (
     SendResult,
     TransientChannelError,
     UncertainChannelError,
-    make_message_id,
     no_hook,
 )
+from activities.channels.email_compose import ComposedEmail, compose_message
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -200,9 +194,9 @@ class SmtpPool:
         return client
 
     async def send(
-        self, message: EmailMessage, sender: str, recipients: list[str], before_write: BeforeWrite = no_hook
+        self, message: EmailMessage | bytes, sender: str, recipients: list[str], before_write: BeforeWrite = no_hook
     ) -> str:
-        """Send one message; return the server's final reply text.
+        """Send one message (composed bytes, or an EmailMessage); return the server's final reply text.
 
         `before_write` is awaited once the server accepted DATA, right before the body is
         written (the irreversible step); if it raises, the connection is dropped unwritten.
@@ -212,7 +206,8 @@ class SmtpPool:
             raise RuntimeError("SmtpPool.send: the pool is closed")
         if not recipients:
             raise PermanentChannelError("SMTP send: no recipients", code="no_recipients")
-        payload = _dot_stuffed(message.as_bytes(policy=SMTP_POLICY))
+        raw = message if isinstance(message, bytes) else message.as_bytes(policy=SMTP_POLICY)
+        payload = _dot_stuffed(raw)
         async with self._slots:
             client: aiosmtplib.SMTP | None = None
             try:
@@ -385,29 +380,6 @@ class SmtpPool:
                 client.close()
 
 
-def _split_address(address: str, field: str) -> Address:
-    if address.count("@") != 1 or not all(address.split("@")):
-        raise PermanentChannelError(
-            f"email {field}: {address!r} is not an email address",
-            code="invalid_address",
-            bounce=field == "to",
-        )
-    try:
-        return Address(addr_spec=address)
-    except (ValueError, IndexError) as err:
-        raise PermanentChannelError(
-            f"email {field}: {address!r} is not a valid email address ({err})",
-            code="invalid_address",
-            bounce=field == "to",
-        ) from err
-
-
-def text_to_html(text: str) -> str:
-    """Plain text as simple HTML paragraphs (the HTML part of a text-only message)."""
-    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-    return "\n".join("<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
-
-
 class EmailChannel:
     """The `email` channel: builds a compliant MIME message and sends it through a pool."""
 
@@ -427,89 +399,21 @@ class EmailChannel:
         """A channel with a pool from `SMTP_*` and the `POSTAL_ADDRESS` footer."""
         return cls(SmtpPool.from_settings(settings), default_footer=settings.postal_address)
 
-    def build(self, msg: OutboundMessage, *, now: datetime | None = None) -> EmailMessage:
-        """The MIME message for `msg` (raises `PermanentChannelError` if it is not sendable)."""
-        if msg.channel != "email" or msg.action != "SEND_EMAIL":
-            raise PermanentChannelError(
-                f"email channel cannot perform {msg.channel}/{msg.action}",
-                code="unsupported_action",
-            )
-        if not msg.subject:
-            raise PermanentChannelError("email: the subject is empty", code="invalid_message")
-        if not (msg.text or msg.html):
-            raise PermanentChannelError("email: the body is empty", code="invalid_message")
-        footer = msg.footer or self.default_footer
-        if not footer:
-            raise PermanentChannelError(
-                "email: no postal address footer (POSTAL_ADDRESS) for this message",
-                code="invalid_message",
-            )
-        url = msg.unsubscribe_url
-        if not url or urlsplit(url).scheme not in {"https", "http"} or not urlsplit(url).netloc:
-            raise PermanentChannelError(
-                f"email: unsubscribe_url {url!r} must be an absolute https link",
-                code="invalid_message",
-            )
-        sender = _split_address(msg.sender, "sender")
-        recipient = _split_address(msg.to, "to")
-        domain = self.message_id_domain or sender.domain
-        message_id = msg.message_id or make_message_id(msg.idempotency_key, domain)
-
-        text = msg.text if msg.text is not None else _html_to_text_fallback(msg.html or "")
-        text_footer = f"\n\n--\n{footer}\nUnsubscribe: {url}\n"
-        text_part = text.rstrip("\n") + text_footer
-        html_body = msg.html if msg.html is not None else text_to_html(text)
-        html_footer = (
-            '<hr style="border:none;border-top:1px solid #ddd">'
-            '<p style="font-size:12px;color:#666">'
-            f"{html_lib.escape(footer).replace(chr(10), '<br>')}<br>"
-            f'<a href="{html_lib.escape(url, quote=True)}">Unsubscribe</a></p>'
+    def compose(self, msg: OutboundMessage, *, now: datetime | None = None) -> ComposedEmail:
+        """The bytes for `msg` (raises `PermanentChannelError` if it is not sendable)."""
+        return compose_message(
+            msg, default_footer=self.default_footer, message_id_domain=self.message_id_domain, now=now
         )
-        if re.search(r"</body\s*>", html_body, re.IGNORECASE):
-            html_part = re.sub(r"</body\s*>", lambda _m: html_footer + "</body>", html_body, count=1, flags=re.I)
-        else:
-            html_part = (
-                f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>{html_body}{html_footer}</body></html>'
-            )
-
-        email = EmailMessage()
-        email["From"] = Address(
-            display_name=msg.sender_name or "",
-            username=sender.username,
-            domain=sender.domain,
-        )
-        email["To"] = recipient
-        email["Subject"] = msg.subject
-        email["Date"] = format_datetime(now or datetime.now(UTC))
-        email["Message-ID"] = message_id
-        if msg.in_reply_to:
-            email["In-Reply-To"] = msg.in_reply_to
-        references = list(msg.references)
-        if msg.in_reply_to and msg.in_reply_to not in references:
-            references.append(msg.in_reply_to)
-        if references:
-            email["References"] = " ".join(references)
-        email["List-Unsubscribe"] = f"<{url}>"
-        email["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        email.set_content(text_part, subtype="plain", cte="quoted-printable")
-        email.add_alternative(html_part, subtype="html", cte="quoted-printable")
-        return email
 
     async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
         """Send the email; the provider id is its Message-ID."""
-        email = self.build(msg)
-        await self.pool.send(email, msg.sender, [msg.to], before_write)
-        return SendResult(provider_message_id=str(email["Message-ID"]))
+        if msg.dkim is not None:  # RSA signing in pure Python: keep the event loop free
+            composed = await asyncio.to_thread(self.compose, msg)
+        else:
+            composed = self.compose(msg)
+        await self.pool.send(composed.raw, msg.sender, [msg.to], before_write)
+        return SendResult(provider_message_id=composed.message_id)
 
     async def aclose(self) -> None:
         """Close the pool's connections."""
         await self.pool.aclose()
-
-
-def _html_to_text_fallback(html: str) -> str:
-    """A rough plain-text rendering of an HTML body (used only when no text was given)."""
-    text = re.sub(r"(?is)<(script|style).*?</\1>", "", html)
-    text = re.sub(r"(?i)<br\s*/?>", "\n", text)
-    text = re.sub(r"(?i)</p\s*>", "\n\n", text)
-    text = re.sub(r"<[^>]+>", "", text)
-    return html_lib.unescape(re.sub(r"\n{3,}", "\n\n", text)).strip()

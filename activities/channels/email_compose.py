@@ -1,0 +1,264 @@
+"""The bytes of one outbound email: MIME body, compliance headers, DKIM signature.
+
+Pure (no network, no database), so what a provider will read can be tested without a
+server, and the SMTP transport (`activities/channels/email.py`) only moves bytes.
+
+Why some headers are written by hand: Python's email policies RFC 2047-encode any
+header word longer than a line (`List-Unsubscribe: =?utf-8?q?=3Chttps...?=`), and mail
+providers do not decode encoded-words in List-Unsubscribe, so one-click unsubscribe
+silently disappears for every real-world URL. The ASCII-only structured headers
+(Message-ID, In-Reply-To, References, List-Unsubscribe, List-Unsubscribe-Post) are
+therefore validated and serialized here, folded only between their items (RFC 2369,
+RFC 8058, RFC 5322 section 2.2.3: each physical line at most 998 octets). Everything
+that may be non-ASCII (From's display name, Subject, the body) stays with the email
+package, which encodes it correctly.
+
+DKIM (RFC 6376) is computed with dkimpy over the final bytes, relaxed/relaxed, covering
+From, To, Subject, Date, Message-ID, List-Unsubscribe and List-Unsubscribe-Post (plus
+the MIME and threading headers present), with From, To, Subject and the unsubscribe
+headers signed once more than they occur so that nobody can add a second one.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime
+from urllib.parse import urlsplit
+
+import dkim
+
+from activities.channels.base import (
+    DkimKey,
+    OutboundMessage,
+    PermanentChannelError,
+    make_message_id,
+)
+
+#: RFC 5322 section 2.1.1: a line is at most 998 characters without its CRLF.
+MAX_LINE = 998
+#: The longest unsubscribe URI that fits, with its brackets and a comma, on the header's first line.
+MAX_UNSUBSCRIBE_URI = MAX_LINE - len("List-Unsubscribe: <>,")
+#: Folding a header onto more lines is preferred past this length (RFC 5322 "SHOULD").
+PREFERRED_LINE = 78
+
+#: Characters allowed in a URI (RFC 3986), none of which needs encoding in a header.
+_URI = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$")
+#: An RFC 5322 msg-id: `<left@right>`, printable ASCII without brackets or spaces.
+_MSG_ID = re.compile(r"^<[!-;=?-~]+@[!-;=?-~]+>$")
+
+#: Headers the DKIM signature covers when present, in this order.
+DKIM_SIGNED = (
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "MIME-Version",
+    "Content-Type",
+)
+#: Signed one extra time: a second instance added in transit breaks the signature.
+DKIM_OVERSIGNED = ("From", "To", "Subject", "List-Unsubscribe", "List-Unsubscribe-Post")
+
+
+@dataclass(frozen=True)
+class ComposedEmail:
+    """A message ready for DATA: CRLF line endings, not dot-stuffed."""
+
+    raw: bytes
+    message_id: str
+
+
+def text_to_html(text: str) -> str:
+    """Plain text as simple HTML paragraphs (the HTML part of a text-only message)."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    return "\n".join("<p>" + html_lib.escape(p).replace("\n", "<br>\n") + "</p>" for p in paragraphs)
+
+
+def html_to_text_fallback(html: str) -> str:
+    """A rough plain-text rendering of an HTML body (used only when no text was given)."""
+    text = re.sub(r"(?is)<(script|style).*?</\1>", "", html)
+    text = re.sub(r"(?i)<br\s*/?>", "\n", text)
+    text = re.sub(r"(?i)</p\s*>", "\n\n", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    return html_lib.unescape(re.sub(r"\n{3,}", "\n\n", text)).strip()
+
+
+def _invalid(message: str) -> PermanentChannelError:
+    return PermanentChannelError(f"email: {message}", code="invalid_message")
+
+
+def split_address(address: str, field: str) -> Address:
+    """`address` as an Address, or a permanent error naming `field` (a bad `to` is a bounce)."""
+    if address.count("@") != 1 or not all(address.split("@")):
+        raise PermanentChannelError(
+            f"email {field}: {address!r} is not an email address",
+            code="invalid_address",
+            bounce=field == "to",
+        )
+    try:
+        return Address(addr_spec=address)
+    except (ValueError, IndexError) as err:
+        raise PermanentChannelError(
+            f"email {field}: {address!r} is not a valid email address ({err})",
+            code="invalid_address",
+            bounce=field == "to",
+        ) from err
+
+
+def check_unsubscribe_url(url: str | None) -> str:
+    """The https (or, in development, http) unsubscribe URL, checked to be writable unencoded."""
+    parts = urlsplit(url or "")
+    if not url or parts.scheme not in {"https", "http"} or not parts.netloc:
+        raise _invalid(f"unsubscribe_url {url!r} must be an absolute https link")
+    if not _URI.match(url):
+        raise _invalid(f"unsubscribe_url {url[:80]!r} has characters a URI cannot carry (spaces, quotes, non-ASCII)")
+    if len(url) > MAX_UNSUBSCRIBE_URI:
+        raise _invalid(
+            f"unsubscribe_url is {len(url)} characters; List-Unsubscribe allows at most {MAX_UNSUBSCRIBE_URI}"
+        )
+    return url
+
+
+def check_unsubscribe_mailto(uri: str | None) -> str | None:
+    """The optional `mailto:` URI beside the https one, checked like the URL."""
+    if not uri:
+        return None
+    if not uri.startswith("mailto:") or "@" not in uri or not _URI.match(uri):
+        raise _invalid(f"unsubscribe_mailto {uri[:80]!r} must be a mailto: URI with an address")
+    if len(uri) > MAX_UNSUBSCRIBE_URI:
+        raise _invalid(f"unsubscribe_mailto is {len(uri)} characters; at most {MAX_UNSUBSCRIBE_URI}")
+    return uri
+
+
+def check_message_id(value: str, field: str) -> str:
+    """An RFC 5322 msg-id (`<left@right>`), or a permanent error naming `field`."""
+    value = value.strip()
+    if not _MSG_ID.match(value) or len(value) > MAX_LINE - len("In-Reply-To: "):
+        raise _invalid(f"{field} {value[:80]!r} is not a message id like <id@domain>")
+    return value
+
+
+def fold_items(name: str, items: list[str], separator: str) -> bytes:
+    """`Name: a<sep> b ...` folded only between items (never inside one), CRLF-terminated."""
+    line = f"{name}: {items[0]}"
+    lines: list[str] = []
+    for item in items[1:]:
+        if len(line) + len(separator) + 1 + len(item) <= PREFERRED_LINE:
+            line = f"{line}{separator} {item}"
+        else:
+            lines.append(line + separator)
+            line = f" {item}"
+    lines.append(line)
+    return "".join(f"{text}\r\n" for text in lines).encode("ascii")
+
+
+def list_unsubscribe_headers(url: str, mailto: str | None = None) -> bytes:
+    """RFC 2369 List-Unsubscribe (https first, then mailto) and RFC 8058 List-Unsubscribe-Post."""
+    uris = [f"<{check_unsubscribe_url(url)}>"]
+    checked = check_unsubscribe_mailto(mailto)
+    if checked:
+        uris.append(f"<{checked}>")
+    return fold_items("List-Unsubscribe", uris, ",") + b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+
+
+def dkim_signature(raw: bytes, key: DkimKey) -> bytes:
+    """The `DKIM-Signature:` header (CRLF-terminated) for `raw`, or a permanent error."""
+    present = {match.lower() for match in re.findall(rb"(?m)^([A-Za-z0-9-]+):", raw.split(b"\r\n\r\n", 1)[0])}
+    names = [h for h in DKIM_SIGNED if h.lower().encode() in present]
+    names += [h for h in DKIM_OVERSIGNED if h.lower().encode() in present]
+    try:
+        signature = dkim.sign(
+            raw,
+            key.selector.encode("ascii"),
+            key.domain.encode("ascii"),
+            key.private_key.get_secret_value().encode("ascii"),
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[n.lower().encode() for n in names],
+            linesep=b"\r\n",
+        )
+    except (dkim.DKIMException, ValueError, UnicodeEncodeError) as err:
+        raise PermanentChannelError(
+            f"email: DKIM signing as {key.selector}._domainkey.{key.domain} failed: {type(err).__name__}",
+            code="dkim",
+        ) from None
+    return signature if signature.endswith(b"\r\n") else signature + b"\r\n"
+
+
+def compose_message(
+    msg: OutboundMessage,
+    *,
+    default_footer: str | None = None,
+    message_id_domain: str | None = None,
+    now: datetime | None = None,
+) -> ComposedEmail:
+    """The bytes of the email for `msg` (raises `PermanentChannelError` if it is not sendable)."""
+    if msg.channel != "email" or msg.action != "SEND_EMAIL":
+        raise PermanentChannelError(
+            f"email channel cannot perform {msg.channel}/{msg.action}",
+            code="unsupported_action",
+        )
+    if not msg.subject:
+        raise _invalid("the subject is empty")
+    if not (msg.text or msg.html):
+        raise _invalid("the body is empty")
+    footer = msg.footer or default_footer
+    if not footer:
+        raise _invalid("no postal address footer (POSTAL_ADDRESS) for this message")
+    url = check_unsubscribe_url(msg.unsubscribe_url)
+    unsubscribe = list_unsubscribe_headers(url, msg.unsubscribe_mailto)
+    sender = split_address(msg.sender, "sender")
+    recipient = split_address(msg.to, "to")
+    domain = message_id_domain or sender.domain
+    message_id = check_message_id(msg.message_id or make_message_id(msg.idempotency_key, domain), "message_id")
+    in_reply_to = check_message_id(msg.in_reply_to, "in_reply_to") if msg.in_reply_to else None
+    references = [check_message_id(r, "references") for r in msg.references]
+    if in_reply_to and in_reply_to not in references:
+        references.append(in_reply_to)
+
+    text = msg.text if msg.text is not None else html_to_text_fallback(msg.html or "")
+    text_part = text.rstrip("\n") + f"\n\n--\n{footer}\nUnsubscribe: {url}\n"
+    html_body = msg.html if msg.html is not None else text_to_html(text)
+    html_footer = (
+        '<hr style="border:none;border-top:1px solid #ddd">'
+        '<p style="font-size:12px;color:#666">'
+        f"{html_lib.escape(footer).replace(chr(10), '<br>')}<br>"
+        f'<a href="{html_lib.escape(url, quote=True)}">Unsubscribe</a></p>'
+    )
+    if re.search(r"</body\s*>", html_body, re.IGNORECASE):
+        html_part = re.sub(r"</body\s*>", lambda _m: html_footer + "</body>", html_body, count=1, flags=re.I)
+    else:
+        html_part = (
+            f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>{html_body}{html_footer}</body></html>'
+        )
+
+    email = EmailMessage()
+    email["From"] = Address(display_name=msg.sender_name or "", username=sender.username, domain=sender.domain)
+    email["To"] = recipient
+    email["Subject"] = msg.subject
+    email["Date"] = format_datetime(now or datetime.now(UTC))
+    email.set_content(text_part, subtype="plain", cte="quoted-printable")
+    email.add_alternative(html_part, subtype="html", cte="quoted-printable")
+    generated = email.as_bytes(policy=SMTP_POLICY)
+    head, sep, body = generated.partition(b"\r\n\r\n")
+    if not sep:  # the email package always separates headers and body; never send a malformed message
+        raise _invalid("could not serialize the message")
+
+    structured = f"Message-ID: {message_id}\r\n".encode("ascii")
+    if in_reply_to:
+        structured += f"In-Reply-To: {in_reply_to}\r\n".encode("ascii")
+    if references:
+        structured += fold_items("References", references, "")
+    raw = head + b"\r\n" + structured + unsubscribe + b"\r\n" + body
+    if msg.dkim is not None:
+        raw = dkim_signature(raw, msg.dkim) + raw
+    return ComposedEmail(raw=raw, message_id=message_id)
