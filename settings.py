@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     #: than this, a burst of replies turns into a burst of replays (bench/RESULTS.md).
     #: About 55 KiB each for a small sequence (measured): 5,000 is about 270 MiB.
     worker_max_cached_workflows: int = Field(default=5000, ge=0)
+    #: On SIGTERM the worker stops polling and lets running activities (a send in flight)
+    #: finish for up to this long before cancelling them.
+    worker_graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -85,7 +86,12 @@ def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwa
 
 
 async def main() -> None:
-    """Run the worker until SIGINT/SIGTERM."""
+    """Run the worker until SIGINT/SIGTERM, then stop gracefully.
+
+    On the signal the worker stops polling; a send in flight gets up to
+    WORKER_GRACEFUL_SHUTDOWN_SECONDS to finish and record its outcome before it is
+    cancelled (a cancelled send is found `sending` by its retry and recorded uncertain).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
     engine = make_engine(settings.database_url)
@@ -102,6 +108,7 @@ async def main() -> None:
             settings.temporal_task_queue,
             deps,
             max_cached_workflows=settings.worker_max_cached_workflows,
+            graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

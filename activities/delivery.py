@@ -29,8 +29,10 @@ so the workflow can take the failure path.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -171,10 +173,11 @@ class DeliveryActivities:
             raise ApplicationError(f"{step.action} has no channel", non_retryable=True)
         key = delivery_key(inp.ref.enrollment_id, step.id, inp.attempt)
         me = _Owner.current("deliver")
-        try:
-            return await self._deliver(inp, key, str(channel), me)
-        except _Lost as lost:
-            return await self._lost(key, me, lost)
+        async with _heartbeating():
+            try:
+                return await self._deliver(inp, key, str(channel), me)
+            except _Lost as lost:
+                return await self._lost(key, me, lost)
 
     async def _deliver(self, inp: DeliverInput, key: str, channel: str, me: _Owner) -> DeliverOutput:
         step = inp.step
@@ -618,6 +621,34 @@ class DeliveryActivities:
         delivery.provider_message_id = provider_message_id or delivery.provider_message_id
         activity.logger.info("delivery %s: %s %s", delivery.idempotency_key, status, error or "")
         return self._output(delivery)
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat while the body runs, a few times per heartbeat timeout.
+
+    The process is alive as long as it heartbeats; when it dies (SIGKILL, a lost host) the
+    server notices within the timeout and hands the send to another worker, which takes
+    the `claimed` row over or records a `sending` one as uncertain.
+    """
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        yield
+        return
+
+    async def beat() -> None:
+        every = max(timeout.total_seconds() / 4, 0.2)
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 class _Lost(Exception):

@@ -333,3 +333,25 @@ async def test_x_dm_answered_503_is_uncertain_and_never_sent_again(
     assert [r.method for r in x_server.requests] == ["POST"], "the DM is never posted a second time"
     [delivery] = await _deliveries(session_factory)
     assert delivery.status == "uncertain" and "503" in (delivery.error or "")
+
+
+async def test_deliver_heartbeats_and_retries_connection_errors_within_seconds(
+    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await all_senders(session_factory)
+    smtp_server.fail_codes.append("451 4.3.0 Try again")
+    async with wired():
+        handle = await _enroll(temporal_env, session_factory, task_queue, email_sequence(1))
+        assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+    history = await handle.fetch_history()
+    [scheduled] = [
+        e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "deliver"
+    ]
+    # a dead worker's send moves after seconds, and a refused connection is retried after one
+    assert scheduled.heartbeat_timeout.ToTimedelta() == timedelta(seconds=10)
+    assert scheduled.retry_policy.initial_interval.ToTimedelta() == timedelta(seconds=1)
+    assert scheduled.retry_policy.maximum_interval.ToTimedelta() == timedelta(minutes=10)
+    assert len(smtp_server.messages) == 1

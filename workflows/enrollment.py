@@ -97,9 +97,30 @@ SEND_RETRY = RetryPolicy(
 )
 
 
+#: Since patch `deliver-heartbeat-retry`: `deliver` heartbeats, so a send held by a dead
+#: worker moves to another one within seconds, and connection-level transient errors are
+#: retried after 1 s, 2 s, 4 s … up to 10 minutes (a provider's reset header still sets the
+#: delay: `next_retry_delay`); 30 attempts span about three and a half hours.
+DELIVER_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+SEND_RETRY_FAST = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    maximum_attempts=30,
+    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
+)
+
+
 def workflow_id_for(sequence_name: str, person_id: int) -> str:
     """The business key: one enrollment per (sequence, person)."""
     return f"enroll:{sequence_name}:{person_id}"
+
+
+def _deliver_options() -> dict[str, Any]:
+    """`deliver`'s heartbeat and retry options (the old ones for histories before the patch)."""
+    if workflow.patched("deliver-heartbeat-retry"):
+        return {"heartbeat_timeout": DELIVER_HEARTBEAT_TIMEOUT, "retry_policy": SEND_RETRY_FAST}
+    return {"retry_policy": SEND_RETRY}
 
 
 class _Terminal(Exception):
@@ -472,7 +493,7 @@ class EnrollmentWorkflow:
                 ),
                 result_type=DeliverOutput,
                 start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=SEND_RETRY,
+                **_deliver_options(),
             )
         except ActivityError as err:
             out = await workflow.execute_activity(

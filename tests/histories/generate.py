@@ -126,7 +126,13 @@ async def _until(env: WorkflowEnvironment, handle: Any, step: str) -> None:
     raise RuntimeError(f"never reached {step}")
 
 
-async def main() -> None:
+async def main(only: set[str] | None = None) -> None:
+    """Record every history, or only the files named in `only` (stems, e.g. `audience`)."""
+
+    def save(name: str, text: str) -> None:
+        if only is None or name in only:
+            (HERE / f"{name}.json").write_text(text)
+
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
@@ -143,7 +149,7 @@ async def main() -> None:
         await _until(env, h, "dm")
         await h.signal(EnrollmentWorkflow.replied, InboundSignal(event_id="r-1", channel="x"))
         await h.result()
-        (HERE / "enrollment_reply.json").write_text((await h.fetch_history()).to_json())
+        save("enrollment_reply", (await h.fetch_history()).to_json())
         # 2. timeouts all the way, with a pause and resume in the middle
         h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(2), id="replay-2", task_queue="replay")
         await _until(env, h, "follow")
@@ -151,14 +157,14 @@ async def main() -> None:
         await env.sleep(timedelta(days=1))
         await h.signal(EnrollmentWorkflow.resume, ControlSignal())
         await h.result()
-        (HERE / "enrollment_timeouts_pause.json").write_text((await h.fetch_history()).to_json())
+        save("enrollment_timeouts_pause", (await h.fetch_history()).to_json())
         # 3. continue-as-new every step (first run's history)
         h = await env.client.start_workflow(
             EnrollmentWorkflow.run, _input(3, max_steps=1), id="replay-3", task_queue="replay"
         )
         await h.result()
         first = env.client.get_workflow_handle("replay-3", run_id=h.first_execution_run_id)
-        (HERE / "enrollment_continue_as_new.json").write_text((await first.fetch_history()).to_json())
+        save("enrollment_continue_as_new", (await first.fetch_history()).to_json())
         # 4. the audience workflow paging
         a = await env.client.start_workflow(
             AudienceWorkflow.run,
@@ -167,9 +173,15 @@ async def main() -> None:
             task_queue="replay",
         )
         await a.result()
-        (HERE / "audience.json").write_text((await a.fetch_history()).to_json())
+        save("audience", (await a.fetch_history()).to_json())
+        # 5. since patch deliver-heartbeat-retry: deliver with a heartbeat timeout and fast retries
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(5), id="replay-5", task_queue="replay")
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-5", channel="x"))
+        await h.result()
+        save("enrollment_deliver_heartbeat", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(set(sys.argv[1:]) or None))
