@@ -3,14 +3,46 @@
 Every variable in DESIGN.md has a default that works with the embedded stack that
 `make run` starts, so a fresh clone needs no `.env`. Secrets are `SecretStr` so that
 they never show up in logs or reprs by accident.
+
+`SEQUENCER_ENV` is `production` unless set to `dev` (`make run` and the tests do): in
+production, `check_settings()` refuses to start any process (worker, webhook app,
+CLI) whose secrets are the public defaults, empty or short, naming each variable.
+Secrets that are rotated are lists: comma-separated, the first one signs and every
+one is accepted, so that links and webhooks signed before a rotation keep working.
 """
 
 from __future__ import annotations
 
+import base64
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Shortest secret accepted in production (characters; 32 random ones are ~190 bits).
+MIN_SECRET_LENGTH = 32
+#: The defaults below, published in this repository: never accepted in production.
+DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
+DEV_LINK_SECRET = "dev-link-secret-change-me"
+DEV_RELAY_TOKEN = "dev-relay-token"
+DEV_RELAY_SIGNING_KEY = "dev-relay-signing-key"
+PUBLIC_DEFAULTS = frozenset(
+    {DEV_WEBHOOK_SECRET, DEV_LINK_SECRET, DEV_RELAY_TOKEN, DEV_RELAY_SIGNING_KEY, "dev-x-token"}
+)
+#: Channels that may have their own webhook secret (`WEBHOOK_SECRET_<CHANNEL>`).
+WEBHOOK_CHANNELS = ("email", "x", "linkedin", "xmtp")
+
+
+class InsecureSettingsError(RuntimeError):
+    """Settings a production process must not start with; the message names each variable."""
+
+
+def secret_list(value: SecretStr | None) -> list[str]:
+    """The keys of a comma-separated secret, in order (first signs, all verify)."""
+    if value is None:
+        return []
+    return [part.strip() for part in value.get_secret_value().split(",") if part.strip()]
 
 
 class Settings(BaseSettings):
@@ -18,10 +50,28 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
+    #: `production` (the default: every secret checked at start) or `dev`.
+    sequencer_env: Literal["production", "dev"] = "production"
+
     database_url: str = "postgresql+asyncpg://sequencer@127.0.0.1:55432/sequencer"
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "sequencer"
+    #: TLS to the Temporal frontend (implied by an API key or a client certificate).
+    temporal_tls: bool = False
+    #: PEM files: the CA that signed the server's certificate (empty: system roots), and
+    #: the client certificate and key for mTLS (Temporal Cloud's certificate auth).
+    temporal_tls_ca_file: str = ""
+    temporal_tls_cert_file: str = ""
+    temporal_tls_key_file: str = ""
+    #: Server name to check in the server certificate (empty: the host of the address).
+    temporal_tls_server_name: str = ""
+    #: Temporal Cloud API key (sent as a bearer token; needs TLS, which it turns on).
+    temporal_api_key: SecretStr = SecretStr("")
+    #: Optional payload encryption (AES-256-GCM): one or more 32-byte keys in urlsafe
+    #: base64, comma separated; the first encrypts, all decrypt. Every process that
+    #: talks to the namespace (worker, app, CLI) must have the same keys.
+    temporal_payload_key: SecretStr = SecretStr("")
     #: Enrollments the worker keeps in memory between tasks. A reply to a lead that is
     #: not cached replays its history in a fresh sandbox first; with more waiting leads
     #: than this, a burst of replies turns into a burst of replays (bench/RESULTS.md).
@@ -44,18 +94,38 @@ class Settings(BaseSettings):
     oauth_client_id: str = ""
     oauth_client_secret: SecretStr = SecretStr("")
 
-    webhook_secret: SecretStr = SecretStr("dev-webhook-secret-change-me")
+    #: Verifies inbound webhooks (comma-separated list while rotating), for every channel
+    #: without its own `WEBHOOK_SECRET_<CHANNEL>`.
+    webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
+    webhook_secret_email: SecretStr = SecretStr("")
+    webhook_secret_x: SecretStr = SecretStr("")
+    webhook_secret_linkedin: SecretStr = SecretStr("")
+    webhook_secret_xmtp: SecretStr = SecretStr("")
+    #: Also accept the old `v1=` signature, which covers the body but not the channel
+    #: (only while the senders of webhooks move to `v2=`; see README "Security").
+    webhook_accept_v1: bool = False
     webhook_max_body_bytes: int = 64 * 1024
     webhook_replay_window_seconds: int = 300
+    #: Signs unsubscribe, open and click links (comma-separated: the first signs new
+    #: links, the others are previous keys still accepted for links already sent).
+    link_secret: SecretStr = SecretStr(DEV_LINK_SECRET)
     public_base_url: str = "http://127.0.0.1:8000"
     #: An address that unsubscribes whoever writes to it (with the token in the subject), offered
     #: in List-Unsubscribe beside the https link; empty: the https link only.
     unsubscribe_mailto: str = ""
+    #: A reply matched to a person only through In-Reply-To/References, whose From is
+    #: not one of that person's identities, is recorded but changes nothing (no stop,
+    #: unsubscribe, complaint or company hold) unless this is true.
+    inbound_trust_thread_only: bool = False
 
     x_api_base_url: str = "http://127.0.0.1:8081"
     x_api_token: SecretStr = SecretStr("dev-x-token")
     relay_url: str = "http://127.0.0.1:8082"
-    relay_token: SecretStr = SecretStr("dev-relay-token")
+    #: Bearer token the relay checks (who may call it).
+    relay_token: SecretStr = SecretStr(DEV_RELAY_TOKEN)
+    #: HMAC key of `X-Relay-Signature` (what was sent, and when); separate from the
+    #: bearer token so that a logged Authorization header cannot sign requests.
+    relay_signing_key: SecretStr = SecretStr(DEV_RELAY_SIGNING_KEY)
 
     #: Fernet key(s) that encrypt secrets stored in PostgreSQL (sender passwords, OAuth
     #: refresh tokens, DKIM keys). Comma separated: the first encrypts, all decrypt
@@ -73,6 +143,89 @@ class Settings(BaseSettings):
         if address and (address.count("@") != 1 or not address.isascii() or any(c in address for c in " <>?,;")):
             raise ValueError(f"UNSUBSCRIBE_MAILTO: {value!r} is not a plain email address like unsubscribe@example.com")
         return address
+    @property
+    def production(self) -> bool:
+        """True unless `SEQUENCER_ENV=dev`."""
+        return self.sequencer_env == "production"
+
+    def link_keys(self) -> list[str]:
+        """`LINK_SECRET`'s keys: the first signs new links, all verify."""
+        return secret_list(self.link_secret)
+
+    def webhook_keys(self, channel: str) -> list[str]:
+        """Keys that verify webhooks of `channel`: its own secret, else `WEBHOOK_SECRET`."""
+        own = getattr(self, f"webhook_secret_{channel}", None)
+        keys = secret_list(own) if isinstance(own, SecretStr) else []
+        return keys or secret_list(self.webhook_secret)
+
+    def payload_keys(self) -> list[bytes]:
+        """`TEMPORAL_PAYLOAD_KEY`'s AES-256 keys (ValueError naming the variable if malformed)."""
+        keys = []
+        for n, text in enumerate(secret_list(self.temporal_payload_key), 1):
+            try:
+                key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            except (ValueError, TypeError):
+                key = b""
+            if len(key) != 32:
+                raise ValueError(
+                    f"TEMPORAL_PAYLOAD_KEY key {n} is not 32 bytes in urlsafe base64 (make one with: "
+                    'python -c "import os,base64;print(base64.urlsafe_b64encode(os.urandom(32)).decode())")'
+                )
+            keys.append(key)
+        return keys
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    """Every reason `settings` must not run in production (empty in dev)."""
+    problems: list[str] = []
+    try:
+        settings.payload_keys()
+    except ValueError as err:
+        problems.append(str(err))
+    if not settings.production:
+        return problems
+
+    def check(variable: str, value: SecretStr, *, required: bool = True) -> None:
+        keys = secret_list(value)
+        if not keys:
+            if required:
+                problems.append(f"{variable} is empty: set it to a random secret of {MIN_SECRET_LENGTH}+ characters")
+            return
+        for n, key in enumerate(keys, 1):
+            which = variable if len(keys) == 1 else f"{variable} (key {n} of {len(keys)})"
+            if key in PUBLIC_DEFAULTS:
+                problems.append(f"{which} is the public development default: set a random secret")
+            elif len(key) < MIN_SECRET_LENGTH:
+                problems.append(f"{which} is {len(key)} characters: use at least {MIN_SECRET_LENGTH} random ones")
+
+    check("WEBHOOK_SECRET", settings.webhook_secret)
+    for channel in WEBHOOK_CHANNELS:
+        check(f"WEBHOOK_SECRET_{channel.upper()}", getattr(settings, f"webhook_secret_{channel}"), required=False)
+    check("LINK_SECRET", settings.link_secret)
+    check("RELAY_TOKEN", settings.relay_token)
+    check("RELAY_SIGNING_KEY", settings.relay_signing_key)
+    if (
+        secret_list(settings.relay_signing_key)[:1]
+        and secret_list(settings.relay_signing_key)[:1] == secret_list(settings.relay_token)[:1]
+    ):
+        problems.append("RELAY_SIGNING_KEY equals RELAY_TOKEN: the signing key must be a separate secret")
+    if (
+        secret_list(settings.link_secret)[:1]
+        and secret_list(settings.link_secret)[:1] == secret_list(settings.webhook_secret)[:1]
+    ):
+        problems.append("LINK_SECRET equals WEBHOOK_SECRET: links need their own secret")
+    return problems
+
+
+def check_settings(settings: Settings, process: str) -> None:
+    """Refuse to start `process` in production with unsafe settings (InsecureSettingsError)."""
+    problems = settings_problems(settings)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise InsecureSettingsError(
+            f"{process} refuses to start (SEQUENCER_ENV={settings.sequencer_env}):\n{listed}\n"
+            "(SEQUENCER_ENV=dev is only for a local development stack)"
+        )
 
 
 @lru_cache(maxsize=1)

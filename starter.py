@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from db.session import SessionFactory, make_engine, make_session_factory
-from settings import get_settings
+from settings import InsecureSettingsError, check_settings, get_settings
 
 app = typer.Typer(help="Sequencer: outreach sequences as durable Temporal workflows.", no_args_is_help=True)
 sequences_app = typer.Typer(help="Validate and version sequence files.", no_args_is_help=True)
@@ -36,6 +36,18 @@ app.add_typer(senders_app, name="senders")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
+
+
+@app.callback()
+def _refuse_unsafe_settings(ctx: typer.Context) -> None:
+    """Sequencer: outreach sequences as durable Temporal workflows."""
+    if ctx.resilient_parsing or "--help" in sys.argv[1:]:
+        return
+    try:
+        check_settings(get_settings(), "the sequencer CLI")
+    except InsecureSettingsError as refused:
+        err.print(f"[red]error:[/red] {escape(str(refused))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _run(fn: Callable[[SessionFactory], Awaitable[T]]) -> T:
@@ -545,7 +557,7 @@ def reply(
         body = json.dumps(
             {"event_id": f"cli-{uuid.uuid4().hex}", "type": type_, "from": rows[0][1], "text": text}
         ).encode()
-        signature = sign(settings.webhook_secret.get_secret_value(), body, int(time.time()))
+        signature = sign(settings.webhook_keys(channel)[0], body, int(time.time()), channel=channel)
         async with httpx.AsyncClient(base_url=settings.public_base_url, timeout=10) as http:
             return await http.post(
                 f"/webhooks/{channel}",

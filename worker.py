@@ -26,7 +26,7 @@ from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
 from activities.records import RecordActivities
 from db.session import SessionFactory, make_engine, make_session_factory
-from settings import Settings, get_settings
+from settings import InsecureSettingsError, Settings, check_settings, get_settings
 from temporal_client import connect
 from workflows.audience import AudienceWorkflow
 from workflows.enrollment import EnrollmentWorkflow
@@ -55,7 +55,7 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
     """The delivery settings, from the process settings."""
     return DeliveryConfig(
         public_base_url=settings.public_base_url,
-        link_secret=settings.webhook_secret.get_secret_value(),
+        link_secret=settings.link_keys()[0],
         postal_address=settings.postal_address,
         person_daily_touch_cap=settings.person_daily_touch_cap,
         unsubscribe_mailto=settings.unsubscribe_mailto,
@@ -94,6 +94,7 @@ async def main() -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
+    check_settings(settings, "the worker")
     engine = make_engine(settings.database_url)
     client = await connect(settings)
     channels = make_channels(settings)
@@ -123,4 +124,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except InsecureSettingsError as refused:
+        raise SystemExit(str(refused)) from None

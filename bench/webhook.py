@@ -74,7 +74,7 @@ async def bench_webhook(stack: Stack, leads: int, replies: int, tmp: Path) -> di
                     "/webhooks/email",
                     content=body,
                     headers={
-                        "X-Signature": sign(secret, body, int(time.time())),
+                        "X-Signature": sign(secret, body, int(time.time()), channel="email"),
                         "Content-Type": "application/json",
                     },
                 )

@@ -258,6 +258,7 @@ class Stack:
         p = self.ports
         env = dict(self.env)
         env.update(
+            SEQUENCER_ENV="dev",  # the public default secrets below are only for this local stack
             DATABASE_URL=self.cluster.url(),
             TEMPORAL_ADDRESS=f"{HOST}:{p['TEMPORAL_PORT']}",
             TEMPORAL_NAMESPACE=self.namespace,
@@ -543,6 +544,7 @@ class Stack:
         rows += [
             ("PostgreSQL", self.cluster.url(driver="postgresql")),
             ("Logs", str(self.logs)),
+            ("CLI", "SEQUENCER_ENV=dev .venv/bin/python starter.py --help"),
         ]
         self.say(rule)
         self.say(" Sequencer dev stack is up")

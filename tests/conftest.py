@@ -36,6 +36,10 @@ from db.session import SessionFactory, make_engine, make_session_factory
 from devstack.postgres import Cluster, free_port
 from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES, register_search_attributes
 
+# Before anything reads settings: the tests run the development stack (production
+# refuses the public default secrets; tests that check that pass it explicitly).
+os.environ["SEQUENCER_ENV"] = "dev"
+
 # Fixtures shared by the engine tests (`wired`: the production worker on local servers).
 pytest_plugins = ["tests.engine_harness", "tests.imap_harness"]
 

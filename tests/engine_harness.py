@@ -252,7 +252,7 @@ def make_channels(smtp: Any, x: Any, relay: Any) -> Channels:
     return Channels(
         email=EmailChannel(SmtpPool(smtp.host, smtp.port, size=2, timeout=10), default_footer="1 Test St"),
         x=XChannel(make_x_client(x.base_url, x.token, timeout=10)),
-        relay=RelayChannel(httpx.AsyncClient(base_url=relay.base_url, timeout=10), relay.token),
+        relay=RelayChannel(httpx.AsyncClient(base_url=relay.base_url, timeout=10), relay.token, relay.signing_key),
     )
 
 

@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 X_TOKEN = "test-x-token"
 RELAY_TOKEN = "test-relay-token"
+RELAY_SIGNING_KEY = "test-relay-signing-key"
 RELAY_WINDOW_SECONDS = 300
 
 
@@ -299,8 +300,11 @@ class FakeRelay(FakeService):
         "xmtp": {"SEND_XMTP_DM"},
     }
 
-    def __init__(self, token: str = RELAY_TOKEN, *, reply_status: str = "queued") -> None:
+    def __init__(
+        self, token: str = RELAY_TOKEN, *, signing_key: str = RELAY_SIGNING_KEY, reply_status: str = "queued"
+    ) -> None:
         self.token = token
+        self.signing_key = signing_key
         self.reply_status = reply_status
         self.actions: list[dict[str, Any]] = []
         self.done: dict[str, str] = {}
@@ -317,7 +321,7 @@ class FakeRelay(FakeService):
         sig = rec.headers.get("x-relay-signature", "")
         if not ts.isdigit() or abs(time.time() - int(ts)) > RELAY_WINDOW_SECONDS:
             return False
-        expected = hmac.new(self.token.encode(), ts.encode() + b"." + rec.body, hashlib.sha256).hexdigest()
+        expected = hmac.new(self.signing_key.encode(), ts.encode() + b"." + rec.body, hashlib.sha256).hexdigest()
         return hmac.compare_digest(sig, f"v1={expected}")
 
     async def _action(self, request: Request) -> Response:

@@ -23,7 +23,7 @@ from activities.channels.base import (
     UncertainChannelError,
 )
 from activities.channels.relay import RelayChannel, sign, verify
-from tests.fakes import RELAY_TOKEN, FakeRelay, relay_server  # noqa: F401
+from tests.fakes import RELAY_SIGNING_KEY, RELAY_TOKEN, FakeRelay, relay_server  # noqa: F401
 
 
 def _msg(action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **kw: str) -> OutboundMessage:
@@ -41,7 +41,7 @@ def _msg(action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **k
 
 @pytest.fixture
 async def channel(relay_server: FakeRelay) -> AsyncIterator[RelayChannel]:  # noqa: F811
-    ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url, timeout=5.0), RELAY_TOKEN)
+    ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url, timeout=5.0), RELAY_TOKEN, RELAY_SIGNING_KEY)
     yield ch
     await ch.aclose()
 
@@ -70,7 +70,7 @@ async def test_connection_request_is_signed_and_accepted(
     assert req.headers["content-type"] == "application/json"
     # The signature, recomputed independently from the documented recipe.
     ts = req.headers["x-relay-timestamp"]
-    digest = hmac.new(RELAY_TOKEN.encode(), f"{ts}.".encode() + req.body, hashlib.sha256)
+    digest = hmac.new(RELAY_SIGNING_KEY.encode(), f"{ts}.".encode() + req.body, hashlib.sha256)
     assert req.headers["x-relay-signature"] == f"v1={digest.hexdigest()}"
 
 
@@ -111,7 +111,7 @@ async def test_the_fake_rejects_a_wrong_signature(
         _msg().model_dump(include={"idempotency_key", "channel", "action", "sender", "to", "text"})
     ).encode()
     ts = int(time.time())
-    good = sign(RELAY_TOKEN, ts, body)
+    good = sign(RELAY_SIGNING_KEY, ts, body)
     tampered = body.replace(b"Ada", b"Bob")
     headers = {
         "Authorization": f"Bearer {RELAY_TOKEN}",
@@ -128,7 +128,7 @@ async def test_the_fake_rejects_a_wrong_signature(
             headers={
                 **headers,
                 "X-Relay-Timestamp": str(ts - 3600),
-                "X-Relay-Signature": sign(RELAY_TOKEN, ts - 3600, body),
+                "X-Relay-Signature": sign(RELAY_SIGNING_KEY, ts - 3600, body),
             },
         )
         accepted = await client.post("/v1/actions", content=body, headers=headers)
@@ -136,13 +136,13 @@ async def test_the_fake_rejects_a_wrong_signature(
     assert stale.status_code == 401
     assert relay_server.rejected_signatures == 2
     assert accepted.status_code == 202
-    assert verify(RELAY_TOKEN, str(ts), body, good, now=ts)
-    assert not verify(RELAY_TOKEN, str(ts), tampered, good, now=ts)
-    assert not verify(RELAY_TOKEN, str(ts - 3600), body, sign(RELAY_TOKEN, ts - 3600, body), now=ts)
+    assert verify(RELAY_SIGNING_KEY, str(ts), body, good, now=ts)
+    assert not verify(RELAY_SIGNING_KEY, str(ts), tampered, good, now=ts)
+    assert not verify(RELAY_SIGNING_KEY, str(ts - 3600), body, sign(RELAY_SIGNING_KEY, ts - 3600, body), now=ts)
 
 
 async def test_wrong_token_is_permanent(relay_server: FakeRelay) -> None:  # noqa: F811
-    ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url), "not-the-token")
+    ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url), "not-the-token", RELAY_SIGNING_KEY)
     try:
         with pytest.raises(PermanentChannelError) as caught:
             await ch.send(_msg())
@@ -205,6 +205,7 @@ async def test_no_answer_after_sending_is_uncertain(relay_server: FakeRelay) -> 
     ch = RelayChannel(
         httpx.AsyncClient(base_url=relay_server.base_url, timeout=httpx.Timeout(5.0, read=0.3)),
         RELAY_TOKEN,
+        RELAY_SIGNING_KEY,
     )
     try:
         with pytest.raises(UncertainChannelError):
@@ -217,7 +218,7 @@ async def test_no_answer_after_sending_is_uncertain(relay_server: FakeRelay) -> 
 async def test_unreachable_relay_is_transient() -> None:
     from devstack.postgres import free_port
 
-    ch = RelayChannel(httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port()}"), RELAY_TOKEN)
+    ch = RelayChannel(httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port()}"), RELAY_TOKEN, RELAY_SIGNING_KEY)
     try:
         with pytest.raises(TransientChannelError):
             await ch.send(_msg())

@@ -201,7 +201,7 @@ async def test_funnel_and_counters_from_real_enrollments(
     channels = make_channels(smtp_server, x_server, relay_server)
     crash = ArmableCrash()
     processor = InboundProcessor(sf, client, get_classifier())
-    settings = Settings(webhook_secret=LINK_SECRET, database_url=database_url)
+    settings = Settings(link_secret=LINK_SECRET, database_url=database_url)
     app = create_app(settings, session_factory=sf, client=client)
     try:
         async with running_worker(client, task_queue, sf, channels, fault=crash):

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from db.tables import Enrollment, Identity, Suppression
 from models.enrollment import EnrollmentStatus
-from services.tokens import make_token
+from services.tokens import make_legacy_token, make_token
 from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.test_webhooks import Hook, email_sequence, hook  # noqa: F401
@@ -103,15 +103,24 @@ async def test_forged_or_tampered_tokens_are_refused_with_a_page_and_write_nothi
     handle = await hook.enroll(email_sequence(), pid)
     await hook.waiting_at(handle)
     token = unsubscribe_token(hook.smtp.parsed()[0])
-    body, mac = token.split(".")
+    assert "." not in token  # opaque: nothing readable to edit
     other_person = make_token(LINK_SECRET, "unsubscribe", {"p": pid + 1, "i": 1, "e": 1})
+    legacy_body = make_legacy_token(LINK_SECRET, "unsubscribe", {"p": pid}).split(".")[0]
+
+    def flip(text: str, at: int) -> str:
+        return text[:at] + ("A" if text[at] != "A" else "B") + text[at + 1 :]
+
     forged = [
-        body + "." + ("A" if mac[0] != "A" else "B") + mac[1:],  # MAC changed
-        other_person.split(".")[0] + "." + mac,  # payload swapped, MAC kept
+        flip(token, len(token) // 2),  # ciphertext changed
+        flip(token, len(token) - 2),  # tag changed
+        token[:20] + other_person[20:],  # nonce of one, ciphertext of another
+        token[:-4],  # truncated
         make_token("someone-elses-secret", "unsubscribe", {"p": pid}),
         make_token(LINK_SECRET, "open", {"p": pid}),  # a pixel token cannot unsubscribe
+        make_legacy_token("someone-elses-secret", "unsubscribe", {"p": pid}),  # old format, wrong key
+        legacy_body + ".AAAAAAAAAAAAAAAAAAAAAA",  # old format, forged MAC
         "not-a-token",
-        body,
+        "a.b",
     ]
     for bad in forged:
         page = await hook.http.get(f"/u/{bad}")

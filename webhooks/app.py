@@ -29,7 +29,7 @@ from models.activities import EnrollmentRef
 from models.enrollment import ControlSignal, SequenceRef
 from services.classify import get_classifier
 from services.tokens import TokenError, read_token
-from settings import Settings, get_settings
+from settings import Settings, check_settings, get_settings
 from temporal_client import connect
 from webhooks.inbound import CHANNELS, InboundPayload, InboundProcessor, suppress_person
 from webhooks.signature import SignatureError, verify
@@ -88,11 +88,17 @@ def create_app(
     session_factory: SessionFactory | None = None,
     client: Client | None = None,
 ) -> FastAPI:
-    """Build the app; dependencies not given are created at startup from settings."""
+    """Build the app; dependencies not given are created at startup from settings.
+
+    Startup refuses unsafe production settings (`check_settings`), so `uvicorn` exits
+    naming the variable instead of serving forgeable links. The interactive API docs
+    (/docs, /redoc, /openapi.json) are served only with `SEQUENCER_ENV=dev`.
+    """
     cfg = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_settings(cfg, "the webhook app")
         engine = None
         sf = session_factory
         if sf is None:
@@ -110,7 +116,8 @@ def create_app(
         if engine is not None:
             await engine.dispose()
 
-    app = FastAPI(title="Sequencer webhooks", lifespan=lifespan)
+    docs: dict[str, Any] = {} if not cfg.production else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Sequencer webhooks", lifespan=lifespan, **docs)
 
     def deps(request: Request) -> Deps:
         return request.app.state.deps
@@ -129,11 +136,13 @@ def create_app(
                 return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
         try:
             verify(
-                d.settings.webhook_secret.get_secret_value(),
+                d.settings.webhook_keys(channel),
                 request.headers.get("x-signature"),
                 body,
+                channel=channel,
                 now=time.time(),
                 window_seconds=d.settings.webhook_replay_window_seconds,
+                accept_v1=d.settings.webhook_accept_v1,
             )
         except SignatureError as err:
             return JSONResponse({"error": f"signature: {err}"}, status_code=401)
@@ -172,7 +181,7 @@ def create_app(
     async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
         d = deps(request)
         try:
-            int(read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)["p"])
+            int(read_token(d.settings.link_keys(), "unsubscribe", token)["p"])
         except (TokenError, KeyError, TypeError, ValueError):
             return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
         form = (
@@ -186,12 +195,12 @@ def create_app(
     async def unsubscribe(token: str, request: Request) -> Response:
         d = deps(request)
         try:
-            data = read_token(d.settings.webhook_secret.get_secret_value(), "unsubscribe", token)
+            data = read_token(d.settings.link_keys(), "unsubscribe", token)
             person_id = int(data["p"])
         except (TokenError, KeyError, TypeError, ValueError):
             return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
         try:
-            new = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
+            known = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
         except Exception:  # nothing was written: say so, so that the person tries again
             log.exception("unsubscribe of person %s failed", person_id)
             return HTMLResponse(_page("Please try again", "<p>We could not record your request just now.</p>"), 503)
@@ -212,7 +221,9 @@ def create_app(
                     )
                 except Exception as err:  # finished already: the suppression still holds
                     log.info("unsubscribe signal to %s: %s", enrollment.workflow_id, err)
-        if new:
+        # Written every time, deduplicated by key: a suppression that committed before a
+        # crash (or a lost connection) still gets its event when the link is used again.
+        if known:
             async with d.session_factory() as session, session.begin():
                 if not rows:
                     await append_event(
@@ -237,7 +248,7 @@ def create_app(
     async def opened(token: str, request: Request) -> Response:
         d = deps(request)
         try:
-            data = read_token(d.settings.webhook_secret.get_secret_value(), "open", token)
+            data = read_token(d.settings.link_keys(), "open", token)
             key = str(data["k"])
         except (TokenError, KeyError):
             return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
@@ -250,23 +261,25 @@ def create_app(
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
         d = deps(request)
+        # "up" or "down" only: error texts name hosts, users and addresses, which a public
+        # health check must not hand out (they are logged instead).
         report: dict[str, Any] = {}
         try:
             async with d.session_factory() as session:
                 await session.execute(text("SELECT 1"))
-            report["postgres"] = "ok"
-        except Exception as err:
-            report["postgres"] = f"error: {err.__class__.__name__}: {err}"[:300]
+            report["postgres"] = "up"
+        except Exception:
+            log.warning("healthz: PostgreSQL is down", exc_info=True)
+            report["postgres"] = "down"
         client = await d.temporal()
-        if client is None:
-            report["temporal"] = f"error: not reachable at {d.settings.temporal_address}"
-        else:
+        report["temporal"] = "down"
+        if client is not None:
             try:
                 await client.service_client.check_health()
-                report["temporal"] = "ok"
-            except Exception as err:
-                report["temporal"] = f"error: {err.__class__.__name__}: {err}"[:300]
-        healthy = all(v == "ok" for v in report.values())
+                report["temporal"] = "up"
+            except Exception:
+                log.warning("healthz: Temporal is down", exc_info=True)
+        healthy = all(v == "up" for v in report.values())
         report["status"] = "ok" if healthy else "degraded"
         return JSONResponse(report, status_code=200 if healthy else 503)
 

@@ -446,7 +446,7 @@ class InboundProcessor:
 
 
 async def suppress_person(session_factory: SessionFactory, person_id: int, reason: str, source: str) -> bool:
-    """Suppress a whole person (idempotent); True when a new suppression was written.
+    """Suppress a whole person (idempotent); False when the person does not exist.
 
     A person who no longer exists (deleted after the link was sent) has nothing to suppress.
     """
@@ -459,9 +459,8 @@ async def suppress_person(session_factory: SessionFactory, person_id: int, reaso
                 select(Suppression.id).where(Suppression.person_id == person_id, Suppression.reason == reason)
             )
         ).first()
-        if exists:
-            return False
-        session.add(Suppression(person_id=person_id, reason=reason, source=source))
+        if not exists:
+            session.add(Suppression(person_id=person_id, reason=reason, source=source))
     return True
 
 

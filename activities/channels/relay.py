@@ -3,9 +3,10 @@
 Why a relay: LinkedIn has no public API for connection requests or DMs and XMTP needs a
 wallet-holding client, so both are done by a service the user runs (a browser
 automation, an XMTP bot). Sequencer speaks one small documented JSON protocol to it
-(docs/relay.md): `POST {RELAY_URL}/v1/actions`, signed with `RELAY_TOKEN` (HMAC-SHA256
-over `"{timestamp}.{body}"`) and carrying the ledger's idempotency key, so that a relay
-can deduplicate retries itself and answer 409 for an action it already performed.
+(docs/relay.md): `POST {RELAY_URL}/v1/actions` with `RELAY_TOKEN` as bearer token, signed
+with `RELAY_SIGNING_KEY` (HMAC-SHA256 over `"{timestamp}.{body}"`) and carrying the
+ledger's idempotency key, so that a relay can deduplicate retries itself and answer 409
+for an action it already performed.
 
 Answers map to the ledger's outcomes: 200/201/202 and 409 (already done) → sent;
 429 and 5xx → transient (honouring Retry-After: unlike X, the relay deduplicates by the
@@ -50,21 +51,20 @@ BOUNCE_CODES = frozenset({"invalid_recipient"})
 SIGNATURE_VERSION = "v1"
 
 
-def sign(token: str, timestamp: int, body: bytes) -> str:
-    """The `X-Relay-Signature` value: `v1=<hex HMAC-SHA256(token, "{timestamp}.{body}")>`."""
-    mac = hmac.new(token.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256)
+def sign(key: str, timestamp: int, body: bytes) -> str:
+    """The `X-Relay-Signature` value: `v1=<hex HMAC-SHA256(key, "{timestamp}.{body}")>`."""
+    mac = hmac.new(key.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
-def verify(token: str, timestamp: str, body: bytes, signature: str, *, now: float, window: float = 300.0) -> bool:
+def verify(key: str, timestamp: str, body: bytes, signature: str, *, now: float, window: float = 300.0) -> bool:
     """Check a relay request's signature and timestamp (for relay implementers and tests)."""
-    try:
-        ts = int(timestamp)
-    except ValueError:
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        return False  # also keeps a 5,000-digit timestamp away from float arithmetic
+    ts = int(timestamp)
+    if abs(int(now) - ts) > window:
         return False
-    if abs(now - ts) > window:
-        return False
-    return hmac.compare_digest(sign(token, ts, body), signature.strip())
+    return hmac.compare_digest(sign(key, ts, body), signature.strip())
 
 
 def relay_payload(msg: OutboundMessage) -> dict[str, Any]:
@@ -97,26 +97,32 @@ class RelayChannel:
         self,
         client: httpx.AsyncClient,
         token: str,
+        signing_key: str,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`client` has base_url=RELAY_URL; `token` is RELAY_TOKEN (bearer and HMAC key)."""
+        """`client` has base_url=RELAY_URL; `token` is RELAY_TOKEN (the bearer token) and
+        `signing_key` RELAY_SIGNING_KEY (the HMAC key): a leaked Authorization header
+        alone cannot sign a request."""
         if not token:
             raise ValueError("RelayChannel: RELAY_TOKEN must not be empty")
+        if not signing_key:
+            raise ValueError("RelayChannel: RELAY_SIGNING_KEY must not be empty")
         self.client = client
         self.token = token
+        self.signing_key = signing_key
         self.clock = clock
 
     @classmethod
     def from_settings(cls, settings: Settings, *, timeout: float = 30.0) -> RelayChannel:
-        """A channel on `RELAY_URL`, signing with `RELAY_TOKEN`."""
+        """A channel on `RELAY_URL`, with `RELAY_TOKEN` and `RELAY_SIGNING_KEY`."""
         if not settings.relay_url.startswith(("http://", "https://")):
             raise ValueError(f"RELAY_URL {settings.relay_url!r} must start with http(s)://")
         client = httpx.AsyncClient(
             base_url=settings.relay_url.rstrip("/"),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
-        return cls(client, settings.relay_token.get_secret_value())
+        return cls(client, settings.relay_token.get_secret_value(), settings.relay_signing_key.get_secret_value())
 
     async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
         """Ask the relay to perform the action; raise a classified `ChannelError`."""
@@ -133,7 +139,7 @@ class RelayChannel:
             "Accept": "application/json",
             "Idempotency-Key": msg.idempotency_key,
             "X-Relay-Timestamp": str(timestamp),
-            "X-Relay-Signature": sign(self.token, timestamp, body),
+            "X-Relay-Signature": sign(self.signing_key, timestamp, body),
         }
         await before_write()
         try:
