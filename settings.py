@@ -143,6 +143,7 @@ class Settings(BaseSettings):
         if address and (address.count("@") != 1 or not address.isascii() or any(c in address for c in " <>?,;")):
             raise ValueError(f"UNSUBSCRIBE_MAILTO: {value!r} is not a plain email address like unsubscribe@example.com")
         return address
+
     @property
     def production(self) -> bool:
         """True unless `SEQUENCER_ENV=dev`."""
