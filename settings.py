@@ -14,11 +14,17 @@ one is accepted, so that links and webhooks signed before a rotation keep workin
 from __future__ import annotations
 
 import base64
+import json
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: A list setting read from one variable: a JSON array, or values separated by commas or
+#: newlines (several values = a secret being rotated: every one is accepted).
+SecretList = Annotated[list[SecretStr], NoDecode]
+TextList = Annotated[list[str], NoDecode]
 
 #: Shortest secret accepted in production (characters; 32 random ones are ~190 bits).
 MIN_SECRET_LENGTH = 32
@@ -143,6 +149,42 @@ class Settings(BaseSettings):
         if address and (address.count("@") != 1 or not address.isascii() or any(c in address for c in " <>?,;")):
             raise ValueError(f"UNSUBSCRIBE_MAILTO: {value!r} is not a plain email address like unsubscribe@example.com")
         return address
+
+    # Provider webhooks (POST /webhooks/providers/{provider}); empty = that provider is off.
+    sendgrid_webhook_public_keys: TextList = Field(default_factory=list)
+    sendgrid_inbound_credentials: SecretList = Field(default_factory=list)
+    postmark_webhook_credentials: SecretList = Field(default_factory=list)
+    mailgun_signing_keys: SecretList = Field(default_factory=list)
+    ses_topic_arns: TextList = Field(default_factory=list)
+    sns_cert_host_pattern: str = r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$"
+    sns_ca_file: str = ""
+    sns_max_age_seconds: int = Field(default=3600, ge=60)
+    resend_webhook_secrets: SecretList = Field(default_factory=list)
+    x_consumer_secrets: SecretList = Field(default_factory=list)
+    provider_replay_window_seconds: int = Field(default=300, ge=30)
+    provider_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    @field_validator(
+        "sendgrid_webhook_public_keys",
+        "sendgrid_inbound_credentials",
+        "postmark_webhook_credentials",
+        "mailgun_signing_keys",
+        "ses_topic_arns",
+        "resend_webhook_secrets",
+        "x_consumer_secrets",
+        mode="before",
+    )
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """`["a","b"]`, `a,b` or one value per line."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+        return value
 
     @property
     def production(self) -> bool:

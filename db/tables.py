@@ -268,6 +268,7 @@ class Delivery(Base):
         ),
         Index("ix_deliveries_enrollment", "enrollment_id"),
         Index("ix_deliveries_message_id", "message_id"),
+        Index("ix_deliveries_provider_message_id", "provider_message_id"),
         Index("ix_deliveries_status", "status"),
     )
 
@@ -338,3 +339,15 @@ class InboundEvent(Base):
         UniqueConstraint("channel", "provider_event_id", name="uq_inbound_events_provider_id"),
         Index("ix_inbound_events_person", "person_id"),
     )
+
+
+class WebhookToken(Base):
+    """A provider signature token already accepted (Mailgun signs a token, not the body)."""
+
+    __tablename__ = "webhook_tokens"
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (Index("ix_webhook_tokens_seen_at", "seen_at"),)

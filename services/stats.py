@@ -20,8 +20,11 @@ from db.tables import Delivery, Enrollment, Event, Sequence, SequenceVersion
 FUNNEL: dict[str, tuple[str, ...]] = {
     "enrolled": ("enrolled",),
     "sent": ("sent",),
-    "delivered": (),  # sent minus the bounces reported after acceptance (see below)
+    # Provider delivery reports when there are any; otherwise sent minus the bounces
+    # reported after acceptance (see below).
+    "delivered": ("delivered",),
     "opened": ("opened",),
+    "clicked": ("clicked",),
     "replied": ("replied",),
     "positive": ("positive_reply",),
     "bounced": ("bounced",),
@@ -104,13 +107,14 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             if col is None:
                 continue
             key = (versions.get(version_id or 0, 0), None if col == "enrolled" else step, variant)
-            value = count if col in ("sent", "opened", "bounced", "failed", "uncertain") else enrollments
+            value = count if col in ("sent", "delivered", "opened", "bounced", "failed", "uncertain") else enrollments
             cells[key][col] += value
             totals[col] += value
             if col == "bounced" and is_late:
                 late_bounces[key] += count
         for key, counts in cells.items():
-            counts["delivered"] = max(0, counts["sent"] - late_bounces[key])
+            if not counts["delivered"]:  # no provider reports delivery: infer it
+                counts["delivered"] = max(0, counts["sent"] - late_bounces[key])
         totals["delivered"] = sum(counts["delivered"] for counts in cells.values())
         rows = [
             FunnelRow(version=v, step=s, variant=var, counts=c)

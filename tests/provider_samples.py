@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -72,7 +73,7 @@ def mailgun_body(key: str, event_data: dict[str, Any], *, at: int | None = None,
 def mailgun_event(event: str, recipient: str, **extra: Any) -> dict[str, Any]:
     """As in Mailgun's webhook samples (event-data)."""
     return {
-        "id": f"CPgfbmQMTCKtHW6uIWtuVe-{event}-{recipient}",
+        "id": f"CPgfbmQMTCKtHW6uIWtuVe-{uuid.uuid4().hex[:8]}",
         "timestamp": 1521472262.908181,
         "log-level": "info",
         "event": event,

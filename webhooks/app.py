@@ -32,6 +32,7 @@ from services.tokens import TokenError, read_token
 from settings import Settings, check_settings, get_settings
 from temporal_client import connect
 from webhooks.inbound import CHANNELS, InboundPayload, InboundProcessor, suppress_person
+from webhooks.providers.routes import router as provider_router
 from webhooks.signature import SignatureError, verify
 
 log = logging.getLogger("sequencer.webhooks")
@@ -118,6 +119,7 @@ def create_app(
 
     docs: dict[str, Any] = {} if not cfg.production else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Sequencer webhooks", lifespan=lifespan, **docs)
+    app.include_router(provider_router)
 
     def deps(request: Request) -> Deps:
         return request.app.state.deps

@@ -1,0 +1,545 @@
+"""Provider webhooks end to end: the provider's own body and signature, through the real
+app (uvicorn), into PostgreSQL and the running enrollment workflows.
+
+Each provider gets a test from webhook to the lead's status; the SES tests fetch the
+SNS signing certificate from a local HTTPS server with its own CA (trustme), pointed at
+by the allow-list and CA settings, as production points at sns.<region>.amazonaws.com.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from pydantic import SecretStr
+from sqlalchemy import select
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory
+from db.tables import Delivery, Enrollment, InboundEvent, Suppression
+from models.enrollment import EnrollmentStatus
+from services.stats import sequence_stats
+from tests.engine_harness import all_senders, events_of, make_channels, running_worker, wait_for_status
+from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.provider_samples import (
+    SendGridSigner,
+    SnsSigner,
+    mailgun_body,
+    mailgun_event,
+    new_whsec,
+    sendgrid_event,
+    ses_bounce,
+    sns_notification,
+    standard_headers,
+    x_dm,
+    x_follow,
+    x_signature,
+)
+from tests.test_webhooks import Hook, app_settings, email_sequence, serve
+from webhooks.app import create_app
+from webhooks.providers import ses
+
+TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
+PM_USER, PM_PASS = "postmark", "pm-secret-1"
+MG_KEY = "key-mailgun-test"
+X_SECRET = "x-consumer-secret"
+OUR_X_ID = "4000"
+
+
+@dataclass
+class SnsServer:
+    """A local HTTPS server standing in for sns.<region>.amazonaws.com."""
+
+    base: str
+    ca_file: str
+    signer: SnsSigner
+    confirmations: list[str] = field(default_factory=list)
+    cert_requests: int = 0
+
+    @property
+    def cert_url(self) -> str:
+        return f"{self.base}/SimpleNotificationService-test.pem"
+
+
+@asynccontextmanager
+async def serve_tls(app: FastAPI, certfile: str, keyfile: str) -> AsyncIterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, ssl_certfile=certfile, ssl_keyfile=keyfile)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(2000):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.005)
+        if not server.started:
+            task.result()
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=15)
+        sock.close()
+
+
+@pytest.fixture
+async def sns(tmp_path: Path) -> AsyncIterator[SnsServer]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key_and_chain = tmp_path / "server.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(key_and_chain))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    state = SnsServer("", str(ca_file), SnsSigner())
+    app = FastAPI()
+
+    @app.get("/SimpleNotificationService-test.pem")
+    async def pem() -> Response:
+        state.cert_requests += 1
+        return Response(state.signer.pem, media_type="application/x-pem-file")
+
+    @app.get("/")
+    async def action(request: Request) -> Response:
+        state.confirmations.append(str(request.url))
+        return Response("<ConfirmSubscriptionResponse/>", media_type="text/xml")
+
+    async with serve_tls(app, str(key_and_chain), str(key_and_chain)) as base:
+        state.base = base
+        yield state
+
+
+@dataclass
+class Providers:
+    hook: Hook
+    sendgrid: SendGridSigner
+    resend_secret: str
+    sns: SnsServer
+
+    async def post(self, provider: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return await self.hook.http.post(f"/webhooks/providers/{provider}", content=body, headers=headers)
+
+    async def sent(self, handle: Any) -> Delivery:
+        await self.hook.waiting_at(handle)
+        async with self.hook.sf() as s:
+            return (await s.execute(select(Delivery).where(Delivery.status == "sent"))).scalars().one()
+
+    async def inbound(self, provider: str) -> list[InboundEvent]:
+        async with self.hook.sf() as s:
+            rows = await s.execute(select(InboundEvent).where(InboundEvent.channel == provider))
+            return list(rows.scalars())
+
+    async def suppressions(self) -> list[Suppression]:
+        async with self.hook.sf() as s:
+            return list((await s.execute(select(Suppression))).scalars())
+
+    async def enrollment_status(self, handle: Any) -> str:
+        async with self.hook.sf() as s:
+            return str(
+                (await s.execute(select(Enrollment.status).where(Enrollment.workflow_id == handle.id))).scalar_one()
+            )
+
+
+@pytest.fixture
+async def providers(
+    temporal_env: WorkflowEnvironment,
+    database_url: str,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+    sns: SnsServer,
+) -> AsyncIterator[Providers]:
+    signer = SendGridSigner()
+    resend_secret = new_whsec()
+    await all_senders(session_factory)
+    channels = make_channels(smtp_server, x_server, relay_server)
+    settings = app_settings(
+        temporal_env,
+        database_url,
+        sendgrid_webhook_public_keys=[SendGridSigner().public_key, signer.public_key],  # an old key still listed
+        sendgrid_inbound_credentials=[SecretStr("parse:inbound-secret")],
+        postmark_webhook_credentials=[SecretStr(f"{PM_USER}:{PM_PASS}")],
+        mailgun_signing_keys=[SecretStr(MG_KEY)],
+        ses_topic_arns=[TOPIC],
+        sns_cert_host_pattern=r"^127\.0\.0\.1$",
+        sns_ca_file=sns.ca_file,
+        resend_webhook_secrets=[SecretStr(resend_secret)],
+        x_consumer_secrets=[SecretStr(X_SECRET)],
+    )
+    app = create_app(settings)
+    try:
+        async with (
+            running_worker(temporal_env.client, task_queue, session_factory, channels),
+            serve(app) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as http,
+        ):
+            hook = Hook(http, temporal_env, session_factory, task_queue, smtp_server, base)
+            yield Providers(hook, signer, resend_secret, sns)
+    finally:
+        await channels.aclose()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+
+# --------------------------------------------------------------------------- SendGrid
+
+
+async def test_sendgrid_batch_records_funnel_events_and_a_hard_bounce_ends_the_lead(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="bounce@lead.test")
+    raw = email_sequence()
+    handle = await p.hook.enroll(raw, pid)
+    delivery = await p.sent(handle)
+    mail_id = str(delivery.message_id)
+    batch = [
+        sendgrid_event("processed", "bounce@lead.test", 0, **{"smtp-id": mail_id}),
+        sendgrid_event("delivered", "bounce@lead.test", 1, **{"smtp-id": mail_id}, response="250 OK"),
+        sendgrid_event("open", "bounce@lead.test", 2, **{"smtp-id": mail_id}),
+        sendgrid_event("open", "bounce@lead.test", 3, **{"smtp-id": mail_id}),  # a second open: one event
+        sendgrid_event("click", "bounce@lead.test", 4, **{"smtp-id": mail_id}, url="https://acme.test/a"),
+        sendgrid_event("deferred", "bounce@lead.test", 5, **{"smtp-id": mail_id}, response="451 later"),
+        sendgrid_event("bounce", "bounce@lead.test", 6, **{"smtp-id": mail_id}, type="bounce", reason="550 no user"),
+        sendgrid_event("delivered", "nobody@else.test", 7, **{"smtp-id": "<not-ours@x>"}),
+    ]
+    body = json.dumps(batch).encode()
+    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert resp.status_code == 200, resp.text
+    summary = resp.json()
+    assert (summary["received"], summary["recorded"], summary["unknown_message"], summary["ignored"]) == (8, 5, 1, 1)
+    assert summary["pipeline"] == {"suppressed_identity": 1}
+    assert [e.type for e in await events_of(p.hook.sf, "delivered")] == ["delivered"]
+    assert len(await events_of(p.hook.sf, "opened")) == 1
+    [clicked] = await events_of(p.hook.sf, "clicked")
+    assert (clicked.delivery_id, clicked.data["url"]) == (delivery.id, "https://acme.test/a")
+    assert len(await events_of(p.hook.sf, "deferred")) == 1
+    totals = (await sequence_stats(p.hook.sf, raw["name"])).totals
+    assert (totals["sent"], totals["delivered"], totals["opened"], totals["clicked"]) == (1, 1, 1, 1)
+    # The hard bounce: the identity is suppressed, the ledger row says bounced, the lead ends.
+    [sup] = await p.suppressions()
+    assert (sup.reason, sup.person_id, sup.identity_id is not None) == ("bounce", None, True)
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.STOPPED
+    async with p.hook.sf() as s:
+        assert (await s.get(Delivery, delivery.id)).status == "bounced"  # type: ignore[union-attr]
+    assert [m["Subject"] for m in p.hook.mails_to("bounce@lead.test")] == ["Hello Ada"]  # no follow-up
+    rows = {r.provider_event_id: r.status for r in await p.inbound("sendgrid")}
+    assert rows["sg_event_id_delivered_7"] == "unknown_message"
+    # A replay (same events, fresh signature) is a no-op.
+    again = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert again.json()["duplicates"] == 8 and again.json()["recorded"] == 0
+    assert len(await events_of(p.hook.sf, "delivered")) == 1
+
+
+async def test_sendgrid_refuses_bad_signatures_and_names_bad_fields(providers: Providers) -> None:
+    p = providers
+    body = json.dumps([sendgrid_event("delivered", "a@lead.test")]).encode()
+    forged = SendGridSigner().headers(body)
+    assert (await p.post("sendgrid", body, forged)).status_code == 401
+    expired = p.sendgrid.headers(body, at=1_000_000_000)
+    resp = await p.post("sendgrid", body, expired)
+    assert resp.status_code == 401 and "window" in resp.json()["error"]
+    unsigned = await p.post("sendgrid", body, {"Content-Type": "application/json"})
+    assert unsigned.status_code == 401
+    bad = json.dumps([{"email": "a@lead.test", "event": "open", "timestamp": 1}]).encode()
+    resp = await p.post("sendgrid", bad, p.sendgrid.headers(bad))
+    assert resp.status_code == 400 and resp.json()["field"] == "[0].sg_event_id"
+    assert await p.inbound("sendgrid") == []
+    assert (await p.hook.http.post("/webhooks/providers/nope", content=b"{}")).status_code == 404
+
+
+async def test_sendgrid_inbound_parse_reply_branches_the_sequence(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="parse@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    boundary = "xYzZY"
+    fields = {
+        "from": "Parse Lead <parse@lead.test>",
+        "to": "sales@acme.test",
+        "subject": "Re: Hello Ada",
+        "text": "Yes, interested - send times.\n\nOn Mon, Sales wrote:\n> First mail\n",
+        "headers": f"Message-ID: <r1@lead.test>\nIn-Reply-To: {delivery.message_id}\n",
+        "envelope": json.dumps({"to": ["sales@acme.test"], "from": "parse@lead.test"}),
+    }
+    body = (
+        "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()
+        ).encode()
+        + f"--{boundary}--\r\n".encode()
+    )
+    ctype = f"multipart/form-data; boundary={boundary}"
+    no_auth = await p.post("sendgrid-inbound", body, {"Content-Type": ctype})
+    assert no_auth.status_code == 401
+    auth = basic("parse", "inbound-secret")
+    resp = await p.post("sendgrid-inbound", body, {**auth, "Content-Type": ctype})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["pipeline"] == {"signalled": 1}
+    result = await handle.result()
+    assert [(s.step, s.left_by) for s in result.path] == [("m0", "REPLIED"), ("done", "END")]
+    [replied] = await events_of(p.hook.sf, "replied")
+    assert replied.data["classification"] == "positive"
+
+
+# --------------------------------------------------------------------------- Postmark
+
+
+async def test_postmark_soft_bounce_is_recorded_and_a_complaint_stops_everything(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="pm@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    soft = {
+        "RecordType": "Bounce",
+        "ID": 11,
+        "Type": "SoftBounce",
+        "TypeCode": 4096,
+        "MessageID": "pm-1",
+        "Metadata": {"sequencer_key": delivery.idempotency_key},
+        "Email": "pm@lead.test",
+        "BouncedAt": "2019-11-05T16:33:54.9070259Z",
+        "Description": "mailbox full",
+    }
+    body = json.dumps(soft).encode()
+    assert (await p.post("postmark", body, basic(PM_USER, "wrong"))).status_code == 401
+    resp = await p.post("postmark", body, basic(PM_USER, PM_PASS))
+    assert resp.status_code == 200 and resp.json()["recorded"] == 1
+    [soft_event] = await events_of(p.hook.sf, "soft_bounced")
+    assert soft_event.delivery_id == delivery.id
+    assert await p.suppressions() == []  # recorded only
+    assert await p.enrollment_status(handle) == "active"
+    complaint = {**soft, "RecordType": "SpamComplaint", "ID": 12, "Type": "SpamComplaint", "TypeCode": 512}
+    resp = await p.post("postmark", json.dumps(complaint).encode(), basic(PM_USER, PM_PASS))
+    assert resp.json()["pipeline"] == {"unsubscribed": 1}
+    [sup] = await p.suppressions()
+    assert (sup.person_id, sup.reason) == (pid, "complaint")
+    assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
+
+
+async def test_postmark_inbound_reply_uses_the_stripped_text(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="pmreply@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    inbound = {
+        "From": "pmreply@lead.test",
+        "FromFull": {"Email": "pmreply@lead.test", "Name": "Lead"},
+        "Subject": "Re: Hello Ada",
+        "MessageID": "73e6d360-66eb-11e1-8e72-a8904824019b",
+        "TextBody": "I am out of office.\n\nOn Mon wrote:\n> hi",
+        "StrippedTextReply": "Please remove me from your list",
+        "Headers": [{"Name": "In-Reply-To", "Value": delivery.message_id}],
+    }
+    resp = await p.post("postmark", json.dumps(inbound).encode(), basic(PM_USER, PM_PASS))
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"unsubscribed": 1}
+    assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
+
+
+# --------------------------------------------------------------------------- Mailgun
+
+
+async def test_mailgun_temporary_is_a_deferral_permanent_a_bounce_and_tokens_are_single_use(
+    providers: Providers,
+) -> None:
+    p = providers
+    pid = await p.hook.person(email="mg@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    variables = {"user-variables": {"sequencer_key": delivery.idempotency_key}}
+    temporary = mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="temporary", **variables))
+    resp = await p.post("mailgun", temporary, {"Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.json()["recorded"] == 1
+    assert len(await events_of(p.hook.sf, "deferred")) == 1 and await p.suppressions() == []
+    # The same token on another body is a replayed signature.
+    token = json.loads(temporary)["signature"]
+    forged = json.loads(mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="permanent")))
+    forged["signature"] = token
+    forged["event-data"]["id"] = "another-event"
+    resp = await p.post("mailgun", json.dumps(forged).encode(), {"Content-Type": "application/json"})
+    assert resp.status_code == 401 and "already used" in resp.json()["error"]
+    # The provider retrying the same event with the same token is a duplicate, not an error.
+    assert (await p.post("mailgun", temporary, {})).json()["duplicates"] == 1
+    wrong_key = mailgun_body("other", mailgun_event("failed", "mg@lead.test", severity="permanent"))
+    assert (await p.post("mailgun", wrong_key, {})).status_code == 401
+    permanent = mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="permanent", **variables))
+    resp = await p.post("mailgun", permanent, {})
+    assert resp.json()["pipeline"] == {"suppressed_identity": 1}
+    assert (await handle.result()).status == EnrollmentStatus.STOPPED
+
+
+# --------------------------------------------------------------------------- SES via SNS
+
+
+async def test_ses_subscription_is_confirmed_and_a_permanent_bounce_suppresses(providers: Providers) -> None:
+    p = providers
+    confirm = p.sns.signer.sign(
+        {
+            "Type": "SubscriptionConfirmation",
+            "MessageId": "165545c9-2a5c-472c-8df2-7ff2be2b3b1b",
+            "Token": "2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a7",
+            "TopicArn": TOPIC,
+            "Message": f"You have chosen to subscribe to the topic {TOPIC}.",
+            "SubscribeURL": f"{p.sns.base}/?Action=ConfirmSubscription&TopicArn={TOPIC}&Token=2336412f37",
+            "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "SigningCertURL": p.sns.cert_url,
+        },
+        "1",
+    )
+    resp = await p.post("ses", json.dumps(confirm).encode(), {"x-amz-sns-message-type": "SubscriptionConfirmation"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "subscription confirmed"
+    assert len(p.sns.confirmations) == 1 and "Action=ConfirmSubscription" in p.sns.confirmations[0]
+
+    pid = await p.hook.person(email="ses@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    tags = {"sequencer_key": [ses.encode_key(delivery.idempotency_key)]}
+    soft = p.sns.signer.sign(
+        sns_notification(TOPIC, p.sns.cert_url, ses_bounce("ses@lead.test", "Transient", tags=tags), n=1), "2"
+    )
+    resp = await p.post("ses", json.dumps(soft).encode(), {})
+    assert resp.status_code == 200 and resp.json()["recorded"] == 1
+    hard = p.sns.signer.sign(
+        sns_notification(TOPIC, p.sns.cert_url, ses_bounce("ses@lead.test", "Permanent", tags=tags), n=2), "1"
+    )
+    resp = await p.post("ses", json.dumps(hard).encode(), {})
+    assert resp.json()["pipeline"] == {"suppressed_identity": 1}
+    assert (await handle.result()).status == EnrollmentStatus.STOPPED
+    assert p.sns.cert_requests == 1  # fetched once, then cached
+
+
+async def test_ses_refuses_other_topics_hosts_and_tampering(providers: Providers) -> None:
+    p = providers
+    note = ses_bounce("x@lead.test")
+    other_topic = p.sns.signer.sign(sns_notification("arn:aws:sns:us-east-1:1:other", p.sns.cert_url, note), "1")
+    resp = await p.post("ses", json.dumps(other_topic).encode(), {})
+    assert resp.status_code == 401 and "TopicArn" in resp.json()["error"]
+    elsewhere = p.sns.signer.sign(sns_notification(TOPIC, "https://evil.test/cert.pem", note), "1")
+    assert (await p.post("ses", json.dumps(elsewhere).encode(), {})).status_code == 401
+    signed = p.sns.signer.sign(sns_notification(TOPIC, p.sns.cert_url, note), "2")
+    tampered = {**signed, "Message": signed["Message"].replace("Permanent", "Transient")}
+    resp = await p.post("ses", json.dumps(tampered).encode(), {})
+    assert resp.status_code == 401 and "bad signature" in resp.json()["error"]
+    other_key = SnsSigner().sign(sns_notification(TOPIC, p.sns.cert_url, note), "1")
+    assert (await p.post("ses", json.dumps(other_key).encode(), {})).status_code == 401
+    resp = await p.post("ses", json.dumps({"Type": "Notification"}).encode(), {})
+    assert resp.status_code == 400 and resp.json()["field"] == "MessageId"
+    assert p.sns.confirmations == []
+
+
+# --------------------------------------------------------------------------- Resend (Standard Webhooks)
+
+
+async def test_resend_reply_and_complaint(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="rs@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    received = {
+        "type": "email.received",
+        "created_at": "2024-02-22T23:41:12.126Z",
+        "data": {
+            "email_id": "e-1",
+            "from": "rs@lead.test",
+            "to": ["sales@acme.test"],
+            "subject": "Re: Hello",
+            "text": "Not interested, thanks",
+            "headers": {"In-Reply-To": delivery.message_id},
+        },
+    }
+    body = json.dumps(received).encode()
+    bad = standard_headers(new_whsec(), body, "msg_bad")
+    assert (await p.post("resend", body, bad)).status_code == 401
+    resp = await p.post("resend", body, standard_headers(p.resend_secret, body, "msg_2Y0"))
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
+    result = await handle.result()
+    assert result.path[0].left_by == "REPLIED"
+    [replied] = await events_of(p.hook.sf, "replied")
+    assert replied.data["classification"] == "negative"
+    again = await p.post("resend", body, standard_headers(p.resend_secret, body, "msg_2Y0"))
+    assert again.json()["duplicates"] == 1
+    complained = {
+        "type": "email.complained",
+        "created_at": "2024-02-22T23:41:12.126Z",
+        "data": {"email_id": "e-0", "to": ["rs@lead.test"], "from": "sales@acme.test"},
+    }
+    body = json.dumps(complained).encode()
+    resp = await p.post("resend", body, standard_headers(p.resend_secret, body, "msg_2Y1"))
+    assert resp.json()["pipeline"] == {"unsubscribed": 1}
+    assert [s.reason for s in await p.suppressions()] == ["complaint"]
+
+
+# --------------------------------------------------------------------------- X Account Activity
+
+
+async def test_x_crc_follow_back_and_dm_reply(providers: Providers) -> None:
+    p = providers
+    crc = await p.hook.http.get("/webhooks/providers/x", params={"crc_token": "challenge-1"})
+    assert crc.status_code == 200 and crc.json()["response_token"].startswith("sha256=")
+    raw = {
+        "name": f"xfollow-{uuid.uuid4().hex[:6]}",
+        "steps": [
+            {
+                "id": "follow",
+                "action": "FOLLOW_ON_TWITTER",
+                "edges": [
+                    {"trigger": "FOLLOWED_BACK", "to": "dm"},
+                    {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "mail"},
+                ],
+            },
+            {
+                "id": "dm",
+                "action": "SEND_TWITTER_DM",
+                "text": "Thanks {{ first_name }}",
+                "edges": [
+                    {"trigger": "REPLIED", "to": "done"},
+                    {"trigger": "NOT_REPLIED", "after": "2d", "to": "mail"},
+                ],
+            },
+            {"id": "mail", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]},
+            {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    }
+    pid = await p.hook.person(email="xl@lead.test", x="5555")
+    handle = await p.hook.enroll(raw, pid)
+    await p.hook.waiting_at(handle, "follow")
+
+    def signed(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps(payload).encode()
+        return body, {"x-twitter-webhooks-signature": x_signature(X_SECRET, body)}
+
+    body, headers = signed(x_follow(OUR_X_ID, "5555", OUR_X_ID))
+    assert (await p.post("x", body, {"x-twitter-webhooks-signature": x_signature("nope", body)})).status_code == 401
+    resp = await p.post("x", body, headers)
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
+    await wait_for_status(handle, lambda v: v.current_step == "dm" and v.phase == "waiting")
+    echo_body, echo_headers = signed(x_dm(OUR_X_ID, OUR_X_ID, "Thanks Ada", "dm-ours"))
+    assert (await p.post("x", echo_body, echo_headers)).json()["ignored"] == 1
+    body, headers = signed(x_dm(OUR_X_ID, "5555", "Sure, let's talk", "dm-theirs"))
+    assert (await p.post("x", body, headers)).json()["pipeline"] == {"signalled": 1}
+    result = await handle.result()
+    assert [(s.step, s.left_by) for s in result.path] == [
+        ("follow", "FOLLOWED_BACK"),
+        ("dm", "REPLIED"),
+        ("done", "END"),
+    ]
+    assert p.hook.smtp.messages == []

@@ -1,0 +1,194 @@
+"""`POST /webhooks/providers/{provider}`: each provider's own format and signature.
+
+Every request is authenticated with the provider's own scheme before its body is parsed
+(401 naming what is wrong), parsed strictly (400 naming the field), then handed to
+`ProviderIngest`. Answers are 200 with a summary (providers retry anything else); 503
+when the consequences cannot be applied now, so that the provider retries.
+
+| provider          | authentication                                        | setting                        |
+|-------------------|-------------------------------------------------------|--------------------------------|
+| sendgrid          | ECDSA P-256 over timestamp + body                     | SENDGRID_WEBHOOK_PUBLIC_KEYS   |
+| sendgrid-inbound  | basic auth in the Inbound Parse URL                   | SENDGRID_INBOUND_CREDENTIALS   |
+| postmark          | basic auth (webhooks and inbound)                     | POSTMARK_WEBHOOK_CREDENTIALS   |
+| mailgun           | HMAC-SHA256(timestamp + token), token used once       | MAILGUN_SIGNING_KEYS           |
+| ses               | SNS signature v1/v2, allow-listed certificate host    | SES_TOPIC_ARNS                 |
+| resend            | Standard Webhooks                                     | RESEND_WEBHOOK_SECRETS         |
+| x                 | CRC (GET) and x-twitter-webhooks-signature            | X_CONSUMER_SECRETS             |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from email.parser import BytesParser
+from email.policy import HTTP
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from db.tables import InboundEvent, WebhookToken
+from settings import Settings
+from webhooks.providers import mailgun, postmark, sendgrid, ses, standard, x_activity
+from webhooks.providers.base import ProviderAuthError, ProviderEvent, ProviderFormatError, basic_auth_ok
+from webhooks.providers.ingest import PipelineUnavailable, ProviderIngest
+
+log = logging.getLogger("sequencer.providers")
+router = APIRouter()
+PROVIDERS = ("sendgrid", "sendgrid-inbound", "postmark", "mailgun", "ses", "resend", "x")
+
+
+def _secrets(values: list[SecretStr]) -> list[str]:
+    return [v.get_secret_value() for v in values if v.get_secret_value()]
+
+
+def _certs(request: Request, cfg: Settings) -> ses.CertificateCache:
+    cache = getattr(request.app.state, "sns_certs", None)
+    if cache is None:
+        cache = ses.CertificateCache(cfg.sns_cert_host_pattern, ca_file=cfg.sns_ca_file or None)
+        request.app.state.sns_certs = cache
+    return cache
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """The text fields of a multipart/form-data body (files are skipped)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ProviderFormatError("Content-Type", "expected multipart/form-data")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ProviderFormatError("body", "not a multipart/form-data body")
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or part.get_filename():
+            continue
+        payload = part.get_payload(decode=True)
+        raw = payload if isinstance(payload, bytes) else b""
+        fields[name] = raw.decode(part.get_content_charset() or "utf-8", "replace")
+    return fields
+
+
+async def _remember_token(request: Request, provider: str, token: str, event_ids: list[str]) -> None:
+    """Accept a signature token once: again only for a retry of the very same event."""
+    sf = request.app.state.deps.session_factory
+    marker = ",".join(event_ids)[:200] or "-"
+    async with sf() as session, session.begin():
+        new = (
+            await session.execute(
+                insert(WebhookToken)
+                .values(provider=provider, token=f"{token}"[:200])
+                .on_conflict_do_nothing()
+                .returning(WebhookToken.token)
+            )
+        ).scalar_one_or_none()
+        if new is None:
+            seen = (
+                await session.execute(
+                    select(InboundEvent.id).where(
+                        InboundEvent.channel == provider, InboundEvent.provider_event_id.in_(event_ids or [marker])
+                    )
+                )
+            ).first()
+            if seen is None:
+                raise ProviderAuthError("this signature token was already used (a replayed request)")
+
+
+@router.get("/webhooks/providers/x")
+async def x_crc(request: Request, crc_token: str | None = None) -> Response:
+    """X's challenge-response check, answered from memory (X allows ~3 seconds)."""
+    cfg: Settings = request.app.state.deps.settings
+    secrets = _secrets(cfg.x_consumer_secrets)
+    if not secrets:
+        return JSONResponse({"error": "no X consumer secret is configured (X_CONSUMER_SECRETS)"}, status_code=401)
+    if not crc_token:
+        return JSONResponse({"error": "crc_token: query parameter is missing"}, status_code=400)
+    return JSONResponse(x_activity.crc_response(secrets[0], crc_token))
+
+
+@router.post("/webhooks/providers/{provider}")
+async def provider_webhook(provider: str, request: Request) -> Response:
+    """One provider delivery: verify, parse, ingest."""
+    deps = request.app.state.deps
+    cfg: Settings = deps.settings
+    if provider not in PROVIDERS:
+        return JSONResponse({"error": f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}"}, 404)
+    body = await _body(request, cfg.provider_max_body_bytes)
+    if body is None:
+        return JSONResponse({"error": f"body larger than {cfg.provider_max_body_bytes} bytes"}, status_code=413)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    now = time.time()
+    window = cfg.provider_replay_window_seconds
+    try:
+        events, extra = await _verify_and_parse(request, provider, cfg, headers, body, now, window)
+    except ProviderAuthError as err:
+        return JSONResponse({"error": f"authentication: {err}"}, status_code=401)
+    except ProviderFormatError as err:
+        return JSONResponse({"error": "invalid body", "field": err.field, "problem": err.problem}, status_code=400)
+    if extra is not None:
+        return extra
+    processor = await deps.inbound()
+    ingest = ProviderIngest(deps.session_factory, processor, deps.client)
+    try:
+        summary = await ingest.ingest(provider, events)
+    except PipelineUnavailable as err:
+        return JSONResponse({"error": str(err)}, status_code=503)
+    except Exception as err:  # nothing finished is marked finished: the provider's retry completes it
+        log.exception("provider %s batch failed", provider)
+        return JSONResponse({"error": f"could not process ({err.__class__.__name__}); retry later"}, 503)
+    return JSONResponse({"status": "ok", **summary.as_json()})
+
+
+async def _verify_and_parse(
+    request: Request, provider: str, cfg: Settings, headers: dict[str, str], body: bytes, now: float, window: int
+) -> tuple[list[ProviderEvent], Response | None]:
+    if provider == "sendgrid":
+        sendgrid.verify(cfg.sendgrid_webhook_public_keys, headers, body, now=now, window_seconds=window)
+        return sendgrid.parse_events(body), None
+    if provider == "sendgrid-inbound":
+        basic_auth_ok(headers.get("authorization"), _secrets(cfg.sendgrid_inbound_credentials))
+        return [sendgrid.parse_inbound(form_fields(headers.get("content-type", ""), body))], None
+    if provider == "postmark":
+        postmark.verify(_secrets(cfg.postmark_webhook_credentials), headers.get("authorization"))
+        return postmark.parse(body), None
+    if provider == "mailgun":
+        data = mailgun.load(body) if body.strip().startswith(b"{") else None
+        if data is None:
+            raise ProviderAuthError("missing signature object (expected Mailgun's JSON webhook body)")
+        token = mailgun.verify(_secrets(cfg.mailgun_signing_keys), data, now=now, window_seconds=window)
+        events = mailgun.parse(data)
+        await _remember_token(request, provider, token, [e.event_id for e in events])
+        return events, None
+    if provider == "ses":
+        msg = ses.load(body)
+        certs = _certs(request, cfg)
+        await ses.verify(msg, certs, cfg.ses_topic_arns, now=now, max_age_seconds=cfg.sns_max_age_seconds)
+        if msg["Type"] == "SubscriptionConfirmation":
+            try:
+                await certs.confirm(str(msg.get("SubscribeURL", "")))
+            except (RuntimeError, OSError, httpx.HTTPError) as err:
+                return [], JSONResponse({"error": f"could not confirm the subscription: {err}"}, status_code=503)
+            return [], JSONResponse({"status": "subscription confirmed", "topic": msg["TopicArn"]})
+        if msg["Type"] == "UnsubscribeConfirmation":
+            log.warning("SNS topic %s unsubscribed this endpoint", msg["TopicArn"])
+            return [], JSONResponse({"status": "unsubscribe noted", "topic": msg["TopicArn"]})
+        return ses.parse(msg), None
+    if provider == "resend":
+        webhook_id = standard.verify(_secrets(cfg.resend_webhook_secrets), headers, body)
+        return standard.parse(body, webhook_id), None
+    x_activity.verify(_secrets(cfg.x_consumer_secrets), headers.get(x_activity.SIGNATURE_HEADER), body)
+    return x_activity.parse(body), None
