@@ -97,10 +97,11 @@ async def main() -> None:
     check_settings(settings, "the worker")
     engine = make_engine(settings.database_url)
     client = await connect(settings)
-    channels = make_channels(settings)
+    session_factory = make_session_factory(engine)
+    channels = make_channels(settings, session_factory)
     try:
         deps = WorkerDeps(
-            session_factory=make_session_factory(engine),
+            session_factory=session_factory,
             channels=channels,
             delivery=delivery_config(settings),
         )

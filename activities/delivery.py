@@ -526,6 +526,7 @@ class DeliveryActivities:
             idempotency_key=key,
             sender=sender.address,
             sender_name=sender.display_name,
+            sender_id=sender.id,
             to=target.value,
             subject=content.subject,
             text=content.text,

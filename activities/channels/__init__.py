@@ -24,6 +24,7 @@ from activities.channels.base import (
 )
 
 if TYPE_CHECKING:
+    from db.session import SessionFactory
     from settings import Settings
 
 __all__ = [
@@ -42,15 +43,23 @@ __all__ = [
 ]
 
 
-def make_channels(settings: Settings) -> dict[str, ChannelClient]:
-    """Every channel configured from settings: email, x, linkedin and xmtp (one relay)."""
+def make_channels(settings: Settings, session_factory: SessionFactory | None = None) -> dict[str, ChannelClient]:
+    """Every channel configured from settings: email, x, linkedin and xmtp (one relay).
+
+    With `session_factory`, email senders that have their own SMTP connection send
+    through it (a pool per sender); the others use the global `SMTP_*` relay.
+    """
     from activities.channels.email import EmailChannel
     from activities.channels.relay import RelayChannel
+    from activities.channels.sender_smtp import SenderSmtpPools
     from activities.channels.x import XChannel
 
     relay = RelayChannel.from_settings(settings)
+    email = EmailChannel.from_settings(settings)
+    if session_factory is not None:
+        email.senders = SenderSmtpPools(session_factory, settings)
     return {
-        "email": EmailChannel.from_settings(settings),
+        "email": email,
         "x": XChannel.from_settings(settings),
         "linkedin": relay,
         "xmtp": relay,

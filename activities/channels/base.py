@@ -59,6 +59,8 @@ class OutboundMessage(BaseModel):
     idempotency_key: str = Field(min_length=1)
     sender: str = Field(min_length=1)
     sender_name: str | None = None
+    #: The sender account: email goes through its own SMTP connection when it has one.
+    sender_id: int | None = None
     to: str = Field(min_length=1)
     subject: str | None = None
     text: str | None = None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPAuthenticationError,
     SMTPException,
     SMTPRecipientRefused,
     SMTPResponseException,
@@ -56,7 +58,11 @@ from activities.channels.base import (
 from activities.channels.email_compose import ComposedEmail, compose_message
 
 if TYPE_CHECKING:
+    from activities.channels.sender_smtp import SenderSmtpPools
     from settings import Settings
+
+#: A refused login (wrong or revoked password or token) is retried this much later, not at once.
+AUTH_RETRY_SECONDS = 300.0
 
 _PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
 _LONE_LINE_ENDING = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
@@ -123,10 +129,12 @@ class SmtpPool:
         tls_context: ssl.SSLContext | None = None,
         local_hostname: str | None = None,
         final_reply_timeout: float | None = None,
+        oauth_token: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         """`timeout` bounds every network step; `final_reply_timeout` (default: `timeout`)
         bounds the wait for the reply to the message body, after which the outcome is
         uncertain (RFC 5321 suggests servers may take up to 10 minutes there).
+        `oauth_token` (instead of `password`) returns an access token for an XOAUTH2 login.
         """
         if size < 1:
             raise ValueError(f"SmtpPool size must be at least 1, got {size}")
@@ -134,6 +142,8 @@ class SmtpPool:
             raise ValueError(f"SmtpPool timeout must be positive, got {timeout}")
         if starttls and use_tls:
             raise ValueError("SmtpPool: starttls and use_tls are mutually exclusive")
+        if oauth_token is not None and (password or not username):
+            raise ValueError("SmtpPool: oauth_token needs a username and no password")
         self.host = host
         self.port = port
         self.username = username or None
@@ -145,6 +155,7 @@ class SmtpPool:
         self.tls_context = tls_context
         self.local_hostname = local_hostname
         self.final_reply_timeout = final_reply_timeout or timeout
+        self.oauth_token = oauth_token
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue(maxsize=size)
         self._slots = asyncio.Semaphore(size)
         self._closed = False
@@ -176,12 +187,21 @@ class SmtpPool:
             timeout=self.timeout,
             tls_context=self.tls_context,
             local_hostname=self.local_hostname,
+            oauth_token_generator=self.oauth_token,
         )
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = self._client()
         try:
             await client.connect()
+        except SMTPAuthenticationError as err:
+            # The sender's login was refused: nothing was sent, and the lead is not at fault.
+            client.close()
+            raise TransientChannelError(
+                f"SMTP login of {self.username} at {self.host}:{self.port} refused: {err.code} {err.message}",
+                code="auth",
+                retry_after=AUTH_RETRY_SECONDS,
+            ) from err
         except SMTPResponseException as err:
             client.close()
             raise _classify_reply(err.code, err.message, "connection", bounce=False) from err
@@ -389,10 +409,13 @@ class EmailChannel:
         *,
         default_footer: str | None = None,
         message_id_domain: str | None = None,
+        senders: SenderSmtpPools | None = None,
     ) -> None:
+        """`pool` is the global relay; `senders` the per-sender pools (own SMTP connections)."""
         self.pool = pool
         self.default_footer = default_footer
         self.message_id_domain = message_id_domain
+        self.senders = senders
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmailChannel:
@@ -411,9 +434,25 @@ class EmailChannel:
             composed = await asyncio.to_thread(self.compose, msg)
         else:
             composed = self.compose(msg)
-        await self.pool.send(composed.raw, msg.sender, [msg.to], before_write)
+        pool = await self.pool_for(msg)
+        try:
+            await pool.send(composed.raw, msg.sender, [msg.to], before_write)
+        except TransientChannelError as err:
+            if err.code == "auth" and pool is not self.pool and self.senders and msg.sender_id is not None:
+                self.senders.login_refused(msg.sender_id)
+            raise
         return SendResult(provider_message_id=composed.message_id)
 
+    async def pool_for(self, msg: OutboundMessage) -> SmtpPool:
+        """The sender's own pool when it has an SMTP connection, else the global relay."""
+        if self.senders is not None and msg.sender_id is not None:
+            own = await self.senders.pool_for(msg.sender_id)
+            if own is not None:
+                return own
+        return self.pool
+
     async def aclose(self) -> None:
-        """Close the pool's connections."""
+        """Close the pools' connections (the global relay and every sender's)."""
         await self.pool.aclose()
+        if self.senders is not None:
+            await self.senders.aclose()

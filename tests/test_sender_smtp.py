@@ -1,0 +1,372 @@
+"""Sends go out through each sender's own SMTP (pooled per sender), others through the relay.
+
+Why: a lead written to from ada@a.example.com must receive mail that left through a.test's
+server with ada's login, never through another sender's mailbox or the global relay;
+OAuth senders (Gmail, Microsoft 365) must log in with XOAUTH2 using a token fresh from
+the token endpoint. Everything is real: aiosmtpd servers that require AUTH (one over
+implicit TLS with a password, one over STARTTLS with XOAUTH2 only), a local OAuth token
+endpoint over HTTP, PostgreSQL, and the production worker on the Temporal test server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import Iterator
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from activities.channels.base import OutboundMessage, TransientChannelError
+from activities.channels.email import EmailChannel, SmtpPool
+from activities.channels.sender_smtp import SenderSmtpPools
+from db.session import SessionFactory
+from db.tables import Delivery, SenderConnection
+from services.mail_urls import connection_flags
+from services.oauth import TokenCache
+from services.secret_box import generate_key
+from services.senders import add_sender
+from settings import Settings
+from tests.conftest import SmtpRecorder
+from tests.engine_harness import make_channels, make_person, running_worker, start_enrollment, store_version
+from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.mail_servers import AuthSmtp, TlsPair, TokenEndpoint, auth_smtp, make_tls_pair, token_endpoint
+
+KEY = generate_key()
+#: aiosmtpd cannot see that a Controller-level ssl_context is implicit TLS.
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsPair:
+    return make_tls_pair(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def server_a(tls: TlsPair) -> Iterator[AuthSmtp]:
+    """smtps (implicit TLS), password login for ada@a.example.com."""
+    with auth_smtp(passwords={b"ada@a.example.com": b"pass-A/1"}, tls=tls, implicit_tls=True) as rec:
+        yield rec
+
+
+@pytest.fixture
+def tokens_b() -> Iterator[TokenEndpoint]:
+    with token_endpoint({"refresh-B": "access-B-1"}) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def server_b(tls: TlsPair) -> Iterator[AuthSmtp]:
+    """smtp + STARTTLS, XOAUTH2 only, for bob@b.example.org with the access token of refresh-B."""
+    with auth_smtp(tokens={b"bob@b.example.org": b"access-B-1"}, tls=tls) as rec:
+        yield rec
+
+
+def settings_for(tokens: TokenEndpoint | None = None) -> Settings:
+    return Settings(
+        secrets_key=SecretStr(KEY),
+        oauth_token_url=tokens.url if tokens else "",
+        oauth_client_id="client-1" if tokens else "",
+        oauth_client_secret=SecretStr("client-secret-1" if tokens else ""),
+    )
+
+
+async def add_email_sender(
+    sf: SessionFactory, settings: Settings, address: str, env: dict[str, str] | None = None, **flags: Any
+) -> int:
+    parsed = connection_flags(env or {}, **flags)
+    acct = await add_sender(
+        sf,
+        channel="email",
+        address=address,
+        per_hour=1000,
+        per_day=10000,
+        spacing=0.0,
+        jitter=0.0,
+        smtp=parsed.smtp,
+        imap=parsed.imap,
+        oauth=parsed.oauth,
+        remove=parsed.remove,
+        settings=settings,
+    )
+    return int(acct.id)
+
+
+def _msg(sender: str, sender_id: int | None, to: str, key: str | None = None) -> OutboundMessage:
+    return OutboundMessage(
+        channel="email",
+        action="SEND_EMAIL",
+        idempotency_key=key or f"1:{uuid.uuid4().hex[:8]}:1",
+        sender=sender,
+        sender_id=sender_id,
+        to=to,
+        subject="Hello",
+        text="Hi there",
+        unsubscribe_url="https://links.example.com/u/x",
+        footer="1 Test St",
+    )
+
+
+def _xoauth2(user: str, token: str) -> bytes:
+    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+async def test_each_lead_is_mailed_through_its_senders_own_smtp_with_its_login(
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: SmtpRecorder,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+    tls: TlsPair,
+    server_a: AuthSmtp,
+    server_b: AuthSmtp,
+    tokens_b: TokenEndpoint,
+) -> None:
+    settings = settings_for(tokens_b)
+    sf = session_factory
+    await add_email_sender(
+        sf, settings, "ada@a.example.com", smtp=f"smtps://ada%40a.example.com:pass-A%2F1@127.0.0.1:{server_a.port}"
+    )
+    await add_email_sender(
+        sf,
+        settings,
+        "bob@b.example.org",
+        env={"B_REFRESH": "refresh-B"},
+        smtp=f"smtp://bob@b.example.org@127.0.0.1:{server_b.port}?starttls=true",
+        oauth_refresh_token_env="B_REFRESH",
+    )
+    await add_email_sender(sf, settings, "carol@example.net")  # no own SMTP: the global relay
+
+    leads = {
+        "ada@a.example.com": "lead-a@x.test",
+        "bob@b.example.org": "lead-b@x.test",
+        "carol@example.net": "lead-c@x.test",
+    }
+    handles = []
+    for sender, lead in leads.items():
+        ref, defn = await store_version(
+            sf,
+            {
+                "name": f"via-{sender.split('@')[0]}-{uuid.uuid4().hex[:6]}",
+                "senders": {"email": [sender]},
+                "steps": [
+                    {"id": "mail", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]}
+                ],
+            },
+        )
+        person = await make_person(sf, email=lead)
+        handles.append((ref, defn, person))
+
+    channels = make_channels(smtp_server, x_server, relay_server)
+    channels.email.senders = SenderSmtpPools(sf, settings, tls_context=tls.client_context(), size=2, timeout=10)
+    try:
+        async with running_worker(temporal_env.client, task_queue, sf, channels):
+            runs = [await start_enrollment(temporal_env.client, task_queue, sf, r, d, p) for r, d, p in handles]
+            await asyncio.gather(*(h.result() for h in runs))
+    finally:
+        await channels.aclose()
+
+    # Server A: one message, to lead A, from ada, in a session logged in with ada's password.
+    assert [(m[0], m[1], m[3]) for m in server_a.messages] == [
+        ("ada@a.example.com", ["lead-a@x.test"], b"ada@a.example.com")
+    ]
+    # (a retried attempt may log in again, on a loaded machine; every login is ada's and nothing was refused)
+    assert {login for _, login in server_a.logins} == {(b"ada@a.example.com", b"pass-A/1")}
+    assert server_a.refused == []
+    assert b"To: lead-a@x.test" in server_a.messages[0][2]
+    # Server B: XOAUTH2 with the access token the endpoint issued for bob's refresh token.
+    assert [(m[0], m[1], m[3]) for m in server_b.messages] == [
+        ("bob@b.example.org", ["lead-b@x.test"], b"bob@b.example.org")
+    ]
+    assert set(server_b.logins) == {("XOAUTH2", _xoauth2("bob@b.example.org", "access-B-1"))}
+    assert server_b.refused == []
+    assert tokens_b.forms[0] == {
+        "grant_type": "refresh_token",
+        "refresh_token": "refresh-B",
+        "client_id": "client-1",
+        "client_secret": "client-secret-1",
+    }
+    assert all(form == tokens_b.forms[0] for form in tokens_b.forms)
+    # The sender without its own SMTP went through the global relay.
+    assert [(m[0], m[1]) for m in smtp_server.messages] == [("carol@example.net", ["lead-c@x.test"])]
+    async with sf() as s:
+        statuses = sorted((await s.execute(select(Delivery.status))).scalars())
+    assert statuses == ["sent", "sent", "sent"]
+    # Mail from a sender is exactly what its server received (From header of the sender).
+    parsed = message_from_bytes(server_b.messages[0][2])
+    assert parsed["From"].endswith("<bob@b.example.org>") or parsed["From"] == "bob@b.example.org"
+
+
+async def test_pool_per_sender_is_reused_rebuilt_on_change_and_closed(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, tls: TlsPair, server_a: AuthSmtp
+) -> None:
+    settings = settings_for()
+    sf = session_factory
+    ada = await add_email_sender(
+        sf, settings, "ada@a.example.com", smtp=f"smtps://ada%40a.example.com:pass-A%2F1@127.0.0.1:{server_a.port}"
+    )
+    pools = SenderSmtpPools(sf, settings, tls_context=tls.client_context(), size=2, timeout=10)
+    channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=10), senders=pools)
+    before = server_a.connections  # aiosmtpd's Controller connects once itself at start
+    try:
+        await channel.send(_msg("ada@a.example.com", ada, "one@x.test"))
+        await channel.send(_msg("ada@a.example.com", ada, "two@x.test"))
+        first = pools.pools()[ada]
+        assert server_a.connections - before == 1 and first.connections_opened == 1  # one login, reused
+        assert len(server_a.logins) == 1 and len(server_a.messages) == 2
+
+        # Re-added with another password: the next send opens a new pool with the new login.
+        with auth_smtp(passwords={b"ada@a.example.com": b"new-pass"}, tls=tls, implicit_tls=True) as moved:
+            await add_email_sender(
+                sf, settings, "ada@a.example.com", smtp=f"smtps://ada%40a.example.com:new-pass@127.0.0.1:{moved.port}"
+            )
+            await channel.send(_msg("ada@a.example.com", ada, "three@x.test"))
+            assert pools.pools()[ada] is not first
+            assert [login for _, login in moved.logins] == [(b"ada@a.example.com", b"new-pass")]
+            assert [m[1] for m in moved.messages] == [["three@x.test"]]
+
+            # Removed: back to the global relay; the sender's pool is closed.
+            await add_email_sender(sf, settings, "ada@a.example.com", no_smtp=True)
+            await channel.send(_msg("ada@a.example.com", ada, "four@x.test"))
+            assert ada not in pools.pools()
+            assert [m[1] for m in smtp_server.messages] == [["four@x.test"]]
+            assert len(moved.messages) == 1
+    finally:
+        await channel.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await pools.pool_for(ada)
+
+
+async def test_a_wrong_or_missing_key_is_a_transient_error_naming_the_sender(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, server_a: AuthSmtp
+) -> None:
+    ada = await add_email_sender(
+        session_factory, settings_for(), "ada@a.example.com", smtp=f"smtps://ada:pw@127.0.0.1:{server_a.port}"
+    )
+    for settings, reason in (
+        (Settings(secrets_key=SecretStr("")), "SECRETS_KEY is not set"),
+        (Settings(secrets_key=SecretStr(generate_key())), "not the key it was stored with"),
+    ):
+        pools = SenderSmtpPools(session_factory, settings, size=1, timeout=5)
+        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
+        try:
+            with pytest.raises(TransientChannelError) as caught:
+                await channel.send(_msg("ada@a.example.com", ada, "lead@x.test"))
+        finally:
+            await channel.aclose()
+        assert caught.value.code == "sender_config" and caught.value.retry_after
+        assert f"sender {ada} (ada@a.example.com) smtp password" in str(caught.value) and reason in str(caught.value)
+    assert server_a.logins == [] and smtp_server.messages == []  # nothing went anywhere else
+
+
+async def test_oauth_refused_by_the_token_endpoint_sends_nothing_and_says_why(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, tls: TlsPair, server_b: AuthSmtp
+) -> None:
+    with token_endpoint({}) as endpoint:  # knows no refresh token: invalid_grant
+        settings = settings_for(endpoint)
+        bob = await add_email_sender(
+            session_factory,
+            settings,
+            "bob@b.example.org",
+            env={"RT": "revoked"},
+            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server_b.port}?starttls=true",
+            oauth_refresh_token_env="RT",
+        )
+        pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
+        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
+        try:
+            with pytest.raises(TransientChannelError) as caught:
+                await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
+        finally:
+            await channel.aclose()
+    text = str(caught.value)
+    assert "token endpoint refused the refresh token: 400 invalid_grant: Token has been revoked." in text
+    assert f"sender {bob} (bob@b.example.org) smtp" in text and "revoked" in text
+    assert server_b.logins == [] and server_b.messages == [] and smtp_server.messages == []
+
+
+async def test_a_stale_access_token_refused_by_the_server_is_not_reused(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, tls: TlsPair
+) -> None:
+    """The server refuses the token (XOAUTH2 334 + 535): transient for the lead, nothing leaves,
+    and the refused token is not used again."""
+    with (
+        token_endpoint({"rt": "expired-token"}) as endpoint,
+        auth_smtp(tokens={b"bob@b.example.org": b"the-valid-token"}, tls=tls) as server,
+    ):
+        settings = settings_for(endpoint)
+        bob = await add_email_sender(
+            session_factory,
+            settings,
+            "bob@b.example.org",
+            env={"RT": "rt"},
+            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
+            oauth_refresh_token_env="RT",
+        )
+        pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
+        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
+        try:
+            with pytest.raises(TransientChannelError) as caught:
+                await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
+            # The next attempt asks the endpoint again instead of reusing the refused token.
+            endpoint.grants["rt"] = "the-valid-token"
+            await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
+        finally:
+            await channel.aclose()
+    assert caught.value.code == "auth" and caught.value.retry_after
+    assert "SMTP login of bob@b.example.org at 127.0.0.1" in str(caught.value) and "535" in str(caught.value)
+    assert server.refused == [("XOAUTH2", _xoauth2("bob@b.example.org", "expired-token"))]
+    assert server.logins == [("XOAUTH2", _xoauth2("bob@b.example.org", "the-valid-token"))]
+    assert len(endpoint.forms) == 2
+    assert [m[1] for m in server.messages] == [["lead@x.test"]] and smtp_server.messages == []
+
+
+async def test_rotated_refresh_token_is_stored_encrypted(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, tls: TlsPair
+) -> None:
+    with (
+        token_endpoint({"rt-1": "at-1", "rt-2": "at-1"}, rotate={"rt-1": "rt-2"}) as endpoint,
+        auth_smtp(tokens={b"bob@b.example.org": b"at-1"}, tls=tls) as server,
+    ):
+        settings = settings_for(endpoint)
+        bob = await add_email_sender(
+            session_factory,
+            settings,
+            "bob@b.example.org",
+            env={"RT": "rt-1"},
+            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
+            oauth_refresh_token_env="RT",
+        )
+        tokens = TokenCache()
+        pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), tokens=tokens, size=1)
+        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
+        try:
+            await channel.send(_msg("bob@b.example.org", bob, "one@x.test"))
+            await channel.send(_msg("bob@b.example.org", bob, "two@x.test"))  # new pool (rotated), cached token
+        finally:
+            await channel.aclose()
+            await tokens.aclose()
+        assert [f["refresh_token"] for f in endpoint.forms] == ["rt-1"]
+        assert len(server.messages) == 2
+    from services.sender_connections import smtp_connection
+
+    conn = await smtp_connection(session_factory, settings, bob)
+    assert conn is not None and conn.oauth is not None and conn.oauth.refresh_token == "rt-2"
+    async with session_factory() as s:
+        stored = (await s.execute(select(SenderConnection.secret))).scalar_one()
+    assert stored is not None and "rt-2" not in stored and base64.urlsafe_b64decode(stored)[:1] == b"\x80"
+
+
+def test_tls_pair_is_trusted_only_by_its_own_context(tls: TlsPair, tmp_path: Path) -> None:
+    """The fixture's certificate is not trusted by default (so TLS is really verified)."""
+    import ssl
+
+    default = ssl.create_default_context()
+    assert not any(c.get("subject") and "127.0.0.1" in str(c["subject"]) for c in default.get_ca_certs())
+    assert tls.client_context().get_ca_certs()
