@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     x_consumer_secrets: SecretList = Field(default_factory=list)
     provider_replay_window_seconds: int = Field(default=300, ge=30)
     provider_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    #: ESP relays whose custom-data header every email carries (sendgrid, mailgun, postmark, ses),
+    #: so their events match a delivery even when they rewrite the Message-ID.
+    email_relay_tags: TextList = Field(default_factory=list)
 
     @field_validator(
         "sendgrid_webhook_public_keys",
@@ -172,6 +175,7 @@ class Settings(BaseSettings):
         "ses_topic_arns",
         "resend_webhook_secrets",
         "x_consumer_secrets",
+        "email_relay_tags",
         mode="before",
     )
     @classmethod
@@ -185,6 +189,15 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
         return value
+
+    @field_validator("email_relay_tags")
+    @classmethod
+    def _known_relays(cls, value: list[str]) -> list[str]:
+        relays = [v.strip().lower() for v in value]
+        unknown = [v for v in relays if v not in ("sendgrid", "mailgun", "postmark", "ses")]
+        if unknown:
+            raise ValueError(f"EMAIL_RELAY_TAGS: unknown relay {unknown[0]!r}; use sendgrid, mailgun, postmark or ses")
+        return relays
 
     @property
     def production(self) -> bool:

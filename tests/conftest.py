@@ -150,6 +150,8 @@ class SmtpRecorder:
     fail_codes: list[str] = field(default_factory=list)
     reject_rcpt: dict[str, str] = field(default_factory=dict)
     connections: int = 0
+    #: The final reply to an accepted message (an ESP relay names its own message id here).
+    accept_reply: str = "250 Message accepted for delivery"
 
     def parsed(self) -> list[Message]:
         """Every accepted message, parsed."""
@@ -170,7 +172,7 @@ class _Handler:
         if self.rec.fail_codes:
             return self.rec.fail_codes.pop(0)
         self.rec.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 Message accepted for delivery"
+        return self.rec.accept_reply
 
 
 @pytest.fixture

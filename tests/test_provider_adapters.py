@@ -496,3 +496,42 @@ def test_reply_text_keeps_only_the_new_part() -> None:
     assert reply_text("Sounds good\n\nOn Tue, Ada wrote:\n> hi") == "Sounds good"
     assert reply_text("> quoted only") == "> quoted only"
     assert reply_text("Plain") == "Plain"
+
+
+# --------------------------------------------------------------------------- relay tags (outbound)
+
+
+def test_relay_message_ids_are_read_from_the_final_smtp_reply() -> None:
+    from activities.channels.relay_tags import relay_message_id
+
+    assert relay_message_id("Ok: queued as 8kWqnSCeQZu5ZnMpTw3MTQ") == "8kWqnSCeQZu5ZnMpTw3MTQ"
+    assert relay_message_id("Ok 0100018c2b7f4a3e-5c2f0a1b-7d3e-4f5a-9b8c-1d2e3f4a5b6c-000000") == (
+        "0100018c2b7f4a3e-5c2f0a1b-7d3e-4f5a-9b8c-1d2e3f4a5b6c-000000"
+    )
+    assert relay_message_id("Message accepted for delivery") is None
+    assert relay_message_id(None) is None
+
+
+def test_composed_email_carries_each_relay_tag_once_and_the_ses_value_round_trips() -> None:
+    from activities.channels.base import OutboundMessage
+    from activities.channels.email_compose import compose_message
+    from activities.channels.relay_tags import RELAYS
+
+    msg = OutboundMessage(
+        channel="email",
+        action="SEND_EMAIL",
+        idempotency_key="42:intro:1",
+        sender="s@acme.test",
+        to="a@lead.test",
+        subject="Hi",
+        text="Hello",
+        unsubscribe_url="https://acme.test/u/t",
+        footer="1 St",
+    )
+    head = compose_message(msg, relay_tags=RELAYS).raw.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.count("X-SMTPAPI: ") == 1 and '"sequencer_key": "42:intro:1"' in head
+    assert "X-PM-Metadata-sequencer_key: 42:intro:1\r\n" in head
+    [tag] = [line for line in head.split("\r\n") if line.startswith("X-SES-MESSAGE-TAGS:")]
+    assert ses.decode_key(tag.split("sequencer_key=", 1)[1]) == "42:intro:1"
+    plain = compose_message(msg).raw.split(b"\r\n\r\n", 1)[0].decode()
+    assert "X-SMTPAPI" not in plain and "X-PM-Metadata" not in plain  # off unless EMAIL_RELAY_TAGS says

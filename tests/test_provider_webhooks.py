@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from temporalio.testing import WorkflowEnvironment
 
+from activities.channels.relay_tags import RELAYS
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
@@ -170,6 +171,7 @@ async def providers(
     resend_secret = new_whsec()
     await all_senders(session_factory)
     channels = make_channels(smtp_server, x_server, relay_server)
+    channels.email.relay_tags = RELAYS  # every relay's custom-data header, as EMAIL_RELAY_TAGS does
     settings = app_settings(
         temporal_env,
         database_url,
@@ -543,3 +545,52 @@ async def test_x_crc_follow_back_and_dm_reply(providers: Providers) -> None:
         ("done", "END"),
     ]
     assert p.hook.smtp.messages == []
+
+
+# --------------------------------------------------------------------------- matching through relays
+
+
+async def test_relay_tags_and_relay_ids_match_events_when_the_message_id_is_rewritten(providers: Providers) -> None:
+    p = providers
+    p.hook.smtp.accept_reply = "250 Ok: queued as 8kWqnSCeQZu5ZnMpTw3MTQ"  # SendGrid's SMTP answer
+    pid = await p.hook.person(email="relay@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    key = delivery.idempotency_key
+    assert delivery.provider_message_id == "8kWqnSCeQZu5ZnMpTw3MTQ"
+    [(_, _, raw)] = p.hook.smtp.messages
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert f'X-SMTPAPI: {{"unique_args": {{"sequencer_key": "{key}"}}}}'.encode() in head
+    assert f'X-Mailgun-Variables: {{"sequencer_key": "{key}"}}'.encode() in head
+    assert f"X-PM-Metadata-sequencer_key: {key}".encode() in head
+    assert f"X-SES-MESSAGE-TAGS: sequencer_key={ses.encode_key(key)}".encode() in head
+    # SendGrid: Message-ID rewritten, no custom args; its sg_message_id starts with the queued-as id.
+    sg = [
+        sendgrid_event(
+            "delivered",
+            "relay@lead.test",
+            1,
+            **{"smtp-id": "<rewritten@sendgrid.net>"},
+            sg_message_id="8kWqnSCeQZu5ZnMpTw3MTQ.filterdrecv-5645d9c87f-78xgx-1-5D0A3F5A-2.0",
+        )
+    ]
+    body = json.dumps(sg).encode()
+    assert (await p.post("sendgrid", body, p.sendgrid.headers(body))).json()["recorded"] == 1
+    # Mailgun: only the variables it was given.
+    event = mailgun_event("opened", "relay@lead.test", **{"user-variables": {"sequencer_key": key}})
+    event["message"]["headers"]["message-id"] = "rewritten@mailgun.org"
+    assert (await p.post("mailgun", mailgun_body(MG_KEY, event), {})).json()["recorded"] == 1
+    # Postmark: Metadata from X-PM-Metadata-*.
+    click = {
+        "RecordType": "Click",
+        "MessageID": "pm-rewritten",
+        "Recipient": "relay@lead.test",
+        "ReceivedAt": "2019-11-05T16:33:54Z",
+        "OriginalLink": "https://acme.test/p",
+        "Metadata": {"sequencer_key": key},
+    }
+    assert (await p.post("postmark", json.dumps(click).encode(), basic(PM_USER, PM_PASS))).json()["recorded"] == 1
+    for type_ in ("delivered", "opened", "clicked"):
+        [event_row] = await events_of(p.hook.sf, type_)
+        assert (event_row.delivery_id, event_row.person_id) == (delivery.id, pid)
+    await handle.terminate("test over")

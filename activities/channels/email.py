@@ -56,6 +56,7 @@ from activities.channels.base import (
     no_hook,
 )
 from activities.channels.email_compose import ComposedEmail, compose_message
+from activities.channels.relay_tags import relay_message_id
 
 if TYPE_CHECKING:
     from activities.channels.sender_smtp import SenderSmtpPools
@@ -410,38 +411,49 @@ class EmailChannel:
         default_footer: str | None = None,
         message_id_domain: str | None = None,
         senders: SenderSmtpPools | None = None,
+        relay_tags: tuple[str, ...] = (),
     ) -> None:
         """`pool` is the global relay; `senders` the per-sender pools (own SMTP connections)."""
         self.pool = pool
         self.default_footer = default_footer
         self.message_id_domain = message_id_domain
         self.senders = senders
+        self.relay_tags = relay_tags
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmailChannel:
         """A channel with a pool from `SMTP_*` and the `POSTAL_ADDRESS` footer."""
-        return cls(SmtpPool.from_settings(settings), default_footer=settings.postal_address)
+        return cls(
+            SmtpPool.from_settings(settings),
+            default_footer=settings.postal_address,
+            relay_tags=tuple(settings.email_relay_tags),
+        )
 
     def compose(self, msg: OutboundMessage, *, now: datetime | None = None) -> ComposedEmail:
         """The bytes for `msg` (raises `PermanentChannelError` if it is not sendable)."""
         return compose_message(
-            msg, default_footer=self.default_footer, message_id_domain=self.message_id_domain, now=now
+            msg,
+            default_footer=self.default_footer,
+            message_id_domain=self.message_id_domain,
+            now=now,
+            relay_tags=self.relay_tags,
         )
 
     async def send(self, msg: OutboundMessage, before_write: BeforeWrite = no_hook) -> SendResult:
-        """Send the email; the provider id is its Message-ID."""
+        """Send the email; the provider id is the relay's own id when it names one, else the Message-ID."""
         if msg.dkim is not None:  # RSA signing in pure Python: keep the event loop free
             composed = await asyncio.to_thread(self.compose, msg)
         else:
             composed = self.compose(msg)
         pool = await self.pool_for(msg)
         try:
-            await pool.send(composed.raw, msg.sender, [msg.to], before_write)
+            reply = await pool.send(composed.raw, msg.sender, [msg.to], before_write)
         except TransientChannelError as err:
             if err.code == "auth" and pool is not self.pool and self.senders and msg.sender_id is not None:
                 self.senders.login_refused(msg.sender_id)
             raise
-        return SendResult(provider_message_id=composed.message_id)
+        # An ESP relay that names its own id (SendGrid, SES) is matched by it; else our Message-ID.
+        return SendResult(provider_message_id=relay_message_id(reply) or composed.message_id)
 
     async def pool_for(self, msg: OutboundMessage) -> SmtpPool:
         """The sender's own pool when it has an SMTP connection, else the global relay."""

@@ -39,6 +39,7 @@ from activities.channels.base import (
     PermanentChannelError,
     make_message_id,
 )
+from activities.channels.relay_tags import relay_headers
 
 #: RFC 5322 section 2.1.1: a line is at most 998 characters without its CRLF.
 MAX_LINE = 998
@@ -200,6 +201,7 @@ def compose_message(
     default_footer: str | None = None,
     message_id_domain: str | None = None,
     now: datetime | None = None,
+    relay_tags: tuple[str, ...] = (),
 ) -> ComposedEmail:
     """The bytes of the email for `msg` (raises `PermanentChannelError` if it is not sendable)."""
     if msg.channel != "email" or msg.action != "SEND_EMAIL":
@@ -258,6 +260,7 @@ def compose_message(
         structured += f"In-Reply-To: {in_reply_to}\r\n".encode("ascii")
     if references:
         structured += fold_items("References", references, "")
+    structured += relay_headers(relay_tags, msg.idempotency_key)  # ESP custom data (h7: relay_tags.py)
     raw = head + b"\r\n" + structured + unsubscribe + b"\r\n" + body
     if msg.dkim is not None:
         raw = dkim_signature(raw, msg.dkim) + raw
