@@ -51,3 +51,20 @@ class SignalWorkflow:
     @workflow.run
     async def run(self) -> None:
         await workflow.wait_condition(lambda: self.got > 0, timeout=timedelta(hours=1))
+
+
+@workflow.defn(name="BenchHandSender")
+class HandSenderWorkflow:
+    """What a developer would write by hand: one workflow per email, one activity that sends it.
+
+    The baseline of the send benchmark (bench/send.py): no governor, ledger, template or
+    event log, just the Temporal round trips every send needs at least.
+    """
+
+    @workflow.run
+    async def run(self, recipient: str) -> None:
+        await workflow.execute_activity(
+            "bench_send_email",
+            recipient,
+            start_to_close_timeout=timedelta(seconds=60),
+        )
