@@ -89,9 +89,7 @@ async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> float:
                 "action": "SEND_EMAIL",
                 "subject": f"Hi {{{{ first_name }}}} ({k})",
                 "body": "Quick question",
-                "edges": [{"trigger": "END"}]
-                if last
-                else [{"trigger": "NORMAL_EDGE", "after": "1s", "to": f"mail{k + 1}"}],
+                "edges": [{"trigger": "END"}] if last else [onward],
             }
         )
     await create_version(stack.session_factory, sequence_file(tmp, name, seq))
