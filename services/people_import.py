@@ -27,11 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.session import SessionFactory
 from db.tables import Identity, Person, Segment, SegmentMember
-from models.sequence import is_timezone
-from services.identities import COLUMN_CHANNEL, normalize
+from services.identities import COLUMN_CHANNEL
+from services.person_row import PERSON_COLUMNS, PersonRow, RowProblems
 
-PERSON_COLUMNS = ("first_name", "last_name", "company", "timezone")
-MAX_LENGTH = {"first_name": 200, "last_name": 200, "company": 300, "timezone": 64}
 BATCH = 500
 
 
@@ -58,42 +56,6 @@ class ImportReport:
 
 class _BadRow(Exception):
     pass
-
-
-def _parse_row(row: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
-    """Split a row into person columns, normalized identities and custom fields.
-
-    Raises:
-        _BadRow: naming every problem of the row at once (joined with "; ").
-    """
-    person: dict[str, Any] = {}
-    identities: dict[str, str] = {}
-    custom: dict[str, str] = {}
-    problems: list[str] = []
-    bad_identity = False
-    for key, raw in row.items():
-        value = (raw or "").strip()
-        if not value:
-            continue
-        if key in COLUMN_CHANNEL:
-            try:
-                identities[COLUMN_CHANNEL[key]] = normalize(COLUMN_CHANNEL[key], value)
-            except ValueError as err:
-                problems.append(f"{key}: {err}")
-                bad_identity = True
-        elif key in PERSON_COLUMNS:
-            if len(value) > MAX_LENGTH[key]:
-                problems.append(f"{key}: longer than {MAX_LENGTH[key]} characters")
-            person[key] = value
-        else:
-            custom[key] = value
-    if not identities and not bad_identity:
-        problems.append(f"no identity: fill at least one of {', '.join(COLUMN_CHANNEL)}")
-    if "timezone" in person and not is_timezone(person["timezone"]):
-        problems.append(f"timezone: unknown time zone {person['timezone']!r} (use an IANA name such as Europe/Paris)")
-    if problems:
-        raise _BadRow("; ".join(problems))
-    return person, identities, custom
 
 
 def _header(cells: list[str]) -> list[str]:
@@ -215,10 +177,10 @@ async def import_people(
                     report.errors.append(RowError(line, f"expected {len(header)} columns, found {len(cells)}"))
                     continue
                 try:
-                    values, identities, custom = _parse_row(dict(zip(header, cells, strict=True)))
+                    row = PersonRow.from_cells(dict(zip(header, cells, strict=True)))
                     async with session.begin_nested():
-                        pid, outcome = await _upsert(session, values, identities, custom)
-                except _BadRow as err:
+                        pid, outcome = await _upsert(session, row.person_values(), row.identities, row.custom)
+                except (_BadRow, RowProblems) as err:
                     report.errors.append(RowError(line, str(err)))
                     continue
                 except DBAPIError as err:  # the savepoint rolled the row back; the batch goes on
