@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     oauth_token_url: str = ""
     oauth_client_id: str = ""
     oauth_client_secret: SecretStr = SecretStr("")
+    #: The mailbox `starter.py demo` connects the demo email sender to (`make run` sets it
+    #: to its local IMAP server); empty: the demo sender has no mailbox.
+    demo_imap_url: str = ""
 
     #: Verifies inbound webhooks (comma-separated list while rotating), for every channel
     #: without its own `WEBHOOK_SECRET_<CHANNEL>`.

@@ -39,6 +39,29 @@ async def load_demo(session_factory: SessionFactory, settings: Settings) -> list
         f"people: {report.created} created, {report.unchanged} unchanged, "
         f"{len(report.errors)} bad rows; segment {SEGMENT!r} has {report.members}"
     )
+    lines.extend(await add_demo_senders(session_factory, settings))
+    progress = await start_audience(session_factory, settings, version.name, SEGMENT)
+    if progress is not None:
+        lines.append(
+            f"enrolled {progress.started} new, {progress.already} already enrolled, {progress.refused} refused"
+        )
+    return lines
+
+
+async def add_demo_senders(session_factory: SessionFactory, settings: Settings) -> list[str]:
+    """The demo senders; the email one watches `DEMO_IMAP_URL` when it is set.
+
+    `make run` sets DEMO_IMAP_URL to its local IMAP server, so a reply appended to that
+    mailbox travels IMAP -> watcher -> workflow; unset, the demo sender has no mailbox.
+    """
+    from services.mail_urls import MailUrlError, parse_mail_url
+
+    imap = None
+    if settings.demo_imap_url:
+        try:
+            imap = parse_mail_url(settings.demo_imap_url, kind="imap", flag="DEMO_IMAP_URL")
+        except MailUrlError as err:
+            raise ValueError(str(err)) from None
     for channel, address, name in SENDERS:
         await add_sender(
             session_factory,
@@ -49,11 +72,10 @@ async def load_demo(session_factory: SessionFactory, settings: Settings) -> list
             per_day=500 if channel == "email" else 100,
             spacing=5.0,
             jitter=5.0,
+            imap=imap if channel == "email" else None,
+            settings=settings,
         )
-    lines.append(f"senders: {', '.join(f'{c}:{a}' for c, a, _ in SENDERS)}")
-    progress = await start_audience(session_factory, settings, version.name, SEGMENT)
-    if progress is not None:
-        lines.append(
-            f"enrolled {progress.started} new, {progress.already} already enrolled, {progress.refused} refused"
-        )
+    lines = [f"senders: {', '.join(f'{c}:{a}' for c, a, _ in SENDERS)}"]
+    if imap is not None:
+        lines.append(f"mailbox: {SENDERS[0][1]} watches {imap.display()}")
     return lines

@@ -211,3 +211,29 @@ async def test_open_imap_for_the_watcher(session_factory: SessionFactory, mailbo
         assert caught.value.stage == "login" and caught.value.permanent
     finally:
         await tokens.aclose()
+
+
+async def test_demo_sender_is_connected_to_the_dev_mailbox(session_factory: SessionFactory, mailbox: Mailbox) -> None:
+    """`make run` sets DEMO_IMAP_URL to its IMAP server: the demo email sender watches it."""
+    from services.demo import SENDERS, add_demo_senders
+    from services.senders import list_senders
+    from settings import Settings
+
+    settings = Settings(secrets_key=settings_for().secrets_key, demo_imap_url=imap_url(mailbox))
+    lines = await add_demo_senders(session_factory, settings)
+    assert lines[-1] == (
+        f"mailbox: {SENDERS[0][1]} watches imap://{mailbox.user}@{mailbox.host}:{mailbox.port}/{mailbox.folder}"
+    )
+    views = {v.account.address: v for v in await list_senders(session_factory)}
+    demo = views[SENDERS[0][1]]
+    assert set(demo.connections) == {"imap"} and all(not v.connections for a, v in views.items() if a != SENDERS[0][1])
+    results = await check_sender(session_factory, settings, demo.account.id)
+    assert [(r.name, r.ok) for r in results if r.name.startswith("imap")] == [
+        ("imap login", True),
+        ("imap idle", True),
+        ("imap folder", True),
+    ]
+    # Unset: no mailbox is added, and a bad URL names the setting.
+    assert not any(line.startswith("mailbox:") for line in await add_demo_senders(session_factory, settings_for()))
+    with pytest.raises(ValueError, match="^DEMO_IMAP_URL: scheme 'http'"):
+        await add_demo_senders(session_factory, Settings(secrets_key=settings.secrets_key, demo_imap_url="http://x"))
