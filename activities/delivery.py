@@ -57,7 +57,7 @@ from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor
 from activities.records import append_event
 from db.session import SessionFactory
-from db.tables import Delivery, Identity, Person, SenderAccount, Suppression
+from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
 from models.activities import (
     DeliverInput,
     DeliverOutput,
@@ -66,6 +66,7 @@ from models.activities import (
 )
 from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
+from services.click_tracking import rewrite_html, rewrite_text
 from services.identities import IdentityOwnedError, attach_identity
 from services.templating import person_context, render_step
 from services.tokens import make_token
@@ -253,7 +254,8 @@ class DeliveryActivities:
         except Exception as err:  # a template problem is permanent: never half-send
             return await self._finalize(inp, delivery, "failed", error=f"template: {err}")
 
-        message = self._message(inp, key, channel, sender, target, content)
+        clicks = await self._click_tracking(inp) if channel == "email" else None
+        message = self._message(inp, key, channel, sender, target, content, clicks)
         return await self._send(inp, delivery, message, target, me)
 
     async def _send(
@@ -505,7 +507,9 @@ class DeliveryActivities:
         sender: SenderAccount,
         target: Identity,
         content: Any,
+        clicks: bool | None = None,
     ) -> OutboundMessage:
+        """The message to send; `clicks` is None (no click tracking) or whether text links are tracked too."""
         base = self.config.public_base_url.rstrip("/")
         unsubscribe = make_token(
             self.config.link_secret,
@@ -518,6 +522,9 @@ class DeliveryActivities:
             html = html if html is not None else text_to_html(content.text or "")
             pixel = make_token(self.config.link_secret, "open", {"k": key})
             html += f'<img src="{base}/o/{pixel}" width="1" height="1" alt="" />'
+        text = content.text
+        if clicks is not None and channel == "email":
+            html, text = self._track_clicks(key, html, text, in_text=clicks)
         domain = sender.address.rsplit("@", 1)[-1] if "@" in sender.address else "sequencer.local"
         thread = list(inp.thread_message_ids)
         return OutboundMessage(
@@ -529,7 +536,7 @@ class DeliveryActivities:
             sender_id=sender.id,
             to=target.value,
             subject=content.subject,
-            text=content.text,
+            text=text,
             html=html,
             message_id=make_message_id(key, domain) if channel == "email" else None,
             in_reply_to=thread[-1] if thread else None,
@@ -541,6 +548,35 @@ class DeliveryActivities:
                 else None
             ),
             footer=self.config.postal_address,
+        )
+
+    async def _click_tracking(self, inp: DeliverInput) -> bool | None:
+        """None when the sequence does not track clicks, else whether text links are tracked too.
+
+        Read from the stored version (immutable), so the workflow's input needs no new field.
+        """
+        async with self.session_factory() as session:
+            definition = (
+                await session.execute(
+                    select(SequenceVersion.definition).where(SequenceVersion.id == inp.ref.sequence.version_id)
+                )
+            ).scalar_one_or_none()
+        if not isinstance(definition, dict) or not definition.get("track_clicks"):
+            return None
+        return bool(definition.get("track_clicks_in_text"))
+
+    def _track_clicks(
+        self, key: str, html: str | None, text: str | None, *, in_text: bool
+    ) -> tuple[str | None, str | None]:
+        """Links through `/c/{token}`, the target sealed in the token (services/click_tracking.py)."""
+        base = self.config.public_base_url.rstrip("/")
+
+        def link(url: str) -> str:
+            return f"{base}/c/{make_token(self.config.link_secret, 'click', {'k': key, 'u': url})}"
+
+        return (
+            rewrite_html(html, link) if html is not None else None,
+            rewrite_text(text, link) if text is not None and in_text else text,
         )
 
     def _output(self, delivery: Delivery, *, duplicate: bool = False) -> DeliverOutput:

@@ -212,6 +212,10 @@ class SequenceDefinition(_Model):
     allow_concurrent: bool = False
     hold_company_on_reply: bool = False
     track_opens: bool = False
+    #: Links in the HTML part go through `/c/{token}` (one `clicked` event per delivery and link).
+    track_clicks: bool = False
+    #: Also rewrite bare URLs in the text part (off: the text keeps the links as written).
+    track_clicks_in_text: bool = False
     senders: dict[Channel, list[str]] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +35,8 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
 from services.stats import sequence_stats
-from tests.engine_harness import all_senders, events_of, make_channels, running_worker, wait_for_status
+from services.tokens import make_token
+from tests.engine_harness import LINK_SECRET, all_senders, events_of, make_channels, running_worker, wait_for_status
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.provider_samples import (
     SendGridSigner,
@@ -593,4 +595,98 @@ async def test_relay_tags_and_relay_ids_match_events_when_the_message_id_is_rewr
     for type_ in ("delivered", "opened", "clicked"):
         [event_row] = await events_of(p.hook.sf, type_)
         assert (event_row.delivery_id, event_row.person_id) == (delivery.id, pid)
+    await handle.terminate("test over")
+
+
+# --------------------------------------------------------------------------- click tracking
+
+
+def _parts(raw: bytes) -> tuple[str, str]:
+    from email import message_from_bytes, policy
+
+    mail = message_from_bytes(raw, policy=policy.default)
+    html = next(p for p in mail.walk() if p.get_content_type() == "text/html").get_content()
+    text = next(p for p in mail.walk() if p.get_content_type() == "text/plain").get_content()
+    return html, text
+
+
+def click_sequence(**extra: Any) -> dict[str, Any]:
+    raw = email_sequence(track_clicks=True, **extra)
+    raw["steps"][0]["html"] = (
+        '<p>See <a href="https://acme.test/pricing?a=1&amp;b=2">pricing</a>, '
+        "<a href='http://acme.test/blog'>blog</a>, <a href=\"mailto:sales@acme.test\">mail us</a> "
+        'and <a href="#top">top</a>.</p>'
+    )
+    raw["steps"][0]["body"] = "See https://acme.test/pricing?a=1&b=2 for prices."
+    return raw
+
+
+async def test_click_tracking_rewrites_html_links_records_once_per_link_and_redirects(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="clicker@lead.test")
+    raw_seq = click_sequence()
+    handle = await p.hook.enroll(raw_seq, pid)
+    delivery = await p.sent(handle)
+    [(_, _, raw)] = p.hook.smtp.messages
+    html, text = _parts(raw)
+    tokens = re.findall(r"""href=["']https://links\.acme\.test/c/([^"']+)["']""", html)
+    assert len(tokens) == 2  # the two web links; mailto, the anchor and the unsubscribe link untouched
+    assert 'href="mailto:sales@acme.test"' in html and 'href="#top"' in html and "/u/" in html
+    assert "acme.test/pricing" not in html and "acme.test/blog" not in html  # the targets are sealed
+    assert "https://acme.test/pricing?a=1&b=2" in text and "/c/" not in text  # text keeps its links
+    for _ in range(3):
+        resp = await p.hook.http.get(f"/c/{tokens[0]}", follow_redirects=False)
+        assert resp.status_code == 302 and resp.headers["location"] == "https://acme.test/pricing?a=1&b=2"
+    resp = await p.hook.http.get(f"/c/{tokens[1]}", follow_redirects=False)
+    assert resp.headers["location"] == "http://acme.test/blog"
+    clicks = await events_of(p.hook.sf, "clicked")
+    assert sorted(c.data["url"] for c in clicks) == ["http://acme.test/blog", "https://acme.test/pricing?a=1&b=2"]
+    assert {(c.delivery_id, c.person_id, c.step_id) for c in clicks} == {(delivery.id, pid, "m0")}
+    # The provider reporting the same click adds nothing.
+    sg = [
+        sendgrid_event(
+            "click",
+            "clicker@lead.test",
+            1,
+            **{"smtp-id": str(delivery.message_id)},
+            url="https://acme.test/pricing?a=1&b=2",
+        )
+    ]
+    body = json.dumps(sg).encode()
+    assert (await p.post("sendgrid", body, p.sendgrid.headers(body))).status_code == 200
+    assert len(await events_of(p.hook.sf, "clicked")) == 2
+    totals = (await sequence_stats(p.hook.sf, raw_seq["name"])).totals
+    assert totals["clicked"] == 1  # one person clicked
+    await handle.terminate("test over")
+
+
+async def test_bad_click_tokens_are_a_404_page_and_never_redirect(providers: Providers) -> None:
+    p = providers
+    forged = [
+        "not-a-token",
+        make_token(LINK_SECRET, "open", {"k": "1:m0:1", "u": "https://acme.test/"}),  # another purpose
+        make_token("another-deployment", "click", {"k": "1:m0:1", "u": "https://evil.test/"}),
+        make_token(LINK_SECRET, "click", {"k": "1:m0:1", "u": "javascript:alert(1)"}),  # never a web link
+    ]
+    for token in forged:
+        resp = await p.hook.http.get(f"/c/{token}", follow_redirects=False)
+        assert resp.status_code == 404 and "location" not in resp.headers
+        assert "Link not found" in resp.text
+    assert await events_of(p.hook.sf, "clicked") == []
+    # A valid token for an unknown delivery still takes the person where the link said.
+    unknown = make_token(LINK_SECRET, "click", {"k": "no-such-delivery", "u": "https://acme.test/x"})
+    resp = await p.hook.http.get(f"/c/{unknown}", follow_redirects=False)
+    assert resp.status_code == 302 and resp.headers["location"] == "https://acme.test/x"
+
+
+async def test_track_clicks_in_text_rewrites_the_text_part_too(providers: Providers) -> None:
+    p = providers
+    pid = await p.hook.person(email="texter@lead.test")
+    handle = await p.hook.enroll(click_sequence(track_clicks_in_text=True), pid)
+    await p.sent(handle)
+    [(_, _, raw)] = p.hook.smtp.messages
+    _, text = _parts(raw)
+    [token] = re.findall(r"https://links\.acme\.test/c/(\S+)", text)
+    resp = await p.hook.http.get(f"/c/{token}", follow_redirects=False)
+    assert resp.headers["location"] == "https://acme.test/pricing?a=1&b=2"
     await handle.terminate("test over")

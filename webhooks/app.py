@@ -31,6 +31,7 @@ from services.classify import get_classifier
 from services.tokens import TokenError, read_token
 from settings import Settings, check_settings, get_settings
 from temporal_client import connect
+from webhooks.clicks import router as click_router
 from webhooks.inbound import CHANNELS, InboundPayload, InboundProcessor, suppress_person
 from webhooks.providers.routes import router as provider_router
 from webhooks.signature import SignatureError, verify
@@ -120,6 +121,7 @@ def create_app(
     docs: dict[str, Any] = {} if not cfg.production else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Sequencer webhooks", lifespan=lifespan, **docs)
     app.include_router(provider_router)
+    app.include_router(click_router)
 
     def deps(request: Request) -> Deps:
         return request.app.state.deps
