@@ -311,7 +311,7 @@ def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
             f"{acct.per_hour}/h {acct.per_day}/day",
             escape(cells["smtp"]),
             escape(cells["imap"]),
-            escape("; ".join(status) or "ok"),
+            escape("; ".join(status) or "-"),
         )
     console.print(table)
 

@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
 
 Kind = Literal["smtp", "imap"]
 Security = Literal["tls", "starttls", "plain"]
@@ -61,11 +61,11 @@ class MailUrl:
     folder: str | None = None
 
     def display(self) -> str:
-        """The URL without its secret, as `senders list` shows it."""
+        """The URL without its secret, as `senders list` shows it (parses back to the same)."""
         scheme = f"{self.kind}s" if self.security == "tls" else self.kind
-        user = f"{self.username}@" if self.username else ""
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        path = f"/{self.folder}" if self.kind == "imap" and self.folder else ""
+        path = f"/{quote(self.folder, safe='/')}" if self.kind == "imap" and self.folder else ""
         query = "?starttls=true" if self.security == "starttls" else ""
         return f"{scheme}://{user}{host}:{self.port}{path}{query}"
 

@@ -47,6 +47,12 @@ def test_percent_encoded_user_and_password() -> None:
     url = smtp("smtps://ada%40example.com:p%40ss%3Aw%2Frd%23%3F@smtp.example.com:465")
     assert url.username == "ada@example.com"
     assert url.password == "p@ss:w/rd#?"
+    # what `senders list` shows parses back to the same connection (without the password)
+    shown = url.display()
+    assert shown == "smtps://ada%40example.com@smtp.example.com:465"
+    assert smtp(shown, password="x").username == "ada@example.com"
+    folder = imap("imaps://a:b@h/Sales%20Q4/Replies")
+    assert imap(folder.display(), password="b").folder == "Sales Q4/Replies"
     # an unencoded @ in the user name works too (the last @ ends the login)
     assert smtp("smtps://ada@example.com:pw@smtp.example.com").username == "ada@example.com"
 

@@ -238,3 +238,27 @@ async def test_cli_add_bad_url_or_missing_key_is_one_clear_line(database_url: st
     )
     assert nokey.code == 2 and "sender a@example.com smtp" in nokey.err and "SECRETS_KEY is not set" in nokey.err
     assert "b@smtp" not in nokey.err
+
+
+async def test_oauth_needs_a_token_endpoint_and_a_client_id(session_factory: SessionFactory) -> None:
+    flags = connection_flags({"RT": "r"}, smtp="smtps://ada@smtp.gmail.com", oauth_refresh_token_env="RT")
+    with pytest.raises(ValueError, match=r"^--oauth-token-url is required \(or set OAUTH_TOKEN_URL\)"):
+        await add_sender(
+            session_factory,
+            channel="email",
+            address="ada@gmail.com",
+            smtp=flags.smtp,
+            oauth=flags.oauth,
+            settings=SETTINGS,
+        )
+    with_url = Settings(secrets_key=SecretStr(KEY), oauth_token_url="https://oauth2.googleapis.com/token")
+    with pytest.raises(ValueError, match=r"^--oauth-client-id is required \(or set OAUTH_CLIENT_ID\)"):
+        await add_sender(
+            session_factory,
+            channel="email",
+            address="ada@gmail.com",
+            smtp=flags.smtp,
+            oauth=flags.oauth,
+            settings=with_url,
+        )
+    assert await list_senders(session_factory) == []  # nothing half-written

@@ -222,7 +222,8 @@ async def test_demo_sender_is_connected_to_the_dev_mailbox(session_factory: Sess
     settings = Settings(secrets_key=settings_for().secrets_key, demo_imap_url=imap_url(mailbox))
     lines = await add_demo_senders(session_factory, settings)
     assert lines[-1] == (
-        f"mailbox: {SENDERS[0][1]} watches imap://{mailbox.user}@{mailbox.host}:{mailbox.port}/{mailbox.folder}"
+        f"mailbox: {SENDERS[0][1]} watches imap://{mailbox.user.replace('@', '%40')}@{mailbox.host}:{mailbox.port}/"
+        f"{mailbox.folder}"
     )
     views = {v.account.address: v for v in await list_senders(session_factory)}
     demo = views[SENDERS[0][1]]
