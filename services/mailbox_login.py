@@ -23,7 +23,7 @@ import aiosmtplib
 from db.session import SessionFactory
 from db.tables import SenderAccount
 from services.oauth import OAuthError, TokenCache
-from services.sender_connections import ConnectionConfigError, MailConnection, load_connection
+from services.sender_connections import ConnectionConfigError, MailConnection, load_connection, token_cache
 from settings import Settings
 
 
@@ -248,7 +248,7 @@ async def check_sender(
     if sender.channel != "email":
         raise LookupError(f"sender {sender_id} is a {sender.channel} sender: only email senders have mailboxes")
     own_tokens = tokens is None
-    cache = tokens or TokenCache(timeout=timeout)
+    cache = tokens or token_cache(session_factory, settings, timeout=timeout)
     results: list[CheckResult] = []
     try:
         try:

@@ -14,6 +14,8 @@ API for readers (the SMTP registry, the IMAP watcher):
 - `await imap_connection(...)` / `await smtp_connection(...)`: the same, per kind.
 - `await mailbox_sender_ids(session_factory)`: active email senders with an IMAP connection.
 - `await set_connection_status(session_factory, sender_id, "imap", "error", "login refused: …")`.
+- `token_cache(session_factory, settings)`: the `TokenCache` to log in with (one per worker);
+  it stores rotated refresh tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.session import SessionFactory
 from db.tables import SenderAccount, SenderConnection
 from services.mail_urls import MailUrl, OAuthInput
-from services.oauth import OAuthCredentials
+from services.oauth import OAuthCredentials, TokenCache
 from services.secret_box import SecretBox, SecretKeyError
 from settings import Settings
 
@@ -308,3 +310,13 @@ async def store_rotated_refresh_token(
         if _decrypt(box, row.secret, what) != old:
             return
         row.secret = _encrypt(box, new, what)
+
+
+def token_cache(session_factory: SessionFactory, settings: Settings, **kwargs: Any) -> TokenCache:
+    """A `TokenCache` that stores a refresh token the provider rotated (encrypted, in its row)."""
+
+    async def on_rotate(creds: OAuthCredentials, new: str) -> None:
+        if creds.connection_id is not None:
+            await store_rotated_refresh_token(session_factory, settings, creds.connection_id, creds.refresh_token, new)
+
+    return TokenCache(on_rotate=on_rotate, **kwargs)

@@ -28,8 +28,8 @@ from activities.channels.sender_smtp import SenderSmtpPools
 from db.session import SessionFactory
 from db.tables import Delivery, SenderConnection
 from services.mail_urls import connection_flags
-from services.oauth import TokenCache
 from services.secret_box import generate_key
+from services.sender_connections import token_cache
 from services.senders import add_sender
 from settings import Settings
 from tests.conftest import SmtpRecorder
@@ -343,7 +343,7 @@ async def test_rotated_refresh_token_is_stored_encrypted(
             smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
             oauth_refresh_token_env="RT",
         )
-        tokens = TokenCache()
+        tokens = token_cache(session_factory, settings)  # what the worker uses: stores rotations
         pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), tokens=tokens, size=1)
         channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
         try:

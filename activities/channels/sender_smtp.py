@@ -24,12 +24,7 @@ from activities.channels.base import TransientChannelError
 from activities.channels.email import SmtpPool
 from db.session import SessionFactory
 from services.oauth import OAuthCredentials, OAuthError, TokenCache
-from services.sender_connections import (
-    ConnectionConfigError,
-    MailConnection,
-    smtp_connection,
-    store_rotated_refresh_token,
-)
+from services.sender_connections import ConnectionConfigError, MailConnection, smtp_connection, token_cache
 from settings import Settings
 
 #: How long a send waits before retrying when a sender's connection is misconfigured.
@@ -62,9 +57,7 @@ class SenderSmtpPools:
         self.size = size or settings.smtp_pool_size
         self.timeout = timeout or settings.smtp_timeout_seconds
         self._own_tokens = tokens is None
-        self.tokens = tokens or TokenCache()
-        if self.tokens.on_rotate is None:
-            self.tokens.on_rotate = self._store_rotated
+        self.tokens = tokens or token_cache(session_factory, settings)
         self._pools: dict[int, _Entry] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._closed = False
@@ -131,12 +124,6 @@ class SenderSmtpPools:
             tls_context=self.tls_context,
             oauth_token=token_source,
         )
-
-    async def _store_rotated(self, creds: OAuthCredentials, new: str) -> None:
-        if creds.connection_id is not None:
-            await store_rotated_refresh_token(
-                self.session_factory, self.settings, creds.connection_id, creds.refresh_token, new
-            )
 
     async def aclose(self) -> None:
         """Close every pool (worker shutdown) and the token client if it is ours."""
