@@ -286,6 +286,7 @@ async def test_oauth_refused_by_the_token_endpoint_sends_nothing_and_says_why(
         finally:
             await channel.aclose()
     text = str(caught.value)
+    assert caught.value.code == "auth" and caught.value.retry_after  # not retried at once
     assert "token endpoint refused the refresh token: 400 invalid_grant: Token has been revoked." in text
     assert f"sender {bob} (bob@b.example.org) smtp" in text and "revoked" in text
     assert server_b.logins == [] and server_b.messages == [] and smtp_server.messages == []
@@ -370,3 +371,32 @@ def test_tls_pair_is_trusted_only_by_its_own_context(tls: TlsPair, tmp_path: Pat
     default = ssl.create_default_context()
     assert not any(c.get("subject") and "127.0.0.1" in str(c["subject"]) for c in default.get_ca_certs())
     assert tls.client_context().get_ca_certs()
+
+
+async def test_unreachable_token_endpoint_is_a_connect_error(
+    session_factory: SessionFactory, smtp_server: SmtpRecorder, tls: TlsPair, server_b: AuthSmtp
+) -> None:
+    from devstack.postgres import free_port
+
+    settings = Settings(
+        secrets_key=SecretStr(KEY), oauth_token_url=f"http://127.0.0.1:{free_port()}/token", oauth_client_id="c"
+    )
+    bob = await add_email_sender(
+        session_factory,
+        settings,
+        "bob@b.example.org",
+        env={"RT": "rt"},
+        smtp=f"smtp://bob@b.example.org@127.0.0.1:{server_b.port}?starttls=true",
+        oauth_refresh_token_env="RT",
+    )
+    pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
+    channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
+    try:
+        with pytest.raises(TransientChannelError) as caught:
+            await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
+    finally:
+        await channel.aclose()
+    assert (
+        caught.value.code == "connect" and "token endpoint" in str(caught.value) and "unreachable" in str(caught.value)
+    )
+    assert server_b.logins == [] and server_b.messages == [] and smtp_server.messages == []

@@ -109,7 +109,10 @@ class SenderSmtpPools:
                 try:
                     return await self.tokens.access_token(oauth, what=conn.what)
                 except OAuthError as err:
-                    # Raised inside aiosmtplib's connect: it becomes a transient connect error.
+                    # Raised inside aiosmtplib's connect. A refused grant is a refused login
+                    # (retried minutes later, code "auth"); an unreachable endpoint a connect error.
+                    if err.permanent:
+                        raise aiosmtplib.SMTPAuthenticationError(535, f"XOAUTH2 not attempted: {err}") from err
                     raise aiosmtplib.SMTPException(f"XOAUTH2 login not possible: {err}") from err
 
         return SmtpPool(
