@@ -400,3 +400,16 @@ async def test_unreachable_token_endpoint_is_a_connect_error(
         caught.value.code == "connect" and "token endpoint" in str(caught.value) and "unreachable" in str(caught.value)
     )
     assert server_b.logins == [] and server_b.messages == [] and smtp_server.messages == []
+
+
+async def test_the_worker_wires_per_sender_pools(session_factory: SessionFactory) -> None:
+    """worker.py builds its channels with the session factory: email gets the per-sender registry."""
+    from activities.channels import aclose_channels, make_channels
+
+    channels = make_channels(settings_for(), session_factory)
+    try:
+        email = channels["email"]
+        assert isinstance(email, EmailChannel) and isinstance(email.senders, SenderSmtpPools)
+    finally:
+        await aclose_channels(channels)
+    assert email.senders._closed  # closed with the channels on shutdown
