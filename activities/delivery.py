@@ -68,6 +68,7 @@ from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
 from services.click_tracking import rewrite_html, rewrite_text
 from services.identities import IdentityOwnedError, attach_identity
+from services.redact import redact
 from services.templating import person_context, render_step
 from services.tokens import make_token
 
@@ -303,7 +304,7 @@ class DeliveryActivities:
             if not won:
                 raise _Lost("taken while the provider answered") from err
             raise ApplicationError(
-                f"transient {channel} error: {err}",
+                f"transient {channel} error: {redact(str(err), target.value)}",
                 type="TransientChannelError",
                 next_retry_delay=(timedelta(seconds=err.retry_after) if err.retry_after else None),
             ) from err
@@ -378,7 +379,7 @@ class DeliveryActivities:
                 raise _Lost("taken while resolving the handle") from err
             retry_after = err.retry_after if isinstance(err, TransientChannelError) else None
             raise ApplicationError(
-                f"transient x error resolving @{handle.value}: {err}",
+                f"transient x error resolving the handle of identity {handle.id}: {redact(str(err), handle.value)}",
                 type="TransientChannelError",
                 next_retry_delay=(timedelta(seconds=retry_after) if retry_after else None),
             ) from err
@@ -580,12 +581,14 @@ class DeliveryActivities:
         )
 
     def _output(self, delivery: Delivery, *, duplicate: bool = False) -> DeliverOutput:
+        # The ledger keeps the provider's full text; the workflow's history gets it without
+        # addresses (providers quote the recipient), naming the delivery id instead.
         return DeliverOutput(
             status=delivery.status,
             delivery_id=delivery.id,
             message_id=delivery.message_id,
             provider_message_id=delivery.provider_message_id,
-            error=delivery.error,
+            error=redact(delivery.error),
             duplicate=duplicate,
         )
 
@@ -640,7 +643,8 @@ class DeliveryActivities:
                 variant=inp.variant,
                 channel=str(inp.step.channel),
                 delivery_id=delivery.id,
-                occurred_at=inp.now,
+                # `sent`: when the provider accepted it, not when the step was planned
+                occurred_at=now if status == "sent" else inp.now,
                 dedup_key=f"{delivery.idempotency_key}:{status}",
                 data={
                     k: v

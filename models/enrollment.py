@@ -101,13 +101,19 @@ class EnrollmentResult(BaseModel):
 
 
 class InboundSignal(BaseModel):
-    """A reply, acceptance, follow-back or note reply from the person."""
+    """A reply, acceptance, follow-back or note reply from the person.
+
+    Ids and the classification only: the text stays in PostgreSQL (`inbound_events`, by
+    `inbound_event_id`), so that workflow histories hold no personal text.
+    """
 
     event_id: str
     channel: str | None = None
+    #: Never set any more; kept so that histories written before can still be decoded.
     text: str | None = None
     occurred_at: datetime | None = None
     classification: str | None = None
+    inbound_event_id: int | None = None
 
 
 class OutOfOfficeSignal(BaseModel):

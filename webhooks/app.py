@@ -81,7 +81,13 @@ class Deps:
 
 
 def _processor(cfg: Settings, sf: SessionFactory, client: Client) -> InboundProcessor:
-    return InboundProcessor(sf, client, get_classifier(), out_of_office_default=cfg.out_of_office_default_delay)
+    return InboundProcessor(
+        sf,
+        client,
+        get_classifier(),
+        out_of_office_default=cfg.out_of_office_default_delay,
+        trust_thread_only=cfg.inbound_trust_thread_only,
+    )
 
 
 def create_app(

@@ -14,6 +14,13 @@ Kept apart from the HTTP layer so that its rules can be read in one place:
 * Unsubscribes, complaints and unsubscribe-intent replies suppress the whole person:
   one "stop" stops every sequence on every channel (the consent-safe reading).
   A bounce suppresses only the identity that bounced.
+* A reply matched only through In-Reply-To/References, whose From is not one of that
+  person's identities (a forwarded mail, or someone who got hold of a Message-ID), is
+  recorded (`reply_unverified`) and changes nothing: no stop, unsubscribe, complaint,
+  out-of-office delay or company hold, unless `INBOUND_TRUST_THREAD_ONLY` allows it.
+  Bounces are exempt: a mailer-daemon's report never comes from the person.
+* Signals carry the classification and ids, never the text: the text stays in
+  PostgreSQL (`inbound_events.payload`), so workflow histories hold no reply text.
 """
 
 from __future__ import annotations
@@ -133,11 +140,13 @@ class InboundProcessor:
         classifier: ReplyClassifier,
         *,
         out_of_office_default: str = "7d",
+        trust_thread_only: bool = False,
     ) -> None:
         self.session_factory = session_factory
         self.client = client
         self.classifier = classifier
         self.ooo_default = parse_duration(out_of_office_default)
+        self.trust_thread_only = trust_thread_only
 
     async def process(self, channel: str, payload: InboundPayload) -> InboundResult:
         """Handle one verified event (idempotent per event id)."""
@@ -174,7 +183,7 @@ class InboundProcessor:
             # an event id they have seen, events have dedup keys, suppressions are looked up first).
             new_id = int(earlier.id)
 
-        person_id, identity_id = await self._resolve(channel, payload)
+        person_id, identity_id, by_thread = await self._resolve(channel, payload)
         if person_id is None:
             await self._mark(new_id, "unknown_sender", None, None)
             log.info("inbound %s/%s from unknown sender %r", channel, payload.event_id, payload.from_)
@@ -188,7 +197,12 @@ class InboundProcessor:
         active = await self._active_enrollments(person_id)
         signal_id = f"{channel}:{payload.event_id}"
 
-        if payload.type in ("complaint",) or label == "unsubscribe":
+        if by_thread and payload.type != "bounce" and not self.trust_thread_only:
+            # Matched by our Message-ID only, From is not this person: shown, never acted on.
+            data = {"type": payload.type, "classification": label, "why": "matched by thread only; From is not theirs"}
+            await self._log(active, person_id, "reply_unverified", channel, signal_id, data)
+            status = "unverified"
+        elif payload.type in ("complaint",) or label == "unsubscribe":
             reason = "complaint" if payload.type == "complaint" else "unsubscribe reply"
             await suppress_person(self.session_factory, person_id, reason, f"{channel}:{payload.event_id}")
             await self._signal_all(active, "unsubscribe", ControlSignal(reason=reason, source=channel))
@@ -220,9 +234,9 @@ class InboundProcessor:
             sig_in = InboundSignal(
                 event_id=signal_id,
                 channel=channel,
-                text=(payload.text or "")[:2000] or None,
                 occurred_at=payload.occurred_at or received,
                 classification=label,
+                inbound_event_id=new_id,
             )
             await self._signal_all(active, kind, sig_in)
             event_type = "replied" if payload.type in ("reply", "replied_to_note") else payload.type
@@ -236,12 +250,13 @@ class InboundProcessor:
         return InboundResult(status=status, person_id=person_id, enrollments=len(active), classification=label)
 
     # ------------------------------------------------------------------ helpers
-    async def _resolve(self, channel: str, payload: InboundPayload) -> tuple[int | None, int | None]:
-        """(person id, identity id) of the sender, or (None, None) for an unknown sender.
+    async def _resolve(self, channel: str, payload: InboundPayload) -> tuple[int | None, int | None, bool]:
+        """(person id, identity id, matched by thread only) of the sender; (None, None, False) if unknown.
 
         The `from` value is looked up in the identity graph (an email `From:` header such as
         `Ada <ada@x.com>` is reduced to its address); for email, In-Reply-To and References
-        are then matched against the Message-IDs of our own deliveries.
+        are then matched against the Message-IDs of our own deliveries: such a match has a
+        From that is none of the person's identities (else the lookup would have found it).
         """
         sender = payload.from_
         if channel == "email":
@@ -260,7 +275,7 @@ class InboundProcessor:
                     )
                 ).first()
                 if found is not None:
-                    return int(found.person_id), int(found.id)
+                    return int(found.person_id), int(found.id), False
             if channel == "email":
                 ids = _message_id_forms([payload.in_reply_to, *payload.references])
                 if ids:
@@ -275,7 +290,7 @@ class InboundProcessor:
                     ).first()
                     if row is not None:
                         if row.identity_id is not None:
-                            return int(row.person_id), int(row.identity_id)
+                            return int(row.person_id), int(row.identity_id), True
                         # The ledger row does not name the address: the person's only one on that
                         # channel is it; with several we cannot tell, so no identity is named.
                         targets = (
@@ -289,8 +304,8 @@ class InboundProcessor:
                             .scalars()
                             .all()
                         )
-                        return int(row.person_id), (int(targets[0]) if len(targets) == 1 else None)
-        return None, None
+                        return int(row.person_id), (int(targets[0]) if len(targets) == 1 else None), True
+        return None, None, False
 
     async def _return_time(self, person_id: int, day: date) -> datetime:
         """09:00 in the person's own time zone on the day they are back."""
@@ -441,7 +456,7 @@ class InboundProcessor:
                 )
             ).scalars()
             ids = list(rows)
-        sig = ControlSignal(reason=f"colleague {person_id} at {person.company} replied", source="company-hold")
+        sig = ControlSignal(reason=f"colleague (person {person_id}) replied", source="company-hold")
         await self._signal_ids(ids, "pause", sig)
 
 

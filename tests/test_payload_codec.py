@@ -1,0 +1,158 @@
+"""Payload encryption end to end, and the Temporal connection settings (issue 12 item 5).
+
+With `TEMPORAL_PAYLOAD_KEY` set, the production worker runs an enrollment, the inbound
+processor signals a reply, and the history fetched raw (as the server stores it) shows
+no plaintext; the codec decrypts it back, rotates keys, and refuses foreign ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from temporalio.api.common.v1 import Payload
+from temporalio.service import TLSConfig
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory
+from models.enrollment import EnrollmentStatus
+from services.classify import get_classifier
+from services.payload_codec import AesGcmPayloadCodec, PayloadKeyError
+from settings import Settings
+from temporal_client import connect, data_converter, tls_config
+from tests.engine_harness import (
+    all_senders,
+    make_channels,
+    make_person,
+    running_worker,
+    start_enrollment,
+    store_version,
+    wait_for_status,
+)
+from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.history_text import history_bytes, payloads
+from webhooks.inbound import InboundPayload, InboundProcessor
+
+
+def _key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+async def test_with_the_codec_on_a_raw_history_shows_no_plaintext(
+    temporal_env: WorkflowEnvironment,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,  # noqa: F811
+    relay_server: Any,  # noqa: F811
+) -> None:
+    key = _key()
+    settings = Settings(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        temporal_payload_key=SecretStr(key),
+    )
+    client = await connect(settings)  # what the worker, the app and the CLI use
+    await all_senders(session_factory)
+    pid = await make_person(session_factory, email="cipher@lead.test", first_name="Zebediah")
+    ref, defn = await store_version(
+        session_factory,
+        {
+            "name": "codec-seq",
+            "steps": [
+                {
+                    "id": "m0",
+                    "action": "SEND_EMAIL",
+                    "subject": "Plaintext-Subject-Marker",
+                    "body": "Plaintext-Body-Marker",
+                    "edges": [
+                        {"trigger": "REPLIED", "to": "done"},
+                        {"trigger": "NOT_REPLIED", "after": "2d", "to": "done"},
+                    ],
+                },
+                {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            ],
+        },
+    )
+    channels = make_channels(smtp_server, x_server, relay_server)
+    try:
+        async with running_worker(client, task_queue, session_factory, channels):
+            handle = await start_enrollment(client, task_queue, session_factory, ref, defn, pid)
+            await wait_for_status(handle, lambda v: v.current_step == "m0" and v.phase == "waiting")
+            processor = InboundProcessor(session_factory, client, get_classifier())
+            reply = InboundPayload.model_validate(
+                {"event_id": "codec-1", "type": "reply", "from": "cipher@lead.test", "text": "Yes, interested"}
+            )
+            assert (await processor.process("email", reply)).status == "signalled"
+            result = await handle.result()
+        assert result.status == EnrollmentStatus.COMPLETED
+        assert [p.step for p in result.path] == ["m0", "done"]
+        assert len(smtp_server.messages) == 1
+    finally:
+        await channels.aclose()
+
+    # As the server stores it: fetched by a client without the codec, nothing decoded.
+    history = await temporal_env.client.get_workflow_handle(handle.id).fetch_history()
+    raw = history_bytes(history)
+    for plain in (b"Plaintext-Body-Marker", b"Plaintext-Subject-Marker", b"positive", b"cipher@lead.test", b"Zebediah"):
+        assert plain not in raw, plain
+    sealed = payloads(history)
+    assert sealed and all(p.metadata["encoding"] == b"binary/encrypted" for p in sealed)
+    # ...and the markers really were in those payloads: the codec decrypts them back.
+    decoded = await AesGcmPayloadCodec([base64.urlsafe_b64decode(key)]).decode(sealed)
+    joined = b"".join(p.data for p in decoded)
+    assert b"Plaintext-Body-Marker" in joined and b"positive" in joined
+
+
+async def test_keys_rotate_and_a_foreign_key_is_refused() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    payload = Payload(metadata={"encoding": b"json/plain"}, data=b'{"text":"hello"}')
+    [sealed] = await AesGcmPayloadCodec([old]).encode([payload])
+    assert b"hello" not in sealed.SerializeToString()
+    [opened] = await AesGcmPayloadCodec([new, old]).decode([sealed])  # rotated: old still decrypts
+    assert opened == payload
+    [resealed] = await AesGcmPayloadCodec([new, old]).encode([payload])
+    with pytest.raises(PayloadKeyError, match="not in TEMPORAL_PAYLOAD_KEY"):
+        await AesGcmPayloadCodec([old]).decode([resealed])
+    tampered = Payload()
+    tampered.CopyFrom(sealed)
+    tampered.data = sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])
+    with pytest.raises(PayloadKeyError, match="does not decrypt"):
+        await AesGcmPayloadCodec([old]).decode([tampered])
+    # payloads written before the codec was switched on still read
+    assert await AesGcmPayloadCodec([new]).decode([payload]) == [payload]
+
+
+def test_settings_choose_plain_tls_mtls_or_api_key(tmp_path: Path) -> None:
+    assert tls_config(Settings()) is False
+    assert data_converter(Settings()).payload_codec is None
+    assert isinstance(
+        data_converter(Settings(temporal_payload_key=SecretStr(_key()))).payload_codec, AesGcmPayloadCodec
+    )
+    api = tls_config(Settings(temporal_api_key=SecretStr("cloud-key")))
+    assert isinstance(api, TLSConfig) and api.client_cert is None  # an API key implies TLS
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "c.pem").write_bytes(b"CERT")
+    (tmp_path / "k.pem").write_bytes(b"KEY")
+    mtls = tls_config(
+        Settings(
+            temporal_tls_ca_file=str(tmp_path / "ca.pem"),
+            temporal_tls_cert_file=str(tmp_path / "c.pem"),
+            temporal_tls_key_file=str(tmp_path / "k.pem"),
+            temporal_tls_server_name="ns.acct.tmprl.cloud",
+        )
+    )
+    assert isinstance(mtls, TLSConfig)
+    assert (mtls.server_root_ca_cert, mtls.client_cert, mtls.client_private_key, mtls.domain) == (
+        b"CA",
+        b"CERT",
+        b"KEY",
+        "ns.acct.tmprl.cloud",
+    )
+    with pytest.raises(ValueError, match="TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together"):
+        tls_config(Settings(temporal_tls_cert_file=str(tmp_path / "c.pem")))
+    with pytest.raises(ValueError, match="TEMPORAL_TLS_CA_FILE: cannot read"):
+        tls_config(Settings(temporal_tls_ca_file=str(tmp_path / "missing.pem")))
