@@ -136,6 +136,7 @@ def people_import(
         f"{report.rows} rows: {report.created} created, {report.updated} updated, "
         f"{report.unchanged} unchanged, {len(report.errors)} bad; "
         f"segment {segment!r} has {report.members} people"
+        + (f" ({report.suppressed} suppressed: they will not be contacted)" if report.suppressed else "")
     )
     for row_error in report.errors:
         err.print(f"  line {row_error.line}: {escape(row_error.reason)}", soft_wrap=True, highlight=False)

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -71,6 +73,28 @@ from services.identities import IdentityOwnedError, attach_identity
 from services.redact import redact
 from services.templating import person_context, render_step
 from services.tokens import make_token
+
+#: Monotonic time at which this task's `deliver` attempt began (see `_accepted_at`).
+_ATTEMPT_T0: ContextVar[float | None] = ContextVar("deliver_attempt_t0", default=None)
+
+
+def _accepted_at() -> datetime:
+    """Now, on Temporal's clock: the attempt's start (server time) plus the time spent since.
+
+    A `sent` event carries when the provider accepted the message, not when the step was
+    planned (`inp.now`, which a retry or a pacing delay leaves behind). Measured from the
+    attempt's start on the server's clock, so that it agrees with the workflow's timers
+    (also under a time-skipping test server); outside an activity, the wall clock.
+    """
+    t0 = _ATTEMPT_T0.get()
+    try:
+        started = activity.info().started_time
+    except RuntimeError:
+        started = None
+    if t0 is None or started is None:
+        return datetime.now(UTC)
+    return started.astimezone(UTC) + timedelta(seconds=time.monotonic() - t0)
+
 
 FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
 
@@ -175,6 +199,7 @@ class DeliveryActivities:
             raise ApplicationError(f"{step.action} has no channel", non_retryable=True)
         key = delivery_key(inp.ref.enrollment_id, step.id, inp.attempt)
         me = _Owner.current("deliver")
+        _ATTEMPT_T0.set(time.monotonic())
         async with _heartbeating():
             try:
                 return await self._deliver(inp, key, str(channel), me)
@@ -615,6 +640,7 @@ class DeliveryActivities:
             if provider_message_id:
                 values["provider_message_id"] = provider_message_id
             if status == "sent":
+                now = _accepted_at()
                 values["sent_at"] = now
             if new_owner is not None:
                 values["owner"] = new_owner.token

@@ -319,6 +319,22 @@ class Suppression(Base):
     )
 
 
+class SuppressedIdentity(Base):
+    """A suppressed identity remembered by hash(channel, value), independent of person rows.
+
+    Filled and applied by triggers (migration 0005): deleting a person keeps it, and the
+    identity of someone imported again is suppressed again at once.
+    """
+
+    __tablename__ = "suppressed_identities"
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
 class InboundEvent(Base):
     """Every webhook event received, deduplicated by (channel, provider event id)."""
 

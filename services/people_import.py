@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.session import SessionFactory
-from db.tables import Identity, Person, Segment, SegmentMember
+from db.tables import Identity, Person, Segment, SegmentMember, Suppression
 from services.identities import COLUMN_CHANNEL
 from services.person_row import PERSON_COLUMNS, PersonRow, RowProblems
 
@@ -52,6 +52,9 @@ class ImportReport:
     errors: list[RowError] = field(default_factory=list)
     segment_id: int | None = None
     members: int = 0
+    #: Members who must not be contacted: suppressed, or (for someone deleted and imported
+    #: again) with an identity suppressed before (migration 0005's triggers re-apply it).
+    suppressed: int = 0
 
 
 class _BadRow(Exception):
@@ -208,4 +211,19 @@ async def import_people(
                 )
         report.segment_id = int(seg.id)
         report.members = len(wanted)
+        report.suppressed = await _count_suppressed(session, sorted(wanted))
     return report
+
+
+async def _count_suppressed(session: AsyncSession, people: list[int]) -> int:
+    """How many of `people` are suppressed (as a person, or by any identity)."""
+    if not people:
+        return 0
+    query = (
+        select(func.count(func.distinct(Person.id)))
+        .select_from(Person)
+        .outerjoin(Identity, Identity.person_id == Person.id)
+        .join(Suppression, (Suppression.person_id == Person.id) | (Suppression.identity_id == Identity.id))
+        .where(Person.id.in_(people))
+    )
+    return int((await session.execute(query)).scalar_one())
