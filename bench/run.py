@@ -22,6 +22,8 @@ Benchmarks:
   vs the configured cap; target >= 0.95x with no rolling hour over the cap.
 - webhook: signed webhook received to workflow branched (p50/p99) at 20 replies/s with
   2,000 waiting leads vs a bare signal round trip; and sends after a reply (must be 0).
+- provider_batch: 1,000 signed SendGrid events in one POST (target < 1 s) vs the same
+  number posted one event per request; and the replay of the batch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import enroll, governed, reaction, send, webhook
+from bench import enroll, governed, provider_batch, reaction, send, webhook
 from bench.common import RESULTS, record
 from bench.stack import Stack, bench_stack
 
@@ -46,9 +48,10 @@ BENCHMARKS: dict[str, Runner] = {
     "send": lambda stack, args, tmp: send.bench_send(stack, 1000, tmp),
     "governed": lambda stack, args, tmp: governed.bench_governed(stack, 600),
     "webhook": lambda stack, args, tmp: webhook.bench_webhook(stack, args.leads, 200, tmp),
+    "provider_batch": lambda stack, args, tmp: provider_batch.bench_provider_batch(stack, 1000),
 }
 #: Benchmarks that `make bench` runs when no --only is given.
-DEFAULT = ["enroll", "reaction", "send", "governed", "webhook"]
+DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

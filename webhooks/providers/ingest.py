@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import String, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -99,6 +99,11 @@ class _Match:
     channel: str
 
 
+def _texts(values: list[str]) -> Any:
+    """One `text[]` parameter (for `= ANY(...)`) instead of one parameter per value."""
+    return bindparam(None, values, type_=ARRAY(String))
+
+
 def _record_kind(event: ProviderEvent) -> bool:
     return event.kind in RECORD_KINDS or (event.kind == "bounce" and event.bounce == "soft")
 
@@ -156,36 +161,29 @@ class ProviderIngest:
         """Insert the inbound rows; return the events not finished before (new or interrupted)."""
         by_id = {e.event_id: e for e in events}
         async with self.sf() as session, session.begin():
-            for start in range(0, len(events), CHUNK):
-                chunk = events[start : start + CHUNK]
-                await session.execute(
-                    insert(InboundEvent)
-                    .values(
-                        [
-                            {
-                                "channel": provider,
-                                "provider_event_id": e.event_id,
-                                "type": e.kind if e.kind != "bounce" else f"bounce_{e.bounce}",
-                                "from_value": (e.recipient or e.sender or "")[:512],
-                                "payload": e.model_dump(mode="json", exclude_none=True),
-                                "status": "received",
-                            }
-                            for e in chunk
-                        ]
-                    )
-                    .on_conflict_do_nothing(constraint="uq_inbound_events_provider_id")
+            rows = [
+                {
+                    "channel": provider,
+                    "provider_event_id": e.event_id,
+                    "type": e.kind if e.kind != "bounce" else f"bounce_{e.bounce}",
+                    "from_value": (e.recipient or e.sender or "")[:512],
+                    "payload": e.model_dump(mode="json", exclude_none=True),
+                    "status": "received",
+                }
+                for e in events
+            ]
+            # executemany: one cached statement, batched by the driver (not a 1,000-row literal to compile)
+            await session.execute(
+                insert(InboundEvent).on_conflict_do_nothing(constraint="uq_inbound_events_provider_id"), rows
+            )
+            found = await session.execute(
+                select(InboundEvent.provider_event_id).where(
+                    InboundEvent.channel == provider,
+                    InboundEvent.provider_event_id == any_(_texts(list(by_id))),
+                    InboundEvent.status == "received",
                 )
-            pending: set[str] = set()
-            ids = list(by_id)
-            for start in range(0, len(ids), CHUNK):
-                rows = await session.execute(
-                    select(InboundEvent.provider_event_id).where(
-                        InboundEvent.channel == provider,
-                        InboundEvent.provider_event_id.in_(ids[start : start + CHUNK]),
-                        InboundEvent.status == "received",
-                    )
-                )
-                pending.update(rows.scalars())
+            )
+            pending = set(found.scalars())
         return [e for e in events if e.event_id in pending]
 
     # ------------------------------------------------------------------ matching
@@ -214,13 +212,20 @@ class ProviderIngest:
         )
         by_key: dict[str, _Match] = {}
         by_id: dict[str, _Match] = {}
+        # One indexed lookup per column (an OR of the three would scan), each with one array parameter.
+        conditions = []
+        if keys:
+            conditions.append(Delivery.idempotency_key == any_(_texts(sorted(keys))))
+        if ids:
+            conditions += [
+                Delivery.provider_message_id == any_(_texts(sorted(ids))),
+                Delivery.message_id == any_(_texts(sorted(ids))),
+            ]
+        found_rows: list[Any] = []
         async with self.sf() as session:
-            conditions = []
-            if keys:
-                conditions.append(Delivery.idempotency_key.in_(keys))
-            if ids:
-                conditions += [Delivery.provider_message_id.in_(ids), Delivery.message_id.in_(ids)]
-            for row in await session.execute(base.where(or_(*conditions))):
+            for condition in conditions:
+                found_rows += list(await session.execute(base.where(condition)))
+            for row in found_rows:
                 match = _Match(
                     delivery_id=row.id,
                     key=row.idempotency_key,
@@ -299,18 +304,14 @@ class ProviderIngest:
                 }
             )
         async with self.sf() as session, session.begin():
-            for start in range(0, len(rows), CHUNK):
-                chunk = rows[start : start + CHUNK]
-                await session.execute(insert(Event).values(chunk).on_conflict_do_nothing(index_elements=["dedup_key"]))
+            if rows:
+                await session.execute(insert(Event).on_conflict_do_nothing(index_elements=["dedup_key"]), rows)
             for value in ("recorded", "unknown_message", "ignored"):
                 ids = [k for k, v in status.items() if v == value]
-                for start in range(0, len(ids), CHUNK):
+                if ids:
                     await session.execute(
                         update(InboundEvent)
-                        .where(
-                            InboundEvent.channel == provider,
-                            InboundEvent.provider_event_id.in_(ids[start : start + CHUNK]),
-                        )
+                        .where(InboundEvent.channel == provider, InboundEvent.provider_event_id == any_(_texts(ids)))
                         .values(status=value)
                     )
 
