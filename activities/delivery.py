@@ -281,7 +281,7 @@ class DeliveryActivities:
             return await self._finalize(inp, delivery, "failed", error=f"template: {err}")
 
         clicks = await self._click_tracking(inp) if channel == "email" else None
-        message = self._message(inp, key, channel, sender, target, content, clicks)
+        message = self._message(inp, key, channel, sender, target, content, clicks, message_id=delivery.message_id)
         return await self._send(inp, delivery, message, target, me)
 
     async def _send(
@@ -534,8 +534,13 @@ class DeliveryActivities:
         target: Identity,
         content: Any,
         clicks: bool | None = None,
+        *,
+        message_id: str | None = None,
     ) -> OutboundMessage:
-        """The message to send; `clicks` is None (no click tracking) or whether text links are tracked too."""
+        """The message to send; `clicks` is None (no click tracking) or whether text links are tracked too.
+
+        `message_id` is the one an earlier attempt stored in the ledger (kept for retries).
+        """
         base = self.config.public_base_url.rstrip("/")
         unsubscribe = make_token(
             self.config.link_secret,
@@ -564,7 +569,11 @@ class DeliveryActivities:
             subject=content.subject,
             text=text,
             html=html,
-            message_id=make_message_id(key, domain) if channel == "email" else None,
+            message_id=(
+                (message_id or make_message_id(key, domain, secret=self.config.link_secret))
+                if channel == "email"
+                else None
+            ),
             in_reply_to=thread[-1] if thread else None,
             references=thread,
             unsubscribe_url=f"{base}/u/{unsubscribe}",

@@ -265,14 +265,19 @@ async def running_worker(
     *,
     touch_cap: int = 0,
     fault: Callable[[str], None] | None = None,
-    delivery: dict[str, Any] | None = None,
+    delivery: dict[str, Any] | DeliveryConfig | None = None,
     **kwargs: Any,
 ) -> AsyncIterator[Worker]:
-    """The production worker (build_worker) wired to the test's servers (`delivery`: DeliveryConfig overrides)."""
+    """The production worker (build_worker) wired to the test's servers.
+
+    `delivery`: overrides of the test DeliveryConfig, or the DeliveryConfig itself.
+    """
     deps = WorkerDeps(
         session_factory=sf,
         channels=channels.mapping(),
-        delivery=DeliveryConfig(
+        delivery=delivery
+        if isinstance(delivery, DeliveryConfig)
+        else DeliveryConfig(
             **{
                 "public_base_url": "https://links.acme.test",
                 "link_secret": LINK_SECRET,

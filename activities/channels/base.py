@@ -20,7 +20,9 @@ The three error classes map to the ledger's outcomes:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
@@ -167,15 +169,23 @@ class ChannelClient(Protocol):
         ...
 
 
-def make_message_id(idempotency_key: str, domain: str) -> str:
-    """A stable RFC 5322 Message-ID for a delivery key: `<hash@domain>`.
+def make_message_id(idempotency_key: str, domain: str, *, secret: str | None) -> str:
+    """An RFC 5322 Message-ID for a delivery key that reveals and allows computing nothing.
 
-    The same key always gives the same id, so a retried send carries the id the ledger
-    already recorded and replies can be matched to the delivery.
+    With `secret` (the link secret): `<HMAC-SHA256(secret, key)@domain>`, the same for every
+    retry of a delivery, yet nobody who knows the public ids (enrollment, step, attempt,
+    or a lead's own Message-IDs) can compute another lead's id and forge a reply to it.
+    Without one: random. The delivery activity stores the id in the ledger before the
+    first write and reuses the stored one on retries, and replies are matched through
+    that stored id, so threading never depends on recomputing it.
     """
     if not idempotency_key:
         raise ValueError("make_message_id: idempotency_key must not be empty")
     if not _DOMAIN_RE.match(domain):
         raise ValueError(f"make_message_id: domain {domain!r} is not a valid host name")
-    digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:32]
-    return f"<{digest}.seq@{domain.lower()}>"
+    if secret:
+        mac = hmac.new(secret.encode("utf-8"), b"message-id\0" + idempotency_key.encode("utf-8"), hashlib.sha256)
+        token = mac.hexdigest()[:32]
+    else:
+        token = secrets.token_hex(16)
+    return f"<{token}.seq@{domain.lower()}>"

@@ -221,7 +221,9 @@ def compose_message(
     sender = split_address(msg.sender, "sender")
     recipient = split_address(msg.to, "to")
     domain = message_id_domain or sender.domain
-    message_id = check_message_id(msg.message_id or make_message_id(msg.idempotency_key, domain), "message_id")
+    # The delivery activity always gives the ledger's id; a message sent without one gets a random id.
+    given = msg.message_id or make_message_id(msg.idempotency_key, domain, secret=None)
+    message_id = check_message_id(given, "message_id")
     in_reply_to = check_message_id(msg.in_reply_to, "in_reply_to") if msg.in_reply_to else None
     references = [check_message_id(r, "references") for r in msg.references]
     if in_reply_to and in_reply_to not in references:
