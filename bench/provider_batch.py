@@ -27,13 +27,13 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from bench.stack import Stack
+from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Person, Sequence, SequenceVersion
 from devstack.postgres import free_port
 
 
-async def _seed(stack: Stack, n: int, tag: str) -> list[str]:
-    """n sent deliveries (one enrollment each); their Message-IDs."""
-    sf = stack.session_factory
+async def seed_sent(sf: SessionFactory, n: int, tag: str) -> list[str]:
+    """n sent deliveries (one enrollment each, no workflows); their Message-IDs."""
     async with sf() as session, session.begin():
         seq = Sequence(name=f"bench-provider-{tag}")
         session.add(seq)
@@ -97,7 +97,8 @@ async def _seed(stack: Stack, n: int, tag: str) -> list[str]:
     return ids
 
 
-def _events(ids: list[str], tag: str) -> list[dict[str, Any]]:
+def sendgrid_batch(ids: list[str], tag: str) -> list[dict[str, Any]]:
+    """One SendGrid event per Message-ID: delivered, open, click, deferred in turn."""
     kinds = ["delivered", "open", "click", "deferred"]
     out = []
     for i, mid in enumerate(ids):
@@ -144,12 +145,12 @@ async def bench_provider_batch(stack: Stack, n: int = 1000, baseline: int = 200)
         await asyncio.sleep(0.02)
     tag = uuid.uuid4().hex[:6]
     try:
-        batch_ids = await _seed(stack, n, f"b{tag}")
-        single_ids = await _seed(stack, n, f"s{tag}")
+        batch_ids = await seed_sent(stack.session_factory, n, f"b{tag}")
+        single_ids = await seed_sent(stack.session_factory, n, f"s{tag}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-            warm = json.dumps(_events(batch_ids[:1], f"w{tag}")).encode()
+            warm = json.dumps(sendgrid_batch(batch_ids[:1], f"w{tag}")).encode()
             await http.post("/webhooks/providers/sendgrid", content=warm, headers=headers(warm))
-            body = json.dumps(_events(batch_ids, f"b{tag}")).encode()
+            body = json.dumps(sendgrid_batch(batch_ids, f"b{tag}")).encode()
             started = time.perf_counter()
             resp = await http.post("/webhooks/providers/sendgrid", content=body, headers=headers(body))
             batch_s = time.perf_counter() - started
@@ -157,7 +158,7 @@ async def bench_provider_batch(stack: Stack, n: int = 1000, baseline: int = 200)
             started = time.perf_counter()
             replay = await http.post("/webhooks/providers/sendgrid", content=body, headers=headers(body))
             replay_s = time.perf_counter() - started
-            singles = _events(single_ids, f"s{tag}")
+            singles = sendgrid_batch(single_ids, f"s{tag}")
             started = time.perf_counter()
             for event in singles[:baseline]:
                 one = json.dumps([event]).encode()

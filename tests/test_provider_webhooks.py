@@ -27,12 +27,13 @@ import trustme
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import func, select
 from temporalio.testing import WorkflowEnvironment
 
 from activities.channels.relay_tags import RELAYS
+from bench.provider_batch import seed_sent, sendgrid_batch
 from db.session import SessionFactory
-from db.tables import Delivery, Enrollment, InboundEvent, Suppression
+from db.tables import Delivery, Enrollment, Event, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
 from services.stats import sequence_stats
 from services.tokens import make_token
@@ -690,3 +691,63 @@ async def test_track_clicks_in_text_rewrites_the_text_part_too(providers: Provid
     resp = await p.hook.http.get(f"/c/{token}", follow_redirects=False)
     assert resp.headers["location"] == "https://acme.test/pricing?a=1&b=2"
     await handle.terminate("test over")
+
+
+# --------------------------------------------------------------------------- batches and retries
+
+
+async def test_a_batch_of_1000_sendgrid_events_is_recorded_in_one_pass_and_replays_as_duplicates(
+    providers: Providers,
+) -> None:
+    p = providers
+    ids = await seed_sent(p.hook.sf, 1000, "t1k")
+    body = json.dumps(sendgrid_batch(ids, "t1k")).encode()
+    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["received"], resp.json()["recorded"], resp.json()["unknown_message"]) == (1000, 1000, 0)
+    async with p.hook.sf() as s:
+        by_type = dict((await s.execute(select(Event.type, func.count()).group_by(Event.type))).all())
+        delivery_ids = (await s.execute(select(func.count(func.distinct(Event.delivery_id))))).scalar_one()
+    assert by_type == {"delivered": 250, "opened": 250, "clicked": 250, "deferred": 250}
+    assert delivery_ids == 1000  # each event matched its own delivery
+    again = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert again.json()["duplicates"] == 1000 and again.json()["recorded"] == 0
+    async with p.hook.sf() as s:
+        assert (await s.execute(select(func.count()).select_from(Event))).scalar_one() == 1000
+
+
+async def test_a_batch_cut_short_by_an_outage_is_finished_by_the_retry(
+    providers: Providers, temporal_env: WorkflowEnvironment, database_url: str
+) -> None:
+    """Records land, the bounce cannot be applied (Temporal unreachable): 503; the retry applies it once."""
+    p = providers
+    pid = await p.hook.person(email="retry@lead.test")
+    handle = await p.hook.enroll(email_sequence(), pid)
+    delivery = await p.sent(handle)
+    mid = str(delivery.message_id)
+    batch = [
+        sendgrid_event("delivered", "retry@lead.test", 1, **{"smtp-id": mid}),
+        sendgrid_event("bounce", "retry@lead.test", 2, **{"smtp-id": mid}, type="bounce", reason="550 gone"),
+    ]
+    body = json.dumps(batch).encode()
+    cut_off = create_app(
+        app_settings(
+            temporal_env,
+            database_url,
+            temporal_address="127.0.0.1:1",  # nothing listens: Temporal is "down" for this app
+            sendgrid_webhook_public_keys=[p.sendgrid.public_key],
+        )
+    )
+    async with serve(cut_off) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        first = await http.post("/webhooks/providers/sendgrid", content=body, headers=p.sendgrid.headers(body))
+    assert first.status_code == 503
+    assert len(await events_of(p.hook.sf, "delivered")) == 1  # the records of the batch are kept
+    assert await p.suppressions() == []  # the bounce is not half-applied
+    rows = {r.provider_event_id: r.status for r in await p.inbound("sendgrid")}
+    assert rows == {"sg_event_id_delivered_1": "recorded", "sg_event_id_bounce_2": "received"}
+    retry = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert retry.status_code == 200
+    assert (retry.json()["duplicates"], retry.json()["pipeline"]) == (1, {"suppressed_identity": 1})
+    assert len(await events_of(p.hook.sf, "delivered")) == 1
+    assert len(await p.suppressions()) == 1
+    assert (await handle.result()).status == EnrollmentStatus.STOPPED
