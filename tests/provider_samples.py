@@ -213,3 +213,28 @@ def x_follow(for_user: str, source: str, target: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def xaa_envelope(event_type: str, us: str, payload: dict[str, Any], uuid_: str = "-7953119945885597316") -> dict:
+    """The X Activity API envelope, as in its event-payloads documentation."""
+    return {
+        "data": {
+            "event_uuid": uuid_,
+            "filter": {"user_id": us},
+            "event_type": event_type,
+            "tag": "follows",
+            "payload": payload,
+        }
+    }
+
+
+def xaa_follow(us: str, source: str, target: str) -> dict[str, Any]:
+    user = {"protected": False, "verified": True, "username": "ExampleUser", "name": "Example User"}
+    return xaa_envelope(
+        "follow.follow", us, {"source": {"data": {**user, "id": source}}, "target": {"data": {**user, "id": target}}}
+    )
+
+
+def xaa_dm(us: str, sender: str, text: str, dm_id: str) -> dict[str, Any]:
+    inner = x_dm(us, sender, text, dm_id)
+    return xaa_envelope("dm.received", us, {"direct_message_events": inner["direct_message_events"], "users": {}})

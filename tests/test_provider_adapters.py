@@ -535,3 +535,19 @@ def test_composed_email_carries_each_relay_tag_once_and_the_ses_value_round_trip
     assert ses.decode_key(tag.split("sequencer_key=", 1)[1]) == "42:intro:1"
     plain = compose_message(msg).raw.split(b"\r\n\r\n", 1)[0].decode()
     assert "X-SMTPAPI" not in plain and "X-PM-Metadata" not in plain  # off unless EMAIL_RELAY_TAGS says
+
+
+def test_x_activity_api_envelope_follow_and_dm() -> None:
+    from tests.provider_samples import xaa_dm, xaa_envelope, xaa_follow
+
+    [follow] = x_activity.parse(json.dumps(xaa_follow("1111", "2222", "1111")).encode())
+    assert (follow.kind, follow.sender, follow.event_id) == ("followed_back", "2222", "xaa:-7953119945885597316")
+    [ours] = x_activity.parse(json.dumps(xaa_follow("1111", "1111", "4444")).encode())
+    assert ours.kind == "ignored"
+    [dm] = x_activity.parse(json.dumps(xaa_dm("1111", "2222", "hello!", "2080765901528535096")).encode())
+    assert (dm.kind, dm.sender, dm.text, dm.event_id) == ("reply", "2222", "hello!", "dm:2080765901528535096")
+    [other] = x_activity.parse(json.dumps(xaa_envelope("profile.update.bio", "1111", {"before": "a"})).encode())
+    assert other.kind == "ignored"
+    with pytest.raises(ProviderFormatError) as err:
+        x_activity.parse(json.dumps(xaa_envelope("follow.follow", "1111", {"source": {}})).encode())
+    assert err.value.field == "data.payload.source.data"

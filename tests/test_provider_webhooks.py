@@ -52,6 +52,7 @@ from tests.provider_samples import (
     x_dm,
     x_follow,
     x_signature,
+    xaa_follow,
 )
 from tests.test_webhooks import Hook, app_settings, email_sequence, serve
 from webhooks.app import create_app
@@ -751,3 +752,29 @@ async def test_a_batch_cut_short_by_an_outage_is_finished_by_the_retry(
     assert len(await events_of(p.hook.sf, "delivered")) == 1
     assert len(await p.suppressions()) == 1
     assert (await handle.result()).status == EnrollmentStatus.STOPPED
+
+
+async def test_x_activity_api_follow_is_followed_back(providers: Providers) -> None:
+    p = providers
+    raw = {
+        "name": f"xaa-{uuid.uuid4().hex[:6]}",
+        "steps": [
+            {
+                "id": "follow",
+                "action": "FOLLOW_ON_TWITTER",
+                "edges": [
+                    {"trigger": "FOLLOWED_BACK", "to": "done"},
+                    {"trigger": "NOT_FOLLOWED_BACK", "after": "3d", "to": "done"},
+                ],
+            },
+            {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
+        ],
+    }
+    pid = await p.hook.person(email="xaa@lead.test", x="7777")
+    handle = await p.hook.enroll(raw, pid)
+    await p.hook.waiting_at(handle, "follow")
+    body = json.dumps(xaa_follow(OUR_X_ID, "7777", OUR_X_ID)).encode()
+    resp = await p.post("x", body, {"x-twitter-webhooks-signature": x_signature(X_SECRET, body)})
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
+    path = [(s.step, s.left_by) for s in (await handle.result()).path]
+    assert path == [("follow", "FOLLOWED_BACK"), ("done", "END")]
