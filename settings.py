@@ -17,6 +17,7 @@ import base64
 import json
 from functools import lru_cache
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -257,6 +258,12 @@ def settings_problems(settings: Settings) -> list[str]:
             elif len(key) < MIN_SECRET_LENGTH:
                 problems.append(f"{which} is {len(key)} characters: use at least {MIN_SECRET_LENGTH} random ones")
 
+    base = urlsplit(settings.public_base_url)
+    if base.scheme != "https" or not base.netloc:
+        problems.append(
+            f"PUBLIC_BASE_URL must be an https URL (RFC 8058: mail providers only use an https one-click "
+            f"unsubscribe link), got {settings.public_base_url!r}"
+        )
     check("WEBHOOK_SECRET", settings.webhook_secret)
     for channel in WEBHOOK_CHANNELS:
         check(f"WEBHOOK_SECRET_{channel.upper()}", getattr(settings, f"webhook_secret_{channel}"), required=False)

@@ -8,19 +8,26 @@ tests read the header block as bytes and only unfold it (RFC 5322 section 2.2.3)
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pydantic import SecretStr
 
 from activities.channels.base import OutboundMessage, PermanentChannelError
 from activities.channels.email import EmailChannel, SmtpPool
 from activities.channels.email_compose import MAX_LINE, MAX_UNSUBSCRIBE_URI, compose_message
 from db.session import SessionFactory
+from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
+from settings import Settings, settings_problems
 from tests.engine_harness import all_senders, make_person, start_enrollment, store_version
 from tests.fakes import relay_server, x_server  # noqa: F401
 
@@ -203,3 +210,44 @@ async def test_the_worker_sends_raw_list_unsubscribe_with_a_production_length_ur
     token = https.rsplit("/", 1)[1]
     assert mailto == f"mailto:unsubscribe@acme.example.com?subject=unsubscribe-{token}"
     assert_list_unsubscribe(raw, [https, mailto])
+
+
+# ------------------------------------------------------------------ PUBLIC_BASE_URL in production
+
+SAFE_SECRETS = {
+    "WEBHOOK_SECRET": "w" * 40,
+    "LINK_SECRET": "l" * 40,
+    "RELAY_TOKEN": "t" * 40,
+    "RELAY_SIGNING_KEY": "k" * 40,
+}
+
+
+@pytest.mark.parametrize("url", ["http://links.acme.example.com", "links.acme.example.com", "https://"])
+def test_production_needs_an_https_public_base_url(url: str) -> None:
+    secrets: dict[str, Any] = {k.lower(): SecretStr(v) for k, v in SAFE_SECRETS.items()}
+    settings = Settings(sequencer_env="production", public_base_url=url, **secrets)
+    assert any("PUBLIC_BASE_URL must be an https URL" in p and url in p for p in settings_problems(settings))
+    ok = Settings(sequencer_env="production", public_base_url="https://l.acme.example.com", **secrets)
+    assert settings_problems(ok) == []
+    assert settings_problems(Settings(sequencer_env="dev", public_base_url=url)) == []
+
+
+def test_the_cli_refuses_to_start_in_production_with_an_http_public_base_url() -> None:
+    root = Path(__file__).resolve().parent.parent
+    closed = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WEBHOOK_", "LINK_", "RELAY_", "SEQUENCER_", "PUBLIC_"))
+    }
+    env.update(
+        SAFE_SECRETS,
+        SEQUENCER_ENV="production",
+        PUBLIC_BASE_URL="http://links.acme.example.com",
+        DATABASE_URL=f"postgresql+asyncpg://nobody@127.0.0.1:{closed}/none",
+        TEMPORAL_ADDRESS=f"127.0.0.1:{closed}",
+    )
+    argv = [sys.executable, "starter.py", "status", "--person", "1"]
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "refuses to start" in done.stderr and "PUBLIC_BASE_URL must be an https URL" in done.stderr, done.stderr

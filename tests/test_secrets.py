@@ -39,6 +39,7 @@ GOOD: dict[str, Any] = {
     "link_secret": SecretStr("l" * 40),
     "relay_token": SecretStr("t" * 40),
     "relay_signing_key": SecretStr("k" * 40),
+    "public_base_url": "https://links.example.com",
 }
 ONE_CLICK = {"Content-Type": "application/x-www-form-urlencoded"}
 
