@@ -29,7 +29,8 @@ test: lint ## Run the whole test suite: lint (ruff, mypy), then pytest (real Pos
 test-fast: $(STAMP) ## Only the tests that need no server (seconds), no lint
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) ## ruff, mypy and the layer contract (import-linter)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .

@@ -347,7 +347,7 @@ def enroll(
     if dry_run:
         _dry_run(sequence, segment)
         return
-    from services.enrolling import start_audience
+    from operations.enrolling import start_audience
 
     async def go(sf: SessionFactory) -> Any:
         return await start_audience(
@@ -383,7 +383,7 @@ def _progress_printer() -> Callable[[Any], None]:
 
 
 def _dry_run(sequence: str, segment: str) -> None:
-    from services.enrolling import dry_run
+    from operations.enrolling import dry_run
 
     async def go(sf: SessionFactory) -> Any:
         return await dry_run(sf, sequence, segment)
@@ -409,7 +409,7 @@ def _dry_run(sequence: str, segment: str) -> None:
 
 # ---------------------------------------------------------------------- control
 def _control(kind: str, sequence: str, person: int | None, reason: str) -> None:
-    from services.control import signal_enrollments
+    from operations.control import signal_enrollments
 
     async def go(sf: SessionFactory) -> Any:
         return await signal_enrollments(get_settings(), kind, sequence, person, reason, session_factory=sf)
@@ -451,7 +451,7 @@ def stop(
 @app.command("status")
 def status(person: int = typer.Option(..., "--person")) -> None:
     """Where that person is in each sequence, what it waits for, until when."""
-    from services.control import person_status
+    from operations.control import person_status
 
     async def go(sf: SessionFactory) -> Any:
         return await person_status(sf, get_settings(), person)
@@ -512,7 +512,7 @@ def stats(
 @app.command("demo")
 def demo() -> None:
     """Load the demo (examples/): sequence, people, senders, and enroll them (idempotent)."""
-    from services.demo import load_demo
+    from operations.demo import load_demo
 
     async def go(sf: SessionFactory) -> Any:
         return await load_demo(sf, get_settings())

@@ -57,7 +57,7 @@ from activities.channels.base import (
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
 from models.activities import (

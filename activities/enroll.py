@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from temporalio import activity
 from temporalio.client import Client
@@ -21,10 +21,11 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from db.session import SessionFactory
-from db.tables import Enrollment, Event, Person, Segment, SegmentMember
+from db.tables import Enrollment, Event, Person
 from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentInput, SequenceRef
 from models.sequence import SequenceDefinition, Step
+from services.segments import segment_page, segment_size
 from services.sequence_store import get_version
 from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
@@ -37,40 +38,6 @@ class EnrollTarget:
     """Where enrollment workflows are started."""
 
     task_queue: str
-
-
-async def segment_page(
-    session_factory: SessionFactory, segment_name: str, after: int, limit: int
-) -> tuple[list[Person], Segment]:
-    """One page of a segment's people (static snapshot or live rule), by person id."""
-    from services.segment_rules import compile_rule
-
-    async with session_factory() as session:
-        segment = (await session.execute(select(Segment).where(Segment.name == segment_name))).scalar_one_or_none()
-        if segment is None:
-            known = (await session.execute(select(Segment.name).order_by(Segment.name))).scalars()
-            raise LookupError(f"unknown segment {segment_name!r} (known: {', '.join(known) or 'none'})")
-        query = select(Person).where(Person.id > after).order_by(Person.id).limit(limit)
-        if segment.kind == "rule":
-            query = query.where(compile_rule(segment.rule or ""))
-        else:
-            query = query.where(
-                Person.id.in_(select(SegmentMember.person_id).where(SegmentMember.segment_id == segment.id))
-            )
-        people = list((await session.execute(query)).scalars())
-    return people, segment
-
-
-async def segment_size(session_factory: SessionFactory, segment: Segment) -> int:
-    """How many people the segment holds right now."""
-    from services.segment_rules import compile_rule
-
-    async with session_factory() as session:
-        if segment.kind == "rule":
-            query = select(func.count()).select_from(Person).where(compile_rule(segment.rule or ""))
-        else:
-            query = select(func.count()).where(SegmentMember.segment_id == segment.id)
-        return int((await session.execute(query)).scalar_one())
 
 
 def person_timezone(person: Person, field: str) -> str | None:

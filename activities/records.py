@@ -10,55 +10,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 
+from db.events import append_event
 from db.session import SessionFactory
-from db.tables import Enrollment, Event
+from db.tables import Enrollment
 from models.activities import (
-    EnrollmentRef,
     FinishInput,
     FinishOutput,
     RecordEventInput,
     RecordEventOutput,
 )
-
-
-async def append_event(
-    session: AsyncSession,
-    *,
-    type_: str,
-    ref: EnrollmentRef | None = None,
-    person_id: int | None = None,
-    step_id: str | None = None,
-    variant: str | None = None,
-    channel: str | None = None,
-    delivery_id: int | None = None,
-    occurred_at: datetime | None = None,
-    dedup_key: str | None = None,
-    data: dict[str, Any] | None = None,
-) -> bool:
-    """Insert one event in the caller's transaction; False when the dedup key exists."""
-    values: dict[str, Any] = {
-        "type": type_,
-        "person_id": ref.person_id if ref else person_id,
-        "enrollment_id": ref.enrollment_id if ref else None,
-        "sequence_id": ref.sequence.sequence_id if ref else None,
-        "sequence_version_id": ref.sequence.version_id if ref else None,
-        "step_id": step_id,
-        "variant": variant,
-        "channel": channel,
-        "delivery_id": delivery_id,
-        "occurred_at": occurred_at or datetime.now(UTC),
-        "dedup_key": dedup_key,
-        "data": data or {},
-    }
-    stmt = insert(Event).values(**values)
-    if dedup_key:
-        stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
-    result = await session.execute(stmt.returning(Event.id))
-    return result.scalar_one_or_none() is not None
 
 
 class RecordActivities:

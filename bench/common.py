@@ -151,7 +151,7 @@ async def round_trip_baseline(client: Client, n: int) -> list[float]:
 
 async def waiting_leads(stack: Stack, tmp: Path, q: str, n: int, *, with_email: bool) -> tuple[str, list[int]]:
     """n enrollments waiting on REPLIED (after an email when with_email)."""
-    from services.enrolling import start_audience
+    from operations.enrolling import start_audience
     from services.sequence_store import create_version
     from settings import Settings
 

@@ -24,7 +24,7 @@ from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME
 
 async def bench_enroll(stack: Stack, people: int, tmp: Path, baseline: int | None = None) -> dict[str, Any]:
     """Audience enrollment vs raw no-op workflow starts (`baseline` of them, default as many)."""
-    from services.enrolling import start_audience
+    from operations.enrolling import start_audience
     from services.sequence_store import create_version
     from settings import Settings
 

@@ -72,7 +72,7 @@ async def hand_written(stack: Stack, n: int) -> float:
 
 async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> float:
     """Emails per second through the engine, `steps` emails per lead (a 1-second wait between)."""
-    from services.enrolling import start_audience
+    from operations.enrolling import start_audience
     from services.sequence_store import create_version
     from settings import Settings
 

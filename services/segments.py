@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from db.session import SessionFactory
-from db.tables import Person, Segment
+from db.tables import Person, Segment, SegmentMember
 from services.segment_rules import RuleSyntaxError, canonical_rule, compile_rule
 
 
@@ -51,3 +51,33 @@ async def create_rule_segment(session_factory: SessionFactory, name: str, rule: 
             segment.version += 1
         size = (await session.execute(select(func.count()).select_from(Person).where(condition))).scalar_one()
     return RuleSegment(name=name, version=segment.version, size=int(size))
+
+
+async def segment_page(
+    session_factory: SessionFactory, segment_name: str, after: int, limit: int
+) -> tuple[list[Person], Segment]:
+    """One page of a segment's people (static snapshot or live rule), by person id."""
+    async with session_factory() as session:
+        segment = (await session.execute(select(Segment).where(Segment.name == segment_name))).scalar_one_or_none()
+        if segment is None:
+            known = (await session.execute(select(Segment.name).order_by(Segment.name))).scalars()
+            raise LookupError(f"unknown segment {segment_name!r} (known: {', '.join(known) or 'none'})")
+        query = select(Person).where(Person.id > after).order_by(Person.id).limit(limit)
+        if segment.kind == "rule":
+            query = query.where(compile_rule(segment.rule or ""))
+        else:
+            query = query.where(
+                Person.id.in_(select(SegmentMember.person_id).where(SegmentMember.segment_id == segment.id))
+            )
+        people = list((await session.execute(query)).scalars())
+    return people, segment
+
+
+async def segment_size(session_factory: SessionFactory, segment: Segment) -> int:
+    """How many people the segment holds right now."""
+    async with session_factory() as session:
+        if segment.kind == "rule":
+            query = select(func.count()).select_from(Person).where(compile_rule(segment.rule or ""))
+        else:
+            query = select(func.count()).where(SegmentMember.segment_id == segment.id)
+        return int((await session.execute(query)).scalar_one())

@@ -27,8 +27,8 @@ from db.session import SessionFactory
 from db.tables import Enrollment, Event, Person
 from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import AudienceInput, EnrollmentStatus
-from services.control import person_status, running_workflow_ids, signal_enrollments
-from services.enrolling import dry_run, start_audience
+from operations.control import person_status, running_workflow_ids, signal_enrollments
+from operations.enrolling import dry_run, start_audience
 from services.sequence_store import create_version
 from settings import Settings
 from tests.engine_harness import all_senders, make_channels, running_worker

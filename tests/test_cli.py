@@ -21,7 +21,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, Person, Sequence, SequenceVersion, Suppression
 from models.schedule import choose_variant
 from models.sequence import SequenceDefinition
-from services.enrolling import dry_run
+from operations.enrolling import dry_run
 from services.people_import import import_people
 from services.sequence_store import create_version, get_version
 from tests.conftest import SmtpRecorder

@@ -29,7 +29,7 @@ import pytest
 from sqlalchemy import select
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Sequence, SequenceVersion, Suppression
 from models.activities import EnrollmentRef

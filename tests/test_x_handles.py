@@ -19,8 +19,8 @@ from sqlalchemy import select
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, Suppression
 from models.enrollment import EnrollmentStatus
+from operations.enrolling import dry_run
 from services.classify import get_classifier
-from services.enrolling import dry_run
 from services.identities import IdentityOwnedError, attach_identity, find_person_by_identity
 from services.people_import import import_people
 from tests.engine_harness import (

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, text
 from temporalio.client import Client
 
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory, make_engine, make_session_factory
 from db.tables import Delivery, Enrollment, SequenceVersion
 from models.activities import EnrollmentRef

@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import insert
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory
 from db.tables import (
     Delivery,

@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, SequenceVersion
 from models.enrollment import ControlSignal

@@ -15,13 +15,13 @@ from sqlalchemy import or_, select
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from activities.enroll import segment_page
 from db.session import SessionFactory
 from db.tables import Enrollment, Identity, Suppression
 from models.activities import EnrollPageOutput
 from models.enrollment import AudienceInput, AudienceProgress
 from models.schedule import choose_variant
 from models.sequence import ACTION_CHANNEL, MESSAGE_ACTIONS, Channel, SequenceDefinition, Step
+from services.segments import segment_page
 from services.sequence_store import get_version
 from services.templating import TemplateError, TemplateProblem, check_audience, person_context, render_step
 from settings import Settings

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from db.session import SessionFactory
-from services.enrolling import start_audience
+from operations.enrolling import start_audience
 from services.people_import import import_people
 from services.senders import add_sender
 from services.sequence_store import create_version
