@@ -215,7 +215,7 @@ async def test_open_imap_for_the_watcher(session_factory: SessionFactory, mailbo
 
 async def test_demo_sender_is_connected_to_the_dev_mailbox(session_factory: SessionFactory, mailbox: Mailbox) -> None:
     """`make run` sets DEMO_IMAP_URL to its IMAP server: the demo email sender watches it."""
-    from services.demo import SENDERS, add_demo_senders
+    from operations.demo import SENDERS, add_demo_senders
     from services.senders import list_senders
     from settings import Settings
 

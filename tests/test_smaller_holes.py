@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import delete, select, text
 from sqlalchemy.exc import DBAPIError
 
-from activities.records import append_event
+from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SuppressedIdentity, Suppression
 from devstack.postgres import free_port
