@@ -454,9 +454,21 @@ def status(person: int = typer.Option(..., "--person")) -> None:
     from operations.control import person_status
 
     async def go(sf: SessionFactory) -> Any:
-        return await person_status(sf, get_settings(), person)
+        from sqlalchemy import func, select
 
-    rows = _run(go)
+        from db.tables import Event
+
+        async with sf() as session:
+            query = select(func.count()).where(Event.person_id == person, Event.type == "reply_unverified")
+            unverified = int((await session.execute(query)).scalar_one())
+        return await person_status(sf, get_settings(), person), unverified
+
+    rows, unverified = _run(go)
+    if unverified:
+        console.print(
+            f"{unverified} repl{'y' if unverified == 1 else 'ies'} matched to person {person} only by thread "
+            "headers, from an address that is not theirs: recorded, not acted on (events `reply_unverified`)"
+        )
     if not rows:
         console.print(f"person {person} has no enrollments")
         return

@@ -19,9 +19,9 @@ from sqlalchemy.exc import DBAPIError
 
 from db.events import append_event
 from db.session import SessionFactory
-from db.tables import Delivery, Identity, Person, SuppressedIdentity, Suppression
+from db.tables import Delivery, Identity, Person, SendSlot, SuppressedIdentity, Suppression
 from devstack.postgres import free_port
-from models.enrollment import EnrollmentStatus
+from models.enrollment import EnrollmentStatus, OutOfOfficeSignal
 from services.people_import import import_people
 from services.tokens import make_token
 from settings import Settings
@@ -31,13 +31,17 @@ from tests.engine_harness import (
     events_of,
     make_channels,
     make_person,
+    make_sender,
     running_worker,
     start_enrollment,
     store_version,
+    wait_for_status,
+    wired,  # noqa: F401
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
 from webhooks.inbound import suppress_person
+from workflows.enrollment import EnrollmentWorkflow
 
 
 async def test_a_sent_event_carries_the_acceptance_time_not_the_planned_time(
@@ -158,3 +162,54 @@ async def test_an_unsubscribe_committed_before_a_crash_still_gets_its_event(sess
     assert event.person_id == pid and event.data["via"] == "link"
     async with session_factory() as s:
         assert len((await s.execute(select(Suppression))).scalars().all()) == 1
+
+
+async def test_an_out_of_office_while_waiting_for_the_send_slot_moves_the_send(
+    wired: Any,  # noqa: F811
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+) -> None:
+    """The sender sends once an hour: the second lead waits for a slot, then is away for three days."""
+    await make_sender(session_factory, "email", "paced@acme.test", spacing=3600)
+    ref, defn = await store_version(
+        session_factory,
+        {
+            "name": "ooo-slot",
+            "steps": [{"id": "m0", "action": "SEND_EMAIL", "subject": "S", "body": "B", "edges": [{"trigger": "END"}]}],
+        },
+    )
+    first = await make_person(session_factory, email="first@lead.test")
+    away = await make_person(session_factory, email="away@lead.test")
+    async with wired():
+        h_first = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, first)
+        await wait_for_status(h_first, lambda v: v.phase == "sending" or v.status != EnrollmentStatus.ACTIVE)
+        h_away = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, away)
+        waiting = await wait_for_status(h_away, lambda v: v.phase == "waiting for send slot")
+        assert waiting.until is not None
+        back = waiting.until + timedelta(days=3)
+        await h_away.signal(EnrollmentWorkflow.out_of_office, OutOfOfficeSignal(event_id="email:ooo-1", until=back))
+        moved = await wait_for_status(h_away, lambda v: v.until is not None and v.until >= back)
+        assert moved.phase in ("scheduled", "waiting for send slot")
+        await h_first.result()
+        result = await h_away.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    sent = {e.person_id: e.occurred_at for e in await events_of(session_factory, "sent")}
+    assert sent[away] >= back, (sent[away], back)  # not during the absence
+    async with session_factory() as s:
+        rounds = (await s.execute(select(SendSlot.delivery_key).where(SendSlot.person_id == away))).scalars().all()
+    assert len(rounds) == 2  # the slot before the absence went unused; a new one after it
+    assert len(smtp_server.messages) == 2
+
+
+async def test_status_shows_unverified_replies(session_factory: SessionFactory, database_url: str) -> None:
+    from tests.test_cli import cli
+
+    pid = await make_person(session_factory, email="shown@lead.test")
+    async with session_factory() as s, s.begin():
+        await append_event(s, type_="reply_unverified", person_id=pid, dedup_key="ru-1", data={"type": "reply"})
+    result = await cli(database_url, "status", "--person", str(pid))
+    assert result.code == 0, result
+    assert f"1 reply matched to person {pid} only by thread headers" in result.out
+    assert "recorded, not acted on" in result.out

@@ -301,9 +301,14 @@ class EnrollmentWorkflow:
         return await self._finish(self.terminal)
 
     # ------------------------------------------------------------------ helpers
-    def _woken(self, seen: int) -> Callable[[], bool]:
-        """A wait condition: stop/unsubscribe, a pause, or a new event since `seen`."""
-        return lambda: self.terminal is not None or self.state.paused or len(self.state.events) != seen
+    def _woken(self, seen: int, also: Callable[[], bool] | None = None) -> Callable[[], bool]:
+        """A wait condition: stop/unsubscribe, a pause, a new event since `seen` (or `also`)."""
+        return lambda: (
+            self.terminal is not None
+            or self.state.paused
+            or len(self.state.events) != seen
+            or (also is not None and also())
+        )
 
     def _check_terminal(self) -> None:
         if self.terminal is not None:
@@ -398,26 +403,35 @@ class EnrollmentWorkflow:
         since = self.state.step_started_at
         return [e for e in self.state.events if since is None or e.received_at >= since]
 
-    async def _sleep_until(self, when: datetime, phase: str, step: Step, *, reply_stops: bool = True) -> None:
-        """Wait until `when` (a durable timer), holding on pause and waking on stop/reply."""
+    async def _sleep_until(
+        self, when: datetime, phase: str, step: Step, *, reply_stops: bool = True, replan: bool = False
+    ) -> bool:
+        """Wait until `when` (a durable timer), holding on pause and waking on stop/reply.
+
+        With `replan`, an out-of-office that moves `not_before` past `when` ends the wait
+        early and returns False: the caller plans the send again from the return date.
+        """
+
+        def moved() -> bool:
+            return replan and self.state.not_before is not None and self.state.not_before > when
+
         while True:
             self._check_terminal()
             await self._hold_while_paused()
             if reply_stops and self._pending_reply_stops(step, waiting_on_edges=False):
                 raise _Terminal(EnrollmentStatus.REPLIED, "replied before the next action")
+            if moved():
+                return False
             now = workflow.now()
             if when <= now:
-                return
+                return True
             self.phase = phase
             self.waiting_for = [phase]
             self.until = when
             self._upsert(next_at=when)
             seen = len(self.state.events)
             try:
-                await workflow.wait_condition(
-                    self._woken(seen),
-                    timeout=when - now,
-                )
+                await workflow.wait_condition(self._woken(seen, moved), timeout=when - now)
             except TimeoutError:
                 pass
 
@@ -437,11 +451,17 @@ class EnrollmentWorkflow:
             return
         attempt = self.state.visits.get(step.id, 1)
         round_ = 0
+        # Since this patch an out-of-office that arrives while the send waits (for its time or
+        # for its slot) moves it past the return date: the wait wakes and the send is planned again.
+        replan = workflow.patched("ooo-replans-send")
         while True:
+            if replan and self.state.not_before is not None:
+                desired = max(desired, self.state.not_before)
             when = earliest_action_time(desired, self.defn.send_window, self.defn.timeline, self.tz)
             if when is None:
                 raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
-            await self._sleep_until(when, "scheduled", step)
+            if not await self._sleep_until(when, "scheduled", step, replan=replan):
+                continue
             slot: ReserveSlotOutput = await workflow.execute_activity(
                 "reserve_send_slot",
                 ReserveSlotInput(
@@ -464,7 +484,9 @@ class EnrollmentWorkflow:
                 await self._record("failed", step, error=f"no active {channel} sender account")
                 raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
             self.state.senders[str(channel)] = slot.sender_id
-            await self._sleep_until(slot.slot_at, "waiting for send slot", step)
+            if not await self._sleep_until(slot.slot_at, "waiting for send slot", step, replan=replan):
+                round_ += 1  # a new reservation from the return date (the old slot goes unused)
+                continue
             again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
             if again == slot.slot_at:
                 break

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from models.enrollment import (
     ControlSignal,
     EnrollmentInput,
     InboundSignal,
+    OutOfOfficeSignal,
     SequenceRef,
 )
 from models.sequence import validate_definition
@@ -180,6 +181,20 @@ async def main(only: set[str] | None = None) -> None:
         await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-5", channel="x"))
         await h.result()
         save("enrollment_deliver_heartbeat", (await h.fetch_history()).to_json())
+        # 6. since patch ooo-replans-send: an out-of-office while the send waits (for the window or
+        #    its slot) wakes the wait and plans the send again after the return date
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(6), id="replay-6", task_queue="replay")
+        for _ in range(200):
+            view = await h.query(EnrollmentWorkflow.status)
+            if view.phase in ("scheduled", "waiting for send slot"):
+                break
+            await asyncio.sleep(0.05)
+        back = (view.until or datetime.now(UTC)) + timedelta(days=2)
+        await h.signal(EnrollmentWorkflow.out_of_office, OutOfOfficeSignal(event_id="ooo-6", until=back))
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-6", channel="x"))
+        await h.result()
+        save("enrollment_ooo_replans_send", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
