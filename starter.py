@@ -58,7 +58,7 @@ def _run(fn: Callable[[SessionFactory], Awaitable[T]]) -> T:
         finally:
             await engine.dispose()
 
-    from models.sequence import SequenceValidationError
+    from models.sequence_checks import SequenceValidationError
 
     try:
         return asyncio.run(inner())
@@ -76,7 +76,7 @@ def _run(fn: Callable[[SessionFactory], Awaitable[T]]) -> T:
 @sequences_app.command("validate")
 def sequences_validate(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
     """Check a sequence file; print every problem with its step and rule."""
-    from models.sequence import SequenceValidationError
+    from models.sequence_checks import SequenceValidationError
     from services.sequence_store import validate_file
 
     try:
@@ -96,7 +96,7 @@ def _print_issues(file: Path, exc: Any) -> None:
 @sequences_app.command("create")
 def sequences_create(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
     """Store a new immutable version (the same content gives the same version)."""
-    from models.sequence import SequenceValidationError
+    from models.sequence_checks import SequenceValidationError
     from services.sequence_store import create_version
 
     async def go(sf: SessionFactory) -> Any:

@@ -21,8 +21,8 @@ from sqlalchemy.dialects.postgresql import insert
 
 from db.session import SessionFactory
 from db.tables import Sequence, SequenceVersion
-from models.sequence import (
-    SequenceDefinition,
+from models.sequence import SequenceDefinition
+from models.sequence_checks import (
     SequenceIssue,
     SequenceValidationError,
     check_definition,

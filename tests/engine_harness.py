@@ -31,7 +31,8 @@ from activities.delivery import DeliveryConfig
 from db.session import SessionFactory
 from db.tables import Enrollment, Event, Identity, Person, SenderAccount, Sequence, SequenceVersion
 from models.enrollment import EnrollmentInput, SequenceRef, StatusView
-from models.sequence import SequenceDefinition, validate_definition
+from models.sequence import SequenceDefinition
+from models.sequence_checks import validate_definition
 from worker import WorkerDeps, build_worker
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME, SEQUENCE_VERSION

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from db.session import SessionFactory
 from db.tables import Sequence, SequenceVersion
 from models.durations import parse_duration
-from models.sequence import SequenceIssue, SequenceValidationError, validate_definition
+from models.sequence_checks import SequenceIssue, SequenceValidationError, validate_definition
 from services.sequence_store import create_version, get_version, validate_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,8 @@ from sqlalchemy import select
 from db.session import SessionFactory
 from db.tables import Identity, Person
 from models.schedule import choose_variant
-from models.sequence import SequenceDefinition, Step, Variant, validate_definition
+from models.sequence import SequenceDefinition, Step, Variant
+from models.sequence_checks import validate_definition
 from services.people_import import import_people
 from services.templating import (
     TemplateError,

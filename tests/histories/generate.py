@@ -40,7 +40,7 @@ from models.enrollment import (
     OutOfOfficeSignal,
     SequenceRef,
 )
-from models.sequence import validate_definition
+from models.sequence_checks import validate_definition
 from workflows.audience import AudienceWorkflow
 from workflows.enrollment import EnrollmentWorkflow
 from workflows.search_attributes import register_search_attributes
