@@ -144,6 +144,14 @@ class Settings(BaseSettings):
 
     postal_address: str = "Sequencer Dev, 1 Example Street, Springfield"
     person_daily_touch_cap: int = Field(default=1, ge=0)
+    #: The sender circuit breaker (services/sender_breaker.py): how long an auth or
+    #: throttle pause lasts before one probe send, the bounce rate over the last 100 sends
+    #: (once SENDER_BOUNCE_MIN_SENDS are in) that pauses a sender until `senders resume`,
+    #: and how many 421/429 answers in a row pause it.
+    sender_breaker_cooldown_seconds: float = Field(default=600.0, gt=0)
+    sender_bounce_rate_threshold: float = Field(default=0.05, gt=0, le=1)
+    sender_bounce_min_sends: int = Field(default=20, ge=1, le=100)
+    sender_throttle_strikes: int = Field(default=5, ge=1)
     out_of_office_default_delay: str = "7d"
 
     @field_validator("unsubscribe_mailto")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -266,6 +267,7 @@ def senders_add(
 def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
     """Every sender with its caps and connections (secrets are never shown)."""
     from services.mail_urls import MailUrl
+    from services.sender_breaker import describe as describe_breaker
     from services.senders import list_senders
 
     views = _run(lambda sf: list_senders(sf, channel))
@@ -305,6 +307,8 @@ def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
                 status.append(f"{kind} {row.status}{when}" + (f": {row.status_reason}" if row.status_reason else ""))
         if not acct.active:
             status.insert(0, "inactive")
+        if acct.paused_at is not None:
+            status.insert(0, describe_breaker(acct))
         table.add_row(
             str(acct.id),
             acct.channel,
@@ -315,6 +319,27 @@ def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
             escape("; ".join(status) or "-"),
         )
     console.print(table)
+
+
+@senders_app.command("pause")
+def senders_pause(
+    sender_id: int = typer.Argument(..., help="the sender's id (see `senders list`)"),
+    reason: str = typer.Option("paused by hand", "--reason"),
+) -> None:
+    """Hold a sender: no slots are granted to it and its leads wait until `senders resume`."""
+    from services.sender_breaker import describe, set_paused
+
+    acct = _run(lambda sf: set_paused(sf, sender_id, reason, datetime.now(UTC)))
+    console.print(f"sender {acct.id} ({escape(acct.address)}): {escape(describe(acct))}")
+
+
+@senders_app.command("resume")
+def senders_resume(sender_id: int = typer.Argument(..., help="the sender's id (see `senders list`)")) -> None:
+    """Close the sender's circuit breaker (auth, bounce rate, throttling or a manual pause): its leads go on."""
+    from services.sender_breaker import resume
+
+    acct = _run(lambda sf: resume(sf, sender_id, datetime.now(UTC)))
+    console.print(f"sender {acct.id} ({escape(acct.address)}) resumed: its waiting leads go on")
 
 
 @senders_app.command("test")
@@ -488,6 +513,22 @@ def status(person: int = typer.Option(..., "--person")) -> None:
             r.last_delivery or "",
         )
     console.print(table)
+    _print_paused_senders()
+
+
+def _print_paused_senders() -> None:
+    """Senders the circuit breaker holds (their leads wait), with the reason."""
+    from services.sender_breaker import describe, paused_senders
+
+    async def go(sf: SessionFactory) -> list[str]:
+        async with sf() as session:
+            return [
+                f"sender {a.id} {a.channel} {a.address}: {describe(a)}"
+                for a in await paused_senders(session, datetime.now(UTC))
+            ]
+
+    for line in _run(go):
+        console.print(f"[yellow]{escape(line)}[/yellow] (leads wait; `senders resume` lets them go on)", soft_wrap=True)
 
 
 @app.command("stats")

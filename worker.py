@@ -26,6 +26,7 @@ from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
 from activities.records import RecordActivities
 from db.session import SessionFactory, make_engine, make_session_factory
+from services.sender_breaker import BreakerConfig
 from settings import InsecureSettingsError, Settings, check_settings, get_settings
 from temporal_client import connect
 from workflows.audience import AudienceWorkflow
@@ -59,6 +60,12 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         postal_address=settings.postal_address,
         person_daily_touch_cap=settings.person_daily_touch_cap,
         unsubscribe_mailto=settings.unsubscribe_mailto,
+        breaker=BreakerConfig(
+            cooldown=timedelta(seconds=settings.sender_breaker_cooldown_seconds),
+            bounce_rate_threshold=settings.sender_bounce_rate_threshold,
+            bounce_min_sends=settings.sender_bounce_min_sends,
+            throttle_strikes=settings.sender_throttle_strikes,
+        ),
     )
 
 

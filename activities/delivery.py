@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,6 +50,7 @@ from activities.channels.base import (
     OutboundMessage,
     PermanentChannelError,
     SendAborted,
+    SenderConfigError,
     TransientChannelError,
     UncertainChannelError,
     make_message_id,
@@ -68,9 +69,11 @@ from models.activities import (
 )
 from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
+from services import sender_breaker
 from services.click_tracking import rewrite_html, rewrite_text
 from services.identities import IdentityOwnedError, attach_identity
 from services.redact import redact
+from services.sender_breaker import BreakerConfig, describe, is_paused
 from services.templating import person_context, render_step
 from services.tokens import make_token
 
@@ -109,6 +112,8 @@ class DeliveryConfig:
     person_daily_touch_cap: int = 1
     #: UNSUBSCRIBE_MAILTO: an address offered as a `mailto:` beside the https link (empty: none).
     unsubscribe_mailto: str = ""
+    #: The sender circuit breaker's thresholds and cool-down (SENDER_BREAKER_* settings).
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> str | None:
@@ -169,6 +174,8 @@ class DeliveryActivities:
                 type="NoSendSlot",
                 next_retry_delay=timedelta(hours=1),
             ) from err
+        if reservation.sender_id is None:
+            await self._wait_for_paused_senders(inp)
         if reservation.sender_id is not None and reservation.slot_at > inp.now:
             async with self.session_factory() as session, session.begin():
                 await append_event(
@@ -255,6 +262,8 @@ class DeliveryActivities:
             return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")
+        if is_paused(sender, _now(inp)):  # the breaker holds it: the lead waits, nothing is sent
+            raise await self._sender_paused(inp, delivery, me, sender.id, describe(sender))
 
         # The gate: right before the provider call (and before any lookup at the provider).
         blocked = _gate(person, target, suppressions)
@@ -317,6 +326,8 @@ class DeliveryActivities:
             result = await client.send(message, mark_sending)
         except SendAborted as err:
             raise _Lost(str(err)) from err
+        except SenderConfigError as err:
+            raise await self._sender_refused(inp, delivery, me, err) from err
         except TransientChannelError as err:
             async with self.session_factory() as session, session.begin():
                 won = await _transition(
@@ -326,6 +337,10 @@ class DeliveryActivities:
                     owner=me.token,
                     values={"status": "claimed", "error": str(err)},
                 )
+                if won and err.code in THROTTLE_CODES and inp.sender_id is not None:
+                    await sender_breaker.record_throttle(
+                        session, inp.sender_id, str(err), self.config.breaker, _now(inp)
+                    )
             if not won:
                 raise _Lost("taken while the provider answered") from err
             raise ApplicationError(
@@ -335,7 +350,7 @@ class DeliveryActivities:
             ) from err
         except PermanentChannelError as err:
             status = "bounced" if err.bounce else "failed"
-            return await self._finalize(
+            out = await self._finalize(
                 inp,
                 delivery,
                 status,
@@ -343,13 +358,81 @@ class DeliveryActivities:
                 bounce_identity=target if err.bounce else None,
                 expect=("claimed", "sending"),
             )
+            if err.bounce and inp.sender_id is not None:
+                async with self.session_factory() as session, session.begin():
+                    if await sender_breaker.check_bounce_rate(session, inp.sender_id, self.config.breaker, _now(inp)):
+                        activity.logger.warning("sender %s paused: bounce rate over threshold", inp.sender_id)
+            return out
         except UncertainChannelError as err:
             return await self._finalize(inp, delivery, "uncertain", error=str(err), expect=("claimed", "sending"))
         await self._hook("after_send")
         delivery.message_id = message.message_id
-        return await self._finalize(
+        out = await self._finalize(
             inp, delivery, "sent", provider_message_id=result.provider_message_id, expect=("sending",)
         )
+        if inp.sender_id is not None:
+            async with self.session_factory() as session, session.begin():
+                if await sender_breaker.record_success(session, inp.sender_id, _now(inp)):
+                    activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
+        return out
+
+    async def _sender_refused(
+        self, inp: DeliverInput, delivery: Delivery, me: _Owner, err: SenderConfigError
+    ) -> ApplicationError:
+        """Our own account was refused: open the sender's breaker (auth), give the row back."""
+        now = _now(inp)
+        if inp.sender_id is not None:
+            async with self.session_factory() as session, session.begin():
+                await sender_breaker.pause(
+                    session, inp.sender_id, "auth", str(err), now=now, until=now + self.config.breaker.cooldown
+                )
+            activity.logger.warning("sender %s paused: %s", inp.sender_id, err)
+        return await self._sender_paused(inp, delivery, me, inp.sender_id, f"paused (auth): {err}")
+
+    async def _sender_paused(
+        self, inp: DeliverInput, delivery: Delivery, me: _Owner, sender_id: int | None, why: str
+    ) -> ApplicationError:
+        """The row goes back to `claimed` (nothing was written) and the lead waits for the sender.
+
+        The retry comes after the cool-down (or a minute for a manual pause), when the
+        sender may be resumed or let a probe through.
+        """
+        async with self.session_factory() as session, session.begin():
+            won = await _transition(
+                session,
+                delivery.id,
+                expect=("claimed", "sending"),
+                owner=me.token,
+                values={"status": "claimed", "error": f"sender {sender_id} {why}"},
+            )
+            sender = await session.get(SenderAccount, sender_id) if sender_id is not None else None
+        if not won:
+            raise _Lost("taken while the sender was paused")
+        now = _now(inp)
+        wait = self.config.breaker.cooldown
+        if sender is not None and sender.paused_until is not None:
+            wait = max(sender.paused_until - now, timedelta(seconds=1))
+        elif sender is not None and sender.paused_kind == "manual":
+            wait = timedelta(minutes=1)
+        return ApplicationError(
+            f"sender {sender_id} {why}; the lead waits (`senders resume {sender_id}` lets it go on)",
+            type="SenderPaused",
+            next_retry_delay=wait,
+        )
+
+    async def _wait_for_paused_senders(self, inp: ReserveSlotInput) -> None:
+        """No sender granted a slot: if the breaker holds the channel's senders, wait for them."""
+        async with self.session_factory() as session:
+            paused = await sender_breaker.paused_senders(session, _now(inp), inp.channel)
+        if inp.allowed_senders:
+            paused = [a for a in paused if a.address in inp.allowed_senders]
+        if paused:
+            reasons = "; ".join(f"sender {a.id} {describe(a)}" for a in paused[:3])
+            raise ApplicationError(
+                f"every {inp.channel} sender for this lead is paused: {reasons}",
+                type="SendersPaused",
+                next_retry_delay=timedelta(minutes=1),
+            )
 
     async def _hook(self, point: str) -> None:
         """The fault hook (tests and the fault bench): may raise, or hold the attempt."""
@@ -391,6 +474,8 @@ class DeliveryActivities:
             )
         try:
             user_id = await client.resolve_username(handle.value)
+        except SenderConfigError as err:
+            raise await self._sender_refused(inp, delivery, _Owner.current("deliver"), err) from err
         except (TransientChannelError, UncertainChannelError) as err:  # a lookup performs nothing: retry it
             async with self.session_factory() as session, session.begin():
                 won = await _transition(
@@ -697,6 +782,20 @@ class DeliveryActivities:
         delivery.provider_message_id = provider_message_id or delivery.provider_message_id
         activity.logger.info("delivery %s: %s %s", delivery.idempotency_key, status, error or "")
         return self._output(delivery)
+
+
+#: Replies that mean "too much, slow down": SMTP 421 and HTTP 429.
+THROTTLE_CODES = frozenset({"421", "429"})
+
+
+def _now(inp: DeliverInput | ReserveSlotInput) -> datetime:
+    """The latest of the wall clock, the workflow's time and this attempt's scheduling time.
+
+    Retries reuse their input, so the server's scheduled time is what moves for them (and
+    the only clock that moves in a time-skipping test).
+    """
+    scheduled = activity.info().current_attempt_scheduled_time if activity.in_activity() else None
+    return max(t for t in (datetime.now(UTC), inp.now, scheduled) if t is not None)
 
 
 @asynccontextmanager

@@ -33,7 +33,7 @@ from bisect import insort
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select, text
@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from activities.slot_rules import NoSlotError, SenderBook, choose_slot
 from db.session import SessionFactory
 from db.tables import SenderAccount, SendSlot
+from services.sender_breaker import is_paused
 
 __all__ = ["NoSlotError", "Reservation", "SendGovernor"]
 
@@ -295,11 +296,16 @@ class SendGovernor:
 
 
 def _candidates(request: _Request, active: list[SenderAccount]) -> list[SenderAccount]:
-    """The sender accounts this request may use: its sequence's, or its thread's mailbox."""
+    """The sender accounts this request may use: its sequence's, or its thread's mailbox.
+
+    A sender held by the circuit breaker gets no slot (h2, issue 11.6); a thread whose
+    mailbox is paused waits for it rather than moving to another mailbox.
+    """
     accts = [a for a in active if not request.allowed_senders or a.address in request.allowed_senders]
     if request.preferred_sender_id is not None and any(a.id == request.preferred_sender_id for a in accts):
         accts = [a for a in accts if a.id == request.preferred_sender_id]
-    return accts
+    now = max(datetime.now(UTC), request.now)
+    return [a for a in accts if not is_paused(a, now)]
 
 
 def _warmup(acct: SenderAccount) -> Callable[[datetime], int] | None:

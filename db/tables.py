@@ -89,9 +89,22 @@ class SenderAccount(Base):
     timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
     last_slot_at: Mapped[datetime | None] = mapped_column()
+    #: The circuit breaker (services/sender_breaker.py): paused since, why, until when.
+    paused_at: Mapped[datetime | None] = mapped_column()
+    paused_kind: Mapped[str | None] = mapped_column(String(16))
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    paused_until: Mapped[datetime | None] = mapped_column()
+    breaker_since: Mapped[datetime | None] = mapped_column()
+    throttle_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
-    __table_args__ = (UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),)
+    __table_args__ = (
+        UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),
+        CheckConstraint(
+            "paused_kind IS NULL OR paused_kind IN ('manual','auth','bounce_rate','throttle')",
+            name="ck_sender_accounts_paused_kind",
+        ),
+    )
 
 
 class SenderConnection(Base):

@@ -31,6 +31,7 @@ from pydantic import SecretStr
 from activities.channels.base import (
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     TransientChannelError,
     UncertainChannelError,
     make_message_id,
@@ -443,11 +444,13 @@ async def test_starttls_and_login(tls_files: tuple[Path, Path]) -> None:
         auth_require_tls=True,
         authenticator=handler.authenticate,
     ) as port:
-        # Without STARTTLS the server refuses the envelope: nothing is sent.
+        # Without STARTTLS the server refuses the envelope (530): nothing is sent, and it is
+        # our configuration, not the lead, that is wrong.
         plain = EmailChannel(SmtpPool("127.0.0.1", port, starttls=False, timeout=5.0))
         try:
-            with pytest.raises(PermanentChannelError):
+            with pytest.raises(SenderConfigError) as refused:
                 await plain.send(_msg("1:plain:1"))
+            assert refused.value.code == "530"
         finally:
             await plain.aclose()
 
@@ -463,8 +466,8 @@ async def test_starttls_and_login(tls_files: tuple[Path, Path]) -> None:
             )
         )
         try:
-            # A refused login is the sender's problem, not the lead's: retried later, nothing sent.
-            with pytest.raises(TransientChannelError) as caught:
+            # A refused login is the sender's problem, not the lead's: the sender pauses, nothing sent.
+            with pytest.raises(SenderConfigError) as caught:
                 await wrong.send(_msg("1:wrong:1"))
             assert caught.value.code == "auth" and "535" in str(caught.value)
         finally:

@@ -19,6 +19,7 @@ import pytest
 from activities.channels.base import (
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     TransientChannelError,
     UncertainChannelError,
 )
@@ -141,10 +142,10 @@ async def test_the_fake_rejects_a_wrong_signature(
     assert not verify(RELAY_SIGNING_KEY, str(ts - 3600), body, sign(RELAY_SIGNING_KEY, ts - 3600, body), now=ts)
 
 
-async def test_wrong_token_is_permanent(relay_server: FakeRelay) -> None:  # noqa: F811
+async def test_wrong_token_is_a_sender_problem_not_the_leads(relay_server: FakeRelay) -> None:  # noqa: F811
     ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url), "not-the-token", RELAY_SIGNING_KEY)
     try:
-        with pytest.raises(PermanentChannelError) as caught:
+        with pytest.raises(SenderConfigError) as caught:
             await ch.send(_msg())
     finally:
         await ch.aclose()

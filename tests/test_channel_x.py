@@ -15,6 +15,7 @@ import pytest
 from activities.channels.base import (
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     TransientChannelError,
     UncertainChannelError,
 )
@@ -172,10 +173,10 @@ async def test_errors_array_detail_is_reported(
         await channel.send(_msg())
 
 
-async def test_bad_token_is_permanent(x_server: FakeX) -> None:  # noqa: F811
+async def test_bad_token_is_a_sender_problem_not_the_leads(x_server: FakeX) -> None:  # noqa: F811
     ch = XChannel(make_x_client(x_server.base_url, "wrong-token", timeout=5.0))
     try:
-        with pytest.raises(PermanentChannelError) as caught:
+        with pytest.raises(SenderConfigError) as caught:
             await ch.send(_msg())
     finally:
         await ch.aclose()
@@ -353,7 +354,17 @@ async def test_resolve_5xx_is_transient(
     assert caught.value.code == str(status)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403])
+async def test_resolve_401_is_a_sender_problem(
+    channel: XChannel,
+    x_server: FakeX,  # noqa: F811
+) -> None:
+    x_server.fail_next(401, {}, {"title": "Unauthorized", "detail": "Unauthorized"})
+    with pytest.raises(SenderConfigError) as caught:
+        await channel.resolve_username("ada_l")
+    assert caught.value.code == "401"
+
+
+@pytest.mark.parametrize("status", [400, 403])
 async def test_resolve_other_4xx_is_permanent_not_a_bounce(
     channel: XChannel,
     x_server: FakeX,  # noqa: F811

@@ -339,3 +339,19 @@ async def test_enroll_dry_run_cli(database_url: str, session_factory: SessionFac
 async def test_enroll_dry_run_of_unknown_sequence_or_segment(database_url: str, tmp_path: Path) -> None:
     result = await cli(database_url, "enroll", "--sequence", "nope", "--segment", "s", "--dry-run")
     assert result.code == 2 and "unknown sequence 'nope'" in result.err
+
+
+async def test_senders_pause_list_and_resume(database_url: str, session_factory: SessionFactory) -> None:
+    from tests.engine_harness import make_sender
+
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    paused = await cli(database_url, "senders", "pause", str(sender_id), "--reason", "DNS move")
+    assert paused.code == 0, paused.err
+    assert "paused (manual)" in paused.out and "DNS move" in paused.out
+    listed = await cli(database_url, "senders", "list")
+    assert "paused (manual)" in listed.out and "DNS move" in listed.out
+    resumed = await cli(database_url, "senders", "resume", str(sender_id))
+    assert resumed.code == 0 and "resumed" in resumed.out
+    assert "paused" not in (await cli(database_url, "senders", "list")).out
+    unknown = await cli(database_url, "senders", "resume", "999")
+    assert unknown.code != 0 and "sender 999: no such sender account" in unknown.err

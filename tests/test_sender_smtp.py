@@ -22,7 +22,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from activities.channels.base import OutboundMessage, TransientChannelError
+from activities.channels.base import OutboundMessage, SenderConfigError, TransientChannelError
 from activities.channels.email import EmailChannel, SmtpPool
 from activities.channels.sender_smtp import SenderSmtpPools
 from db.session import SessionFactory
@@ -256,11 +256,11 @@ async def test_a_wrong_or_missing_key_is_a_transient_error_naming_the_sender(
         pools = SenderSmtpPools(session_factory, settings, size=1, timeout=5)
         channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
         try:
-            with pytest.raises(TransientChannelError) as caught:
+            with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("ada@a.example.com", ada, "lead@x.test"))
         finally:
             await channel.aclose()
-        assert caught.value.code == "sender_config" and caught.value.retry_after
+        assert caught.value.code == "sender_config"
         assert f"sender {ada} (ada@a.example.com) smtp password" in str(caught.value) and reason in str(caught.value)
     assert server_a.logins == [] and smtp_server.messages == []  # nothing went anywhere else
 
@@ -281,12 +281,12 @@ async def test_oauth_refused_by_the_token_endpoint_sends_nothing_and_says_why(
         pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
         channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
         try:
-            with pytest.raises(TransientChannelError) as caught:
+            with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
         finally:
             await channel.aclose()
     text = str(caught.value)
-    assert caught.value.code == "auth" and caught.value.retry_after  # not retried at once
+    assert caught.value.code == "auth"  # the delivery pauses the sender: not retried at once
     assert "token endpoint refused the refresh token: 400 invalid_grant: Token has been revoked." in text
     assert f"sender {bob} (bob@b.example.org) smtp" in text and "revoked" in text
     assert server_b.logins == [] and server_b.messages == [] and smtp_server.messages == []
@@ -313,14 +313,14 @@ async def test_a_stale_access_token_refused_by_the_server_is_not_reused(
         pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
         channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
         try:
-            with pytest.raises(TransientChannelError) as caught:
+            with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
             # The next attempt asks the endpoint again instead of reusing the refused token.
             endpoint.grants["rt"] = "the-valid-token"
             await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
         finally:
             await channel.aclose()
-    assert caught.value.code == "auth" and caught.value.retry_after
+    assert caught.value.code == "auth"  # the delivery pauses the sender (services/sender_breaker.py)
     assert "SMTP login of bob@b.example.org at 127.0.0.1" in str(caught.value) and "535" in str(caught.value)
     assert server.refused == [("XOAUTH2", _xoauth2("bob@b.example.org", "expired-token"))]
     assert server.logins == [("XOAUTH2", _xoauth2("bob@b.example.org", "the-valid-token"))]

@@ -34,7 +34,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
-from db.tables import Identity, InboundEvent
+from db.tables import Identity, InboundEvent, SenderAccount
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from services.tokens import make_token
@@ -639,7 +639,25 @@ async def test_mail_without_tracking_has_no_pixel(hook: Hook) -> None:
 async def test_healthz_is_ok_when_both_are_up(hook: Hook) -> None:
     resp = await hook.http.get("/healthz")
     assert resp.status_code == 200
-    assert resp.json() == {"postgres": "up", "temporal": "up", "status": "ok"}
+    assert resp.json() == {"postgres": "up", "temporal": "up", "status": "ok", "senders": {"paused": []}}
+
+
+async def test_healthz_shows_a_paused_sender_with_its_reason(hook: Hook) -> None:
+    from datetime import UTC, datetime
+
+    from services.sender_breaker import set_paused
+
+    async with hook.sf() as s, s.begin():
+        acct = SenderAccount(channel="email", address="tired@acme.test", per_hour=5, per_day=10)
+        s.add(acct)
+        await s.flush()
+        sender_id = acct.id
+    await set_paused(hook.sf, sender_id, "DNS being fixed", datetime.now(UTC))
+    resp = await hook.http.get("/healthz")
+    assert resp.status_code == 200, "a paused sender is shown, the app itself is healthy"
+    [paused] = resp.json()["senders"]["paused"]
+    assert paused["id"] == sender_id and paused["kind"] == "manual" and paused["probe_after"] is None
+    assert "tired@acme.test" not in resp.text and "DNS" not in resp.text, "no addresses or reasons in public"
 
 
 async def test_healthz_names_postgres_when_the_database_is_down(temporal_env: WorkflowEnvironment) -> None:
@@ -692,7 +710,7 @@ async def test_healthz_names_temporal_when_it_is_down_and_recovers_when_it_comes
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
         down = await http.get("/healthz")
         assert down.status_code == 503
-        assert down.json() == {"postgres": "up", "temporal": "down", "status": "degraded"}
+        assert down.json() == {"postgres": "up", "temporal": "down", "status": "degraded", "senders": {"paused": []}}
         assert str(port) not in down.text
         body = json.dumps({"event_id": "while-down", "type": "reply", "from": "a@b.test"}).encode()
         queued = await http.post("/webhooks/email", content=body, headers=signed(body))
@@ -704,7 +722,7 @@ async def test_healthz_names_temporal_when_it_is_down_and_recovers_when_it_comes
         try:
             up = await http.get("/healthz")  # no restart needed: the app connects again
             assert up.status_code == 200, up.text
-            assert up.json() == {"postgres": "up", "temporal": "up", "status": "ok"}
+            assert up.json() == {"postgres": "up", "temporal": "up", "status": "ok", "senders": {"paused": []}}
             retry = await http.post("/webhooks/email", content=body, headers=signed(body))
             assert retry.status_code == 202 and retry.json()["status"] == "unknown_sender"
         finally:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -28,6 +29,7 @@ from db.tables import Delivery, Enrollment, SequenceVersion
 from models.activities import EnrollmentRef
 from models.enrollment import ControlSignal, SequenceRef
 from services.classify import get_classifier
+from services.sender_breaker import paused_senders
 from services.tokens import TokenError, read_token
 from settings import Settings, check_settings, get_settings
 from temporal_client import connect
@@ -291,6 +293,23 @@ def create_app(
                 log.warning("healthz: Temporal is down", exc_info=True)
         healthy = all(v == "up" for v in report.values())
         report["status"] = "ok" if healthy else "degraded"
+        if report["postgres"] == "up":
+            # The sender circuit breaker: shown, not a failure of this app (its leads wait).
+            # Ids and kinds only, for the same reason; `senders list` shows the reason.
+            async with d.session_factory() as session:
+                paused = await paused_senders(session, datetime.now(UTC))
+            report["senders"] = {
+                "paused": [
+                    {
+                        "id": a.id,
+                        "channel": a.channel,
+                        "kind": a.paused_kind,
+                        "since": a.paused_at.isoformat() if a.paused_at else None,
+                        "probe_after": a.paused_until.isoformat() if a.paused_until else None,
+                    }
+                    for a in paused
+                ]
+            }
         return JSONResponse(report, status_code=200 if healthy else 503)
 
     return app

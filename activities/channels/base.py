@@ -15,6 +15,8 @@ The three error classes map to the ledger's outcomes:
 - `UncertainChannelError`: the request may have reached the provider but no answer came
   back; re-sending could contact the person twice, so the delivery is recorded as
   uncertain and never re-sent.
+- `SenderConfigError`: our own credentials or configuration were refused (SMTP 535,
+  HTTP 401); nothing was delivered and the sender, not the lead, needs attention.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ class PermanentChannelError(ChannelError):
 
 class UncertainChannelError(ChannelError):
     """The provider may have acted but did not answer; do not send again."""
+
+
+class SenderConfigError(ChannelError):
+    """Our own account was refused (SMTP 535, HTTP 401): nothing was delivered, and the lead
+    is not at fault. The delivery pauses the sender (services/sender_breaker.py) and the
+    lead waits for it instead of failing."""
 
 
 class SendAborted(Exception):

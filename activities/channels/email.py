@@ -50,6 +50,7 @@ from activities.channels.base import (
     BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
@@ -61,9 +62,6 @@ from activities.channels.relay_tags import relay_message_id
 if TYPE_CHECKING:
     from activities.channels.sender_smtp import SenderSmtpPools
     from settings import Settings
-
-#: A refused login (wrong or revoked password or token) is retried this much later, not at once.
-AUTH_RETRY_SECONDS = 300.0
 
 _PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
 _LONE_LINE_ENDING = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
@@ -93,9 +91,16 @@ def _recipient_bounce(text: str, *, after_data: bool) -> bool:
     return subject not in _NOT_RECIPIENT_SUBJECTS and not (after_data and subject == "7")
 
 
+#: Replies that refuse *our* login (RFC 4954): authentication required (530), mechanism too
+#: weak (534), credentials invalid (535), encryption required (538). Not the lead's failure.
+AUTH_REFUSED = frozenset({530, 534, 535, 538})
+
+
 def _classify_reply(code: int, text: str, stage: str, *, bounce: bool) -> Exception:
     """Map an SMTP reply code to a channel error (`bounce` applies to 5xx only)."""
     message = f"SMTP {stage} refused: {code} {text}".strip()
+    if code in AUTH_REFUSED:
+        return SenderConfigError(f"{message} (the sender's SMTP login was refused)", code=str(code))
     if 400 <= code < 500:
         return TransientChannelError(message, code=str(code))
     if 500 <= code < 600:
@@ -198,16 +203,17 @@ class SmtpPool:
         except SMTPAuthenticationError as err:
             # The sender's login was refused: nothing was sent, and the lead is not at fault.
             client.close()
-            raise TransientChannelError(
+            raise SenderConfigError(
                 f"SMTP login of {self.username} at {self.host}:{self.port} refused: {err.code} {err.message}",
                 code="auth",
-                retry_after=AUTH_RETRY_SECONDS,
             ) from err
         except SMTPResponseException as err:
             client.close()
             raise _classify_reply(err.code, err.message, "connection", bounce=False) from err
         except (SMTPException, OSError, TimeoutError, ssl.SSLError) as err:
             client.close()
+            if getattr(err.__cause__, "permanent", False):  # e.g. a revoked OAuth refresh token
+                raise SenderConfigError(f"SMTP login of {self.username} not possible: {err}", code="auth") from err
             raise TransientChannelError(
                 f"SMTP connect to {self.host}:{self.port} failed: {err}", code="connect"
             ) from err
@@ -448,7 +454,7 @@ class EmailChannel:
         pool = await self.pool_for(msg)
         try:
             reply = await pool.send(composed.raw, msg.sender, [msg.to], before_write)
-        except TransientChannelError as err:
+        except SenderConfigError as err:
             if err.code == "auth" and pool is not self.pool and self.senders and msg.sender_id is not None:
                 self.senders.login_refused(msg.sender_id)
             raise

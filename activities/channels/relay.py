@@ -11,7 +11,8 @@ for an action it already performed.
 Answers map to the ledger's outcomes: 200/201/202 and 409 (already done) → sent;
 429 and 5xx → transient (honouring Retry-After: unlike X, the relay deduplicates by the
 idempotency key and answers 409 to a repeat, so retrying an action it may have performed
-is safe); other 4xx → permanent, a bounce when
+is safe); 401 → our RELAY_TOKEN was refused (`SenderConfigError`: the sender pauses, the
+lead waits); other 4xx → permanent, a bounce when
 the relay says `"code": "invalid_recipient"`; no answer after the request was written →
 uncertain.
 """
@@ -31,6 +32,7 @@ from activities.channels.base import (
     BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
@@ -170,6 +172,10 @@ class RelayChannel:
         error = data.get("error") if isinstance(data.get("error"), str) else None
         detail = error or response.text[:500] or response.reason_phrase
         code = data.get("code") if isinstance(data.get("code"), str) else None
+        if status == 401:
+            raise SenderConfigError(
+                f"relay: 401: {detail} (RELAY_TOKEN was refused; fix it, then `senders resume`)", code="401"
+            )
         if status == 429 or status == 408 or status >= 500:
             raise TransientChannelError(
                 f"relay: {status}: {detail}",

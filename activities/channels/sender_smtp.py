@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from activities.channels.base import TransientChannelError
+from activities.channels.base import SenderConfigError
 from activities.channels.email import SmtpPool
 from db.session import SessionFactory
 from services.oauth import OAuthCredentials, OAuthError, TokenCache
@@ -73,11 +73,9 @@ class SenderSmtpPools:
         try:
             conn = await smtp_connection(self.session_factory, self.settings, sender_id)
         except ConnectionConfigError as err:
-            raise TransientChannelError(
-                f"cannot use its own SMTP connection: {err}",
-                code="sender_config",
-                retry_after=CONFIG_RETRY_SECONDS,
-            ) from err
+            # Our configuration (a secret we cannot decrypt, a refused refresh token): the
+            # delivery pauses the sender (services/sender_breaker.py), the lead waits.
+            raise SenderConfigError(f"cannot use its own SMTP connection: {err}", code="sender_config") from err
         lock = self._locks.setdefault(sender_id, asyncio.Lock())
         async with lock:
             entry = self._pools.get(sender_id)

@@ -11,7 +11,9 @@ answers to the ledger's outcomes:
   end may time out or fail after the back end performed it, and a retry would DM the
   person twice; to reads (the handle lookup) and to the idempotent unfollow → transient;
 - connection refused, connect/pool timeouts → transient (nothing was sent);
-- 400/401/403/404/… → permanent, with X's own error detail (never a bounce: X does not
+- 401 → the sender's token was refused: `SenderConfigError` (the sender is paused, the
+  lead waits);
+- 400/403/404/… → permanent, with X's own error detail (never a bounce: X does not
   tell a deleted account from a closed DM inbox reliably);
 - a 404 that does not carry X's JSON error body did not come from X's API (a wrong
   `X_API_BASE_URL`, a proxy): transient, retried no sooner than 10 minutes, with a message
@@ -43,6 +45,7 @@ from activities.channels.base import (
     BeforeWrite,
     OutboundMessage,
     PermanentChannelError,
+    SenderConfigError,
     SendResult,
     TransientChannelError,
     UncertainChannelError,
@@ -331,6 +334,12 @@ class XChannel:
             if retry_after is None:
                 retry_after = parse_retry_after(response.headers.get("retry-after"), now)
             raise TransientChannelError(f"x: rate limited on {where}: {detail}", code="429", retry_after=retry_after)
+        if status == 401:
+            raise SenderConfigError(
+                f"x: 401 on {where}: {detail} (the sender's X token was refused; fix X_API_TOKEN or the "
+                "sender's token, then `senders resume`)",
+                code="401",
+            )
         if (status >= 500 or status == 408) and creates:
             raise UncertainChannelError(
                 f"x: {status} on {where} ({detail}); X may have performed it, so it is not sent again",

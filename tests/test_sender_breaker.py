@@ -1,0 +1,286 @@
+"""The sender circuit breaker: our own account's problems pause the sender, leads wait.
+
+A real aiosmtpd server that refuses our login (535), real PostgreSQL, the time-skipping
+Temporal server and the production worker: the lead must not end failed, the sender is
+paused with the reason, and `senders resume` (or a successful probe after the cool-down)
+lets the lead go on, with exactly one message at the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from sqlalchemy import select
+
+from activities.channels.email import EmailChannel, SmtpPool
+from activities.channels.relay import RelayChannel
+from activities.channels.x import XChannel, make_x_client
+from db.session import SessionFactory
+from db.tables import Delivery, Enrollment, SenderAccount
+from devstack.postgres import free_port
+from models.enrollment import EnrollmentStatus
+from services import sender_breaker
+from services.sender_breaker import BreakerConfig
+from tests.engine_harness import (
+    Channels,
+    events_of,
+    make_person,
+    make_sender,
+    running_worker,
+    start_enrollment,
+    store_version,
+)
+from tests.fakes import relay_server, x_server  # noqa: F401
+from workflows.enrollment import EnrollmentWorkflow
+
+
+@dataclass
+class AuthSmtp:
+    """An SMTP server that demands AUTH and accepts the login only when told to."""
+
+    host: str
+    port: int
+    accept_login: bool = False
+    logins: int = 0
+    messages: list[bytes] = field(default_factory=list)
+
+
+class _Handler:
+    def __init__(self, rec: AuthSmtp) -> None:
+        self.rec = rec
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.rec.messages.append(envelope.content)
+        return "250 OK"
+
+
+@pytest.fixture
+def auth_smtp() -> Iterator[AuthSmtp]:
+    rec = AuthSmtp(host="127.0.0.1", port=free_port())
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        rec.logins += 1
+        return AuthResult(success=rec.accept_login, handled=False)
+
+    ctl = Controller(
+        _Handler(rec),
+        hostname=rec.host,
+        port=rec.port,
+        authenticator=authenticator,
+        auth_require_tls=False,
+        auth_required=True,
+    )
+    ctl.start()
+    yield rec
+    ctl.stop()
+
+
+@pytest.fixture
+async def channels(auth_smtp: AuthSmtp, x_server: Any, relay_server: Any) -> AsyncIterator[Channels]:  # noqa: F811
+    ch = Channels(
+        email=EmailChannel(
+            SmtpPool(auth_smtp.host, auth_smtp.port, username="sales", password="stale", size=2, timeout=10),
+            default_footer="1 Test St",
+        ),
+        x=XChannel(make_x_client(x_server.base_url, x_server.token, timeout=10)),
+        relay=RelayChannel(
+            httpx.AsyncClient(base_url=relay_server.base_url, timeout=10), relay_server.token, relay_server.signing_key
+        ),
+    )
+    yield ch
+    await ch.aclose()
+
+
+def one_email() -> dict[str, Any]:
+    return {
+        "name": f"brk-{uuid.uuid4().hex[:6]}",
+        "steps": [{"id": "m0", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]}],
+    }
+
+
+async def until(predicate: Any, what: str) -> None:
+    """Poll (bounded) until `predicate()` holds: readiness, not a wait for a timer."""
+    for _ in range(500):
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never: {what}")
+
+
+async def sender_row(sf: SessionFactory, sender_id: int) -> SenderAccount:
+    async with sf() as s:
+        acct = await s.get(SenderAccount, sender_id)
+        assert acct is not None
+        return acct
+
+
+async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+) -> None:
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, one_email())
+    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+        handles = []
+        for i in range(2):
+            pid = await make_person(session_factory, email=f"l{i}-{uuid.uuid4().hex[:6]}@lead.test")
+            handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
+
+        async def paused() -> bool:
+            return (await sender_row(session_factory, sender_id)).paused_at is not None
+
+        await until(paused, "the sender is paused")
+        acct = await sender_row(session_factory, sender_id)
+        assert acct.paused_kind == "auth" and "535" in (acct.paused_reason or "")
+        views = [await h.query(EnrollmentWorkflow.status) for h in handles]
+        assert all(v.status == EnrollmentStatus.ACTIVE for v in views), "the leads wait, they do not fail"
+        async with session_factory() as s:
+            statuses = set((await s.execute(select(Delivery.status))).scalars())
+        assert statuses <= {"claimed"}, statuses
+        # The credentials are fixed and the sender resumed: the leads go on, once each.
+        auth_smtp.accept_login = True
+        await sender_breaker.resume(session_factory, sender_id, datetime.now(UTC))
+        results = [await h.result() for h in handles]
+    assert [r.status for r in results] == [EnrollmentStatus.COMPLETED] * 2
+    assert len(auth_smtp.messages) == 2
+    assert (await sender_row(session_factory, sender_id)).paused_at is None
+    [event, *_] = await events_of(session_factory, "sender_paused")
+    assert event.data["kind"] == "auth" and event.data["sender_id"] == sender_id
+
+
+async def test_after_the_cool_down_a_successful_probe_closes_the_breaker(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+) -> None:
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, one_email())
+    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+        pid = await make_person(session_factory, email=f"p-{uuid.uuid4().hex[:6]}@lead.test")
+        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+
+        async def paused() -> bool:
+            return (await sender_row(session_factory, sender_id)).paused_at is not None
+
+        await until(paused, "the sender is paused")
+        auth_smtp.accept_login = True  # fixed, nobody resumed: the cool-down's probe finds out
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert len(auth_smtp.messages) == 1
+    assert (await sender_row(session_factory, sender_id)).paused_at is None
+
+
+async def test_the_governor_grants_no_slot_to_a_paused_sender(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+) -> None:
+    auth_smtp.accept_login = True
+    held = await make_sender(session_factory, "email", "held@acme.test")
+    other = await make_sender(session_factory, "email", "other@acme.test")
+    await sender_breaker.set_paused(session_factory, held, "warming DNS", datetime.now(UTC))
+    ref, defn = await store_version(session_factory, one_email())
+    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+        handles = []
+        for i in range(3):
+            pid = await make_person(session_factory, email=f"g{i}-{uuid.uuid4().hex[:6]}@lead.test")
+            handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
+        for h in handles:
+            await h.result()
+    async with session_factory() as s:
+        used = list((await s.execute(select(Delivery.sender_id))).scalars())
+    assert used == [other] * 3
+
+
+async def test_every_sender_paused_the_lead_waits_for_resume(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+) -> None:
+    auth_smtp.accept_login = True
+    held = await make_sender(session_factory, "email", "held@acme.test")
+    await sender_breaker.set_paused(session_factory, held, "by hand", datetime.now(UTC))
+    ref, defn = await store_version(session_factory, one_email())
+    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+        pid = await make_person(session_factory, email=f"w-{uuid.uuid4().hex[:6]}@lead.test")
+        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+
+        async def asked() -> bool:
+            described = await handle.describe()
+            raw = described.raw_description
+            return any(
+                p.activity_type.name == "reserve_send_slot" and "paused" in p.last_failure.message
+                for p in raw.pending_activities
+            )
+
+        await until(asked, "the reservation waits for the paused sender")
+        assert auth_smtp.messages == []
+        await sender_breaker.resume(session_factory, held, datetime.now(UTC))
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED and len(auth_smtp.messages) == 1
+
+
+async def _ledger_rows(sf: SessionFactory, sender_id: int, statuses: list[str]) -> None:
+    ref, _ = await store_version(sf, one_email())
+    pid = await make_person(sf, email=f"b-{uuid.uuid4().hex[:6]}@lead.test")
+    async with sf() as s, s.begin():
+        row = Enrollment(
+            sequence_id=ref.sequence_id, sequence_version_id=ref.version_id, person_id=pid, workflow_id="w"
+        )
+        s.add(row)
+        await s.flush()
+        for i, status in enumerate(statuses):
+            s.add(
+                Delivery(
+                    idempotency_key=f"k{i}",
+                    enrollment_id=row.id,
+                    step_id="m0",
+                    channel="email",
+                    action="SEND_EMAIL",
+                    sender_id=sender_id,
+                    status=status,
+                )
+            )
+
+
+@pytest.mark.parametrize(("bounced", "paused"), [(5, False), (6, True)])
+async def test_bounce_rate_over_the_threshold_pauses_the_sender(
+    session_factory: SessionFactory, bounced: int, paused: bool
+) -> None:
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    # 100 recent sends, 5% bounced is the threshold itself (not over it); older rows fall outside the window
+    await _ledger_rows(
+        session_factory, sender_id, ["bounced"] * 30 + ["sent"] * (100 - bounced) + ["bounced"] * bounced
+    )
+    now = datetime.now(UTC)
+    async with session_factory() as s, s.begin():
+        tripped = await sender_breaker.check_bounce_rate(s, sender_id, BreakerConfig(), now)
+    assert tripped is paused
+    acct = await sender_row(session_factory, sender_id)
+    assert (acct.paused_kind == "bounce_rate") is paused
+    if paused:
+        assert acct.paused_until is None, "only `senders resume` closes a bounce-rate pause"
+        assert "6 of the last 100" in (acct.paused_reason or "")
+
+
+async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any, wired: Any
+) -> None:
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    smtp_server.fail_codes.extend(["421 4.7.0 Too many messages, slow down"] * 5)
+    ref, defn = await store_version(session_factory, one_email())
+    async with wired():
+        pid = await make_person(session_factory, email=f"t-{uuid.uuid4().hex[:6]}@lead.test")
+        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert len(smtp_server.messages) == 1
+    [event] = await events_of(session_factory, "sender_paused")
+    assert event.data["kind"] == "throttle" and event.data["sender_id"] == sender_id
+    acct = await sender_row(session_factory, sender_id)
+    assert acct.paused_at is None and acct.throttle_strikes == 0, "the probe closed the breaker"
+    sched = [e for e in (await handle.fetch_history()).events if e.HasField("activity_task_started_event_attributes")]
+    assert max(e.activity_task_started_event_attributes.attempt for e in sched) >= 6
+    assert timedelta(0) < BreakerConfig().cooldown
