@@ -24,6 +24,10 @@ Benchmarks:
   2,000 waiting leads vs a bare signal round trip; and sends after a reply (must be 0).
 - provider_batch: 1,000 signed SendGrid events in one POST (target < 1 s) vs the same
   number posted one event per request; and the replay of the batch.
+- fault: a two-email campaign (--fault-leads, 300) while the real worker process is SIGKILLed
+  30 times and restarted, SMTP answers 451 to 20% of messages and the Temporal dev server
+  restarts once (its own servers, bench/fault.py); targets: 0 duplicates, 0 unrecorded
+  losses, finished within 60 s of the last fault.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import enroll, governed, provider_batch, reaction, send, webhook
+from bench import enroll, fault, governed, provider_batch, reaction, send, webhook
 from bench.common import RESULTS, record
 from bench.stack import Stack, bench_stack
 
@@ -49,9 +53,10 @@ BENCHMARKS: dict[str, Runner] = {
     "governed": lambda stack, args, tmp: governed.bench_governed(stack, 600),
     "webhook": lambda stack, args, tmp: webhook.bench_webhook(stack, args.leads, 200, tmp),
     "provider_batch": lambda stack, args, tmp: provider_batch.bench_provider_batch(stack, 1000),
+    "fault": lambda stack, args, tmp: fault.bench_fault(args, tmp),
 }
 #: Benchmarks that `make bench` runs when no --only is given.
-DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch"]
+DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch", "fault"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dev server state in a SQLite file (WAL), as `make run` keeps it, instead of in memory",
     )
     parser.add_argument("--leads", type=int, default=2000, help="waiting leads for the webhook benchmark")
+    parser.add_argument("--fault-leads", type=int, default=300, help="leads for the fault run")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     return parser.parse_args(argv)
