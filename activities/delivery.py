@@ -839,8 +839,15 @@ class _Owner:
 
     @classmethod
     def current(cls, kind: str) -> _Owner:
+        """This attempt; its number orders attempts across activities of the run.
+
+        Activity ids of a workflow run count up ("1", "2", …), and the workflow schedules a
+        new `deliver` for the same row only after the previous one ended (a paused sender),
+        so (activity id, attempt) is the order in which attempts were started.
+        """
         info = activity.info()
-        return cls(f"{kind}:{info.workflow_run_id}:{info.activity_id}:{info.attempt}", info.attempt)
+        sequence = int(info.activity_id) if info.activity_id.isdigit() else 0
+        return cls(f"{kind}:{info.workflow_run_id}:{info.activity_id}:{info.attempt}", sequence * 10_000 + info.attempt)
 
 
 async def _transition(

@@ -284,3 +284,36 @@ async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
     sched = [e for e in (await handle.fetch_history()).events if e.HasField("activity_task_started_event_attributes")]
     assert max(e.activity_task_started_event_attributes.attempt for e in sched) >= 6
     assert timedelta(0) < BreakerConfig().cooldown
+
+
+async def test_a_lead_waits_past_deliver_retries_while_its_sender_stays_paused(
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+) -> None:
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, one_email())
+    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+        pid = await make_person(session_factory, email=f"s-{uuid.uuid4().hex[:6]}@lead.test")
+        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+
+        async def paused() -> bool:
+            return (await sender_row(session_factory, sender_id)).paused_at is not None
+
+        await until(paused, "the sender is paused")
+        # Far longer than deliver's 30 attempts at the 10-minute cool-down: the login stays refused.
+        await temporal_env.sleep(timedelta(hours=8))
+        view = await handle.query(EnrollmentWorkflow.status)
+        assert view.status == EnrollmentStatus.ACTIVE, "the lead still waits for its sender"
+        auth_smtp.accept_login = True
+        await sender_breaker.resume(session_factory, sender_id, datetime.now(UTC))
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED and len(auth_smtp.messages) == 1
+    history = await handle.fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled.count("deliver") >= 2 and "give_up_delivery" not in scheduled
+    async with session_factory() as s:
+        [status] = list((await s.execute(select(Delivery.status))).scalars())
+    assert status == "sent"

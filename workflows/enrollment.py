@@ -31,7 +31,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from models.activities import (
@@ -102,6 +102,8 @@ SEND_RETRY = RetryPolicy(
 #: retried after 1 s, 2 s, 4 s … up to 10 minutes (a provider's reset header still sets the
 #: delay: `next_retry_delay`); 30 attempts span about three and a half hours.
 DELIVER_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+#: How often a lead whose sender is paused asks again once `deliver`'s retries ran out.
+SENDER_PAUSED_RECHECK = timedelta(minutes=1)
 SEND_RETRY_FAST = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -500,39 +502,7 @@ class EnrollmentWorkflow:
         self.phase = "sending"
         self.waiting_for = []
         self.until = None
-        try:
-            out: DeliverOutput = await workflow.execute_activity(
-                "deliver",
-                DeliverInput(
-                    ref=self.ref,
-                    step=step,
-                    attempt=attempt,
-                    sender_id=slot.sender_id,
-                    variant=self.state.variants.get(step.id),
-                    thread_message_ids=list(self.state.thread_message_ids),
-                    track_opens=self.defn.track_opens,
-                    now=workflow.now(),
-                ),
-                result_type=DeliverOutput,
-                start_to_close_timeout=timedelta(minutes=2),
-                **_deliver_options(),
-            )
-        except ActivityError as err:
-            out = await workflow.execute_activity(
-                "give_up_delivery",
-                DeliverInput(
-                    ref=self.ref,
-                    step=step,
-                    attempt=attempt,
-                    sender_id=slot.sender_id,
-                    variant=self.state.variants.get(step.id),
-                    now=workflow.now(),
-                ),
-                result_type=DeliverOutput,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=QUICK,
-            )
-            out.error = out.error or str(err.cause or err)
+        out = await self._deliver(step, attempt, slot.sender_id)
         self.last_delivery_status = out.status
         if self.state.path:
             self.state.path[-1].outcome = out.status
@@ -543,6 +513,54 @@ class EnrollmentWorkflow:
         if out.status in ("failed", "bounced"):
             raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
         self.state.skipped = out.status == "skipped"
+
+    async def _deliver(self, step: Step, attempt: int, sender_id: int | None) -> DeliverOutput:
+        """`deliver`, or the dead letter once its retries ran out.
+
+        Since patch `sender-paused-waits`, retries that ran out because the sender's circuit
+        breaker holds it (`SenderPaused`) are not the lead's failure: the lead waits a
+        minute (a durable timer; pause and stop still apply) and asks again, as long as it takes.
+        """
+        while True:
+            try:
+                return await workflow.execute_activity(
+                    "deliver",
+                    DeliverInput(
+                        ref=self.ref,
+                        step=step,
+                        attempt=attempt,
+                        sender_id=sender_id,
+                        variant=self.state.variants.get(step.id),
+                        thread_message_ids=list(self.state.thread_message_ids),
+                        track_opens=self.defn.track_opens,
+                        now=workflow.now(),
+                    ),
+                    result_type=DeliverOutput,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    **_deliver_options(),
+                )
+            except ActivityError as err:
+                paused = isinstance(err.cause, ApplicationError) and err.cause.type == "SenderPaused"
+                if paused and workflow.patched("sender-paused-waits"):
+                    await self._sleep_until(workflow.now() + SENDER_PAUSED_RECHECK, "waiting for paused sender", step)
+                    self.phase = "sending"
+                    continue
+                out: DeliverOutput = await workflow.execute_activity(
+                    "give_up_delivery",
+                    DeliverInput(
+                        ref=self.ref,
+                        step=step,
+                        attempt=attempt,
+                        sender_id=sender_id,
+                        variant=self.state.variants.get(step.id),
+                        now=workflow.now(),
+                    ),
+                    result_type=DeliverOutput,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=QUICK,
+                )
+                out.error = out.error or str(err.cause or err)
+                return out
 
     async def _choose_edge(self, step: Step) -> Edge | None:
         """Wait for the first of the step's edges: an event, or a timer running out."""

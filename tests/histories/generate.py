@@ -17,6 +17,7 @@ from typing import Any
 
 from temporalio import activity
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -90,8 +91,14 @@ async def reserve_send_slot(inp: ReserveSlotInput) -> ReserveSlotOutput:
     return ReserveSlotOutput(sender_id=1, slot_at=inp.not_before + timedelta(minutes=2))
 
 
+_PAUSED_ONCE: set[str] = set()
+
+
 @activity.defn(name="deliver")
 async def deliver(inp: DeliverInput) -> DeliverOutput:
+    if inp.ref.person_id == 6 and inp.step.id not in _PAUSED_ONCE:  # the sender's breaker holds it once
+        _PAUSED_ONCE.add(inp.step.id)
+        raise ApplicationError("sender 1 paused (auth)", type="SenderPaused", non_retryable=True)
     return DeliverOutput(status="sent", delivery_id=1, message_id=f"<{inp.step.id}@replay.test>")
 
 
@@ -181,6 +188,12 @@ async def main(only: set[str] | None = None) -> None:
         await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-5", channel="x"))
         await h.result()
         save("enrollment_deliver_heartbeat", (await h.fetch_history()).to_json())
+        # 6. since patch sender-paused-waits: deliver failed on a paused sender, the lead waited and asked again
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(6), id="replay-6", task_queue="replay")
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-6", channel="x"))
+        await h.result()
+        save("enrollment_sender_paused_waits", (await h.fetch_history()).to_json())
         # 6. since patch ooo-replans-send: an out-of-office while the send waits (for the window or
         #    its slot) wakes the wait and plans the send again after the return date
         h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(6), id="replay-6", task_queue="replay")
