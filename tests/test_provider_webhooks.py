@@ -269,6 +269,9 @@ async def test_sendgrid_refuses_bad_signatures_and_names_bad_fields(providers: P
     bad = json.dumps([{"email": "a@lead.test", "event": "open", "timestamp": 1}]).encode()
     resp = await p.post("sendgrid", bad, p.sendgrid.headers(bad))
     assert resp.status_code == 400 and resp.json()["field"] == "[0].sg_event_id"
+    too_long = json.dumps([sendgrid_event("open", "a@lead.test", sg_event_id="x" * 400)]).encode()
+    resp = await p.post("sendgrid", too_long, p.sendgrid.headers(too_long))
+    assert resp.status_code == 400 and resp.json()["field"] == "[0].sg_event_id"
     assert await p.inbound("sendgrid") == []
     assert (await p.hook.http.post("/webhooks/providers/nope", content=b"{}")).status_code == 404
 

@@ -88,6 +88,14 @@ def require(obj: Any, key: str, where: str, kind: type | tuple[type, ...] = str)
     return value
 
 
+def require_id(obj: Any, key: str, where: str) -> str:
+    """A provider's event id: a non-empty string of at most 280 characters."""
+    value = str(require(obj, key, where, (str, int)))
+    if len(value) > 280:
+        raise ProviderFormatError(f"{where}.{key}" if where else key, "longer than 280 characters")
+    return value
+
+
 def optional_str(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
     return str(value) if value not in (None, "") else None

@@ -23,6 +23,7 @@ from webhooks.providers.base import (
     check_fresh,
     from_unix,
     require,
+    require_id,
 )
 
 NAME = "mailgun"
@@ -63,7 +64,7 @@ def parse(data: dict[str, Any]) -> list[ProviderEvent]:
     ev = require(data, "event-data", "", dict)
     where = "event-data"
     name = require(ev, "event", where)
-    event_id = require(ev, "id", where)
+    event_id = require_id(ev, "id", where)
     occurred = from_unix(require(ev, "timestamp", where, (int, float, str)), f"{where}.timestamp")
     variables = ev.get("user-variables") or {}
     custom = {str(k): str(v) for k, v in variables.items()} if isinstance(variables, dict) else {}

@@ -26,7 +26,7 @@ from email.policy import HTTP
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
@@ -139,6 +139,10 @@ async def provider_webhook(provider: str, request: Request) -> Response:
         return JSONResponse({"error": f"authentication: {err}"}, status_code=401)
     except ProviderFormatError as err:
         return JSONResponse({"error": "invalid body", "field": err.field, "problem": err.problem}, status_code=400)
+    except ValidationError as err:  # a value of the right type but out of range (an id too long, …)
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        return JSONResponse({"error": "invalid body", "field": field, "problem": first["msg"]}, status_code=400)
     if extra is not None:
         return extra
     processor = await deps.inbound()

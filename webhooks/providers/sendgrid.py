@@ -38,6 +38,7 @@ from webhooks.providers.base import (
     check_fresh,
     from_unix,
     require,
+    require_id,
 )
 from webhooks.providers.replies import reply_text
 
@@ -164,7 +165,7 @@ def parse_events(body: bytes) -> list[ProviderEvent]:
         where = f"[{index}]"
         if not isinstance(event, dict):
             raise ProviderFormatError(where, "expected a JSON object")
-        event_id = require(event, "sg_event_id", where)
+        event_id = require_id(event, "sg_event_id", where)
         email = require(event, "email", where)
         kind, bounce = _kind(event, where)
         occurred = from_unix(require(event, "timestamp", where, (int, float)), f"{where}.timestamp")
