@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.channels.relay_tags import RELAYS
 from bench.provider_batch import seed_sent, sendgrid_batch
 from db.session import SessionFactory
-from db.tables import Delivery, Enrollment, Event, InboundEvent, Suppression
+from db.tables import Delivery, Enrollment, Event, InboundEvent, Suppression, WebhookToken
 from models.enrollment import EnrollmentStatus
 from services.stats import sequence_stats
 from services.tokens import make_token
@@ -389,8 +389,13 @@ async def test_mailgun_temporary_is_a_deferral_permanent_a_bounce_and_tokens_are
     assert (await p.post("mailgun", temporary, {})).json()["duplicates"] == 1
     wrong_key = mailgun_body("other", mailgun_event("failed", "mg@lead.test", severity="permanent"))
     assert (await p.post("mailgun", wrong_key, {})).status_code == 401
+    async with p.hook.sf() as s, s.begin():  # a token from long ago, outside any replay window
+        s.add(WebhookToken(provider="mailgun", token="ancient", seen_at=datetime.now(UTC) - timedelta(days=2)))
     permanent = mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="permanent", **variables))
     resp = await p.post("mailgun", permanent, {})
+    async with p.hook.sf() as s:
+        tokens = set((await s.execute(select(WebhookToken.token))).scalars())
+    assert "ancient" not in tokens and len(tokens) == 2  # forgotten; the recent ones are kept
     assert resp.json()["pipeline"] == {"suppressed_identity": 1}
     assert (await handle.result()).status == EnrollmentStatus.STOPPED
 

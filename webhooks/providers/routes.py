@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -27,7 +28,7 @@ import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from db.tables import InboundEvent, WebhookToken
@@ -83,11 +84,23 @@ def form_fields(content_type: str, body: bytes) -> dict[str, str]:
     return fields
 
 
-async def _remember_token(request: Request, provider: str, token: str, event_ids: list[str]) -> None:
-    """Accept a signature token once: again only for a retry of the very same event."""
+async def _remember_token(
+    request: Request, provider: str, token: str, event_ids: list[str], *, keep_seconds: int
+) -> None:
+    """Accept a signature token once: again only for a retry of the very same event.
+
+    Tokens older than `keep_seconds` are forgotten: their timestamps are outside the
+    replay window by then, so they are refused before this table is consulted.
+    """
     sf = request.app.state.deps.session_factory
     marker = ",".join(event_ids)[:200] or "-"
     async with sf() as session, session.begin():
+        await session.execute(
+            delete(WebhookToken).where(
+                WebhookToken.provider == provider,
+                WebhookToken.seen_at < func.now() - timedelta(seconds=keep_seconds),
+            )
+        )
         new = (
             await session.execute(
                 insert(WebhookToken)
@@ -175,7 +188,8 @@ async def _verify_and_parse(
             raise ProviderAuthError("missing signature object (expected Mailgun's JSON webhook body)")
         token = mailgun.verify(_secrets(cfg.mailgun_signing_keys), data, now=now, window_seconds=window)
         events = mailgun.parse(data)
-        await _remember_token(request, provider, token, [e.event_id for e in events])
+        keep = 2 * window + 600  # well past the window (clock skew both ways)
+        await _remember_token(request, provider, token, [e.event_id for e in events], keep_seconds=keep)
         return events, None
     if provider == "ses":
         msg = ses.load(body)
