@@ -128,7 +128,7 @@ class FakeService:
                 self._script.append(_Scripted(hang=True))
 
     def release(self) -> None:
-        """Let hanging requests finish (they then answer 503)."""
+        """Let hanging requests finish (they then answer 429: throttled, so surely not performed)."""
         self._released = True
         loop, event = self._loop, self._release
         if loop is not None and event is not None and not loop.is_closed():
@@ -173,7 +173,7 @@ class FakeService:
                 self._release = asyncio.Event()
             if not self._released:
                 await self._release.wait()
-            return JSONResponse({"error": "released"}, status_code=503)
+            return JSONResponse({"error": "released"}, status_code=429)
         if isinstance(step.body, str | bytes):
             return Response(step.body, status_code=step.status, headers=step.headers)
         return JSONResponse(step.body, status_code=step.status, headers=step.headers)

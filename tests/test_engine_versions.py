@@ -281,7 +281,7 @@ async def test_reply_during_a_running_send_takes_the_reply_branch(wired: Env) ->
     }  # fmt: skip
     handle = await _hanging_dm(w, raw)
     await handle.signal(EnrollmentWorkflow.replied, InboundSignal(event_id="mid-1", channel="x"))
-    w.x.release()  # the held request now fails (503): the activity retries and sends
+    w.x.release()  # the held request now fails (429, not performed): the activity retries and sends
     result = await handle.result()
     assert [p.step for p in result.path] == ["dm", "yes"]
     assert result.path[0].left_by == "REPLIED" and result.path[0].outcome == "sent"
