@@ -152,6 +152,7 @@ class Settings(BaseSettings):
     sender_bounce_rate_threshold: float = Field(default=0.05, gt=0, le=1)
     sender_bounce_min_sends: int = Field(default=20, ge=1, le=100)
     sender_throttle_strikes: int = Field(default=5, ge=1)
+    send_late_grace_seconds: float = Field(default=120.0, gt=0, le=3600)
     out_of_office_default_delay: str = "7d"
 
     @field_validator("unsubscribe_mailto")

@@ -66,12 +66,16 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
             bounce_min_sends=settings.sender_bounce_min_sends,
             throttle_strikes=settings.sender_throttle_strikes,
         ),
+        send_late_grace_seconds=settings.send_late_grace_seconds,
     )
 
 
 def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwargs: Any) -> Worker:
     """A worker with both workflows and every activity, wired to `deps`."""
-    governor = deps.governor or SendGovernor(deps.session_factory)
+    # slots keep the send gate's grace as a margin, so the caps hold at the real send times
+    governor = deps.governor or SendGovernor(
+        deps.session_factory, margin=timedelta(seconds=deps.delivery.send_late_grace_seconds)
+    )
     records = RecordActivities(deps.session_factory)
     delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
     enroll = EnrollActivities(deps.session_factory, client, EnrollTarget(task_queue=task_queue))

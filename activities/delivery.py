@@ -57,7 +57,8 @@ from activities.channels.base import (
 )
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
-from activities.governor import NoSlotError, SendGovernor
+from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
+from activities.send_gate import activity_now, check_send_gate
 from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
@@ -114,6 +115,8 @@ class DeliveryConfig:
     unsubscribe_mailto: str = ""
     #: The sender circuit breaker's thresholds and cool-down (SENDER_BREAKER_* settings).
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    #: SEND_LATE_GRACE_SECONDS: a send later than this after its slot asks for a new one.
+    send_late_grace_seconds: float = 120.0
 
 
 def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> str | None:
@@ -159,13 +162,20 @@ class DeliveryActivities:
                 delivery_key=f"{key}:r{inp.round}",
                 channel=inp.channel,
                 person_id=inp.ref.person_id,
-                now=inp.now,
+                now=activity_now(inp.now),
                 not_before=inp.not_before,
                 preferred_sender_id=inp.preferred_sender_id,
                 allowed_senders=inp.allowed_senders or None,
                 counts_as_touch=Action(inp.action) in MESSAGE_ACTIONS,
                 person_daily_cap=self.config.person_daily_touch_cap,
+                send_window=inp.send_window,
+                timeline=inp.timeline,
+                timezone=inp.timezone,
+                response=inp.response,
+                releases=[f"{key}:r{r}" for r in range(inp.round)],  # the rounds this one replaces
             )
+        except TimelineEndedError as err:
+            return ReserveSlotOutput(sender_id=None, slot_at=inp.not_before, reason=str(err), ended=True)
         except NoSlotError as err:
             # A sender whose caps allow nothing (per_day 0, say) is a configuration to fix, not a
             # lead to drop: ask again hourly, with the reason in the Web UI's pending activity.
@@ -176,7 +186,9 @@ class DeliveryActivities:
             ) from err
         if reservation.sender_id is None:
             await self._wait_for_paused_senders(inp)
-        if reservation.sender_id is not None and reservation.slot_at > inp.now:
+        # deferred: the governor moved the slot past the asked time, and says why (a slot at
+        # "now" is a few milliseconds past the workflow's time and is no deferral)
+        if reservation.sender_id is not None and reservation.reason is not None:
             async with self.session_factory() as session, session.begin():
                 await append_event(
                     session,
@@ -205,6 +217,11 @@ class DeliveryActivities:
         if channel is None:
             raise ApplicationError(f"{step.action} has no channel", non_retryable=True)
         key = delivery_key(inp.ref.enrollment_id, step.id, inp.attempt)
+        late = await check_send_gate(
+            self.session_factory, inp, key, timedelta(seconds=self.config.send_late_grace_seconds)
+        )
+        if late is not None:  # off-window or well past its slot: ask for a new slot, nothing sent
+            return late
         me = _Owner.current("deliver")
         _ATTEMPT_T0.set(time.monotonic())
         async with _heartbeating():

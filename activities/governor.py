@@ -11,8 +11,16 @@ A slot satisfies, for its sender account:
   sender's local midnight), or the warm-up allowance while the account is new,
 
 and, for the person, at most `person_daily_cap` touches in any rolling 24 hours across
-every sequence and channel. The rules themselves are pure functions in
-`activities/slot_rules.py`.
+every sequence and channel (a response to the person's own event is not held by it, but
+still counts as a touch). When the request brings its step's send window, campaign
+timeline and the person's zone, the slot is inside them too: a full day moves the slot to
+the next window opening, never to an off-window time that would eat the next day's cap.
+A timeline that ends first is reported (`TimelineEndedError`), with nothing booked. The
+rules themselves are pure functions in `activities/slot_rules.py`.
+
+A new round for the same delivery (the send came too late or off-window at the moment of
+sending and asks again) releases the slots of the earlier rounds in the same transaction:
+they no longer count toward the sender's or the person's caps.
 
 Concurrency: reservations are serialized per sender with a row lock (`SELECT … FOR
 UPDATE`) and per person with an advisory lock, so the caps hold for any number of
@@ -20,9 +28,10 @@ workers. Within one worker, reservations of a channel that arrive together are d
 as one batch in one transaction (group commit): one lock, one read of the senders' slots,
 every decision in memory, one insert. A thousand leads asking at once cost a handful of
 transactions instead of a thousand queued behind one lock. Reservations are idempotent per
-delivery key, so activity retries never take a second slot. Times come from the caller
-(the workflow's clock), never from the wall clock. A slot that ends up unused (the lead
-was stopped) simply stays taken: wasting capacity is safe.
+delivery key, so activity retries never take a second slot. A slot is never earlier than
+the later of the caller's time (the workflow's clock) and the governor's own clock, so a
+reservation that ran late never books a time already past. A slot that ends up unused
+(the lead was stopped) simply stays taken: wasting capacity is safe.
 """
 
 from __future__ import annotations
@@ -34,23 +43,27 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from activities.slot_rules import NoSlotError, SenderBook, choose_slot
+from activities.slot_rules import Align, NoSlotError, SenderBook, TimelineEndedError, choose_slot
 from db.session import SessionFactory
 from db.tables import SenderAccount, SendSlot
+from models.schedule import earliest_action_time
+from models.sequence import SendWindow, Timeline, zone
 from services.sender_breaker import is_paused
 
-__all__ = ["NoSlotError", "Reservation", "SendGovernor"]
+__all__ = ["NoSlotError", "Reservation", "SendGovernor", "TimelineEndedError"]
 
 MAX_BATCH = 200
 # How far before the earliest requested start a granted slot can still matter: the start
 # of the sender's local day (up to 24 h, 25 h across a DST change) and the person's
 # rolling 24 hours.
 LOOKBACK = timedelta(hours=26)
+DAY = timedelta(hours=24)
 
 
 @dataclass
@@ -74,6 +87,9 @@ class _Request:
     counts_as_touch: bool
     person_daily_cap: int
     future: asyncio.Future[Reservation] = field(repr=False)
+    align: Align | None = None
+    response: bool = False
+    releases: list[str] = field(default_factory=list)
 
     @property
     def start(self) -> datetime:
@@ -81,18 +97,27 @@ class _Request:
 
     @property
     def person_capped(self) -> bool:
-        return self.person_id is not None and self.counts_as_touch and self.person_daily_cap > 0
+        return self.person_id is not None and self.counts_as_touch and not self.response and self.person_daily_cap > 0
 
 
 class SendGovernor:
     """Allocates send slots for sender accounts."""
 
     def __init__(
-        self, session_factory: SessionFactory, rng: random.Random | None = None, max_batch: int = MAX_BATCH
+        self,
+        session_factory: SessionFactory,
+        rng: random.Random | None = None,
+        max_batch: int = MAX_BATCH,
+        clock: Callable[[], datetime] | None = None,
+        margin: timedelta = timedelta(0),
     ) -> None:
+        """`margin`: how late a send may go out after its slot (the send gate's grace); the
+        caps are kept with that much room so they hold at the real send times too."""
         self.session_factory = session_factory
+        self.margin = margin
         self.rng = rng or random.Random()
         self.max_batch = max_batch
+        self.clock = clock or (lambda: datetime.now(UTC))
         self._pending: dict[str, list[_Request]] = defaultdict(list)
         self._flushers: dict[str, asyncio.Task[None]] = {}
 
@@ -108,19 +133,35 @@ class SendGovernor:
         allowed_senders: list[str] | None = None,
         counts_as_touch: bool = True,
         person_daily_cap: int = 1,
+        send_window: SendWindow | None = None,
+        timeline: Timeline | None = None,
+        timezone: str | None = None,
+        response: bool = False,
+        releases: list[str] | None = None,
     ) -> Reservation:
-        """Reserve (or return the existing) slot for `delivery_key`."""
+        """Reserve (or return the existing) slot for `delivery_key`.
+
+        `send_window` and `timeline` are read in the person's `timezone`; `response` marks
+        a send answering the person's own event (not held by the person's cap);
+        `releases` are the delivery keys of earlier rounds this one replaces.
+        """
+        align: Align | None = None
+        if send_window is not None or timeline is not None:
+            align = partial(earliest_action_time, window=send_window, timeline=timeline, tz=zone(timezone))
         request = _Request(
             delivery_key=delivery_key,
             channel=channel,
             person_id=person_id,
-            now=now,
+            now=max(now, self.clock()),
             not_before=not_before,
             preferred_sender_id=preferred_sender_id,
             allowed_senders=list(allowed_senders) if allowed_senders else None,
             counts_as_touch=counts_as_touch,
             person_daily_cap=person_daily_cap,
             future=asyncio.get_running_loop().create_future(),
+            align=align,
+            response=response,
+            releases=list(releases or []),
         )
         self._pending[channel].append(request)
         flusher = self._flushers.get(channel)
@@ -180,7 +221,10 @@ class SendGovernor:
                     .with_for_update()
                 )
                 locked = {a.id: a for a in rows.scalars()}
-            people = sorted({r.person_id for r in todo if r.person_capped and r.person_id is not None})
+            # Every send that adds a touch locks its person, responses too (they count for later touches).
+            people = sorted(
+                {r.person_id for r in todo if r.person_id is not None and r.counts_as_touch and r.person_daily_cap > 0}
+            )
             if people:
                 await session.execute(
                     text(
@@ -191,9 +235,16 @@ class SendGovernor:
                 )
             # A concurrent retry of the same key in another worker may have won meanwhile.
             done.update(await self._existing(session, [r.delivery_key for r in todo]))
+            released = sorted({k for r in todo if r.delivery_key not in done for k in r.releases})
+            if released:  # earlier rounds of these deliveries: free their capacity before deciding
+                await session.execute(
+                    update(SendSlot)
+                    .where(SendSlot.delivery_key.in_(released), SendSlot.released_at.is_(None))
+                    .values(released_at=func.now())
+                )
 
             earliest = min(r.start for r in todo)
-            books = await self._books(session, list(locked.values()), earliest)
+            books = await self._books(session, list(locked.values()), earliest, self.margin)
             touches = await self._touches(session, people, earliest)
 
             outcomes: list[Reservation | Exception] = []
@@ -214,8 +265,17 @@ class SendGovernor:
                 jitters = {a.id: timedelta(seconds=self.rng.uniform(0, a.jitter_seconds or 0)) for a in accts}
                 try:
                     slot_at, book, why = choose_slot(
-                        [books[a.id] for a in accts], person_times, request.start, request.person_daily_cap, jitters
+                        [books[a.id] for a in accts],
+                        person_times,
+                        request.start,
+                        request.person_daily_cap,
+                        jitters,
+                        request.align,
+                        DAY + self.margin,
                     )
+                except TimelineEndedError as err:
+                    outcomes.append(err)
+                    continue
                 except NoSlotError as err:
                     outcomes.append(NoSlotError(f"no slot for person {request.person_id} on {channel}: {err}"))
                     continue
@@ -249,7 +309,9 @@ class SendGovernor:
         return {key: Reservation(sender_id, slot_at, None) for key, sender_id, slot_at in rows}
 
     @staticmethod
-    async def _books(session: AsyncSession, accounts: list[SenderAccount], earliest: datetime) -> dict[int, SenderBook]:
+    async def _books(
+        session: AsyncSession, accounts: list[SenderAccount], earliest: datetime, margin: timedelta
+    ) -> dict[int, SenderBook]:
         books = {
             a.id: SenderBook(
                 sender_id=a.id,
@@ -258,6 +320,7 @@ class SendGovernor:
                 min_spacing=timedelta(seconds=a.min_spacing_seconds or 0),
                 tz=ZoneInfo(a.timezone or "UTC"),
                 day_cap=_warmup(a),
+                margin=margin,
             )
             for a in accounts
         }
@@ -268,7 +331,11 @@ class SendGovernor:
         )
         rows = await session.execute(
             select(SendSlot.sender_id, SendSlot.slot_at)
-            .where(SendSlot.sender_id.in_(list(books)), SendSlot.slot_at > earliest - lookback)
+            .where(
+                SendSlot.sender_id.in_(list(books)),
+                SendSlot.slot_at > earliest - lookback,
+                SendSlot.released_at.is_(None),
+            )
             .order_by(SendSlot.slot_at)
         )
         for sender_id, slot_at in rows:
@@ -286,6 +353,7 @@ class SendGovernor:
                 SendSlot.person_id.in_(people),
                 SendSlot.counts_as_touch.is_(True),
                 SendSlot.slot_at > earliest - LOOKBACK,
+                SendSlot.released_at.is_(None),
             )
             .order_by(SendSlot.slot_at)
         )

@@ -161,6 +161,8 @@ class SendSlot(Base):
     slot_at: Mapped[datetime] = mapped_column()
     counts_as_touch: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    released_at: Mapped[datetime | None] = mapped_column()
+    """Set when a later round of the same delivery replaced this slot: it holds no cap any more."""
 
     __table_args__ = (
         Index("ix_send_slots_sender_at", "sender_id", "slot_at"),

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from models.enrollment import SequenceRef
-from models.sequence import Step
+from models.sequence import SendWindow, Step, Timeline
 
 
 class EnrollmentRef(BaseModel):
@@ -54,14 +54,26 @@ class ReserveSlotInput(BaseModel):
     not_before: datetime
     preferred_sender_id: int | None = None
     allowed_senders: list[str] = Field(default_factory=list)
+    send_window: SendWindow | None = None
+    """The step's send window, read in `timezone`: the slot is granted inside it."""
+    timeline: Timeline | None = None
+    """The campaign's timeline: no slot before its start; none at all after its end."""
+    timezone: str | None = None
+    """The person's IANA zone (the window's zone)."""
+    response: bool = False
+    """The step answers the person's own event (a reply, an acceptance): no person cap."""
 
 
 class ReserveSlotOutput(BaseModel):
-    """The granted sender and time (`sender_id` None: no sender account for the channel)."""
+    """The granted sender and time (`sender_id` None: no sender account for the channel).
+
+    `ended`: the campaign timeline ends before any slot; nothing was booked.
+    """
 
     sender_id: int | None
     slot_at: datetime
     reason: str | None = None
+    ended: bool = False
 
 
 class DeliverInput(BaseModel):
@@ -75,10 +87,18 @@ class DeliverInput(BaseModel):
     thread_message_ids: list[str] = Field(default_factory=list)
     track_opens: bool = False
     now: datetime
+    slot_at: datetime | None = None
+    """The granted slot. When set, the moment-of-send gate runs: a send that is late for its
+    slot or outside `send_window`/`timeline` (in `timezone`) returns `reschedule` unsent."""
+    send_window: SendWindow | None = None
+    timeline: Timeline | None = None
+    timezone: str | None = None
+    round: int = 0
 
 
 class DeliverOutput(BaseModel):
-    """What happened: sent, suppressed, failed, bounced, uncertain."""
+    """What happened: sent, suppressed, failed, bounced, uncertain, skipped; or `reschedule`:
+    nothing was sent nor recorded in the ledger, the send asks the governor for a new slot."""
 
     status: str
     delivery_id: int | None = None

@@ -75,6 +75,9 @@ class EnrollmentState(BaseModel):
     paused_for_seconds: float = 0.0
     runs: int = 1
     via: str | None = None
+    reached_via: str | None = None
+    """The person's own event that led to the current step ("TRIGGER:event id"), or None:
+    such a step is a response, not held by the person's touch cap."""
     skipped: bool = False
 
 

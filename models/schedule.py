@@ -62,6 +62,41 @@ def earliest_action_time(
     return candidate
 
 
+def allowed_at(
+    moment: datetime,
+    window: SendWindow | None,
+    timeline: Timeline | None,
+    tz: ZoneInfo,
+) -> bool:
+    """True when an action may run at `moment`: inside the window and the campaign timeline."""
+    return earliest_action_time(moment, window, timeline, tz) == moment
+
+
+def send_gate(
+    now: datetime,
+    slot_at: datetime,
+    window: SendWindow | None,
+    timeline: Timeline | None,
+    tz: ZoneInfo,
+    grace: timedelta,
+) -> str | None:
+    """Why a send booked for `slot_at` must not go out at `now` (it asks for a new slot), or None.
+
+    Checked right before the provider call. A send that runs late (held by a pause, a
+    retry backlog, an outage) would go out off-window, or bunched with the sends that keep
+    their own slots, over the sender's hourly cap: past `grace` after its slot, it goes
+    back to the governor instead, which books a time that holds every cap and window.
+    """
+    if timeline and timeline.end and now >= as_aware(timeline.end, tz):
+        return "the campaign timeline has ended"
+    if not allowed_at(now, window, timeline, tz):
+        return f"{now.astimezone(tz):%a %H:%M} ({tz.key}) is outside the send window"
+    late = now - slot_at
+    if late > grace:
+        return f"{int(late.total_seconds())} s past its slot (more than {int(grace.total_seconds())} s)"
+    return None
+
+
 def choose_variant(variants: Seq[Variant], *, key: str) -> Variant | None:
     """Pick a variant by weight, the same one every time for the same key (person)."""
     if not variants:

@@ -27,6 +27,7 @@ from db.tables import SenderAccount, SendSlot
 from tests.engine_harness import make_person
 
 T0 = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)  # a Monday
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # the governors' own clock: the callers' times rule here
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 WORKERS = 4
@@ -37,7 +38,10 @@ async def workers(database_url: str) -> AsyncIterator[list[SendGovernor]]:
     """Four governors, each with its own engine (its own connections), seeded RNGs."""
     engines = [make_engine(database_url, pool_size=2) for _ in range(WORKERS)]
     try:
-        yield [SendGovernor(make_session_factory(e), rng=random.Random(i)) for i, e in enumerate(engines)]
+        yield [
+            SendGovernor(make_session_factory(e), rng=random.Random(i), clock=lambda: EPOCH)
+            for i, e in enumerate(engines)
+        ]
     finally:
         for e in engines:
             await e.dispose()
@@ -444,7 +448,7 @@ async def test_a_sender_that_can_never_send_is_a_classified_hourly_retry(session
     pid = await make_person(session_factory, email="lead@lead.test")
     activities = DeliveryActivities(
         session_factory,
-        SendGovernor(session_factory),
+        SendGovernor(session_factory, clock=lambda: EPOCH),
         {},
         DeliveryConfig(public_base_url="https://links.acme.test", link_secret="s", postal_address="1 Test St"),
     )
@@ -468,3 +472,95 @@ async def test_a_sender_that_can_never_send_is_a_classified_hourly_retry(session
     assert "no free slot within 366 days" in str(caught.value)
     async with session_factory() as s:
         assert (await s.execute(select(SendSlot))).scalars().all() == []
+
+
+# --------------------------------------------------------------------------- windows, rounds, responses
+
+
+async def test_slots_stay_inside_the_persons_window_and_rounds_release_their_slot(
+    workers: list[SendGovernor], session_factory: SessionFactory
+) -> None:
+    """Issue 11: a full day moved the slot to the sender's midnight, off-window, and a later
+    round of the same delivery left it booked, eating the next day's cap and the person's."""
+    from models.sequence import SendWindow
+
+    ny = ZoneInfo("America/New_York")
+    window = SendWindow(days=["mon", "tue", "wed", "thu", "fri"], start="09:00", end="17:30")
+    acct = await add_account(session_factory, "win@acme.test", per_day=3, timezone="UTC")
+    people = [await make_person(session_factory, email=f"w{i}@lead.test") for i in range(8)]
+    friday_nine = datetime(2024, 3, 8, 9, 0, tzinfo=ny).astimezone(UTC)
+    base: dict[str, object] = {
+        "channel": "email",
+        "now": friday_nine,
+        "not_before": friday_nine,
+        "send_window": window,
+        "timezone": "America/New_York",
+        "person_daily_cap": 1,
+    }
+    jobs = [{"delivery_key": f"e{i}:first:1:r0", "person_id": pid, **base} for i, pid in enumerate(people)]
+    granted = await reserve_concurrently(workers, jobs)
+    local = sorted(r.slot_at.astimezone(ny) for r in granted.values())
+    assert [(t.strftime("%a %H:%M"), n) for t, n in sorted(Counter(local).items())] == [
+        ("Fri 09:00", 3),
+        ("Mon 09:00", 3),
+        ("Tue 09:00", 2),
+    ]
+    assert {r.reason for r in granted.values() if r.slot_at > friday_nine} == {"daily cap"}
+
+    # one Friday lead was paused past its slot: its next round, asked on Friday at 23:00,
+    # releases the Friday slot (nothing went out at it) and gets Tuesday's last place
+    first = next(k for k, r in granted.items() if r.slot_at == friday_nine)
+    person = next(j["person_id"] for j in jobs if j["delivery_key"] == first)
+    late = friday_nine + timedelta(hours=14)
+    again = await workers[1].reserve(
+        **{**base, "delivery_key": first.replace(":r0", ":r1"), "person_id": person, "now": late, "not_before": late},  # type: ignore[arg-type]
+        releases=[first],
+    )
+    assert again.slot_at.astimezone(ny) == datetime(2024, 3, 12, 9, 0, tzinfo=ny)
+    rows = await slots(session_factory, acct.id)
+    released = [r for r in rows if r.released_at is not None]
+    assert [r.delivery_key for r in released] == [first]
+    # the released slot no longer counts: Friday has room again for another lead
+    extra = await make_person(session_factory, email="extra@lead.test")
+    fri = await workers[2].reserve(**{**base, "delivery_key": "x:first:1:r0", "person_id": extra})  # type: ignore[arg-type]
+    assert fri.slot_at == friday_nine
+    # nor does it hold the person's cap: a DM to them on Friday morning is not pushed past it
+    await add_account(session_factory, "704", channel="x")
+    ten = friday_nine + HOUR
+    dm = await workers[3].reserve(
+        **{**base, "channel": "x", "delivery_key": "p:dm:1:r0", "person_id": person, "not_before": ten}  # type: ignore[arg-type]
+    )
+    assert dm.slot_at == ten and dm.reason is None
+
+
+async def test_a_response_is_not_held_by_the_person_cap_but_counts_as_a_touch(
+    workers: list[SendGovernor], session_factory: SessionFactory
+) -> None:
+    await add_account(session_factory, "resp@acme.test", channel="email")
+    await add_account(session_factory, "703", channel="x")
+    pid = await make_person(session_factory, email="r@lead.test")
+    gov = workers[0]
+    base: dict[str, object] = {"person_id": pid, "now": T0, "person_daily_cap": 1}
+    request = await gov.reserve(delivery_key="req", channel="x", not_before=T0, **base)  # type: ignore[arg-type]
+    # the person accepted two hours later: the DM answers them and goes at once
+    dm = await gov.reserve(
+        delivery_key="dm",
+        channel="x",
+        not_before=T0 + 2 * HOUR,
+        response=True,
+        **base,  # type: ignore[arg-type]
+    )
+    cold = await gov.reserve(delivery_key="cold", channel="email", not_before=T0 + 3 * HOUR, **base)  # type: ignore[arg-type]
+    assert request.slot_at == T0
+    assert dm.slot_at == T0 + 2 * HOUR and dm.reason is None
+    assert cold.slot_at == T0 + 2 * HOUR + DAY and cold.reason == "person frequency cap"  # after the DM
+
+
+async def test_the_governor_never_books_before_its_own_clock(session_factory: SessionFactory) -> None:
+    """A request whose time is stale (a retry backlog) gets a slot from the governor's now."""
+    await add_account(session_factory, "clock@acme.test")
+    gov = SendGovernor(session_factory, clock=lambda: T0 + DAY)
+    res = await gov.reserve(delivery_key="k", channel="email", person_id=None, now=T0, not_before=T0)
+    assert res.slot_at == T0 + DAY
+    later = await gov.reserve(delivery_key="k2", channel="email", person_id=None, now=T0, not_before=T0 + 2 * DAY)
+    assert later.slot_at == T0 + 2 * DAY

@@ -23,7 +23,13 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 def test_histories_are_present() -> None:
     names = {p.stem for p in HISTORIES}
-    assert {"enrollment_reply", "enrollment_timeouts_pause", "enrollment_continue_as_new", "audience"} <= names
+    assert {
+        "enrollment_reply",
+        "enrollment_timeouts_pause",
+        "enrollment_continue_as_new",
+        "audience",
+        "enrollment_send_gate",
+    } <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

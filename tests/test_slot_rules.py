@@ -5,11 +5,24 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from activities.slot_rules import HOUR, NoSlotError, SenderBook, choose_slot, hour_ok, local_day, person_earliest
+from activities.slot_rules import (
+    HOUR,
+    Align,
+    NoSlotError,
+    SenderBook,
+    TimelineEndedError,
+    choose_slot,
+    hour_ok,
+    local_day,
+    person_earliest,
+)
+from models.schedule import earliest_action_time
+from models.sequence import SendWindow, Timeline
 
 T0 = datetime(2026, 3, 6, 20, 0, tzinfo=UTC)  # a Friday evening, before a DST change in New York
 
@@ -145,3 +158,77 @@ def test_a_sender_that_can_never_send_is_an_error() -> None:
     book = SenderBook(1, per_hour=1, per_day=0, min_spacing=timedelta(0), tz=ZoneInfo("UTC"))
     with pytest.raises(NoSlotError):
         book.earliest(T0)
+
+
+# --------------------------------------------------------------------------- windows and margin
+
+
+def _aligner(window: SendWindow, tz: ZoneInfo, timeline: Timeline | None = None) -> Align:
+    return partial(earliest_action_time, window=window, timeline=timeline, tz=tz)
+
+
+def test_a_full_day_moves_to_the_next_window_opening_not_to_midnight() -> None:
+    """Issue 11: the slot after a full day was the sender's midnight, outside the window."""
+    ny = ZoneInfo("America/New_York")
+    window = SendWindow(days=["mon", "tue", "wed", "thu", "fri"], start="09:00", end="17:30")
+    book = SenderBook(1, per_hour=100, per_day=3, min_spacing=timedelta(0), tz=ZoneInfo("UTC"))
+    friday_nine = datetime(2026, 3, 6, 9, 0, tzinfo=ny).astimezone(UTC)
+    slots = []
+    for _ in range(7):
+        slot, _, why = choose_slot([book], None, friday_nine, 0, {}, _aligner(window, ny))
+        book.add(slot)
+        slots.append((slot.astimezone(ny), why))
+    assert [s for s, _ in slots[:3]] == [friday_nine.astimezone(ny)] * 3
+    monday_nine = datetime(2026, 3, 9, 9, 0, tzinfo=ny)  # after the weekend and the DST change
+    assert slots[3] == (monday_nine, "daily cap")
+    assert [s for s, _ in slots[3:6]] == [monday_nine] * 3
+    assert slots[6][0] == datetime(2026, 3, 10, 9, 0, tzinfo=ny)
+
+
+def test_the_window_holds_with_the_person_cap_and_every_rule() -> None:
+    rng = random.Random(3)
+    tz = ZoneInfo("Asia/Kolkata")
+    window = SendWindow(days=["mon", "wed", "fri"], start="10:00", end="12:00")
+    align = _aligner(window, tz)
+    book = SenderBook(1, per_hour=3, per_day=5, min_spacing=timedelta(minutes=7), tz=ZoneInfo("UTC"))
+    touches: dict[int, list[datetime]] = {p: [] for p in range(6)}
+    for _ in range(60):
+        person = rng.randrange(6)
+        start = T0 + timedelta(minutes=rng.randint(0, 60 * 24 * 5))
+        slot, _, _ = choose_slot([book], touches[person], start, 1, {}, align)
+        assert slot >= start and align(slot) == slot, slot.astimezone(tz)
+        book.add(slot)
+        touches[person] = sorted([*touches[person], slot])
+    assert _max_in_any_hour(book.times) <= 3
+    assert max(Counter(local_day(t, book.tz)[0] for t in book.times).values()) <= 5
+    assert all(_max_in_any_day(t) <= 1 for t in touches.values())
+
+
+def test_a_timeline_that_ends_first_is_reported() -> None:
+    window = SendWindow(days=["mon"], start="09:00", end="10:00")
+    timeline = Timeline(end=datetime(2026, 3, 10, 0, 0, tzinfo=UTC))
+    book = SenderBook(1, per_hour=100, per_day=1, min_spacing=timedelta(0), tz=ZoneInfo("UTC"))
+    monday = datetime(2026, 3, 9, 9, 0, tzinfo=UTC)
+    align = _aligner(window, ZoneInfo("UTC"), timeline)
+    slot, _, _ = choose_slot([book], None, monday, 0, {}, align)
+    book.add(slot)
+    with pytest.raises(TimelineEndedError):
+        choose_slot([book], None, monday, 0, {}, align)
+
+
+def test_margin_widens_the_hour_and_keeps_off_the_end_of_the_day() -> None:
+    """A send may go out up to `margin` after its slot: the caps must hold at that time too."""
+    margin = timedelta(minutes=2)
+    book = SenderBook(1, per_hour=2, per_day=10, min_spacing=timedelta(0), tz=ZoneInfo("UTC"), margin=margin)
+    book.add(T0)
+    book.add(T0 + timedelta(minutes=10))
+    slot, why = book.earliest(T0 + HOUR)
+    assert slot == T0 + HOUR + margin and why == "hourly cap"
+    late_first = T0 + margin  # the first send ran as late as allowed: still two in any hour
+    assert _max_in_any_hour([late_first, T0 + timedelta(minutes=10), slot]) == 2
+    day_end = datetime.combine(T0.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    slot, why = book.earliest(day_end - timedelta(minutes=1))
+    assert slot == day_end and why == "end of day"
+    assert person_earliest([T0], T0 + timedelta(hours=24), 1, timedelta(hours=24) + margin)[0] == (
+        T0 + timedelta(hours=24) + margin
+    )

@@ -21,6 +21,11 @@ Semantics worth knowing (also in the README):
   channel (no X account, say) skips that step: its timed edge (NOT_* or NORMAL_EDGE)
   is taken at once, since the awaited event cannot come. An uncertain delivery (the provider may
   have accepted it) is never re-sent; the lead continues as if it was sent.
+* A step reached through the person's own event (`state.reached_via`) is a response: the
+  governor does not hold it by the person's touch cap (sender caps and the window do).
+* The governor grants slots inside the send window and timeline. If the send still
+  cannot go at its slot (paused past it, a retry backlog), `deliver` answers `reschedule`
+  without sending and the step asks for a new slot: a new round, which releases the old.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
     from models.sequence import (
         EVENT_TRIGGERS,
         Action,
+        Channel,
         Edge,
         Step,
         Trigger,
@@ -86,6 +92,9 @@ NEGATIVE_TWIN = {
     Trigger.NOT_FOLLOWED_BACK: Trigger.FOLLOWED_BACK,
 }
 SEEN_IDS_KEPT = 2000
+#: Deliver runs the moment-of-send gate and may answer `reschedule` (issue 11).
+SEND_GATE_PATCH = "send-gate-reschedule"
+RESCHEDULE = "reschedule"
 
 QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 SEND_RETRY = RetryPolicy(
@@ -375,6 +384,7 @@ class EnrollmentWorkflow:
         self.state.path.append(PathEntry(step=step.id, visit=visit, started_at=workflow.now()))
         self._upsert()
         via, self.state.via = self.state.via, None
+        self.state.reached_via = via
         if visit == 1 and step.id == self.defn.first_step.id and self.inp.first_step_recorded:
             return  # the enrolling activity logged it with the enrollment, in bulk
         await self._record("step_started", step, action=str(step.action), visit=visit, via=via)
@@ -456,6 +466,31 @@ class EnrollmentWorkflow:
         # Since this patch an out-of-office that arrives while the send waits (for its time or
         # for its slot) moves it past the return date: the wait wakes and the send is planned again.
         replan = workflow.patched("ooo-replans-send")
+        while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
+            slot, round_ = await self._book_slot(step, channel, desired, attempt, round_, replan)
+            out = await self._send(step, slot, attempt, round_)
+            if out.status != RESCHEDULE:
+                break
+            # Late or off-window at the moment of sending: nothing went out; a new round
+            # asks the governor again from now (and releases this round's slot).
+            desired = workflow.now()
+            round_ += 1
+        self.last_delivery_status = out.status
+        if self.state.path:
+            self.state.path[-1].outcome = out.status
+        if out.status in ("sent", "uncertain") and out.message_id and step.action == Action.SEND_EMAIL:
+            self.state.thread_message_ids.append(out.message_id)
+        if out.status == "suppressed":
+            raise _Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
+        if out.status in ("failed", "bounced"):
+            raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
+        self.state.skipped = out.status == "skipped"
+
+    async def _book_slot(
+        self, step: Step, channel: Channel, desired: datetime, attempt: int, round_: int, replan: bool
+    ) -> tuple[ReserveSlotOutput, int]:
+        """Wait for the send's time, reserve a slot and wait for it; the slot and its round."""
+        response = self.state.reached_via is not None
         while True:
             if replan and self.state.not_before is not None:
                 desired = max(desired, self.state.not_before)
@@ -477,64 +512,75 @@ class EnrollmentWorkflow:
                     not_before=when,
                     preferred_sender_id=self.state.senders.get(str(channel)),
                     allowed_senders=list(self.defn.senders.get(channel, [])),
+                    send_window=self.defn.send_window,
+                    timeline=self.defn.timeline,
+                    timezone=self.tz.key,
+                    response=response,
                 ),
                 result_type=ReserveSlotOutput,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=QUICK,
             )
+            if slot.ended:
+                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended before a send slot")
             if slot.sender_id is None:
                 await self._record("failed", step, error=f"no active {channel} sender account")
                 raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
             self.state.senders[str(channel)] = slot.sender_id
             if not await self._sleep_until(slot.slot_at, "waiting for send slot", step, replan=replan):
-                round_ += 1  # a new reservation from the return date (the old slot goes unused)
+                round_ += 1  # a new reservation from the return date (it releases the old slot)
                 continue
             again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
             if again == slot.slot_at:
-                break
+                return slot, round_
             if again is None:
                 raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
             desired = again  # the slot fell outside the window: ask again from its opening
             round_ += 1
+
+    async def _send(self, step: Step, slot: ReserveSlotOutput, attempt: int, round_: int) -> DeliverOutput:
+        """Send at the slot (through the ledger); the outcome, or `reschedule` from the send gate."""
         self.state.not_before = None
         await self._hold_while_paused()
         self._check_terminal()
         self.phase = "sending"
         self.waiting_for = []
         self.until = None
-        out = await self._deliver(step, attempt, slot.sender_id)
-        self.last_delivery_status = out.status
-        if self.state.path:
-            self.state.path[-1].outcome = out.status
-        if out.status in ("sent", "uncertain") and out.message_id and step.action == Action.SEND_EMAIL:
-            self.state.thread_message_ids.append(out.message_id)
-        if out.status == "suppressed":
-            raise _Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
-        if out.status in ("failed", "bounced"):
-            raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
-        self.state.skipped = out.status == "skipped"
+        return await self._deliver(step, attempt, slot.sender_id, slot=slot, round_=round_)
 
-    async def _deliver(self, step: Step, attempt: int, sender_id: int | None) -> DeliverOutput:
+    async def _deliver(
+        self, step: Step, attempt: int, sender_id: int | None, *, slot: ReserveSlotOutput, round_: int
+    ) -> DeliverOutput:
         """`deliver`, or the dead letter once its retries ran out.
+
+        Since patch `send-gate-reschedule`, `deliver` gets the slot, window and timeline and
+        may answer `reschedule` (late or off-window at the moment of sending).
 
         Since patch `sender-paused-waits`, retries that ran out because the sender's circuit
         breaker holds it (`SenderPaused`) are not the lead's failure: the lead waits a
         minute (a durable timer; pause and stop still apply) and asks again, as long as it takes.
         """
         while True:
+            request = DeliverInput(
+                ref=self.ref,
+                step=step,
+                attempt=attempt,
+                sender_id=sender_id,
+                variant=self.state.variants.get(step.id),
+                thread_message_ids=list(self.state.thread_message_ids),
+                track_opens=self.defn.track_opens,
+                now=workflow.now(),
+            )
+            if workflow.patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
+                request.slot_at = slot.slot_at
+                request.send_window = self.defn.send_window
+                request.timeline = self.defn.timeline
+                request.timezone = self.tz.key
+                request.round = round_
             try:
                 return await workflow.execute_activity(
                     "deliver",
-                    DeliverInput(
-                        ref=self.ref,
-                        step=step,
-                        attempt=attempt,
-                        sender_id=sender_id,
-                        variant=self.state.variants.get(step.id),
-                        thread_message_ids=list(self.state.thread_message_ids),
-                        track_opens=self.defn.track_opens,
-                        now=workflow.now(),
-                    ),
+                    request,
                     result_type=DeliverOutput,
                     start_to_close_timeout=timedelta(minutes=2),
                     **_deliver_options(),

@@ -99,6 +99,8 @@ async def deliver(inp: DeliverInput) -> DeliverOutput:
     if inp.ref.person_id == 6 and inp.step.id not in _PAUSED_ONCE:  # the sender's breaker holds it once
         _PAUSED_ONCE.add(inp.step.id)
         raise ApplicationError("sender 1 paused (auth)", type="SenderPaused", non_retryable=True)
+    if inp.ref.workflow_id == "replay-7" and inp.slot_at is not None and inp.round == 0:
+        return DeliverOutput(status="reschedule", error="late for its slot")  # the send gate, once per step
     return DeliverOutput(status="sent", delivery_id=1, message_id=f"<{inp.step.id}@replay.test>")
 
 
@@ -208,6 +210,12 @@ async def main(only: set[str] | None = None) -> None:
         await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-6", channel="x"))
         await h.result()
         save("enrollment_ooo_replans_send", (await h.fetch_history()).to_json())
+        # 7. since patch send-gate-reschedule: each send is rescheduled once by the gate, then sent
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(7), id="replay-7", task_queue="replay")
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-7", channel="x"))
+        await h.result()
+        save("enrollment_send_gate", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
