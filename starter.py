@@ -359,6 +359,58 @@ def senders_test(sender_id: int = typer.Argument(..., help="the sender's id (see
         raise typer.Exit(1)
 
 
+@senders_app.command("dkim")
+def senders_dkim(
+    sender_id: int = typer.Argument(..., help="the email sender's id (see `senders list`)"),
+    selector: str | None = typer.Option(None, "--selector", help="the DKIM selector, e.g. s1"),
+    key_file: Path | None = typer.Option(
+        None, "--key-file", dir_okay=False, help="PEM RSA private key (openssl genrsa -out dkim.pem 2048)"
+    ),
+    domain: str | None = typer.Option(None, "--domain", help="signing domain d= (default: the From domain)"),
+    clear: bool = typer.Option(False, "--clear", help="stop signing for this sender"),
+) -> None:
+    """Sign a sender's email with DKIM (key stored encrypted with SECRETS_KEY); print the DNS record."""
+    from services import sender_dkim
+    from services.secret_box import SecretBox, SecretKeyError
+
+    if clear:
+        _run(lambda sf: sender_dkim.clear_sender_dkim(sf, sender_id))
+        console.print(f"sender {sender_id}: Sequencer no longer signs its email (remove the DNS record when unused)")
+        return
+    if (selector is None) != (key_file is None):
+        err.print("[red]error:[/red] --selector and --key-file go together (or neither, to show the DNS record)")
+        raise typer.Exit(2)
+    try:
+        box = SecretBox.from_settings(get_settings())
+        pem = key_file.read_text(encoding="ascii") if key_file is not None else ""
+    except (SecretKeyError, OSError, UnicodeDecodeError) as exc:
+        reason = "--key-file: not PEM text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        err.print(f"[red]error:[/red] {escape(reason)}")
+        raise typer.Exit(2) from None
+    record: sender_dkim.DkimRecord | None
+    if selector is not None:
+        record = _run(
+            lambda sf: sender_dkim.set_sender_dkim(
+                sf, box, sender_id, selector=selector, private_key_pem=pem, domain=domain
+            )
+        )
+    else:
+        record = _run(lambda sf: sender_dkim.sender_dkim_record(sf, box, sender_id))
+    if record is None:
+        console.print(f"sender {sender_id}: not signed by Sequencer; add a key with --selector and --key-file")
+        return
+    chunks = " ".join(f'"{record.txt[i : i + 255]}"' for i in range(0, len(record.txt), 255))
+    console.print(f"sender {sender_id} signs as d={record.domain} s={record.selector} (RSA {record.bits} bits)")
+    console.print("publish this DNS TXT record (long values are split into 255-character strings):", soft_wrap=True)
+    console.print(f"  {record.name}. IN TXT {chunks}", soft_wrap=True, markup=False)
+    if not record.aligned:
+        console.print(
+            f"[yellow]warning:[/yellow] d={record.domain} is not the From domain or a parent of it: "
+            "DMARC will not count this signature as aligned",
+            soft_wrap=True,
+        )
+
+
 # ---------------------------------------------------------------------- enroll
 @app.command("enroll")
 def enroll(

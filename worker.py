@@ -26,6 +26,7 @@ from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
 from activities.records import RecordActivities
 from db.session import SessionFactory, make_engine, make_session_factory
+from services.secret_box import SecretBox
 from services.sender_breaker import BreakerConfig
 from settings import InsecureSettingsError, Settings, check_settings, get_settings
 from temporal_client import connect
@@ -67,6 +68,7 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
             throttle_strikes=settings.sender_throttle_strikes,
         ),
         send_late_grace_seconds=settings.send_late_grace_seconds,
+        secrets=SecretBox.from_settings(settings),
     )
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import Integer, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,6 +48,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.channels.base import (
     ChannelClient,
+    DkimKey,
     OutboundMessage,
     PermanentChannelError,
     SendAborted,
@@ -74,6 +76,7 @@ from services import sender_breaker
 from services.click_tracking import rewrite_html, rewrite_text
 from services.identities import IdentityOwnedError, attach_identity
 from services.redact import redact
+from services.secret_box import SecretBox, SecretKeyError
 from services.sender_breaker import BreakerConfig, describe, is_paused
 from services.templating import person_context, render_step
 from services.tokens import make_token
@@ -117,6 +120,8 @@ class DeliveryConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     #: SEND_LATE_GRACE_SECONDS: a send later than this after its slot asks for a new one.
     send_late_grace_seconds: float = 120.0
+    #: SECRETS_KEY's box: opens senders' DKIM keys right before a send (None: no key configured).
+    secrets: SecretBox | None = None
 
 
 def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> str | None:
@@ -308,6 +313,8 @@ class DeliveryActivities:
 
         clicks = await self._click_tracking(inp) if channel == "email" else None
         message = self._message(inp, key, channel, sender, target, content, clicks, message_id=delivery.message_id)
+        if channel == "email" and sender.dkim_selector and sender.dkim_private_key:
+            message = message.model_copy(update={"dkim": await self._dkim_key(delivery, sender, me)})
         return await self._send(inp, delivery, message, target, me)
 
     async def _send(
@@ -686,6 +693,26 @@ class DeliveryActivities:
             ),
             footer=self.config.postal_address,
         )
+
+    async def _dkim_key(self, delivery: Delivery, sender: SenderAccount, me: _Owner) -> DkimKey:
+        """The sender's DKIM key, decrypted just for this send; a key that cannot be opened sends nothing.
+
+        A wrong or missing SECRETS_KEY is a deployment to fix, not a lead to fail: the row stays
+        `claimed` with the reason and the attempt is retried later.
+        """
+        name = f"sender {sender.id} DKIM key"
+        try:
+            if self.config.secrets is None:
+                raise SecretKeyError(f"SECRETS_KEY is not configured: cannot open the {name}")
+            pem = self.config.secrets.decrypt(sender.dkim_private_key or "", what=name)
+        except SecretKeyError as err:
+            async with self.session_factory() as session, session.begin():
+                await _transition(session, delivery.id, expect=("claimed",), owner=me.token, values={"error": str(err)})
+            raise ApplicationError(
+                f"{err}; nothing was sent", type="SecretKeyError", next_retry_delay=timedelta(minutes=10)
+            ) from None
+        domain = sender.dkim_domain or sender.address.rsplit("@", 1)[-1]
+        return DkimKey(selector=sender.dkim_selector or "", domain=domain, private_key=SecretStr(pem))
 
     async def _click_tracking(self, inp: DeliverInput) -> bool | None:
         """None when the sequence does not track clicks, else whether text links are tracked too.

@@ -97,12 +97,20 @@ class SenderAccount(Base):
     breaker_since: Mapped[datetime | None] = mapped_column()
     throttle_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    #: DKIM signing by Sequencer (when the relay does not sign): `selector._domainkey.domain`
+    #: publishes the public key; the private key is a SECRETS_KEY token (services/secret_box.py).
+    dkim_selector: Mapped[str | None] = mapped_column(String(63))
+    dkim_domain: Mapped[str | None] = mapped_column(String(253))
+    dkim_private_key: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("channel", "address", name="uq_sender_accounts_channel_address"),
         CheckConstraint(
             "paused_kind IS NULL OR paused_kind IN ('manual','auth','bounce_rate','throttle')",
             name="ck_sender_accounts_paused_kind",
+        ),
+        CheckConstraint(
+            "(dkim_selector IS NULL) = (dkim_private_key IS NULL)", name="ck_sender_accounts_dkim_complete"
         ),
     )
 
