@@ -1,7 +1,7 @@
 """DKIM keys on sender accounts: selector, domain and the private key (encrypted with SECRETS_KEY).
 
 Revision ID: 0007_sender_dkim
-Revises: 0004_sender_breaker
+Revises: 0007_send_slot_release
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_sender_dkim"
-down_revision = "0004_sender_breaker"
+down_revision = "0007_send_slot_release"
 branch_labels = None
 depends_on = None
 
