@@ -33,7 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.channels.relay_tags import RELAYS
 from bench.provider_batch import seed_sent, sendgrid_batch
 from db.session import SessionFactory
-from db.tables import Delivery, Enrollment, Event, InboundEvent, Suppression, WebhookToken
+from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, Suppression, WebhookToken
 from models.enrollment import EnrollmentStatus
 from services.stats import sequence_stats
 from services.tokens import make_token
@@ -786,3 +786,35 @@ async def test_x_activity_api_follow_is_followed_back(providers: Providers) -> N
     assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
     path = [(s.step, s.left_by) for s in (await handle.result()).path]
     assert path == [("follow", "FOLLOWED_BACK"), ("done", "END")]
+
+
+async def test_one_batch_with_consequences_for_several_leads_applies_each_once(providers: Providers) -> None:
+    p = providers
+    people = [await p.hook.person(email=f"many{i}@lead.test") for i in range(4)]
+    handles = await p.hook.enroll_many(email_sequence(), people)
+    for handle in handles:
+        await p.hook.waiting_at(handle)
+    async with p.hook.sf() as s:
+        rows = await s.execute(
+            select(Identity.value, Delivery.message_id).join(Identity, Identity.id == Delivery.identity_id)
+        )
+        mid = {str(value): str(message_id) for value, message_id in rows}
+    batch = [
+        sendgrid_event(
+            "bounce",
+            f"many{i}@lead.test",
+            10 + i,
+            type="bounce",
+            reason="550 gone",
+            **{"smtp-id": mid[f"many{i}@lead.test"]},
+        )
+        for i in range(3)
+    ] + [sendgrid_event("spamreport", "many3@lead.test", 20, **{"smtp-id": mid["many3@lead.test"]})]
+    body = json.dumps(batch).encode()
+    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["pipeline"] == {"suppressed_identity": 3, "unsubscribed": 1}
+    statuses = [(await h.result()).status for h in handles]
+    assert statuses == [EnrollmentStatus.STOPPED] * 3 + [EnrollmentStatus.UNSUBSCRIBED]
+    assert sorted(s.reason for s in await p.suppressions()) == ["bounce", "bounce", "bounce", "complaint"]
+    assert [m["Subject"] for m in p.hook.smtp.parsed()] == ["Hello Ada"] * 4  # no follow-up to anyone

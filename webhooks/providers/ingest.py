@@ -21,6 +21,7 @@ then our own Message-ID. An event that matches nothing is recorded as
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,8 @@ log = logging.getLogger("sequencer.providers")
 RECORD_KINDS = {"delivered", "open", "click", "deferred", "ignored"}
 #: The event-log type each record kind becomes.
 EVENT_TYPE = {"delivered": "delivered", "open": "opened", "click": "clicked", "deferred": "deferred"}
-CHUNK = 500
+#: Consequences (bounces, complaints, replies) of one batch applied at once.
+CONSEQUENCE_CONCURRENCY = 8
 
 Pipeline = Callable[[str, InboundPayload], Awaitable[InboundResult]]
 
@@ -145,15 +147,26 @@ class ProviderIngest:
         consequences = [e for e in todo if not _record_kind(e)]
         if consequences and self.processor is None:
             raise PipelineUnavailable("Temporal is not reachable; retry later")
-        for event in consequences:
-            status = await self._consequence(event, matches.get(event.event_id))
-            summary.pipeline[status] = summary.pipeline.get(status, 0) + 1
-            async with self.sf() as session, session.begin():
-                await session.execute(
-                    update(InboundEvent)
-                    .where(InboundEvent.channel == provider, InboundEvent.provider_event_id == event.event_id)
-                    .values(status=status[:24])
-                )
+        # Independent events, applied CONSEQUENCE_CONCURRENCY at a time (a batch of bounces should
+        # not take a round trip per event in a row); each is marked finished on its own.
+        gate = asyncio.Semaphore(CONSEQUENCE_CONCURRENCY)
+
+        async def apply(event: ProviderEvent) -> str:
+            async with gate:
+                status = await self._consequence(event, matches.get(event.event_id))
+                async with self.sf() as session, session.begin():
+                    await session.execute(
+                        update(InboundEvent)
+                        .where(InboundEvent.channel == provider, InboundEvent.provider_event_id == event.event_id)
+                        .values(status=status[:24])
+                    )
+                return status
+
+        results = await asyncio.gather(*(apply(e) for e in consequences), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the finished ones are marked; the provider's retry does the rest
+            summary.pipeline[result] = summary.pipeline.get(result, 0) + 1
         return summary
 
     # ------------------------------------------------------------------ dedup
