@@ -7,8 +7,14 @@ no plaintext; the codec decrypts it back, rotates keys, and refuses foreign ones
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ipaddress
 import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +162,106 @@ def test_settings_choose_plain_tls_mtls_or_api_key(tmp_path: Path) -> None:
         tls_config(Settings(temporal_tls_cert_file=str(tmp_path / "c.pem")))
     with pytest.raises(ValueError, match="TEMPORAL_TLS_CA_FILE: cannot read"):
         tls_config(Settings(temporal_tls_ca_file=str(tmp_path / "missing.pem")))
+
+
+# ------------------------------------------------------------------ TLS and mTLS, for real
+
+
+def _pem_pair(name: str, issuer: tuple[Any, Any] | None, *, ca: bool = False, server: bool = False) -> tuple[Any, Any]:
+    """A key and certificate (signed by `issuer`, else self-signed), from `cryptography`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[1].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    return key, cert
+
+
+def _write(path: Path, key: Any, cert: Any) -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
+
+    key_file, cert_file = path.with_suffix(".key"), path.with_suffix(".pem")
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(cert_file), str(key_file)
+
+
+@asynccontextmanager
+async def _mtls_front(target: str, ca_file: str, cert_file: str, key_file: str) -> AsyncIterator[int]:
+    """A TLS front for the Temporal test server that requires a client certificate from our CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.load_verify_locations(ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2"])
+    host, port = target.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_mtls_to_a_tls_frontend(temporal_env: WorkflowEnvironment, tmp_path: Path) -> None:
+    ca_key, ca_cert = _pem_pair("Sequencer test CA", None, ca=True)
+    ca_file, _ = _write(tmp_path / "ca", ca_key, ca_cert)
+    server_cert, server_key = _write(tmp_path / "server", *_pem_pair("localhost", (ca_key, ca_cert), server=True))
+    client_cert, client_key = _write(tmp_path / "client", *_pem_pair("sequencer-worker", (ca_key, ca_cert)))
+    stranger_key, stranger_cert = _pem_pair("stranger", None)
+    other_cert, other_key = _write(tmp_path / "stranger", stranger_key, stranger_cert)
+    target = temporal_env.client.service_client.config.target_host
+    async with _mtls_front(target, ca_file, server_cert, server_key) as port:
+        base: dict[str, Any] = {"temporal_address": f"127.0.0.1:{port}", "temporal_tls_server_name": "localhost"}
+        client = await connect(
+            Settings(
+                **base,
+                temporal_tls_ca_file=ca_file,
+                temporal_tls_cert_file=client_cert,
+                temporal_tls_key_file=client_key,
+            )
+        )
+        assert await client.service_client.check_health()  # a real RPC, over TLS, authenticated
+        for refused in (
+            {"temporal_tls_ca_file": ca_file},  # no client certificate
+            {"temporal_tls_ca_file": ca_file, "temporal_tls_cert_file": other_cert, "temporal_tls_key_file": other_key},
+            {"temporal_tls": True},  # the system roots do not know our CA
+        ):
+            with pytest.raises(Exception):  # noqa: B017 - the SDK raises RuntimeError or RPCError by phase
+                plain = await asyncio.wait_for(connect(Settings(**base, **refused)), timeout=30)
+                await plain.service_client.check_health()
