@@ -198,8 +198,11 @@ async def test_an_out_of_office_while_waiting_for_the_send_slot_moves_the_send(
     sent = {e.person_id: e.occurred_at for e in await events_of(session_factory, "sent")}
     assert sent[away] >= back, (sent[away], back)  # not during the absence
     async with session_factory() as s:
-        rounds = (await s.execute(select(SendSlot.delivery_key).where(SendSlot.person_id == away))).scalars().all()
-    assert len(rounds) == 2  # the slot before the absence went unused; a new one after it
+        query = select(SendSlot.slot_at, SendSlot.released_at).where(SendSlot.person_id == away)
+        rounds = sorted((await s.execute(query)).all())
+    # the slot before the absence was given back to the sender; the send used a new one after it
+    assert [released is not None for _, released in rounds] == [True, False]
+    assert rounds[1].slot_at >= back
     assert len(smtp_server.messages) == 2
 
 
