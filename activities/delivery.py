@@ -284,13 +284,13 @@ class DeliveryActivities:
             return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
         if sender is None:
             return await self._finalize(inp, delivery, "failed", error="no sender account")
-        if is_paused(sender, _now(inp)):  # the breaker holds it: the lead waits, nothing is sent
-            raise await self._sender_paused(inp, delivery, me, sender.id, describe(sender))
 
         # The gate: right before the provider call (and before any lookup at the provider).
         blocked = _gate(person, target, suppressions)
         if blocked:
             return await self._finalize(inp, delivery, "suppressed", error=blocked)
+        if is_paused(sender, _now(inp)):  # the breaker holds it: the lead waits, nothing is sent
+            raise await self._sender_paused(inp, delivery, me, sender.id, describe(sender))
         if stand_in and target.channel == stand_in:
             resolved = await self._resolve_x_handle(inp, delivery, target)
             if isinstance(resolved, DeliverOutput):
