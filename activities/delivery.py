@@ -314,7 +314,7 @@ class DeliveryActivities:
         clicks = await self._click_tracking(inp) if channel == "email" else None
         message = self._message(inp, key, channel, sender, target, content, clicks, message_id=delivery.message_id)
         if channel == "email" and sender.dkim_selector and sender.dkim_private_key:
-            message = message.model_copy(update={"dkim": await self._dkim_key(delivery, sender, me)})
+            message = message.model_copy(update={"dkim": await self._dkim_key(inp, delivery, sender, me)})
         return await self._send(inp, delivery, message, target, me)
 
     async def _send(
@@ -694,11 +694,12 @@ class DeliveryActivities:
             footer=self.config.postal_address,
         )
 
-    async def _dkim_key(self, delivery: Delivery, sender: SenderAccount, me: _Owner) -> DkimKey:
+    async def _dkim_key(self, inp: DeliverInput, delivery: Delivery, sender: SenderAccount, me: _Owner) -> DkimKey:
         """The sender's DKIM key, decrypted just for this send; a key that cannot be opened sends nothing.
 
-        A wrong or missing SECRETS_KEY is a deployment to fix, not a lead to fail: the row stays
-        `claimed` with the reason and the attempt is retried later.
+        A wrong or missing SECRETS_KEY is our configuration, not the lead's fault: like an SMTP
+        secret that cannot be opened, it pauses the sender with the reason (`senders list`,
+        /healthz) and the lead waits, the row back to `claimed`.
         """
         name = f"sender {sender.id} DKIM key"
         try:
@@ -706,11 +707,8 @@ class DeliveryActivities:
                 raise SecretKeyError(f"SECRETS_KEY is not configured: cannot open the {name}")
             pem = self.config.secrets.decrypt(sender.dkim_private_key or "", what=name)
         except SecretKeyError as err:
-            async with self.session_factory() as session, session.begin():
-                await _transition(session, delivery.id, expect=("claimed",), owner=me.token, values={"error": str(err)})
-            raise ApplicationError(
-                f"{err}; nothing was sent", type="SecretKeyError", next_retry_delay=timedelta(minutes=10)
-            ) from None
+            refused = SenderConfigError(f"cannot sign with DKIM: {err}", code="sender_config")
+            raise await self._sender_refused(inp, delivery, me, refused) from None
         domain = sender.dkim_domain or sender.address.rsplit("@", 1)[-1]
         return DkimKey(selector=sender.dkim_selector or "", domain=domain, private_key=SecretStr(pem))
 

@@ -8,6 +8,7 @@ other side. dkimpy verifies here with a `dnsfunc` that answers the TXT record th
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from activities.channels.base import DkimKey, OutboundMessage
 from activities.channels.email_compose import compose_message
 from db.session import SessionFactory
-from db.tables import SenderAccount
+from db.tables import Delivery, SenderAccount
 from models.enrollment import EnrollmentStatus
 from services.secret_box import SecretBox, generate_key
 from services.sender_dkim import DkimConfigError, clear_sender_dkim, sender_dkim_record, set_sender_dkim
@@ -226,3 +227,39 @@ async def test_cli_stores_the_key_and_prints_the_dns_record(
     assert cleared.code == 0
     none = await cli(database_url, "senders", "dkim", str(sender_id))
     assert "not signed by Sequencer" in none.out
+
+
+async def test_a_key_the_worker_cannot_open_pauses_the_sender_and_sends_nothing(
+    wired: Any,
+    temporal_env: Any,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    rsa_pem: str,
+) -> None:
+    stored_with = SecretBox([generate_key()])
+    sender_id = await make_sender(session_factory, "email", "sales@acme.test")
+    await set_sender_dkim(session_factory, stored_with, sender_id, selector="s1", private_key_pem=rsa_pem)
+    one_mail = {
+        "name": f"dkim-{uuid.uuid4().hex[:8]}",
+        "steps": [{"id": "m0", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]}],
+    }
+    ref, defn = await store_version(session_factory, one_mail)
+    pid = await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    paused: SenderAccount | None = None
+    async with wired(delivery={"secrets": SecretBox([generate_key()])}):  # SECRETS_KEY lost the old key
+        await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        for _ in range(600):  # the activity's outcome, written to PostgreSQL (no timer is waited for)
+            async with session_factory() as s:
+                paused = await s.get(SenderAccount, sender_id)
+            if paused is not None and paused.paused_at is not None:
+                break
+            await asyncio.sleep(0.1)
+    assert paused is not None and paused.paused_at is not None
+    assert paused.paused_kind == "auth" and "DKIM" in (paused.paused_reason or "")
+    assert "cannot decrypt the sender" in (paused.paused_reason or "")
+    assert smtp_server.messages == []
+    async with session_factory() as s:
+        [row] = (await s.execute(select(Delivery).where(Delivery.sender_id == sender_id))).scalars()
+    assert row.status == "claimed" and "DKIM" in (row.error or "")
+    assert "PRIVATE" not in (row.error or "") + (paused.paused_reason or "")
