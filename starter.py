@@ -309,6 +309,8 @@ def senders_list(channel: str | None = typer.Option(None, "--channel")) -> None:
             status.insert(0, "inactive")
         if acct.paused_at is not None:
             status.insert(0, describe_breaker(acct))
+        if acct.dkim_selector:
+            status.append(f"DKIM-signed as {acct.dkim_selector}._domainkey.{acct.dkim_domain}")
         table.add_row(
             str(acct.id),
             acct.channel,

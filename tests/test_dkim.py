@@ -217,6 +217,8 @@ async def test_cli_stores_the_key_and_prints_the_dns_record(
 
     shown = await cli(database_url, "senders", "dkim", str(sender_id))
     assert shown.code == 0 and txt[:60] in shown.out
+    listed = await cli(database_url, "senders", "list")
+    assert "DKIM-signed as s1._domainkey.acme.test" in listed.out and "PRIVATE" not in listed.out
     async with session_factory() as s:
         stored = (await s.execute(select(SenderAccount).where(SenderAccount.id == sender_id))).scalar_one()
     assert stored.dkim_private_key and SecretBox([secrets_key]).decrypt(stored.dkim_private_key) == rsa_pem
