@@ -823,7 +823,12 @@ class DeliveryActivities:
         delivery.error = error
         delivery.provider_message_id = provider_message_id or delivery.provider_message_id
         activity.logger.info("delivery %s: %s %s", delivery.idempotency_key, status, error or "")
-        return self._output(delivery)
+        out = self._output(delivery)
+        if error:  # also take out the person's own values (a handle, an address too odd for the patterns)
+            async with self.session_factory() as session:
+                query = select(Identity.value).where(Identity.person_id == inp.ref.person_id)
+                out.error = redact(error, *(await session.execute(query)).scalars())
+        return out
 
 
 #: Replies that mean "too much, slow down": SMTP 421 and HTTP 429.

@@ -9,10 +9,10 @@ reaches the workflow's history: the signal carries ids and the classification.
 from __future__ import annotations
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, update
 from temporalio.testing import WorkflowEnvironment
 
-from db.tables import Delivery, InboundEvent, Suppression
+from db.tables import Delivery, Identity, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
 from services.redact import redact
 from tests.engine_harness import events_of, wait_for_status
@@ -175,3 +175,20 @@ def test_redact_takes_out_addresses_handles_urls_and_wallets() -> None:
         assert gone not in out, gone
     assert out.startswith("550 <<address>> unknown")
     assert redact(None) is None
+
+
+async def test_a_refusal_naming_the_identity_reaches_the_history_without_it(hook: Hook) -> None:  # noqa: F811
+    pid = await hook.person(email="dm-only@lead.test", x="987654321987")
+    async with hook.sf() as s, s.begin():
+        await s.execute(update(Identity).where(Identity.value == "987654321987").values(consent="denied"))
+    raw_seq = {
+        "name": "dm-denied",
+        "steps": [{"id": "dm", "action": "SEND_TWITTER_DM", "text": "Hi", "edges": [{"trigger": "END"}]}],
+    }
+    handle = await hook.enroll(raw_seq, pid)
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.SUPPRESSED
+    assert b"987654321987" not in history_bytes(await handle.fetch_history())
+    async with hook.sf() as s:  # the ledger says which identity
+        [error] = (await s.execute(select(Delivery.error))).scalars().all()
+    assert error is not None and "987654321987" in error
