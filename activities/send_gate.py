@@ -80,7 +80,13 @@ async def check_send_gate(
             channel=str(inp.step.channel) if inp.step.channel else None,
             occurred_at=now,
             dedup_key=f"{key}:r{inp.round}:rescheduled",
-            data={"slot_at": inp.slot_at.isoformat(), "reason": why, "sender_id": inp.sender_id},
+            data={
+                "slot_at": inp.slot_at.isoformat(),
+                "reason": why,
+                "sender_id": inp.sender_id,
+                "failed_attempts": max(activity.info().attempt - 1, 0) if activity.in_activity() else 0,
+            },
         )
+    failed = activity.info().attempt - 1 if activity.in_activity() else 0
     activity.logger.info("delivery %s round %s: not sent now, %s: asking for a new slot", key, inp.round, why)
-    return DeliverOutput(status=RESCHEDULE, error=why)
+    return DeliverOutput(status=RESCHEDULE, error=why, failed_attempts=max(failed, 0))

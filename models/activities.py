@@ -106,6 +106,8 @@ class DeliverOutput(BaseModel):
     provider_message_id: str | None = None
     error: str | None = None
     duplicate: bool = False
+    failed_attempts: int = 0
+    """With `reschedule`: attempts of this `deliver` that had failed (a transient error) first."""
 
 
 class FinishInput(BaseModel):

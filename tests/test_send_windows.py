@@ -376,3 +376,29 @@ async def test_a_backlog_after_an_smtp_outage_keeps_the_hourly_cap_and_the_windo
     assert_paced(sent, EVERY_DAY, PER_HOUR)
     rescheduled = await events_of(campaign.sf, "rescheduled")
     assert rescheduled and all("past its slot" in e.data["reason"] for e in rescheduled)
+
+
+async def test_an_outage_that_does_not_end_fails_the_lead_instead_of_rescheduling_forever(
+    campaign: Campaign,
+) -> None:
+    """Rescheduled rounds whose attempts keep failing end as failed after a bounded time."""
+    from sqlalchemy import select
+
+    from db.tables import Delivery
+    from tests.engine_harness import events_of
+
+    await campaign.sender()
+    start = await campaign.monday()
+    campaign.smtp.fail_codes = ["451 4.3.0 Try again later"] * 100_000
+    async with campaign.wired(touch_cap=1):
+        await campaign.enroll(one_email(EVERY_DAY, start), 1)
+        statuses = await campaign.results()
+    assert statuses == [EnrollmentStatus.FAILED]
+    assert campaign.smtp.messages == []
+    rounds = await events_of(campaign.sf, "rescheduled")
+    assert len(rounds) >= 2 and all(e.data["failed_attempts"] > 0 for e in rounds)
+    failed = (await events_of(campaign.sf, "failed"))[0]
+    assert timedelta(hours=4) <= failed.occurred_at - start.replace(hour=9) < timedelta(hours=6)
+    async with campaign.sf() as s:
+        ledger = (await s.execute(select(Delivery))).scalars().all()
+    assert [(d.status, "451" in (d.error or "")) for d in ledger] == [("failed", True)]

@@ -95,6 +95,11 @@ SEEN_IDS_KEPT = 2000
 #: Deliver runs the moment-of-send gate and may answer `reschedule` (issue 11).
 SEND_GATE_PATCH = "send-gate-reschedule"
 RESCHEDULE = "reschedule"
+#: A send whose attempts keep failing across rescheduled rounds (an outage that does not end)
+#: ends as failed after this long, as `deliver`'s own retries would: rounds never loop forever.
+FAILING_ROUNDS_GIVE_UP = timedelta(hours=4)
+FAILING_ROUNDS_FIRST_BACKOFF = timedelta(minutes=5)
+FAILING_ROUNDS_MAX_BACKOFF = timedelta(hours=1)
 
 QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 SEND_RETRY = RetryPolicy(
@@ -466,14 +471,27 @@ class EnrollmentWorkflow:
         # Since this patch an out-of-office that arrives while the send waits (for its time or
         # for its slot) moves it past the return date: the wait wakes and the send is planned again.
         replan = workflow.patched("ooo-replans-send")
+        failing_since: datetime | None = None
+        failing_rounds = 0
         while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
             slot, round_ = await self._book_slot(step, channel, desired, attempt, round_, replan)
             out = await self._send(step, slot, attempt, round_)
             if out.status != RESCHEDULE:
                 break
+            failing_since = (failing_since or workflow.now()) if out.failed_attempts else None
+            if failing_since is not None and workflow.now() - failing_since >= FAILING_ROUNDS_GIVE_UP:
+                out = await self._give_up(step, attempt, slot.sender_id, out.error)
+                break
             # Late or off-window at the moment of sending: nothing went out; a new round
-            # asks the governor again from now (and releases this round's slot).
-            desired = workflow.now()
+            # asks the governor again (and releases this round's slot): from now, or after a
+            # backoff that keeps growing while the attempts keep failing (an outage).
+            backoff = timedelta(0)
+            if failing_since is not None:
+                failing_rounds += 1
+                backoff = min(FAILING_ROUNDS_FIRST_BACKOFF * 2 ** (failing_rounds - 1), FAILING_ROUNDS_MAX_BACKOFF)
+            else:
+                failing_rounds = 0
+            desired = workflow.now() + backoff
             round_ += 1
         self.last_delivery_status = out.status
         if self.state.path:
@@ -591,22 +609,26 @@ class EnrollmentWorkflow:
                     await self._sleep_until(workflow.now() + SENDER_PAUSED_RECHECK, "waiting for paused sender", step)
                     self.phase = "sending"
                     continue
-                out: DeliverOutput = await workflow.execute_activity(
-                    "give_up_delivery",
-                    DeliverInput(
-                        ref=self.ref,
-                        step=step,
-                        attempt=attempt,
-                        sender_id=sender_id,
-                        variant=self.state.variants.get(step.id),
-                        now=workflow.now(),
-                    ),
-                    result_type=DeliverOutput,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=QUICK,
-                )
-                out.error = out.error or str(err.cause or err)
-                return out
+                return await self._give_up(step, attempt, sender_id, str(err.cause or err))
+
+    async def _give_up(self, step: Step, attempt: int, sender_id: int | None, error: str | None) -> DeliverOutput:
+        """The dead letter: `give_up_delivery` marks the ledger row failed (uncertain if it was sending)."""
+        out: DeliverOutput = await workflow.execute_activity(
+            "give_up_delivery",
+            DeliverInput(
+                ref=self.ref,
+                step=step,
+                attempt=attempt,
+                sender_id=sender_id,
+                variant=self.state.variants.get(step.id),
+                now=workflow.now(),
+            ),
+            result_type=DeliverOutput,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=QUICK,
+        )
+        out.error = out.error or error
+        return out
 
     async def _choose_edge(self, step: Step) -> Edge | None:
         """Wait for the first of the step's edges: an event, or a timer running out."""
