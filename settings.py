@@ -120,8 +120,9 @@ class Settings(BaseSettings):
     #: links, the others are previous keys still accepted for links already sent).
     link_secret: SecretStr = SecretStr(DEV_LINK_SECRET)
     public_base_url: str = "http://127.0.0.1:8000"
-    #: An address that unsubscribes whoever writes to it (with the token in the subject), offered
-    #: in List-Unsubscribe beside the https link; empty: the https link only.
+    #: An address offered in List-Unsubscribe beside the https link, as
+    #: `mailto:ADDRESS?subject=unsubscribe-TOKEN` (the https link's signed token); set it only
+    #: if mail to that address is acted on. Empty: the https link only.
     unsubscribe_mailto: str = ""
     #: A reply matched to a person only through In-Reply-To/References, whose From is
     #: not one of that person's identities, is recorded but changes nothing (no stop,
