@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 from temporalio.service import TLSConfig
 from temporalio.testing import WorkflowEnvironment
+from webhooks.inbound import InboundPayload, InboundProcessor
 
 from db.session import SessionFactory
 from models.enrollment import EnrollmentStatus
@@ -41,7 +42,6 @@ from tests.engine_harness import (
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.history_text import history_bytes, payloads
-from webhooks.inbound import InboundPayload, InboundProcessor
 
 
 def _key() -> str:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, text
 from sqlalchemy.exc import DBAPIError
+from webhooks.inbound import suppress_person
 
 from db.events import append_event
 from db.session import SessionFactory
@@ -40,7 +41,6 @@ from tests.engine_harness import (
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
-from webhooks.inbound import suppress_person
 from workflows.enrollment import EnrollmentWorkflow
 
 

@@ -37,6 +37,7 @@ from models.enrollment import AudienceInput, EnrollmentResult, EnrollmentStatus,
 from models.schedule import choose_variant
 from models.sequence import SequenceDefinition
 from services.classify import get_classifier
+from services.inbound_pipeline import InboundPipeline
 from services.segments import create_rule_segment
 from services.stats import FUNNEL, as_json, sequence_stats
 from settings import Settings
@@ -51,7 +52,7 @@ from tests.engine_harness import (
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
-from webhooks.inbound import InboundPayload, InboundProcessor
+from webhooks.payload import InboundPayload
 from workflows.audience import AudienceWorkflow, audience_workflow_id
 from workflows.enrollment import workflow_id_for
 
@@ -128,11 +129,11 @@ async def _enroll_segment(client: Client, task_queue: str, sequence: str, segmen
     raise AssertionError(f"{wid} still running")
 
 
-async def _reply(processor: InboundProcessor, sender: str, text: str) -> str:
+async def _reply(processor: InboundPipeline, sender: str, text: str) -> str:
     payload = InboundPayload.model_validate(
         {"event_id": uuid.uuid4().hex, "type": "reply", "from": sender, "text": text}
     )
-    result = await processor.process("email", payload)
+    result = await processor.process(payload.to_event("email"))
     assert result.status in ("signalled", "unsubscribed"), result
     return str(result.classification)
 
@@ -200,7 +201,7 @@ async def test_funnel_and_counters_from_real_enrollments(
 
     channels = make_channels(smtp_server, x_server, relay_server)
     crash = ArmableCrash()
-    processor = InboundProcessor(sf, client, get_classifier())
+    processor = InboundPipeline(sf, client, get_classifier())
     settings = Settings(link_secret=LINK_SECRET, database_url=database_url)
     app = create_app(settings, session_factory=sf, client=client)
     try:
@@ -418,7 +419,7 @@ async def test_ledger_counters_and_late_bounces(session_factory: SessionFactory)
             delivery_id=deliveries["k4"].id,
             dedup_key="k4:bounced",
         )
-        # a bounce notification by webhook after k3 had been accepted (no delivery id, as webhooks/inbound.py logs it)
+        # a bounce notification by webhook after k3 had been accepted (no delivery id, as the inbound pipeline logs it)
         await append_event(
             s,
             type_="bounced",

@@ -22,6 +22,7 @@ from models.enrollment import EnrollmentStatus
 from operations.enrolling import dry_run
 from services.classify import get_classifier
 from services.identities import IdentityOwnedError, attach_identity, find_person_by_identity
+from services.inbound_pipeline import InboundPipeline
 from services.people_import import import_people
 from tests.engine_harness import (
     Crash,
@@ -32,7 +33,7 @@ from tests.engine_harness import (
     wait_for_status,
 )
 from tests.fakes import FakeX, relay_server, x_server  # noqa: F401
-from webhooks.inbound import InboundPayload, InboundProcessor
+from webhooks.payload import InboundPayload
 
 X_SENDER = "900"  # the X sender account all_senders() creates
 
@@ -106,12 +107,11 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
         await temporal_env.sleep(timedelta(hours=1, minutes=5))  # skip past the 1 h NORMAL_EDGE
         await wait_for_status(handle, lambda v: v.current_step == "dm" and v.phase == "waiting")
         # An inbound reply from the numeric id (as X webhooks send it) now reaches the person.
-        processor = InboundProcessor(session_factory, temporal_env.client, get_classifier())
+        processor = InboundPipeline(session_factory, temporal_env.client, get_classifier())
         inbound = await processor.process(
-            "x",
             InboundPayload.model_validate(
                 {"event_id": f"x-{uuid.uuid4().hex}", "type": "reply", "from": "777000111", "text": "Sure, let's talk"}
-            ),
+            ).to_event("x"),
         )
         result = await handle.result()
     assert (inbound.status, inbound.person_id) == ("signalled", pid)

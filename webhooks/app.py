@@ -27,14 +27,15 @@ from db.events import append_event
 from db.session import SessionFactory, make_engine, make_session_factory
 from db.tables import Delivery, Enrollment, SequenceVersion
 from models.activities import EnrollmentRef
-from models.enrollment import ControlSignal, SequenceRef
+from models.enrollment import SequenceRef
 from services.classify import get_classifier
+from services.inbound_pipeline import CHANNELS, InboundPipeline
 from services.sender_breaker import paused_senders
 from services.tokens import TokenError, read_token
 from settings import Settings, check_settings, get_settings
 from temporal_client import connect
 from webhooks.clicks import router as click_router
-from webhooks.inbound import CHANNELS, InboundPayload, InboundProcessor, suppress_person
+from webhooks.payload import InboundPayload
 from webhooks.providers.routes import router as provider_router
 from webhooks.signature import SignatureError, verify
 
@@ -60,7 +61,7 @@ class Deps:
     settings: Settings
     session_factory: SessionFactory
     client: Client | None
-    processor: InboundProcessor | None
+    pipeline: InboundPipeline
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def temporal(self) -> Client | None:
@@ -73,17 +74,16 @@ class Deps:
                     except Exception as err:
                         log.warning("Temporal not reachable at %s: %s", self.settings.temporal_address, err)
                         return None
-                    self.processor = _processor(self.settings, self.session_factory, self.client)
+                    self.pipeline.client = self.client
         return self.client
 
-    async def inbound(self) -> InboundProcessor | None:
-        """The inbound processor (None while Temporal is unreachable)."""
-        await self.temporal()
-        return self.processor
+    async def inbound(self) -> InboundPipeline | None:
+        """The inbound pipeline, ready to signal (None while Temporal is unreachable)."""
+        return self.pipeline if await self.temporal() is not None else None
 
 
-def _processor(cfg: Settings, sf: SessionFactory, client: Client) -> InboundProcessor:
-    return InboundProcessor(
+def _pipeline(cfg: Settings, sf: SessionFactory, client: Client | None) -> InboundPipeline:
+    return InboundPipeline(
         sf,
         client,
         get_classifier(),
@@ -120,8 +120,7 @@ def create_app(
                 cl = await connect(cfg)
             except Exception as err:  # keep serving /healthz, which will say so
                 log.error("Temporal not reachable at %s: %s", cfg.temporal_address, err)
-        processor = _processor(cfg, sf, cl) if cl is not None else None
-        app.state.deps = Deps(cfg, sf, cl, processor)
+        app.state.deps = Deps(cfg, sf, cl, _pipeline(cfg, sf, cl))
         yield
         if engine is not None:
             await engine.dispose()
@@ -168,11 +167,11 @@ def create_app(
         except ValidationError as err:
             problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()]
             return JSONResponse({"error": "invalid body", "fields": problems}, status_code=400)
-        processor = await d.inbound()
-        if processor is None:
+        pipeline = await d.inbound()
+        if pipeline is None:
             return JSONResponse({"error": "Temporal is not reachable; retry later"}, status_code=503)
         try:
-            result = await processor.process(channel, payload)
+            result = await pipeline.process(payload.to_event(channel))
         except Exception as err:  # the event stays unfinished: the provider's retry completes it
             log.exception("inbound %s/%s failed", channel, payload.event_id)
             return JSONResponse(
@@ -211,49 +210,21 @@ def create_app(
             person_id = int(data["p"])
         except (TokenError, KeyError, TypeError, ValueError):
             return HTMLResponse(_page("This link is not valid", "<p>The link may be incomplete.</p>"), 400)
+        await d.temporal()  # signals when Temporal is there; the suppression holds either way
         try:
-            known = await suppress_person(d.session_factory, person_id, "unsubscribe", "link")
+            await d.pipeline.unsubscribe(
+                person_id,
+                reason="unsubscribe",
+                source="link",
+                event_key="link",
+                signal_reason="unsubscribe link",
+                via="link",
+                best_effort=True,
+                person_event_key=f"unsubscribed:link:{person_id}",
+            )
         except Exception:  # nothing was written: say so, so that the person tries again
             log.exception("unsubscribe of person %s failed", person_id)
             return HTMLResponse(_page("Please try again", "<p>We could not record your request just now.</p>"), 503)
-        async with d.session_factory() as session:
-            rows = (
-                await session.execute(
-                    select(Enrollment, SequenceVersion)
-                    .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
-                    .where(Enrollment.person_id == person_id, Enrollment.status.in_(["active", "paused"]))
-                )
-            ).all()
-        client = await d.temporal()
-        if client is not None:
-            for enrollment, _ in rows:
-                try:
-                    await client.get_workflow_handle(enrollment.workflow_id).signal(
-                        "unsubscribe", ControlSignal(reason="unsubscribe link", source="link")
-                    )
-                except Exception as err:  # finished already: the suppression still holds
-                    log.info("unsubscribe signal to %s: %s", enrollment.workflow_id, err)
-        # Written every time, deduplicated by key: a suppression that committed before a
-        # crash (or a lost connection) still gets its event when the link is used again.
-        if known:
-            async with d.session_factory() as session, session.begin():
-                if not rows:
-                    await append_event(
-                        session,
-                        type_="unsubscribed",
-                        person_id=person_id,
-                        dedup_key=f"unsubscribed:link:{person_id}",
-                        data={"via": "link"},
-                    )
-                for enrollment, version in rows:
-                    await append_event(
-                        session,
-                        type_="unsubscribed",
-                        ref=_ref(enrollment, version),
-                        step_id=enrollment.current_step,
-                        dedup_key=f"unsubscribed:link:{enrollment.id}",
-                        data={"via": "link"},
-                    )
         return HTMLResponse(_page("You are unsubscribed", "<p>You will not hear from us again.</p>"))
 
     @app.get("/o/{token}")

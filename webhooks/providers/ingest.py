@@ -39,7 +39,8 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, SequenceVersion
 from models.enrollment import ControlSignal
 from services.identities import lookup_value
-from webhooks.inbound import InboundPayload, InboundProcessor, InboundResult, suppress_person
+from services.inbound_pipeline import InboundPipeline, InboundResult, suppress_person
+from webhooks.payload import InboundPayload
 from webhooks.providers.base import ProviderEvent
 
 log = logging.getLogger("sequencer.providers")
@@ -54,9 +55,9 @@ CONSEQUENCE_CONCURRENCY = 8
 Pipeline = Callable[[str, InboundPayload], Awaitable[InboundResult]]
 
 
-async def to_pipeline(processor: InboundProcessor, channel: str, payload: InboundPayload) -> InboundResult:
+async def to_pipeline(processor: InboundPipeline, channel: str, payload: InboundPayload) -> InboundResult:
     """The one place where provider events enter the inbound pipeline."""
-    return await processor.process(channel, payload)
+    return await processor.process(payload.to_event(channel))
 
 
 def click_dedup_key(delivery_id: int, url: str) -> str:
@@ -122,7 +123,7 @@ def _id_forms(values: list[str]) -> list[str]:
 class ProviderIngest:
     """Applies a verified, parsed provider batch."""
 
-    def __init__(self, session_factory: SessionFactory, processor: InboundProcessor | None, client: Client | None):
+    def __init__(self, session_factory: SessionFactory, processor: InboundPipeline | None, client: Client | None):
         self.sf = session_factory
         self.processor = processor
         self.client = client
