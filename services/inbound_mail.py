@@ -125,7 +125,7 @@ def newest_part(text: str) -> str:
 
 def _report_parts(msg: Message, report_type: str) -> tuple[list[Message], list[Message]] | None:
     """(status blocks, returned headers) of a multipart/report of this type, or None."""
-    if msg.get_content_type() != "multipart/report" or msg.get_param("report-type", "").lower() != report_type:
+    if msg.get_content_type() != "multipart/report" or str(msg.get_param("report-type", "")).lower() != report_type:
         return None
     blocks: list[Message] = []
     returned: list[Message] = []
@@ -140,10 +140,12 @@ def _report_parts(msg: Message, report_type: str) -> tuple[list[Message], list[M
                 blocks += [BytesHeaderParser().parsebytes(chunk) for chunk in bytes(raw).split(b"\n\n") if chunk]
         elif ctype == "message/rfc822":
             payload = part.get_payload()
-            if isinstance(payload, list) and payload:
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 returned.append(payload[0])
         elif ctype in ("text/rfc822-headers", "text/rfc822-header"):
-            returned.append(HeaderParser().parsestr(str(part.get_payload(decode=True) or b"", "utf-8", "replace")))
+            data = part.get_payload(decode=True)
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(part.get_payload())
+            returned.append(HeaderParser().parsestr(text))
     return blocks, returned
 
 
@@ -211,7 +213,11 @@ def _other_bounce(msg: Message) -> dict[str, Any] | None:
     if not (temporary or permanent):
         return None
     recipients = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in (permanent or temporary)]
-    returned = [p.get_payload()[0] for p in msg.walk() if p.get_content_type() == "message/rfc822" and p.get_payload()]
+    returned: list[Message] = []
+    for part in msg.walk():
+        payload = part.get_payload() if part.get_content_type() == "message/rfc822" else None
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            returned.append(payload[0])
     text = body_text(msg) if not returned else ""
     ids = _returned_ids(returned) or [i for i in _ids(text)]
     return {
