@@ -23,11 +23,11 @@ from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 from temporalio.service import TLSConfig
 from temporalio.testing import WorkflowEnvironment
-from webhooks.inbound import InboundPayload, InboundProcessor
 
 from db.session import SessionFactory
 from models.enrollment import EnrollmentStatus
 from services.classify import get_classifier
+from services.inbound_pipeline import InboundPipeline
 from services.payload_codec import AesGcmPayloadCodec, PayloadKeyError
 from settings import Settings
 from temporal_client import connect, data_converter, tls_config
@@ -42,6 +42,7 @@ from tests.engine_harness import (
 )
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.history_text import history_bytes, payloads
+from webhooks.payload import InboundPayload
 
 
 def _key() -> str:
@@ -88,11 +89,11 @@ async def test_with_the_codec_on_a_raw_history_shows_no_plaintext(
         async with running_worker(client, task_queue, session_factory, channels):
             handle = await start_enrollment(client, task_queue, session_factory, ref, defn, pid)
             await wait_for_status(handle, lambda v: v.current_step == "m0" and v.phase == "waiting")
-            processor = InboundProcessor(session_factory, client, get_classifier())
+            processor = InboundPipeline(session_factory, client, get_classifier())
             reply = InboundPayload.model_validate(
                 {"event_id": "codec-1", "type": "reply", "from": "cipher@lead.test", "text": "Yes, interested"}
             )
-            assert (await processor.process("email", reply)).status == "signalled"
+            assert (await processor.process(reply.to_event("email"))).status == "signalled"
             result = await handle.result()
         assert result.status == EnrollmentStatus.COMPLETED
         assert [p.step for p in result.path] == ["m0", "done"]

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, text
 from sqlalchemy.exc import DBAPIError
-from webhooks.inbound import suppress_person
 
 from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SendSlot, SuppressedIdentity, Suppression
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus, OutOfOfficeSignal
+from services.inbound_pipeline import suppress_person
 from services.people_import import import_people
 from services.tokens import make_token
 from settings import Settings
