@@ -24,14 +24,21 @@ from activities.channels.base import ChannelClient
 from activities.delivery import DeliveryActivities, DeliveryConfig
 from activities.enroll import EnrollActivities, EnrollTarget
 from activities.governor import SendGovernor
+from activities.mailbox import ConnectionLoader, MailboxActivities
 from activities.records import RecordActivities
 from db.session import SessionFactory, make_engine, make_session_factory
+from operations.mailbox_watchers import start_all_watchers
+from services.classify import get_classifier
+from services.inbound_pipeline import InboundPipeline
+from services.oauth import TokenCache
 from services.secret_box import SecretBox
 from services.sender_breaker import BreakerConfig
+from services.sender_connections import MailConnection, imap_connection, token_cache
 from settings import InsecureSettingsError, Settings, check_settings, get_settings
 from temporal_client import connect
 from workflows.audience import AudienceWorkflow
 from workflows.enrollment import EnrollmentWorkflow
+from workflows.mailbox import MailboxWatcherWorkflow
 
 log = logging.getLogger("sequencer.worker")
 
@@ -51,6 +58,10 @@ class WorkerDeps:
     delivery: DeliveryConfig
     governor: SendGovernor | None = None
     fault: Callable[[str], None] | None = None
+    #: For the mailbox watchers (defaults: the process settings, the stored connections).
+    settings: Settings | None = None
+    mailbox_connections: ConnectionLoader | None = None
+    tokens: TokenCache | None = None
 
 
 def delivery_config(settings: Settings) -> DeliveryConfig:
@@ -81,10 +92,11 @@ def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwa
     records = RecordActivities(deps.session_factory)
     delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
     enroll = EnrollActivities(deps.session_factory, client, EnrollTarget(task_queue=task_queue))
+    mailbox = _mailbox_activities(client, deps)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[EnrollmentWorkflow, AudienceWorkflow],
+        workflows=[EnrollmentWorkflow, AudienceWorkflow, MailboxWatcherWorkflow],
         workflow_runner=WORKFLOW_RUNNER,
         activities=[
             records.record_event,
@@ -93,9 +105,23 @@ def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwa
             delivery.deliver,
             delivery.give_up_delivery,
             enroll.enroll_page,
+            mailbox.watch_mailbox,
         ],
         **worker_kwargs,
     )
+
+
+def _mailbox_activities(client: Client, deps: WorkerDeps) -> MailboxActivities:
+    """The watcher activity: the one inbound pipeline, fed from IMAP."""
+    settings = deps.settings or get_settings()
+    sf = deps.session_factory
+    pipeline = InboundPipeline(sf, client, get_classifier(), out_of_office_default=settings.out_of_office_default_delay)
+
+    async def stored(sender_id: int) -> MailConnection | None:
+        return await imap_connection(sf, settings, sender_id)
+
+    tokens = deps.tokens or token_cache(sf, settings)  # stores refresh tokens a provider rotates
+    return MailboxActivities(sf, pipeline, deps.mailbox_connections or stored, tokens)
 
 
 async def main() -> None:
@@ -117,6 +143,7 @@ async def main() -> None:
             session_factory=session_factory,
             channels=channels,
             delivery=delivery_config(settings),
+            settings=settings,
         )
         worker = build_worker(
             client,
@@ -131,6 +158,12 @@ async def main() -> None:
             loop.add_signal_handler(sig, stop.set)
         log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
         async with worker:
+            try:
+                started = await start_all_watchers(client, deps.session_factory, settings.temporal_task_queue)
+                if started:
+                    log.info("mailbox watchers started for senders %s", started)
+            except Exception:  # the worker still serves the sequences; `senders list` shows the mailboxes
+                log.exception("starting the mailbox watchers failed")
             await stop.wait()
     finally:
         await aclose_channels(channels)

@@ -390,3 +390,30 @@ class WebhookToken(Base):
     seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     __table_args__ = (Index("ix_webhook_tokens_seen_at", "seen_at"),)
+
+
+class MailboxState(Base):
+    """Where a mailbox watcher is: the UIDVALIDITY/UID high-water mark and how it is doing.
+
+    One row per watched sender. `last_uid` only moves forward (compare-and-set) after a
+    message went through the inbound pipeline, so a restart, a dropped connection or a
+    killed worker resumes after the last message handled; `connected_at` is when the
+    mailbox was first watched (older mail is never read, also after a UIDVALIDITY change).
+    """
+
+    __tablename__ = "mailbox_states"
+
+    sender_id: Mapped[int] = mapped_column(ForeignKey("sender_accounts.id", ondelete="CASCADE"), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger)
+    connected_at: Mapped[datetime] = mapped_column()
+    #: watching (IDLE), polling (NOOP every poll_seconds), connecting, login_failed, error, stopped
+    status: Mapped[str] = mapped_column(String(24), default="connecting")
+    reason: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str | None] = mapped_column(String(8))
+    poll_seconds: Mapped[float | None] = mapped_column()
+    messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    resyncs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_message_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())

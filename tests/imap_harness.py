@@ -49,6 +49,16 @@ class Mailbox:
         """APPEND raw messages (bytes as given) to this folder; their UIDs."""
         return await append(self.host, self.port, self.user, self.password, raw, folder=self.folder)
 
+    async def raw(self, uid: int) -> bytes:
+        """The stored bytes of one message (BODY.PEEK[]: reading it marks nothing)."""
+        client = aioimaplib.IMAP4(host=self.host, port=self.port, timeout=30)
+        await client.wait_hello_from_server()
+        await client.login(self.user, self.password)
+        await client.select(self.folder)
+        resp = await client.uid("fetch", str(uid), "(BODY.PEEK[])")
+        await client.logout()
+        return next(bytes(line) for line in resp.lines if isinstance(line, bytearray))
+
     async def flags(self) -> dict[int, str]:
         """UID -> FLAGS of every message in the folder (to prove nothing was marked read)."""
         client = aioimaplib.IMAP4(host=self.host, port=self.port, timeout=30)

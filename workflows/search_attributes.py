@@ -22,6 +22,8 @@ CURRENT_STEP = SearchAttributeKey.for_keyword("CurrentStep")
 ENROLLMENT_STATUS = SearchAttributeKey.for_keyword("EnrollmentStatus")
 NEXT_ACTION_AT = SearchAttributeKey.for_datetime("NextActionAt")
 PERSON_ID = SearchAttributeKey.for_keyword("PersonId")
+#: The mailbox watchers' state (watching, login_failed, stopped) for the Web UI.
+MAILBOX_STATUS = SearchAttributeKey.for_keyword("MailboxStatus")
 
 ALL_SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     SEQUENCE_NAME,
@@ -30,6 +32,7 @@ ALL_SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     ENROLLMENT_STATUS,
     NEXT_ACTION_AT,
     PERSON_ID,
+    MAILBOX_STATUS,
 ]
 
 #: `temporal server start-dev --search-attribute NAME=TYPE` spellings.
