@@ -261,6 +261,14 @@ def senders_add(
             console.print(f"  {url.kind}: {escape(url.display())} ({url.auth}); check it with `senders test {acct.id}`")
     for kind in sorted(flags.remove):
         console.print(f"  {kind}: removed")
+    if flags.imap is not None and acct.channel == "email":
+        sender_id = int(acct.id)
+
+        async def watch(sf: SessionFactory) -> list[str]:
+            return await _start_watchers(sf, get_settings(), sender_id)
+
+        for line in _run(watch):
+            console.print(line)
 
 
 @senders_app.command("list")
@@ -622,10 +630,28 @@ def demo() -> None:
     from operations.demo import load_demo
 
     async def go(sf: SessionFactory) -> Any:
-        return await load_demo(sf, get_settings())
+        settings = get_settings()
+        lines = await load_demo(sf, settings)
+        return lines + await _start_watchers(sf, settings)
 
     for line in _run(go):
         console.print(line)
+
+
+async def _start_watchers(sf: SessionFactory, settings: Any, sender_id: int | None = None) -> list[str]:
+    """Start the mailbox watcher(s) (idempotent); a line saying what happened."""
+    from services.mailbox_watchers import start_all_watchers, start_watcher
+    from temporal_client import connect
+
+    try:
+        client = await connect(settings)
+    except Exception as exc:  # the worker starts every watcher when it starts
+        return [f"mailbox watchers: Temporal not reachable ({exc.__class__.__name__}); the worker starts them"]
+    if sender_id is not None:
+        _, new = await start_watcher(client, sender_id, settings.temporal_task_queue)
+        return [f"  mailbox watcher for sender {sender_id}: {'started' if new else 'already running'}"]
+    started = await start_all_watchers(client, sf, settings.temporal_task_queue)
+    return [f"mailbox watchers started for senders {started}" if started else "mailbox watchers: already running"]
 
 
 @app.command("reply")
@@ -634,8 +660,12 @@ def reply(
     channel: str = typer.Option("email", "--channel", help="email, x, linkedin or xmtp"),
     text: str = typer.Option("Sounds good, let's talk", "--text"),
     type_: str = typer.Option("reply", "--type", help="reply, connection_accepted, followed_back, ..."),
+    via: str = typer.Option(
+        "auto", "--via", help="email: imap (append to the sender's mailbox), webhook, or auto (imap when it can)"
+    ),
 ) -> None:
-    """Post a signed inbound event for a person to the webhook app, as a provider would."""
+    """Reply as a person: for email an RFC 5322 reply appended to the sender's mailbox (IMAP),
+    threaded under their last email; otherwise a signed inbound event posted to the webhook app."""
     import time
     import uuid
 
@@ -649,6 +679,29 @@ def reply(
     if channel not in wanted:
         err.print(f"[red]--channel:[/red] unknown channel {channel!r}")
         raise typer.Exit(2)
+    if via not in ("auto", "imap", "webhook"):
+        err.print(f"[red]--via:[/red] {via!r}: use imap, webhook or auto")
+        raise typer.Exit(2)
+    if channel == "email" and type_ == "reply" and via != "webhook":
+        from services.reply_mail import ReplyError, append_reply
+
+        async def by_mail(sf: SessionFactory) -> Any:
+            try:
+                return await append_reply(sf, get_settings(), person, text)
+            except ReplyError as exc:
+                return exc
+
+        appended = _run(by_mail)
+        if not isinstance(appended, Exception):
+            console.print(
+                f"reply {appended.message_id} appended to {appended.mailbox} (sender {appended.sender_id}), "
+                f"threaded under {appended.in_reply_to}; the mailbox watcher picks it up"
+            )
+            return
+        if via == "imap":
+            err.print(f"[red]error:[/red] {escape(str(appended))}", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"not by IMAP ({escape(str(appended))}): posting to the webhook instead")
 
     async def go(sf: SessionFactory) -> Any:
         async with sf() as session:

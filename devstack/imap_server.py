@@ -11,7 +11,7 @@ pymap speaks IMAP4rev1 with IDLE, UIDPLUS and APPEND; two backends matter here:
 `append` files a raw RFC 5322 message into a folder exactly as given (bytes in, bytes
 stored), which is how tests and `starter.py reply` make mail arrive.
 
-Run alone: `python -m devstack.imap_server --port 1143 --dir .dev/imap --user demo --password demo`.
+Run alone: `DEV_IMAP_PASSWORD=... python -m devstack.imap_server --port 1143 --dir .dev/imap --user demo`.
 """
 
 from __future__ import annotations
@@ -174,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=1143)
     parser.add_argument("--dir", type=Path, default=Path(".dev/imap"))
     parser.add_argument("--user", default="demo")
-    parser.add_argument("--password", default="demo")
+    parser.add_argument("--password-env", default="DEV_IMAP_PASSWORD", help="the variable holding the password")
     args = parser.parse_args(argv)
-    add_maildir_user(args.dir, args.user, args.password)
-    cmd = pymap_argv(args.port, backend="maildir", directory=args.dir, user=args.user, password=args.password)
+    password = os.environ.get(args.password_env, "")
+    if not password:
+        parser.error(f"set {args.password_env} to the mailbox password (it stays out of the process list)")
+    add_maildir_user(args.dir, args.user, password)
+    cmd = pymap_argv(args.port, backend="maildir", directory=args.dir, user=args.user, password=password)
     os.execv(cmd[0], cmd)
     return 0  # not reached
 

@@ -22,6 +22,7 @@ import fcntl
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+from urllib.parse import quote
 
 from devstack.postgres import Cluster, PostgresError, port_is_free
 
@@ -43,6 +45,8 @@ HOST = "127.0.0.1"
 READY_LINE = "Ctrl-C to stop"
 STOP_TIMEOUT = 10.0
 SKIPPABLE = ("providers", "worker", "api", "demo")
+#: The demo email sender's mailbox login on the local IMAP server (services/demo.py's address).
+DEV_IMAP_USER = "founder@sequencer.example"
 START_TIMEOUT = 60.0
 
 
@@ -74,6 +78,7 @@ PORTS: tuple[PortSpec, ...] = (
     PortSpec("SMTP_PORT", 2525, "the local SMTP catcher"),
     PortSpec("API_PORT", 8000, "the webhook app (uvicorn webhooks.app:app)"),
     PortSpec("PROVIDERS_PORT", 8081, "the local X API / relay stand-in (devstack.providers)"),
+    PortSpec("IMAP_PORT", 1143, "the local IMAP server (pymap; the demo sender's mailbox under .dev/imap)"),
 )
 
 
@@ -146,6 +151,17 @@ def dev_secrets_key(dev: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(generate_key() + "\n")
+    return path.read_text().strip()
+
+
+def dev_imap_password(dev: Path) -> str:
+    """The dev mailbox's password: made once under `.dev/` (mode 0600), reused by later runs."""
+    path = dev / "imap.password"
+    if not path.exists():
+        dev.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(18) + "\n")
     return path.read_text().strip()
 
 
@@ -275,6 +291,11 @@ class Stack:
         )
         if not env.get("SECRETS_KEY"):
             env["SECRETS_KEY"] = dev_secrets_key(self.dev)
+        env.setdefault("DEV_IMAP_PASSWORD", dev_imap_password(self.dev))
+        if not env.get("DEMO_IMAP_URL"):
+            user = quote(DEV_IMAP_USER, safe="")
+            password = quote(env["DEV_IMAP_PASSWORD"], safe="")
+            env["DEMO_IMAP_URL"] = f"imap://{user}:{password}@{HOST}:{p['IMAP_PORT']}/INBOX"
         return env
 
     def _popen(self, name: str, argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
@@ -472,6 +493,13 @@ class Stack:
         child = self.spawn("smtp", [*argv, "--dir", str(self.mail)])
         self.wait_tcp(child, port)
 
+    def start_imap(self) -> None:
+        """pymap with the demo sender's mailbox under imap/ (the watcher reads replies from it)."""
+        port = self.ports["IMAP_PORT"]
+        argv = [sys.executable, "-m", "devstack.imap_server", "--port", str(port), "--dir", str(self.dev / "imap")]
+        child = self.spawn("imap", [*argv, "--user", DEV_IMAP_USER, "--password-env", "DEV_IMAP_PASSWORD"])
+        self.wait_tcp(child, port)
+
     def start_providers(self) -> None:
         """The local X API + relay stand-in, so X/LinkedIn/XMTP steps hit a real server."""
         if "providers" in self.skip:
@@ -538,6 +566,13 @@ class Stack:
         if any(c.name == "api" for c in self.children):
             rows.append(("Webhook app", f"http://{HOST}:{p['API_PORT']}  (GET /healthz)"))
         rows.append(("Mail folder", f"{self.mail}  (SMTP {HOST}:{p['SMTP_PORT']})"))
+        rows.append(
+            (
+                "Demo mailbox (IMAP)",
+                f"{HOST}:{p['IMAP_PORT']} user {DEV_IMAP_USER}, password in {self.dev / 'imap.password'}",
+            )
+        )
+        rows.append(("Reply as a lead", "SEQUENCER_ENV=dev .venv/bin/python starter.py reply --person 1 --text 'Yes!'"))
         if any(c.name == "providers" for c in self.children):
             calls = self.dev / "providers" / "calls.jsonl"
             rows.append(("X / relay stand-in", f"http://{HOST}:{p['PROVIDERS_PORT']}  ({calls})"))
@@ -562,6 +597,7 @@ class Stack:
         self.start_postgres()
         self.start_temporal()
         self.start_smtp()
+        self.start_imap()
         self.start_providers()
         self.migrate()
         self.start_app()
