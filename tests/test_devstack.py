@@ -10,6 +10,7 @@ conditions the README promises.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -33,8 +34,9 @@ import aiosmtplib
 import pytest
 import yaml
 
+from devstack.imap_server import append as imap_append
 from devstack.postgres import Cluster, free_port
-from devstack.run import PORTS, READY_LINE, DevStackError, PortTakenError, check_ports, read_ports
+from devstack.run import DEV_IMAP_USER, PORTS, READY_LINE, DevStackError, PortTakenError, check_ports, read_ports
 from devstack.smtp_catcher import eml_name, make_controller
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,8 +344,22 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(
         while time.monotonic() < deadline and not (calls.exists() and '"x.follow"' in calls.read_text()):
             time.sleep(0.5)
         assert calls.exists() and '"x.follow"' in calls.read_text(), launcher.output()
+        # The demo sender watches the local IMAP server: mail appended there reaches the pipeline.
+        assert f"127.0.0.1:{env['IMAP_PORT']}" in banner and "mailbox watcher" in banner, banner
+        password = (dev / "imap.password").read_text().strip()
+        raw = (
+            b"From: <stranger@elsewhere.example>\r\nTo: <founder@sequencer.example>\r\nSubject: Hi\r\n"
+            b"Message-ID: <devstack-imap@elsewhere.example>\r\n\r\nHello\r\n"
+        )
+        asyncio.run(imap_append("127.0.0.1", int(env["IMAP_PORT"]), DEV_IMAP_USER, password, raw))
+        cluster = Cluster(dev / "pg", int(env["PG_PORT"]))
+        query = "SELECT status FROM inbound_events WHERE provider_event_id = '<devstack-imap@elsewhere.example>'"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "unknown_sender" not in cluster.psql(query, database="sequencer"):
+            time.sleep(0.5)
+        assert "unknown_sender" in cluster.psql(query, database="sequencer"), launcher.output()
         pids = json.loads((dev / "pids.json").read_text())
-        assert {"temporal", "smtp", "worker", "api"} <= set(pids)
+        assert {"temporal", "smtp", "imap", "worker", "api"} <= set(pids)
         assert all(_alive(pid) for pid in pids.values()), pids
     finally:
         code = launcher.stop()
@@ -353,7 +369,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(
     assert not (dev / "pg" / "postmaster.pid").exists()
     assert len(list((dev / "mail").glob("*_first-run@sequencer.local.eml"))) == 1
     assert (dev / "temporal.db").exists()
-    for name in ("temporal", "smtp", "worker", "api"):
+    for name in ("temporal", "smtp", "imap", "worker", "api"):
         assert (dev / "logs" / f"{name}.log").exists(), name
 
     # A second run reuses .dev/: the cluster, the Temporal database and the mail.
