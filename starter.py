@@ -640,7 +640,7 @@ def demo() -> None:
 
 async def _start_watchers(sf: SessionFactory, settings: Any, sender_id: int | None = None) -> list[str]:
     """Start the mailbox watcher(s) (idempotent); a line saying what happened."""
-    from services.mailbox_watchers import start_all_watchers, start_watcher
+    from operations.mailbox_watchers import start_all_watchers, start_watcher
     from temporal_client import connect
 
     try:

@@ -45,7 +45,7 @@ HOST = "127.0.0.1"
 READY_LINE = "Ctrl-C to stop"
 STOP_TIMEOUT = 10.0
 SKIPPABLE = ("providers", "worker", "api", "demo")
-#: The demo email sender's mailbox login on the local IMAP server (services/demo.py's address).
+#: The demo email sender's mailbox login on the local IMAP server (operations/demo.py's address).
 DEV_IMAP_USER = "founder@sequencer.example"
 START_TIMEOUT = 60.0
 

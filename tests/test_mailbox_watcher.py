@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services.reply_mail import append_reply
 from sqlalchemy import select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
@@ -29,6 +28,7 @@ from db.tables import Delivery, Identity, InboundEvent, Suppression
 from models.enrollment import ControlSignal, EnrollmentStatus
 from models.mailbox import mailbox_workflow_id
 from operations.mailbox_watchers import start_watcher, stop_watcher
+from services.reply_mail import append_reply
 from tests import mail_samples as m
 from tests.engine_harness import events_of, wait_for_status
 from tests.fakes import relay_server, x_server  # noqa: F401
