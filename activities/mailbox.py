@@ -47,6 +47,8 @@ log = logging.getLogger("sequencer.mailbox")
 ConnectionLoader = Callable[[int], Awaitable[MailConnection | None]]
 #: Fetched per round trip when catching up (a backlog is read in batches, heartbeating between).
 FETCH_BATCH = 50
+#: Messages of different senders go through the pipeline at once (one sender's stay in order).
+PIPELINE_CONCURRENCY = 16
 
 
 class ConnectionLost(Exception):
@@ -313,23 +315,44 @@ class _Session:
             if fetched.result != "OK":
                 self.check_alive()
                 raise ConnectionLost(f"UID FETCH failed: {' '.join(_text(x) for x in fetched.lines)}")
-            by_uid = {uid: (when, raw) for uid, when, raw in parse_fetch(fetched.lines)}
-            for uid in batch:
-                if uid in by_uid:
-                    when, raw = by_uid[uid]
-                    if when is None or when >= self.connected_at - timedelta(seconds=1):
-                        await self.handle(uid, when, raw)
-                await self.advance(uid)  # a message expunged meanwhile, or older than the connection
-                self.heartbeat()
+            found = parse_fetch(fetched.lines)
+            await self.handle_batch(
+                [(uid, when, raw) for uid, when, raw in found if when is None or when >= self.since()]
+            )
+            # Expunged meanwhile, older than the connection, or handled: the mark moves past them all.
+            await self.advance(batch[-1], handled=len(found))
+            self.heartbeat()
+
+    def since(self) -> datetime:
+        """Mail older than the first connect is never read (a second of clock slack)."""
+        return self.connected_at - timedelta(seconds=1)
+
+    async def handle_batch(self, messages: list[tuple[int, datetime | None, bytes]]) -> None:
+        """Through the pipeline: one sender's messages in UID order, different senders at once."""
+        by_sender: dict[str, list[tuple[int, datetime | None, bytes]]] = {}
+        for uid, when, raw in messages:
+            sender = re.search(rb"(?im)^From:[^\r\n]*", raw)
+            by_sender.setdefault(sender.group(0).lower().decode(errors="replace") if sender else "", []).append(
+                (uid, when, raw)
+            )
+        limit = asyncio.Semaphore(PIPELINE_CONCURRENCY)
+
+        async def one_sender(items: list[tuple[int, datetime | None, bytes]]) -> None:
+            async with limit:
+                for uid, when, raw in items:
+                    await self.handle(uid, when, raw)
+
+        await asyncio.gather(*(one_sender(items) for items in by_sender.values()))
 
     async def handle(self, uid: int, when: datetime | None, raw: bytes) -> None:
         ref = MailboxRef(sender_id=self.sid, folder=self.folder, uidvalidity=self.uidvalidity, uid=uid)
         event = read_mail(raw, mailbox=ref, received_at=when)
         result = await self.acts.pipeline.process(event)
         self.messages += 1
+        self.heartbeat()
         log.info("%s: UID %s %s -> %s", self.conn.what, uid, event.type, result.status)
 
-    async def advance(self, uid: int) -> None:
+    async def advance(self, uid: int, *, handled: int = 0) -> None:
         """Move the high-water mark to `uid` (compare-and-set: never backwards, same UIDVALIDITY)."""
         async with self.acts.sf() as session, session.begin():
             await session.execute(
@@ -339,7 +362,7 @@ class _Session:
                     MailboxState.uidvalidity == self.uidvalidity,
                     MailboxState.last_uid < uid,
                 )
-                .values(last_uid=uid, messages=MailboxState.messages + 1, last_message_at=datetime.now(UTC))
+                .values(last_uid=uid, messages=MailboxState.messages + handled, last_message_at=datetime.now(UTC))
             )
         self.last_uid = max(self.last_uid, uid)
 

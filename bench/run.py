@@ -22,6 +22,8 @@ Benchmarks:
   vs the configured cap; target >= 0.95x with no rolling hour over the cap.
 - webhook: signed webhook received to workflow branched (p50/p99) at 20 replies/s with
   2,000 waiting leads vs a bare signal round trip; and sends after a reply (must be 0).
+- imap: reply APPENDed to the sender's mailbox (pymap, IDLE) to workflow branched (p50/p99) at
+  20/s with 2,000 waiting leads vs the signed webhook in the same run; target p99 < 1 s, <= 1.5x.
 - provider_batch: 1,000 signed SendGrid events in one POST (target < 1 s) vs the same
   number posted one event per request; and the replay of the batch.
 - fault: a two-email campaign (--fault-leads, 300) while the real worker process is SIGKILLed
@@ -39,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import enroll, fault, governed, provider_batch, reaction, send, webhook
+from bench import enroll, fault, governed, imap, provider_batch, reaction, send, webhook
 from bench.common import RESULTS, record
 from bench.stack import Stack, bench_stack
 
@@ -54,9 +56,10 @@ BENCHMARKS: dict[str, Runner] = {
     "webhook": lambda stack, args, tmp: webhook.bench_webhook(stack, args.leads, 200, tmp),
     "provider_batch": lambda stack, args, tmp: provider_batch.bench_provider_batch(stack, 1000),
     "fault": lambda stack, args, tmp: fault.bench_fault(args, tmp),
+    "imap": lambda stack, args, tmp: imap.bench_imap(stack, args.leads, min(200, args.leads // 4), tmp),
 }
 #: Benchmarks that `make bench` runs when no --only is given.
-DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch", "fault"]
+DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch", "fault", "imap"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
