@@ -1,7 +1,7 @@
 """Mailbox watcher state: UIDVALIDITY/UID high-water mark, first-connect time, status.
 
-Revision ID: 0007_mailbox_states
-Revises: 0004_sender_breaker
+Revision ID: 0008_mailbox_states
+Revises: 0007_sender_dkim
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_mailbox_states"
-down_revision = "0004_sender_breaker"
+revision = "0008_mailbox_states"
+down_revision = "0007_sender_dkim"
 branch_labels = None
 depends_on = None
 
