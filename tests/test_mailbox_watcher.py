@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 
-from db.tables import Delivery, Identity, InboundEvent, Suppression
+from db.tables import Delivery, Identity, InboundEvent, MailboxState, Suppression
 from models.enrollment import ControlSignal, EnrollmentStatus
 from models.mailbox import mailbox_workflow_id
 from operations.mailbox_watchers import start_watcher, stop_watcher
@@ -435,3 +435,31 @@ async def test_starter_reply_appends_a_threaded_rfc5322_reply_that_the_watcher_h
     stored = await watch.mailbox.raw(max(await watch.mailbox.flags()))
     assert b"\r\nIn-Reply-To: " + ours.encode() + b"\r\n" in stored
     assert stored.startswith(b"From: cli@lead.test\r\n")
+
+
+async def test_a_uidvalidity_change_resyncs_without_double_effects(watch: Watch) -> None:
+    leads = [await watch.lead(f"uv{i}@lead.test") for i in range(2)]
+    await watch.connect()
+    await watch.start()
+    await watch.watching()
+    first = mid("uv0")
+    await watch.mailbox.append(
+        m.reply(sender="uv0@lead.test", to=SENDER, in_reply_to=leads[0][2], text="Sure", message_id=first)
+    )
+    assert (await watch.inbound(first)).status == "signalled"
+    await end_watcher(watch.hook, watch.sender_id)
+    # The server renumbers the folder while nobody watches (as after a mailbox migration).
+    async with watch.hook.sf() as s, s.begin():
+        await s.execute(update(MailboxState).where(MailboxState.sender_id == watch.sender_id).values(uidvalidity=1))
+    second = mid("uv1")
+    await watch.mailbox.append(
+        m.reply(sender="uv1@lead.test", to=SENDER, in_reply_to=leads[1][2], text="Yes", message_id=second)
+    )
+    await watch.start()
+    assert (await watch.inbound(second)).status == "signalled"
+    state = await wait_state(watch.hook.sf, watch.sender_id, lambda s: s.status == "watching" and s.resyncs == 1)
+    assert state.uidvalidity != 1
+    # The first reply was read again from the first connect on, and counted once.
+    for _, handle, _ in leads:
+        assert await signals_in_history(handle, "replied") == 1
+    assert sorted(r.provider_event_id for r in await watch.inbound_rows()) == sorted([first, second])
