@@ -818,3 +818,24 @@ async def test_one_batch_with_consequences_for_several_leads_applies_each_once(p
     assert statuses == [EnrollmentStatus.STOPPED] * 3 + [EnrollmentStatus.UNSUBSCRIBED]
     assert sorted(s.reason for s in await p.suppressions()) == ["bounce", "bounce", "bounce", "complaint"]
     assert [m["Subject"] for m in p.hook.smtp.parsed()] == ["Hello Ada"] * 4  # no follow-up to anyone
+
+
+async def test_a_provider_side_unsubscribe_suppresses_the_person_and_stops_every_sequence(
+    providers: Providers,
+) -> None:
+    p = providers
+    pid = await p.hook.person(email="optout@lead.test", x="8888")
+    email_lead = await p.hook.enroll(email_sequence(allow_concurrent=True), pid)
+    other = await p.hook.enroll(email_sequence(gap="5d", allow_concurrent=True), pid)
+    await p.hook.waiting_at(email_lead)
+    await p.hook.waiting_at(other)
+    body = mailgun_body(MG_KEY, mailgun_event("unsubscribed", "optout@lead.test"))  # no delivery key: by address
+    resp = await p.post("mailgun", body, {})
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"unsubscribed": 1}
+    [sup] = await p.suppressions()
+    assert (sup.person_id, sup.reason) == (pid, "unsubscribe")
+    for handle in (email_lead, other):
+        assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
+    assert len(await events_of(p.hook.sf, "unsubscribed")) == 2
+    again = await p.post("mailgun", body, {})
+    assert again.json()["duplicates"] == 1

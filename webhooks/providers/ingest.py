@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,13 +33,12 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, SequenceVersion
 from models.enrollment import ControlSignal
+from models.inbound import InboundEvent as PipelineEvent
 from services.identities import lookup_value
-from services.inbound_pipeline import InboundPipeline, InboundResult, suppress_person
-from webhooks.payload import InboundPayload
+from services.inbound_pipeline import InboundPipeline, InboundResult
 from webhooks.providers.base import ProviderEvent
 
 log = logging.getLogger("sequencer.providers")
@@ -52,12 +50,10 @@ EVENT_TYPE = {"delivered": "delivered", "open": "opened", "click": "clicked", "d
 #: Consequences (bounces, complaints, replies) of one batch applied at once.
 CONSEQUENCE_CONCURRENCY = 8
 
-Pipeline = Callable[[str, InboundPayload], Awaitable[InboundResult]]
 
-
-async def to_pipeline(processor: InboundPipeline, channel: str, payload: InboundPayload) -> InboundResult:
+async def to_pipeline(processor: InboundPipeline, event: PipelineEvent) -> InboundResult:
     """The one place where provider events enter the inbound pipeline."""
-    return await processor.process(payload.to_event(channel))
+    return await processor.process(event)
 
 
 def click_dedup_key(delivery_id: int, url: str) -> str:
@@ -332,32 +328,40 @@ class ProviderIngest:
     # ------------------------------------------------------------------ consequences
     async def _consequence(self, event: ProviderEvent, match: _Match | None) -> str:
         assert self.processor is not None
-        event_id = f"{event.provider}:{event.event_id}"[:300]
+        if event.kind == "unsubscribe":
+            return await self._unsubscribe(event, match)
+        common: dict[str, Any] = {
+            "source": f"provider:{event.provider}",
+            "event_id": f"{event.provider}:{event.event_id}"[:300],
+            "occurred_at": event.occurred_at,
+        }
         if event.kind in ("reply", "followed_back"):
-            sender = event.sender or ""
-            if not sender:
+            if not event.sender:
                 return "unknown_sender"
-            payload = InboundPayload(
-                event_id=event_id,
+            inbound = PipelineEvent(
+                channel=event.channel,
                 type="reply" if event.kind == "reply" else "followed_back",
-                **{"from": sender[:512]},
+                sender=event.sender[:512],
                 text=(event.text or None) and event.text[:100_000],
                 in_reply_to=event.in_reply_to,
                 references=event.references[:100],
-                occurred_at=event.occurred_at,
+                **common,
             )
-            return (await to_pipeline(self.processor, event.channel, payload)).status
-        if event.kind == "unsubscribe":
-            return await self._unsubscribe(event, match)
-        recipient = event.recipient or ""
-        payload = InboundPayload(
-            event_id=event_id,
+            return (await to_pipeline(self.processor, inbound)).status
+        recipient = (event.recipient or "")[:512]
+        inbound = PipelineEvent(
+            channel="email",
             type="complaint" if event.kind == "complaint" else "bounce",
-            **{"from": recipient[:512] or "unknown"},
+            sender=recipient or "unknown",  # as the signed webhook: the address the report is about
+            permanent=True,
             in_reply_to=match.message_id if match else None,
-            occurred_at=event.occurred_at,
+            about_message_ids=[match.message_id] if match and match.message_id else [],
+            about_recipients=[recipient] if recipient else [],
+            provider_message_id=(event.message_ids[0][:400] if event.message_ids else None),
+            detail={"reason": event.reason} if event.reason else {},
+            **common,
         )
-        result = await to_pipeline(self.processor, "email", payload)
+        result = await to_pipeline(self.processor, inbound)
         if event.kind == "bounce" and match is not None:
             await self._end_bounced(event, match)
         return result.status
@@ -393,47 +397,17 @@ class ProviderIngest:
                     ).scalar_one_or_none()
         if person_id is None:
             return "unknown_sender"
-        source = f"{event.provider}:{event.event_id}"[:200]
-        await suppress_person(self.sf, person_id, "unsubscribe", source)
-        async with self.sf() as session:
-            rows = (
-                await session.execute(
-                    select(Enrollment, SequenceVersion)
-                    .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
-                    .where(Enrollment.person_id == person_id, Enrollment.status.in_(["active", "paused"]))
-                )
-            ).all()
-        await self._signal(
-            [e.workflow_id for e, _ in rows],
-            "unsubscribe",
-            ControlSignal(reason=f"unsubscribed at {event.provider}", source=event.provider),
+        assert self.processor is not None
+        key = f"{event.provider}:{event.event_id}"[:200]
+        await self.processor.unsubscribe(
+            person_id,
+            reason="unsubscribe",
+            source=key,
+            event_key=key,
+            signal_reason=f"unsubscribed at {event.provider}",
+            via=event.provider,
+            channel="email",
         )
-        async with self.sf() as session, session.begin():
-            if not rows:
-                await append_event(
-                    session,
-                    type_="unsubscribed",
-                    person_id=person_id,
-                    channel="email",
-                    dedup_key=f"unsubscribed:{source}",
-                    data={"via": event.provider},
-                )
-            for enrollment, version in rows:
-                await session.execute(
-                    insert(Event)
-                    .values(
-                        type="unsubscribed",
-                        person_id=person_id,
-                        enrollment_id=enrollment.id,
-                        sequence_id=enrollment.sequence_id,
-                        sequence_version_id=version.id,
-                        step_id=enrollment.current_step,
-                        channel="email",
-                        dedup_key=f"unsubscribed:{source}:{enrollment.id}",
-                        data={"via": event.provider},
-                    )
-                    .on_conflict_do_nothing(index_elements=["dedup_key"])
-                )
         return "unsubscribed"
 
     async def _signal(self, workflow_ids: list[str], name: str, arg: ControlSignal) -> None:
