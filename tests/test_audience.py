@@ -6,7 +6,6 @@ pausing a whole sequence finds its running enrollments through visibility.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +31,7 @@ from operations.enrolling import dry_run, start_audience
 from services.sequence_store import create_version
 from settings import Settings
 from tests.engine_harness import all_senders, make_channels, running_worker
+from tests.eventually import eventually
 from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.audience import audience_workflow_id
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
@@ -132,13 +132,7 @@ async def stack(
 
 async def _eventually(check: Any, attempts: int = 200) -> Any:
     """Visibility is eventually consistent: poll a condition (bounded)."""
-    last = None
-    for _ in range(attempts):
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition never held (last {last!r})")
+    return await eventually(check, "visibility to catch up", tries=attempts, interval=0.05)
 
 
 async def test_audience_enrolls_every_member_in_pages_and_repeats_as_noop(

@@ -8,7 +8,6 @@ other side. dkimpy verifies here with a `dnsfunc` that answers the TXT record th
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from pathlib import Path
@@ -29,6 +28,7 @@ from models.enrollment import EnrollmentStatus
 from services.secret_box import SecretBox, generate_key
 from services.sender_dkim import DkimConfigError, clear_sender_dkim, sender_dkim_record, set_sender_dkim
 from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
+from tests.eventually import eventually
 from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.test_cli import cli
 
@@ -251,12 +251,13 @@ async def test_a_key_the_worker_cannot_open_pauses_the_sender_and_sends_nothing(
     paused: SenderAccount | None = None
     async with wired(delivery={"secrets": SecretBox([generate_key()])}):  # SECRETS_KEY lost the old key
         await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
-        for _ in range(600):  # the activity's outcome, written to PostgreSQL (no timer is waited for)
+
+        async def paused_sender() -> SenderAccount | None:  # the activity's outcome, in PostgreSQL
             async with session_factory() as s:
-                paused = await s.get(SenderAccount, sender_id)
-            if paused is not None and paused.paused_at is not None:
-                break
-            await asyncio.sleep(0.1)
+                row = await s.get(SenderAccount, sender_id)
+            return row if row is not None and row.paused_at is not None else None
+
+        paused = await eventually(paused_sender, "the sender to be paused", tries=600, interval=0.1)
     assert paused is not None and paused.paused_at is not None
     assert paused.paused_kind == "auth" and "DKIM" in (paused.paused_reason or "")
     assert "cannot decrypt the sender" in (paused.paused_reason or "")

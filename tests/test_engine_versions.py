@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from tests.engine_harness import (
     store_version,
     wait_for_status,
 )
+from tests.eventually import eventually
 from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.audience import AudienceWorkflow, audience_workflow_id
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
@@ -257,10 +257,7 @@ async def _hanging_dm(w: Env, raw: dict[str, Any]) -> Any:
     ref, defn = await store_version(w.sf, raw)
     pid = await make_person(w.sf, email=f"{uuid.uuid4().hex[:8]}@lead.test", x=str(uuid.uuid4().int % 10**12))
     handle = await start_enrollment(w.env.client, w.task_queue, w.sf, ref, defn, pid)
-    for _ in range(1500):  # readiness poll: the provider has the request and has not answered
-        if w.x.requests:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: w.x.requests, "the provider to hold the request", tries=1500, interval=0.01)
     assert len(w.x.requests) == 1
     view = await handle.query(EnrollmentWorkflow.status)
     assert view.phase == "sending" and view.current_step == "dm"

@@ -8,7 +8,6 @@ lets the lead go on, with exactly one message at the server.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from tests.engine_harness import (
     start_enrollment,
     store_version,
 )
+from tests.eventually import eventually
 from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.enrollment import EnrollmentWorkflow
 
@@ -108,11 +108,7 @@ def one_email() -> dict[str, Any]:
 
 async def until(predicate: Any, what: str) -> None:
     """Poll (bounded) until `predicate()` holds: readiness, not a wait for a timer."""
-    for _ in range(500):
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never: {what}")
+    await eventually(predicate, what)
 
 
 async def sender_row(sf: SessionFactory, sender_id: int) -> SenderAccount:

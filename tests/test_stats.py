@@ -50,6 +50,7 @@ from tests.engine_harness import (
     store_version,
     wait_for_status,
 )
+from tests.eventually import eventually
 from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
 from webhooks.payload import InboundPayload
@@ -120,13 +121,12 @@ async def _enroll_segment(client: Client, task_queue: str, sequence: str, segmen
         task_queue=task_queue,
     )
     plain = client.get_workflow_handle(wid)
-    for _ in range(500):
+
+    async def ended() -> WorkflowExecutionStatus | None:
         status = (await plain.describe()).status
-        if status != WorkflowExecutionStatus.RUNNING:
-            assert status == WorkflowExecutionStatus.COMPLETED
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{wid} still running")
+        return None if status == WorkflowExecutionStatus.RUNNING else status
+
+    assert await eventually(ended, f"{wid} to end") == WorkflowExecutionStatus.COMPLETED
 
 
 async def _reply(processor: InboundPipeline, sender: str, text: str) -> str:
