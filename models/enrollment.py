@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from models.sequence import SequenceDefinition
 
@@ -22,6 +22,33 @@ class EnrollmentStatus(StrEnum):
     SUPPRESSED = "suppressed"
     FAILED = "failed"
     EXPIRED = "expired"
+
+
+class Stage(StrEnum):
+    """Where the walk is within the current step: one transition each, in this order.
+
+    begin (log the step, pick its variant) -> act (the step's action at its time, through
+    the governor and ledger) -> wait (for the first of its edges); leaving moves to the next
+    step's begin, or ends the enrollment.
+    """
+
+    BEGIN = "begin"
+    ACT = "act"
+    WAIT = "wait"
+
+
+class Phase(StrEnum):
+    """What the enrollment is doing right now (the `status` query and the Web UI)."""
+
+    STARTING = "starting"
+    DELAY = "delay"  # a WAIT or CHECK_FOR_REPLY step's own delay
+    SCHEDULED = "scheduled"  # waiting for the step's time (delay, `at`, window, return date)
+    WAITING_FOR_SLOT = "waiting for send slot"
+    WAITING_FOR_PAUSED_SENDER = "waiting for paused sender"
+    SENDING = "sending"
+    WAITING = "waiting"  # for the first of the step's edges
+    PAUSED = "paused"
+    FINISHED = "finished"
 
 
 class SequenceRef(BaseModel):
@@ -68,8 +95,12 @@ class EnrollmentState(BaseModel):
     not_before: datetime | None = None
     senders: dict[str, int] = Field(default_factory=dict)
     thread_message_ids: list[str] = Field(default_factory=list)
+    stage: Stage | None = None
+    """Where the walk is in the current step (None only in states written before stages)."""
     step_started: bool = False
+    """Superseded by `stage`; read from states written before it."""
     action_done: bool = False
+    """Superseded by `stage`; read from states written before it."""
     step_started_at: datetime | None = None
     wait_started_at: datetime | None = None
     paused_for_seconds: float = 0.0
@@ -79,6 +110,15 @@ class EnrollmentState(BaseModel):
     """The person's own event that led to the current step ("TRIGGER:event id"), or None:
     such a step is a response, not held by the person's touch cap."""
     skipped: bool = False
+    paused_at: datetime | None = None
+    """When the current pause began (kept across continue-as-new, so the held time counts)."""
+
+    @model_validator(mode="after")
+    def _stage_from_flags(self) -> EnrollmentState:
+        """A state from before stages: its two flags say the stage."""
+        if self.stage is None:
+            self.stage = Stage.BEGIN if not self.step_started else Stage.ACT if not self.action_done else Stage.WAIT
+        return self
 
 
 class EnrollmentInput(BaseModel):
@@ -142,7 +182,7 @@ class StatusView(BaseModel):
     sequence: SequenceRef
     status: EnrollmentStatus
     current_step: str
-    phase: str
+    phase: Phase
     waiting_for: list[str] = Field(default_factory=list)
     until: datetime | None = None
     paused: bool = False

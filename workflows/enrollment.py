@@ -57,7 +57,9 @@ with workflow.unsafe.imports_passed_through():
         InboundSignal,
         OutOfOfficeSignal,
         PathEntry,
+        Phase,
         ReceivedEvent,
+        Stage,
         StatusView,
     )
     from models.schedule import as_aware, choose_variant, earliest_action_time
@@ -158,11 +160,10 @@ class EnrollmentWorkflow:
         self.defn = inp.definition
         self.state = inp.state or EnrollmentState(current_step=inp.definition.first_step.id)
         self.terminal: _Terminal | None = None
-        self.phase = "starting"
+        self.phase = Phase.STARTING
         self.waiting_for: list[str] = []
         self.until: datetime | None = None
         self.last_delivery_status: str | None = None
-        self.paused_at: datetime | None = None
         self.tz = zone(inp.person_timezone, inp.definition.timezone)
         self.ref = EnrollmentRef(
             enrollment_id=inp.enrollment_id,
@@ -222,17 +223,17 @@ class EnrollmentWorkflow:
         """Hold the lead where it is (the clock stops)."""
         if not self.state.paused:
             self.state.paused = True
-            self.paused_at = workflow.now()
+            self.state.paused_at = workflow.now()
 
     @workflow.signal
     def resume(self, sig: ControlSignal) -> None:
         """Continue from where the lead was held."""
         if self.state.paused:
             self.state.paused = False
-            if self.paused_at is not None:
-                held = (workflow.now() - self.paused_at).total_seconds()
+            if self.state.paused_at is not None:
+                held = (workflow.now() - self.state.paused_at).total_seconds()
                 self.state.paused_for_seconds += held
-            self.paused_at = None
+            self.state.paused_at = None
 
     @workflow.signal
     def stop(self, sig: ControlSignal) -> None:
@@ -250,12 +251,7 @@ class EnrollmentWorkflow:
     @workflow.query
     def status(self) -> StatusView:
         """Where the lead is, what it waits for and until when, and the path so far."""
-        if self.terminal is not None:
-            status = self.terminal.status
-        elif self.state.paused:
-            status = EnrollmentStatus.PAUSED
-        else:
-            status = EnrollmentStatus.ACTIVE
+        status = self._status()
         return StatusView(
             enrollment_id=self.inp.enrollment_id,
             person_id=self.inp.person_id,
@@ -281,20 +277,20 @@ class EnrollmentWorkflow:
             while True:
                 self._check_terminal()
                 step = self.defn.step(self.state.current_step)
-                if not self.state.step_started:
+                if self.state.stage == Stage.BEGIN:  # log the step, pick its variant
                     await self._begin(step)
-                if not self.state.action_done:
+                    self.state.stage = Stage.ACT
+                if self.state.stage == Stage.ACT:  # the action, at its time
                     await self._perform(step)
-                    self.state.action_done = True
+                    self.state.stage = Stage.WAIT
                     self.state.wait_started_at = workflow.now()
                     self.state.paused_for_seconds = 0.0
-                edge = await self._choose_edge(step)
+                edge = await self._choose_edge(step)  # wait: the first of its edges
                 self._leave(edge)
                 if edge is None or edge.trigger == Trigger.END or not edge.to:
                     raise _Terminal(EnrollmentStatus.COMPLETED, "reached END")
-                self.state.current_step = edge.to
-                self.state.step_started = False
-                self.state.action_done = False
+                self.state.current_step = edge.to  # leave: on to the next step's begin
+                self.state.stage = Stage.BEGIN
                 steps_this_run += 1
                 if workflow.info().is_continue_as_new_suggested() or steps_this_run >= inp.max_steps_per_run:
                     await workflow.wait_condition(workflow.all_handlers_finished)
@@ -326,17 +322,19 @@ class EnrollmentWorkflow:
             or (also is not None and also())
         )
 
+    def _status(self) -> EnrollmentStatus:
+        """The one answer to "what is this enrollment's status" (query and search attributes)."""
+        if self.terminal is not None:
+            return self.terminal.status
+        return EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE
+
     def _check_terminal(self) -> None:
         if self.terminal is not None:
             raise self.terminal
 
     def _upsert(self, *, first: bool = False, next_at: datetime | None = None) -> None:
         """Keep the Web UI's search attributes current, writing only what changed."""
-        status = (
-            self.terminal.status
-            if self.terminal
-            else (EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE)
-        )
+        status = self._status()
         wanted: list[tuple[SearchAttributeKey[Any], Any]] = [
             (CURRENT_STEP, self.state.current_step),
             (ENROLLMENT_STATUS, str(status)),
@@ -380,7 +378,6 @@ class EnrollmentWorkflow:
     async def _begin(self, step: Step) -> None:
         visit = self.state.visits.get(step.id, 0) + 1
         self.state.visits[step.id] = visit
-        self.state.step_started = True
         self.state.step_started_at = workflow.now()
         if step.variants and step.id not in self.state.variants:
             chosen = choose_variant(step.variants, key=f"{self.inp.person_id}:{step.id}")
@@ -402,7 +399,7 @@ class EnrollmentWorkflow:
 
     async def _hold_while_paused(self) -> None:
         if self.state.paused:
-            self.phase = "paused"
+            self.phase = Phase.PAUSED
             self.waiting_for = ["resume"]
             self.until = None
             self._upsert()
@@ -421,7 +418,7 @@ class EnrollmentWorkflow:
         return [e for e in self.state.events if since is None or e.received_at >= since]
 
     async def _sleep_until(
-        self, when: datetime, phase: str, step: Step, *, reply_stops: bool = True, replan: bool = False
+        self, when: datetime, phase: Phase, step: Step, *, reply_stops: bool = True, replan: bool = False
     ) -> bool:
         """Wait until `when` (a durable timer), holding on pause and waking on stop/reply.
 
@@ -463,7 +460,7 @@ class EnrollmentWorkflow:
             desired = max(desired, self.state.not_before)
         channel = step.channel
         if channel is None:  # WAIT / CHECK_FOR_REPLY: only timing; replies count for the edges
-            await self._sleep_until(desired, "delay", step, reply_stops=False)
+            await self._sleep_until(desired, Phase.DELAY, step, reply_stops=False)
             self.state.not_before = None
             return
         attempt = self.state.visits.get(step.id, 1)
@@ -515,7 +512,7 @@ class EnrollmentWorkflow:
             when = earliest_action_time(desired, self.defn.send_window, self.defn.timeline, self.tz)
             if when is None:
                 raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
-            if not await self._sleep_until(when, "scheduled", step, replan=replan):
+            if not await self._sleep_until(when, Phase.SCHEDULED, step, replan=replan):
                 continue
             slot: ReserveSlotOutput = await workflow.execute_activity(
                 "reserve_send_slot",
@@ -545,7 +542,7 @@ class EnrollmentWorkflow:
                 await self._record("failed", step, error=f"no active {channel} sender account")
                 raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
             self.state.senders[str(channel)] = slot.sender_id
-            if not await self._sleep_until(slot.slot_at, "waiting for send slot", step, replan=replan):
+            if not await self._sleep_until(slot.slot_at, Phase.WAITING_FOR_SLOT, step, replan=replan):
                 round_ += 1  # a new reservation from the return date (it releases the old slot)
                 continue
             again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
@@ -561,7 +558,7 @@ class EnrollmentWorkflow:
         self.state.not_before = None
         await self._hold_while_paused()
         self._check_terminal()
-        self.phase = "sending"
+        self.phase = Phase.SENDING
         self.waiting_for = []
         self.until = None
         return await self._deliver(step, attempt, slot.sender_id, slot=slot, round_=round_)
@@ -606,8 +603,9 @@ class EnrollmentWorkflow:
             except ActivityError as err:
                 paused = isinstance(err.cause, ApplicationError) and err.cause.type == "SenderPaused"
                 if paused and workflow.patched("sender-paused-waits"):
-                    await self._sleep_until(workflow.now() + SENDER_PAUSED_RECHECK, "waiting for paused sender", step)
-                    self.phase = "sending"
+                    recheck = workflow.now() + SENDER_PAUSED_RECHECK
+                    await self._sleep_until(recheck, Phase.WAITING_FOR_PAUSED_SENDER, step)
+                    self.phase = Phase.SENDING
                     continue
                 return await self._give_up(step, attempt, sender_id, str(err.cause or err))
 
@@ -663,7 +661,7 @@ class EnrollmentWorkflow:
             now = workflow.now()
             if deadlines and deadlines[0][0] <= now:
                 return deadlines[0][1]
-            self.phase = "waiting"
+            self.phase = Phase.WAITING
             self.waiting_for = [str(e.trigger) for e in step.edges]
             self.until = deadlines[0][0] if deadlines else None
             self._upsert(next_at=self.until)
@@ -678,7 +676,7 @@ class EnrollmentWorkflow:
 
     async def _finish(self, end: _Terminal | None) -> EnrollmentResult:
         end = end or _Terminal(EnrollmentStatus.COMPLETED, "reached END")
-        self.phase = "finished"
+        self.phase = Phase.FINISHED
         self.waiting_for = []
         self.until = None
         self._upsert()
