@@ -35,8 +35,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributeUpdate
+from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
+
+from workflows import activity_calls as calls
 
 with workflow.unsafe.imports_passed_through():
     from models.activities import (
@@ -103,42 +105,13 @@ FAILING_ROUNDS_GIVE_UP = timedelta(hours=4)
 FAILING_ROUNDS_FIRST_BACKOFF = timedelta(minutes=5)
 FAILING_ROUNDS_MAX_BACKOFF = timedelta(hours=1)
 
-QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
-SEND_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=30),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(hours=1),
-    maximum_attempts=12,
-    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
-)
-
-
-#: Since patch `deliver-heartbeat-retry`: `deliver` heartbeats, so a send held by a dead
-#: worker moves to another one within seconds, and connection-level transient errors are
-#: retried after 1 s, 2 s, 4 s … up to 10 minutes (a provider's reset header still sets the
-#: delay: `next_retry_delay`); 30 attempts span about three and a half hours.
-DELIVER_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 #: How often a lead whose sender is paused asks again once `deliver`'s retries ran out.
 SENDER_PAUSED_RECHECK = timedelta(minutes=1)
-SEND_RETRY_FAST = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=10),
-    maximum_attempts=30,
-    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
-)
 
 
 def workflow_id_for(sequence_name: str, person_id: int) -> str:
     """The business key: one enrollment per (sequence, person)."""
     return f"enroll:{sequence_name}:{person_id}"
-
-
-def _deliver_options() -> dict[str, Any]:
-    """`deliver`'s heartbeat and retry options (the old ones for histories before the patch)."""
-    if workflow.patched("deliver-heartbeat-retry"):
-        return {"heartbeat_timeout": DELIVER_HEARTBEAT_TIMEOUT, "retry_policy": SEND_RETRY_FAST}
-    return {"retry_policy": SEND_RETRY}
 
 
 class _Terminal(Exception):
@@ -358,8 +331,7 @@ class EnrollmentWorkflow:
     async def _record(self, type_: str, step: Step | None, **data: object) -> None:
         variant = self.state.variants.get(step.id) if step else None
         visit = self.state.visits.get(step.id, 0) if step else 0
-        await workflow.execute_activity(
-            "record_event",
+        await calls.record_event(
             RecordEventInput(
                 ref=self.ref,
                 type=type_,
@@ -370,9 +342,7 @@ class EnrollmentWorkflow:
                 data=dict(data),
                 dedup_key=f"{self.ref.enrollment_id}:{type_}:{step.id if step else ''}:{visit}",
                 current_step=self.state.current_step,
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=QUICK,
+            )
         )
 
     async def _begin(self, step: Step) -> None:
@@ -514,8 +484,7 @@ class EnrollmentWorkflow:
                 raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
             if not await self._sleep_until(when, Phase.SCHEDULED, step, replan=replan):
                 continue
-            slot: ReserveSlotOutput = await workflow.execute_activity(
-                "reserve_send_slot",
+            slot = await calls.reserve_send_slot(
                 ReserveSlotInput(
                     ref=self.ref,
                     step_id=step.id,
@@ -531,10 +500,7 @@ class EnrollmentWorkflow:
                     timeline=self.defn.timeline,
                     timezone=self.tz.key,
                     response=response,
-                ),
-                result_type=ReserveSlotOutput,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=QUICK,
+                )
             )
             if slot.ended:
                 raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended before a send slot")
@@ -593,13 +559,7 @@ class EnrollmentWorkflow:
                 request.timezone = self.tz.key
                 request.round = round_
             try:
-                return await workflow.execute_activity(
-                    "deliver",
-                    request,
-                    result_type=DeliverOutput,
-                    start_to_close_timeout=timedelta(minutes=2),
-                    **_deliver_options(),
-                )
+                return await calls.deliver(request)
             except ActivityError as err:
                 paused = isinstance(err.cause, ApplicationError) and err.cause.type == "SenderPaused"
                 if paused and workflow.patched("sender-paused-waits"):
@@ -611,8 +571,7 @@ class EnrollmentWorkflow:
 
     async def _give_up(self, step: Step, attempt: int, sender_id: int | None, error: str | None) -> DeliverOutput:
         """The dead letter: `give_up_delivery` marks the ledger row failed (uncertain if it was sending)."""
-        out: DeliverOutput = await workflow.execute_activity(
-            "give_up_delivery",
+        out = await calls.give_up_delivery(
             DeliverInput(
                 ref=self.ref,
                 step=step,
@@ -620,10 +579,7 @@ class EnrollmentWorkflow:
                 sender_id=sender_id,
                 variant=self.state.variants.get(step.id),
                 now=workflow.now(),
-            ),
-            result_type=DeliverOutput,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=QUICK,
+            )
         )
         out.error = out.error or error
         return out
@@ -680,16 +636,13 @@ class EnrollmentWorkflow:
         self.waiting_for = []
         self.until = None
         self._upsert()
-        await workflow.execute_activity(
-            "finish_enrollment",
+        await calls.finish_enrollment(
             FinishInput(
                 ref=self.ref,
                 status=str(end.status),
                 last_step=self.state.current_step,
                 reason=end.reason,
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=QUICK,
+            )
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
         return EnrollmentResult(

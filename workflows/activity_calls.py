@@ -1,0 +1,114 @@
+"""Typed calls of the enrollment's activities: one function per activity.
+
+Each facade owns its activity's name, timeouts, retry policy and result type, so the
+workflow reads as `await calls.deliver(request)` and a change of options happens in one
+place. Workflow code only (it runs inside the workflow sandbox): the options must stay
+exactly what saved histories recorded, and `deliver`'s depend on a patch.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from models.activities import (
+        DeliverInput,
+        DeliverOutput,
+        FinishInput,
+        RecordEventInput,
+        ReserveSlotInput,
+        ReserveSlotOutput,
+    )
+
+__all__ = [
+    "DELIVER_HEARTBEAT_TIMEOUT",
+    "QUICK",
+    "SEND_RETRY",
+    "SEND_RETRY_FAST",
+    "deliver",
+    "finish_enrollment",
+    "give_up_delivery",
+    "record_event",
+    "reserve_send_slot",
+]
+
+#: Bookkeeping (events, slots, the end): quick retries, forever.
+QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+#: `deliver` before patch `deliver-heartbeat-retry`.
+SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=30),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(hours=1),
+    maximum_attempts=12,
+    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
+)
+#: Since patch `deliver-heartbeat-retry`: `deliver` heartbeats, so a send held by a dead
+#: worker moves to another one within seconds, and connection-level transient errors are
+#: retried after 1 s, 2 s, 4 s … up to 10 minutes (a provider's reset header still sets the
+#: delay: `next_retry_delay`); 30 attempts span about three and a half hours.
+DELIVER_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+SEND_RETRY_FAST = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    maximum_attempts=30,
+    non_retryable_error_types=["PermanentChannelError", "TemplateError"],
+)
+BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
+DELIVER_TIMEOUT = timedelta(minutes=2)
+
+
+def _deliver_options() -> dict[str, Any]:
+    """`deliver`'s heartbeat and retry options (the old ones for histories before the patch)."""
+    if workflow.patched("deliver-heartbeat-retry"):
+        return {"heartbeat_timeout": DELIVER_HEARTBEAT_TIMEOUT, "retry_policy": SEND_RETRY_FAST}
+    return {"retry_policy": SEND_RETRY}
+
+
+async def record_event(inp: RecordEventInput) -> None:
+    """Append one event to the log (deduplicated by its key)."""
+    await workflow.execute_activity("record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
+
+
+async def reserve_send_slot(inp: ReserveSlotInput) -> ReserveSlotOutput:
+    """A sender and a time from the governor."""
+    return await workflow.execute_activity(
+        "reserve_send_slot",
+        inp,
+        result_type=ReserveSlotOutput,
+        start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+        retry_policy=QUICK,
+    )
+
+
+async def deliver(inp: DeliverInput) -> DeliverOutput:
+    """The send, through the ledger (raises ActivityError once its retries ran out)."""
+    return await workflow.execute_activity(
+        "deliver",
+        inp,
+        result_type=DeliverOutput,
+        start_to_close_timeout=DELIVER_TIMEOUT,
+        **_deliver_options(),
+    )
+
+
+async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
+    """The dead letter: the ledger row ends failed (uncertain if it was sending)."""
+    return await workflow.execute_activity(
+        "give_up_delivery",
+        inp,
+        result_type=DeliverOutput,
+        start_to_close_timeout=BOOKKEEPING_TIMEOUT,
+        retry_policy=QUICK,
+    )
+
+
+async def finish_enrollment(inp: FinishInput) -> None:
+    """Record the end in the enrollments table and the event log."""
+    await workflow.execute_activity(
+        "finish_enrollment", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
+    )
