@@ -38,8 +38,6 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows import activity_calls as calls
-
 with workflow.unsafe.imports_passed_through():
     from models.activities import (
         DeliverInput,
@@ -74,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
         Trigger,
         zone,
     )
+    from workflows import activity_calls as calls
     from workflows.search_attributes import (
         CURRENT_STEP,
         ENROLLMENT_STATUS,
