@@ -147,10 +147,13 @@ async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path) -> dict[
                 await appender.append(raw, mailbox="INBOX")
             await appender.logout()
             imap_lat = [await _branched_at(client, wids[pid]) - appended_at[pid] for pid in by_imap]
+            print(
+                f"  IMAP: appended→branched p50 {pct(imap_lat, 50):.1f} ms p99 {pct(imap_lat, 99):.1f} ms", flush=True
+            )
 
             # ---- the signed webhook, same leads' sequence, same worker, at 20/s
             posted_at: dict[int, float] = {}
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
 
                 async def reply(k: int, pid: int) -> None:
                     await asyncio.sleep(k / 20)
