@@ -60,7 +60,7 @@ from activities.channels.base import (
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
-from activities.send_gate import activity_now, check_send_gate
+from activities.send_gate import RESCHEDULE, activity_now, check_send_gate
 from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
@@ -234,6 +234,8 @@ class DeliveryActivities:
                 return await self._deliver(inp, key, str(channel), me)
             except _Lost as lost:
                 return await self._lost(key, me, lost)
+            except _Rescheduled as again:  # the sender is paused: a new round waits for it
+                return again.output
 
     async def _deliver(self, inp: DeliverInput, key: str, channel: str, me: _Owner) -> DeliverOutput:
         step = inp.step
@@ -402,7 +404,7 @@ class DeliveryActivities:
 
     async def _sender_refused(
         self, inp: DeliverInput, delivery: Delivery, me: _Owner, err: SenderConfigError
-    ) -> ApplicationError:
+    ) -> Exception:
         """Our own account was refused: open the sender's breaker (auth), give the row back."""
         now = _now(inp)
         if inp.sender_id is not None:
@@ -415,23 +417,26 @@ class DeliveryActivities:
 
     async def _sender_paused(
         self, inp: DeliverInput, delivery: Delivery, me: _Owner, sender_id: int | None, why: str
-    ) -> ApplicationError:
+    ) -> Exception:
         """The row goes back to `claimed` (nothing was written) and the lead waits for the sender.
 
-        The retry comes after the cool-down (or a minute for a manual pause), when the
-        sender may be resumed or let a probe through.
+        A workflow with the send gate (`inp.slot_at` set) gets `reschedule` at once: the row is
+        fenced (no owner, so the next round's `deliver` takes it), and the new reservation
+        waits while the governor grants the paused sender nothing (until `senders resume`, or
+        a probe after the cool-down). An older workflow gets a retryable `SenderPaused`
+        after the cool-down (or a minute for a manual pause).
         """
+        gate = inp.slot_at is not None
         async with self.session_factory() as session, session.begin():
-            won = await _transition(
-                session,
-                delivery.id,
-                expect=("claimed", "sending"),
-                owner=me.token,
-                values={"status": "claimed", "error": f"sender {sender_id} {why}"},
-            )
+            values: dict[str, Any] = {"status": "claimed", "error": f"sender {sender_id} {why}"}
+            if gate:
+                values.update(owner=None, owner_attempt=0)
+            won = await _transition(session, delivery.id, expect=("claimed", "sending"), owner=me.token, values=values)
             sender = await session.get(SenderAccount, sender_id) if sender_id is not None else None
         if not won:
             raise _Lost("taken while the sender was paused")
+        if gate:
+            return _Rescheduled(DeliverOutput(status=RESCHEDULE, error=f"sender {sender_id} {why}"))
         now = _now(inp)
         wait = self.config.breaker.cooldown
         if sender is not None and sender.paused_until is not None:
@@ -871,6 +876,14 @@ async def _heartbeating() -> AsyncIterator[None]:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+
+
+class _Rescheduled(Exception):
+    """Nothing was sent and the workflow should ask for a new slot (a paused sender)."""
+
+    def __init__(self, output: DeliverOutput) -> None:
+        super().__init__(output.error)
+        self.output = output
 
 
 class _Lost(Exception):
