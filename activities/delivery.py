@@ -452,15 +452,37 @@ class DeliveryActivities:
     async def _wait_for_paused_senders(self, inp: ReserveSlotInput) -> None:
         """No sender granted a slot: if the breaker holds the channel's senders, wait for them."""
         async with self.session_factory() as session:
-            paused = await sender_breaker.paused_senders(session, _now(inp), inp.channel)
+            # Every sender with an open breaker, probe time passed or not: the governor and this
+            # check may read the clock a moment apart, and a retry soon settles it either way.
+            paused = await sender_breaker.paused_senders(session, None, inp.channel)
         if inp.allowed_senders:
             paused = [a for a in paused if a.address in inp.allowed_senders]
+        if not paused:
+            async with self.session_factory() as session:
+                active = list(
+                    (
+                        await session.execute(
+                            select(SenderAccount.address).where(
+                                SenderAccount.channel == inp.channel, SenderAccount.active.is_(True)
+                            )
+                        )
+                    ).scalars()
+                )
+            if any(not inp.allowed_senders or a in inp.allowed_senders for a in active):
+                # A sender was resumed between the governor's read and this one: ask again.
+                raise ApplicationError(
+                    f"no {inp.channel} sender granted a slot just now; asking again",
+                    type="SendersPaused",
+                    next_retry_delay=timedelta(seconds=1),
+                )
         if paused:
             reasons = "; ".join(f"sender {a.id} {describe(a)}" for a in paused[:3])
+            now = _now(inp)
+            probing = any(a.paused_until is not None and a.paused_until <= now for a in paused)
             raise ApplicationError(
                 f"every {inp.channel} sender for this lead is paused: {reasons}",
                 type="SendersPaused",
-                next_retry_delay=timedelta(minutes=1),
+                next_retry_delay=timedelta(seconds=5) if probing else timedelta(minutes=1),
             )
 
     async def _hook(self, point: str) -> None:

@@ -194,13 +194,14 @@ async def resume(session_factory: SessionFactory, sender_id: int, now: datetime)
         return acct
 
 
-async def paused_senders(session: AsyncSession, now: datetime, channel: str | None = None) -> list[SenderAccount]:
-    """Active sender accounts the breaker holds at `now` (optionally of one channel)."""
-    query = select(SenderAccount).where(
-        SenderAccount.active.is_(True),
-        SenderAccount.paused_at.is_not(None),
-        or_(SenderAccount.paused_until.is_(None), and_(SenderAccount.paused_until > now)),
-    )
+async def paused_senders(
+    session: AsyncSession, now: datetime | None, channel: str | None = None
+) -> list[SenderAccount]:
+    """Active sender accounts the breaker holds at `now` (None: with an open breaker at all,
+    including those whose cool-down passed and that wait for their probe), optionally of one channel."""
+    query = select(SenderAccount).where(SenderAccount.active.is_(True), SenderAccount.paused_at.is_not(None))
+    if now is not None:
+        query = query.where(or_(SenderAccount.paused_until.is_(None), and_(SenderAccount.paused_until > now)))
     if channel:
         query = query.where(SenderAccount.channel == channel)
     return list((await session.execute(query.order_by(SenderAccount.id))).scalars())
