@@ -196,9 +196,10 @@ async def main(only: set[str] | None = None) -> None:
         await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-6", channel="x"))
         await h.result()
         save("enrollment_sender_paused_waits", (await h.fetch_history()).to_json())
-        # 6. since patch ooo-replans-send: an out-of-office while the send waits (for the window or
-        #    its slot) wakes the wait and plans the send again after the return date
-        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(6), id="replay-6", task_queue="replay")
+        # 8. since patch ooo-replans-send: an out-of-office while the send waits (for the window or
+        #    its slot) wakes the wait and plans the send again after the return date (recorded as
+        #    id replay-6 before the ids were made unique)
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(6), id="replay-8", task_queue="replay")
         for _ in range(200):
             view = await h.query(EnrollmentWorkflow.status)
             if view.phase in ("scheduled", "waiting for send slot"):
@@ -216,6 +217,17 @@ async def main(only: set[str] | None = None) -> None:
         await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-7", channel="x"))
         await h.result()
         save("enrollment_send_gate", (await h.fetch_history()).to_json())
+        # 9. since the Stage enum: a pause and resume, then continue-as-new after every step (the
+        #    state carried across runs has `stage` and `paused_at`; the first run's history)
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run, _input(9, max_steps=1), id="replay-9", task_queue="replay"
+        )
+        await h.signal(EnrollmentWorkflow.pause, ControlSignal(reason="replay"))
+        await env.sleep(timedelta(days=1))
+        await h.signal(EnrollmentWorkflow.resume, ControlSignal())
+        await h.result()
+        first = env.client.get_workflow_handle("replay-9", run_id=h.first_execution_run_id)
+        save("enrollment_stages_pause_can", (await first.fetch_history()).to_json())
     await env.shutdown()
 
 
