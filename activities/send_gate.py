@@ -20,7 +20,7 @@ from temporalio import activity
 
 from db.events import append_event
 from db.session import SessionFactory
-from db.tables import Delivery, SenderAccount
+from db.tables import Delivery
 from models.activities import DeliverInput, DeliverOutput
 from models.schedule import send_gate
 from models.sequence import zone
@@ -72,11 +72,6 @@ async def check_send_gate(
                 .where(Delivery.idempotency_key == key, Delivery.status == "claimed")
                 .values(owner=None, owner_attempt=0)
             )
-        # Attempts that failed while the sender's circuit breaker held it were the sender's wait,
-        # not an outage of this lead's send: they do not count toward giving the send up.
-        sender = await session.get(SenderAccount, inp.sender_id) if inp.sender_id is not None else None
-        sender_held = sender is not None and sender.paused_at is not None
-        failed = 0 if sender_held or not activity.in_activity() else max(activity.info().attempt - 1, 0)
         await append_event(
             session,
             type_="rescheduled",
@@ -89,9 +84,9 @@ async def check_send_gate(
                 "slot_at": inp.slot_at.isoformat(),
                 "reason": why,
                 "sender_id": inp.sender_id,
-                "failed_attempts": failed,
-                "sender_paused": sender_held,
+                "failed_attempts": max(activity.info().attempt - 1, 0) if activity.in_activity() else 0,
             },
         )
+    failed = activity.info().attempt - 1 if activity.in_activity() else 0
     activity.logger.info("delivery %s round %s: not sent now, %s: asking for a new slot", key, inp.round, why)
-    return DeliverOutput(status=RESCHEDULE, error=why, failed_attempts=failed)
+    return DeliverOutput(status=RESCHEDULE, error=why, failed_attempts=max(failed, 0))
