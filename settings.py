@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.task_queues import parse_roles
+
 #: A list setting read from one variable: a JSON array, or values separated by commas or
 #: newlines (several values = a secret being rotated: every one is accepted).
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -87,6 +89,19 @@ class Settings(BaseSettings):
     #: On SIGTERM the worker stops polling and lets running activities (a send in flight)
     #: finish for up to this long before cancelling them.
     worker_graceful_shutdown_seconds: float = Field(default=20.0, ge=0)
+    #: Which task queues this worker process serves (`python worker.py --queues` overrides):
+    #: `workflows` (the enrollments and their bookkeeping, on TEMPORAL_TASK_QUEUE) and each
+    #: channel's sends (`email`, `x`, `linkedin`, `xmtp`, on `<TEMPORAL_TASK_QUEUE>-<channel>`),
+    #: comma separated; `all` runs every one in this process.
+    worker_queues: TextList = Field(default_factory=lambda: ["all"])
+    #: Activities in flight at once on the `workflows` queue (bookkeeping: events, slots, the end).
+    worker_max_concurrent_activities: int = Field(default=100, ge=1)
+    #: Sends in flight at once per process, for each channel's queue: a slow provider fills
+    #: only its own channel's slots.
+    worker_email_concurrency: int = Field(default=100, ge=1)
+    worker_x_concurrency: int = Field(default=20, ge=1)
+    worker_linkedin_concurrency: int = Field(default=20, ge=1)
+    worker_xmtp_concurrency: int = Field(default=20, ge=1)
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
@@ -190,6 +205,7 @@ class Settings(BaseSettings):
         "resend_webhook_secrets",
         "x_consumer_secrets",
         "email_relay_tags",
+        "worker_queues",
         mode="before",
     )
     @classmethod
@@ -204,6 +220,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
         return value
 
+    @field_validator("worker_queues")
+    @classmethod
+    def _known_queues(cls, value: list[str]) -> list[str]:
+        try:
+            return list(parse_roles(value))
+        except ValueError as bad:
+            raise ValueError(f"WORKER_QUEUES: {bad}") from None
+
     @field_validator("email_relay_tags")
     @classmethod
     def _known_relays(cls, value: list[str]) -> list[str]:
@@ -212,6 +236,15 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"EMAIL_RELAY_TAGS: unknown relay {unknown[0]!r}; use sendgrid, mailgun, postmark or ses")
         return relays
+
+    def channel_concurrency(self) -> dict[str, int]:
+        """Sends in flight at once per process, by channel (WORKER_<CHANNEL>_CONCURRENCY)."""
+        return {
+            "email": self.worker_email_concurrency,
+            "x": self.worker_x_concurrency,
+            "linkedin": self.worker_linkedin_concurrency,
+            "xmtp": self.worker_xmtp_concurrency,
+        }
 
     @property
     def production(self) -> bool:

@@ -1,16 +1,21 @@
-"""Builds and runs the Sequencer worker: the workflows and every activity.
+"""Builds and runs the Sequencer workers: the workflows and every activity.
 
-Dependencies (database engine, SMTP pool, HTTP clients, the Temporal client) are built
-here, in `main()`, and injected into activity classes, so tests assemble the same
-worker (`build_worker`) against their own real local servers.
+One process runs, by default, the workflow worker (the base task queue) and one activity
+worker per channel's task queue (models/task_queues.py), each with its own concurrency
+limit; `--queues` / WORKER_QUEUES choose the roles, so an operator can run N processes
+and dedicated channel workers. Dependencies (database engine, SMTP pool, HTTP clients,
+the Temporal client) are built here, in `main()`, and injected into activity classes,
+so tests assemble the same workers (`build_worker`) against their own real local servers.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,6 +32,7 @@ from activities.governor import SendGovernor
 from activities.mailbox import ConnectionLoader, MailboxActivities
 from activities.records import RecordActivities
 from db.session import SessionFactory, make_engine, make_session_factory
+from models.task_queues import ALL_ROLES, WORKFLOWS_ROLE, parse_roles, role_queue
 from operations.mailbox_watchers import start_all_watchers
 from services.classify import get_classifier
 from services.inbound_pipeline import InboundPipeline
@@ -83,14 +89,96 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
     )
 
 
-def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwargs: Any) -> Worker:
-    """A worker with both workflows and every activity, wired to `deps`."""
+#: Worker options that only a workflow worker takes (the channel workers run activities only).
+_WORKFLOW_ONLY = frozenset(
+    {
+        "max_cached_workflows",
+        "max_concurrent_workflow_tasks",
+        "max_concurrent_workflow_task_polls",
+        "nonsticky_to_sticky_poll_ratio",
+        "sticky_queue_schedule_to_start_timeout",
+        "workflow_runner",
+        "workflow_failure_exception_types",
+        "debug_mode",
+        "disable_eager_activity_execution",
+    }
+)
+
+
+class Workers:
+    """The Temporal workers of one process, run together.
+
+    `async with` starts every one and stops every one (each lets its running activities
+    finish for its graceful shutdown timeout); `task_queues` names what they poll.
+    """
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def task_queues(self) -> list[str]:
+        """The task queues polled, in start order."""
+        return [w.task_queue for w in self.workers]
+
+    async def __aenter__(self) -> Workers:
+        async with AsyncExitStack() as stack:
+            for w in self.workers:
+                await stack.enter_async_context(w)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+
+def build_worker(
+    client: Client,
+    task_queue: str,
+    deps: WorkerDeps,
+    *,
+    roles: Sequence[str] = ALL_ROLES,
+    channel_concurrency: Mapping[str, int] | None = None,
+    **worker_kwargs: Any,
+) -> Workers:
+    """The workers of `roles`, wired to `deps` (by default every role, in one process).
+
+    `workflows`: the workflows and every activity on `task_queue` (`deliver` too, for the
+    sends that histories from before patch `deliver-channel-queue` schedule there). Each
+    channel role: that channel's send activity on its own queue (models/task_queues.py),
+    with `channel_concurrency[channel]` slots (`max_concurrent_activities`) when given.
+    """
     # slots keep the send gate's grace as a margin, so the caps hold at the real send times
     governor = deps.governor or SendGovernor(
         deps.session_factory, margin=timedelta(seconds=deps.delivery.send_late_grace_seconds)
     )
-    records = RecordActivities(deps.session_factory)
     delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
+    sends: list[Callable[..., Any]] = [delivery.deliver]
+    activity_kwargs = {k: v for k, v in worker_kwargs.items() if k not in _WORKFLOW_ONLY}
+    workers = []
+    for role in parse_roles(list(roles)):
+        if role == WORKFLOWS_ROLE:
+            workers.append(_workflow_worker(client, task_queue, deps, delivery, sends, worker_kwargs))
+            continue
+        kwargs = dict(activity_kwargs)
+        if channel_concurrency and role in channel_concurrency:
+            kwargs["max_concurrent_activities"] = channel_concurrency[role]
+        workers.append(Worker(client, task_queue=role_queue(task_queue, role), activities=sends, **kwargs))
+    return Workers(workers)
+
+
+def _workflow_worker(
+    client: Client,
+    task_queue: str,
+    deps: WorkerDeps,
+    delivery: DeliveryActivities,
+    sends: list[Callable[..., Any]],
+    worker_kwargs: dict[str, Any],
+) -> Worker:
+    """The workflows and the bookkeeping activities on the base queue."""
+    records = RecordActivities(deps.session_factory)
     enroll = EnrollActivities(deps.session_factory, client, EnrollTarget(task_queue=task_queue))
     mailbox = _mailbox_activities(client, deps)
     return Worker(
@@ -102,7 +190,7 @@ def build_worker(client: Client, task_queue: str, deps: WorkerDeps, **worker_kwa
             records.record_event,
             records.finish_enrollment,
             delivery.reserve_send_slot,
-            delivery.deliver,
+            *sends,
             delivery.give_up_delivery,
             enroll.enroll_page,
             mailbox.watch_mailbox,
@@ -124,15 +212,30 @@ def _mailbox_activities(client: Client, deps: WorkerDeps) -> MailboxActivities:
     return MailboxActivities(sf, pipeline, deps.mailbox_connections or stored, tokens)
 
 
-async def main() -> None:
-    """Run the worker until SIGINT/SIGTERM, then stop gracefully.
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """`--queues workflows,email`: the roles to run (default: WORKER_QUEUES, itself `all`)."""
+    parser = argparse.ArgumentParser(description="Run Sequencer's Temporal workers.")
+    parser.add_argument(
+        "--queues",
+        help=f"comma list of {', '.join(ALL_ROLES)} or all (default: WORKER_QUEUES, all)",
+    )
+    return parser.parse_args(argv)
 
-    On the signal the worker stops polling; a send in flight gets up to
+
+async def main(argv: Sequence[str] | None = None) -> None:
+    """Run the workers of the chosen roles until SIGINT/SIGTERM, then stop gracefully.
+
+    On the signal the workers stop polling; a send in flight gets up to
     WORKER_GRACEFUL_SHUTDOWN_SECONDS to finish and record its outcome before it is
     cancelled (a cancelled send is found `sending` by its retry and recorded uncertain).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = parse_args(argv)
     settings = get_settings()
+    try:
+        roles = parse_roles(args.queues) if args.queues else tuple(settings.worker_queues)
+    except ValueError as bad:
+        raise SystemExit(f"--queues: {bad}") from None
     check_settings(settings, "the worker")
     engine = make_engine(settings.database_url)
     client = await connect(settings)
@@ -145,10 +248,13 @@ async def main() -> None:
             delivery=delivery_config(settings),
             settings=settings,
         )
-        worker = build_worker(
+        workers = build_worker(
             client,
             settings.temporal_task_queue,
             deps,
+            roles=roles,
+            channel_concurrency=settings.channel_concurrency(),
+            max_concurrent_activities=settings.worker_max_concurrent_activities,
             max_cached_workflows=settings.worker_max_cached_workflows,
             graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
         )
@@ -156,14 +262,15 @@ async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
-        async with worker:
-            try:
-                started = await start_all_watchers(client, deps.session_factory, settings.temporal_task_queue)
-                if started:
-                    log.info("mailbox watchers started for senders %s", started)
-            except Exception:  # the worker still serves the sequences; `senders list` shows the mailboxes
-                log.exception("starting the mailbox watchers failed")
+        log.info("worker polling task queues %s on %s", ", ".join(workers.task_queues), settings.temporal_address)
+        async with workers:
+            if WORKFLOWS_ROLE in roles:
+                try:
+                    started = await start_all_watchers(client, deps.session_factory, settings.temporal_task_queue)
+                    if started:
+                        log.info("mailbox watchers started for senders %s", started)
+                except Exception:  # the worker still serves the sequences; `senders list` shows the mailboxes
+                    log.exception("starting the mailbox watchers failed")
             await stop.wait()
     finally:
         await aclose_channels(channels)

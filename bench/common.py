@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from temporalio.client import Client
@@ -19,6 +19,9 @@ from temporalio.worker import Worker
 from bench.baselines import SignalWorkflow
 from bench.stack import Stack
 from db.session import SessionFactory
+
+if TYPE_CHECKING:
+    from worker import Workers
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -101,7 +104,7 @@ def sequence_file(tmp: Path, name: str, steps: list[dict[str, Any]]) -> Path:
     return path
 
 
-def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Worker:
+def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:
     """The production worker wired to the bench stack (email to the sink)."""
     from activities.channels import make_channels
     from activities.delivery import DeliveryConfig

@@ -21,7 +21,6 @@ from sqlalchemy import select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.worker import Worker
 
 from activities.channels.email import EmailChannel, SmtpPool
 from activities.channels.relay import RelayChannel
@@ -33,7 +32,7 @@ from models.enrollment import EnrollmentInput, SequenceRef, StatusView
 from models.sequence import SequenceDefinition
 from models.sequence_checks import validate_definition
 from tests.eventually import eventually
-from worker import WorkerDeps, build_worker
+from worker import WorkerDeps, Workers, build_worker
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME, SEQUENCE_VERSION
 
@@ -269,7 +268,7 @@ async def running_worker(
     fault: Callable[[str], None] | None = None,
     delivery: dict[str, Any] | DeliveryConfig | None = None,
     **kwargs: Any,
-) -> AsyncIterator[Worker]:
+) -> AsyncIterator[Workers]:
     """The production worker (build_worker) wired to the test's servers.
 
     `delivery`: overrides of the test DeliveryConfig, or the DeliveryConfig itself.

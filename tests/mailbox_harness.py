@@ -18,7 +18,6 @@ from urllib.parse import quote
 from pydantic import SecretStr
 from sqlalchemy import select
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from activities.delivery import DeliveryConfig
 from activities.mailbox import current_state
@@ -29,7 +28,7 @@ from services.secret_box import generate_key
 from services.sender_connections import save_connection
 from settings import Settings
 from tests.engine_harness import LINK_SECRET
-from worker import WorkerDeps, build_worker
+from worker import WorkerDeps, Workers, build_worker
 
 KEY = generate_key()
 SETTINGS = Settings(secrets_key=SecretStr(KEY), webhook_secret=SecretStr(LINK_SECRET))
@@ -53,7 +52,7 @@ async def connect_mailbox(
 
 
 @asynccontextmanager
-async def watcher_worker(client: Client, task_queue: str, sf: SessionFactory, **kwargs: Any) -> AsyncIterator[Worker]:
+async def watcher_worker(client: Client, task_queue: str, sf: SessionFactory, **kwargs: Any) -> AsyncIterator[Workers]:
     """The production worker on `task_queue`, able to decrypt the stored mailbox connections."""
     deps = WorkerDeps(
         session_factory=sf,

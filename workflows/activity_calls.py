@@ -3,7 +3,7 @@
 Each facade owns its activity's name, timeouts, retry policy and result type, so the
 workflow reads as `await calls.deliver(request)` and a change of options happens in one
 place. Workflow code only (it runs inside the workflow sandbox): the options must stay
-exactly what saved histories recorded, and `deliver`'s depend on a patch.
+exactly what saved histories recorded, and `deliver`'s depend on patches.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ with workflow.unsafe.imports_passed_through():
         ReserveSlotInput,
         ReserveSlotOutput,
     )
+    from models.sequence import Channel
+    from models.task_queues import channel_queue
 
 __all__ = [
     "DELIVER_HEARTBEAT_TIMEOUT",
     "QUICK",
     "SEND_RETRY",
     "SEND_RETRY_FAST",
+    "channel_task_queue",
     "deliver",
     "finish_enrollment",
     "give_up_delivery",
@@ -69,6 +72,22 @@ def _deliver_options() -> dict[str, Any]:
     return {"retry_policy": SEND_RETRY}
 
 
+#: Since this patch a step's send runs on its channel's task queue (models/task_queues.py),
+#: so a slow provider on one channel cannot take the activity slots of another's sends.
+CHANNEL_QUEUE_PATCH = "deliver-channel-queue"
+
+
+def channel_task_queue(channel: Channel | str | None) -> dict[str, Any]:
+    """`task_queue=` for a send activity of `channel` (nothing: the workflow's own queue).
+
+    Histories from before patch `deliver-channel-queue` keep scheduling on the workflow's
+    queue, whose worker still serves every activity.
+    """
+    if channel is None or not workflow.patched(CHANNEL_QUEUE_PATCH):
+        return {}
+    return {"task_queue": channel_queue(workflow.info().task_queue, channel)}
+
+
 async def record_event(inp: RecordEventInput) -> None:
     """Append one event to the log (deduplicated by its key)."""
     await workflow.execute_activity("record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
@@ -93,6 +112,7 @@ async def deliver(inp: DeliverInput) -> DeliverOutput:
         result_type=DeliverOutput,
         start_to_close_timeout=DELIVER_TIMEOUT,
         **_deliver_options(),
+        **channel_task_queue(inp.step.channel),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ from models.enrollment import (
     OutOfOfficeSignal,
     SequenceRef,
 )
+from models.sequence import Channel
 from models.sequence_checks import validate_definition
+from models.task_queues import channel_queue
 from workflows.audience import AudienceWorkflow
 from workflows.enrollment import EnrollmentWorkflow
 from workflows.search_attributes import register_search_attributes
@@ -149,9 +152,14 @@ async def main(only: set[str] | None = None) -> None:
     )
     await register_search_attributes(env.client)
     acts: list[Any] = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
-    async with Worker(
-        env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts
+    # since patch deliver-channel-queue each channel's sends run on their own queue
+    sends = [Worker(env.client, task_queue=channel_queue("replay", c), activities=[deliver]) for c in Channel]
+    async with (
+        Worker(env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts),
+        AsyncExitStack() as stack,
     ):
+        for w in sends:
+            await stack.enter_async_context(w)
         # 1. follow-back → DM → reply (signals while waiting) → done
         h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(1), id="replay-1", task_queue="replay")
         await _until(env, h, "follow")
@@ -228,6 +236,13 @@ async def main(only: set[str] | None = None) -> None:
         await h.result()
         first = env.client.get_workflow_handle("replay-9", run_id=h.first_execution_run_id)
         save("enrollment_stages_pause_can", (await first.fetch_history()).to_json())
+        # 10. since patch deliver-channel-queue: the follow and the DM on `replay-x`, the email on
+        #     `replay-email` (the workflow and its bookkeeping stay on `replay`)
+        h = await env.client.start_workflow(EnrollmentWorkflow.run, _input(10), id="replay-10", task_queue="replay")
+        await _until(env, h, "follow")
+        await _until(env, h, "email")
+        await h.result()
+        save("enrollment_channel_queues", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
