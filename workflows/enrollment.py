@@ -26,28 +26,20 @@ Semantics worth knowing (also in the README):
 * The governor grants slots inside the send window and timeline. If the send still
   cannot go at its slot (paused past it, a retry backlog), `deliver` answers `reschedule`
   without sending and the step asks for a new slot: a new round, which releases the old.
+
+The run is a state machine over `state.stage`: begin (log the step, pick its variant) →
+act (the action at its time: workflows/sending.py) → wait (the first of the step's edges)
+→ leave (on to the next step, or the end). Shared state and waits: workflows/enrollment_core.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from models.activities import (
-        DeliverInput,
-        DeliverOutput,
-        EnrollmentRef,
-        FinishInput,
-        RecordEventInput,
-        ReserveSlotInput,
-        ReserveSlotOutput,
-    )
+    from models.activities import EnrollmentRef, FinishInput
     from models.enrollment import (
         ControlSignal,
         EnrollmentInput,
@@ -62,25 +54,11 @@ with workflow.unsafe.imports_passed_through():
         Stage,
         StatusView,
     )
-    from models.schedule import as_aware, choose_variant, earliest_action_time
-    from models.sequence import (
-        EVENT_TRIGGERS,
-        Action,
-        Channel,
-        Edge,
-        Step,
-        Trigger,
-        zone,
-    )
+    from models.schedule import as_aware, choose_variant
+    from models.sequence import EVENT_TRIGGERS, Edge, Step, Trigger, zone
     from workflows import activity_calls as calls
-    from workflows.search_attributes import (
-        CURRENT_STEP,
-        ENROLLMENT_STATUS,
-        NEXT_ACTION_AT,
-        PERSON_ID,
-        SEQUENCE_NAME,
-        SEQUENCE_VERSION,
-    )
+    from workflows.enrollment_core import Terminal
+    from workflows.sending import Sending
 
 #: Signal kind for each event trigger.
 TRIGGER_KIND = {
@@ -95,17 +73,6 @@ NEGATIVE_TWIN = {
     Trigger.NOT_FOLLOWED_BACK: Trigger.FOLLOWED_BACK,
 }
 SEEN_IDS_KEPT = 2000
-#: Deliver runs the moment-of-send gate and may answer `reschedule` (issue 11).
-SEND_GATE_PATCH = "send-gate-reschedule"
-RESCHEDULE = "reschedule"
-#: A send whose attempts keep failing across rescheduled rounds (an outage that does not end)
-#: ends as failed after this long, as `deliver`'s own retries would: rounds never loop forever.
-FAILING_ROUNDS_GIVE_UP = timedelta(hours=4)
-FAILING_ROUNDS_FIRST_BACKOFF = timedelta(minutes=5)
-FAILING_ROUNDS_MAX_BACKOFF = timedelta(hours=1)
-
-#: How often a lead whose sender is paused asks again once `deliver`'s retries ran out.
-SENDER_PAUSED_RECHECK = timedelta(minutes=1)
 
 
 def workflow_id_for(sequence_name: str, person_id: int) -> str:
@@ -113,17 +80,8 @@ def workflow_id_for(sequence_name: str, person_id: int) -> str:
     return f"enroll:{sequence_name}:{person_id}"
 
 
-class _Terminal(Exception):
-    """Raised inside the walk when the enrollment must end now."""
-
-    def __init__(self, status: EnrollmentStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 @workflow.defn(name="Enrollment")
-class EnrollmentWorkflow:
+class EnrollmentWorkflow(Sending):
     """Walks the sequence graph for one person."""
 
     @workflow.init
@@ -131,7 +89,7 @@ class EnrollmentWorkflow:
         self.inp = inp
         self.defn = inp.definition
         self.state = inp.state or EnrollmentState(current_step=inp.definition.first_step.id)
-        self.terminal: _Terminal | None = None
+        self.terminal: Terminal | None = None
         self.phase = Phase.STARTING
         self.waiting_for: list[str] = []
         self.until: datetime | None = None
@@ -211,13 +169,13 @@ class EnrollmentWorkflow:
     def stop(self, sig: ControlSignal) -> None:
         """End the enrollment now (no further actions)."""
         if self.terminal is None:
-            self.terminal = _Terminal(EnrollmentStatus.STOPPED, sig.reason or "stopped")
+            self.terminal = Terminal(EnrollmentStatus.STOPPED, sig.reason or "stopped")
 
     @workflow.signal
     def unsubscribe(self, sig: ControlSignal) -> None:
         """The person unsubscribed: end now; the suppression list guards every send."""
         if self.terminal is None:
-            self.terminal = _Terminal(EnrollmentStatus.UNSUBSCRIBED, sig.reason or "unsubscribed")
+            self.terminal = Terminal(EnrollmentStatus.UNSUBSCRIBED, sig.reason or "unsubscribed")
 
     # ------------------------------------------------------------------ query
     @workflow.query
@@ -260,7 +218,7 @@ class EnrollmentWorkflow:
                 edge = await self._choose_edge(step)  # wait: the first of its edges
                 self._leave(edge)
                 if edge is None or edge.trigger == Trigger.END or not edge.to:
-                    raise _Terminal(EnrollmentStatus.COMPLETED, "reached END")
+                    raise Terminal(EnrollmentStatus.COMPLETED, "reached END")
                 self.state.current_step = edge.to  # leave: on to the next step's begin
                 self.state.stage = Stage.BEGIN
                 steps_this_run += 1
@@ -280,70 +238,11 @@ class EnrollmentWorkflow:
                             max_steps_per_run=inp.max_steps_per_run,
                         )
                     )
-        except _Terminal as end:
+        except Terminal as end:
             self.terminal = end
         return await self._finish(self.terminal)
 
-    # ------------------------------------------------------------------ helpers
-    def _woken(self, seen: int, also: Callable[[], bool] | None = None) -> Callable[[], bool]:
-        """A wait condition: stop/unsubscribe, a pause, a new event since `seen` (or `also`)."""
-        return lambda: (
-            self.terminal is not None
-            or self.state.paused
-            or len(self.state.events) != seen
-            or (also is not None and also())
-        )
-
-    def _status(self) -> EnrollmentStatus:
-        """The one answer to "what is this enrollment's status" (query and search attributes)."""
-        if self.terminal is not None:
-            return self.terminal.status
-        return EnrollmentStatus.PAUSED if self.state.paused else EnrollmentStatus.ACTIVE
-
-    def _check_terminal(self) -> None:
-        if self.terminal is not None:
-            raise self.terminal
-
-    def _upsert(self, *, first: bool = False, next_at: datetime | None = None) -> None:
-        """Keep the Web UI's search attributes current, writing only what changed."""
-        status = self._status()
-        wanted: list[tuple[SearchAttributeKey[Any], Any]] = [
-            (CURRENT_STEP, self.state.current_step),
-            (ENROLLMENT_STATUS, str(status)),
-            (NEXT_ACTION_AT, next_at),
-        ]
-        if first:
-            wanted += [
-                (SEQUENCE_NAME, self.inp.sequence.sequence_name),
-                (SEQUENCE_VERSION, self.inp.sequence.version),
-                (PERSON_ID, str(self.inp.person_id)),
-            ]
-        current = workflow.info().typed_search_attributes
-        updates: list[SearchAttributeUpdate[Any]] = [
-            key.value_set(value) if value is not None else key.value_unset()
-            for key, value in wanted
-            if current.get(key) != value
-        ]
-        if updates:
-            workflow.upsert_search_attributes(updates)
-
-    async def _record(self, type_: str, step: Step | None, **data: object) -> None:
-        variant = self.state.variants.get(step.id) if step else None
-        visit = self.state.visits.get(step.id, 0) if step else 0
-        await calls.record_event(
-            RecordEventInput(
-                ref=self.ref,
-                type=type_,
-                step_id=step.id if step else None,
-                variant=variant,
-                channel=str(step.channel) if step and step.channel else None,
-                occurred_at=workflow.now(),
-                data=dict(data),
-                dedup_key=f"{self.ref.enrollment_id}:{type_}:{step.id if step else ''}:{visit}",
-                current_step=self.state.current_step,
-            )
-        )
-
+    # ------------------------------------------------------------------ stages
     async def _begin(self, step: Step) -> None:
         visit = self.state.visits.get(step.id, 0) + 1
         self.state.visits[step.id] = visit
@@ -366,223 +265,6 @@ class EnrollmentWorkflow:
             entry.left_by = str(edge.trigger) if edge else "END"
             entry.left_at = workflow.now()
 
-    async def _hold_while_paused(self) -> None:
-        if self.state.paused:
-            self.phase = Phase.PAUSED
-            self.waiting_for = ["resume"]
-            self.until = None
-            self._upsert()
-            await workflow.wait_condition(lambda: not self.state.paused or self.terminal is not None)
-            self._check_terminal()
-
-    def _pending_reply_stops(self, step: Step, *, waiting_on_edges: bool) -> bool:
-        if not self.defn.stop_on_reply:
-            return False
-        if waiting_on_edges and any(e.trigger == Trigger.REPLIED for e in step.edges):
-            return False
-        return any(e.kind == "replied" and not e.consumed for e in self._events_for_step())
-
-    def _events_for_step(self) -> list[ReceivedEvent]:
-        since = self.state.step_started_at
-        return [e for e in self.state.events if since is None or e.received_at >= since]
-
-    async def _sleep_until(
-        self, when: datetime, phase: Phase, step: Step, *, reply_stops: bool = True, replan: bool = False
-    ) -> bool:
-        """Wait until `when` (a durable timer), holding on pause and waking on stop/reply.
-
-        With `replan`, an out-of-office that moves `not_before` past `when` ends the wait
-        early and returns False: the caller plans the send again from the return date.
-        """
-
-        def moved() -> bool:
-            return replan and self.state.not_before is not None and self.state.not_before > when
-
-        while True:
-            self._check_terminal()
-            await self._hold_while_paused()
-            if reply_stops and self._pending_reply_stops(step, waiting_on_edges=False):
-                raise _Terminal(EnrollmentStatus.REPLIED, "replied before the next action")
-            if moved():
-                return False
-            now = workflow.now()
-            if when <= now:
-                return True
-            self.phase = phase
-            self.waiting_for = [phase]
-            self.until = when
-            self._upsert(next_at=when)
-            seen = len(self.state.events)
-            try:
-                await workflow.wait_condition(self._woken(seen, moved), timeout=when - now)
-            except TimeoutError:
-                pass
-
-    async def _perform(self, step: Step) -> None:
-        """Run the step's action at the right time, through the governor and ledger."""
-        desired = workflow.now()
-        if step.delay:
-            desired = (self.state.step_started_at or desired) + step.delay
-        if step.at is not None:
-            desired = max(desired, as_aware(step.at, self.tz))
-        if self.state.not_before is not None:
-            desired = max(desired, self.state.not_before)
-        channel = step.channel
-        if channel is None:  # WAIT / CHECK_FOR_REPLY: only timing; replies count for the edges
-            await self._sleep_until(desired, Phase.DELAY, step, reply_stops=False)
-            self.state.not_before = None
-            return
-        attempt = self.state.visits.get(step.id, 1)
-        round_ = 0
-        # Since this patch an out-of-office that arrives while the send waits (for its time or
-        # for its slot) moves it past the return date: the wait wakes and the send is planned again.
-        replan = workflow.patched("ooo-replans-send")
-        failing_since: datetime | None = None
-        failing_rounds = 0
-        while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
-            slot, round_ = await self._book_slot(step, channel, desired, attempt, round_, replan)
-            out = await self._send(step, slot, attempt, round_)
-            if out.status != RESCHEDULE:
-                break
-            failing_since = (failing_since or workflow.now()) if out.failed_attempts else None
-            if failing_since is not None and workflow.now() - failing_since >= FAILING_ROUNDS_GIVE_UP:
-                out = await self._give_up(step, attempt, slot.sender_id, out.error)
-                break
-            # Late or off-window at the moment of sending: nothing went out; a new round
-            # asks the governor again (and releases this round's slot): from now, or after a
-            # backoff that keeps growing while the attempts keep failing (an outage).
-            backoff = timedelta(0)
-            if failing_since is not None:
-                failing_rounds += 1
-                backoff = min(FAILING_ROUNDS_FIRST_BACKOFF * 2 ** (failing_rounds - 1), FAILING_ROUNDS_MAX_BACKOFF)
-            else:
-                failing_rounds = 0
-            desired = workflow.now() + backoff
-            round_ += 1
-        self.last_delivery_status = out.status
-        if self.state.path:
-            self.state.path[-1].outcome = out.status
-        if out.status in ("sent", "uncertain") and out.message_id and step.action == Action.SEND_EMAIL:
-            self.state.thread_message_ids.append(out.message_id)
-        if out.status == "suppressed":
-            raise _Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
-        if out.status in ("failed", "bounced"):
-            raise _Terminal(EnrollmentStatus.FAILED, out.error or out.status)
-        self.state.skipped = out.status == "skipped"
-
-    async def _book_slot(
-        self, step: Step, channel: Channel, desired: datetime, attempt: int, round_: int, replan: bool
-    ) -> tuple[ReserveSlotOutput, int]:
-        """Wait for the send's time, reserve a slot and wait for it; the slot and its round."""
-        response = self.state.reached_via is not None
-        while True:
-            if replan and self.state.not_before is not None:
-                desired = max(desired, self.state.not_before)
-            when = earliest_action_time(desired, self.defn.send_window, self.defn.timeline, self.tz)
-            if when is None:
-                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
-            if not await self._sleep_until(when, Phase.SCHEDULED, step, replan=replan):
-                continue
-            slot = await calls.reserve_send_slot(
-                ReserveSlotInput(
-                    ref=self.ref,
-                    step_id=step.id,
-                    attempt=attempt,
-                    round=round_,
-                    action=str(step.action),
-                    channel=str(channel),
-                    now=workflow.now(),
-                    not_before=when,
-                    preferred_sender_id=self.state.senders.get(str(channel)),
-                    allowed_senders=list(self.defn.senders.get(channel, [])),
-                    send_window=self.defn.send_window,
-                    timeline=self.defn.timeline,
-                    timezone=self.tz.key,
-                    response=response,
-                )
-            )
-            if slot.ended:
-                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended before a send slot")
-            if slot.sender_id is None:
-                await self._record("failed", step, error=f"no active {channel} sender account")
-                raise _Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
-            self.state.senders[str(channel)] = slot.sender_id
-            if not await self._sleep_until(slot.slot_at, Phase.WAITING_FOR_SLOT, step, replan=replan):
-                round_ += 1  # a new reservation from the return date (it releases the old slot)
-                continue
-            again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
-            if again == slot.slot_at:
-                return slot, round_
-            if again is None:
-                raise _Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
-            desired = again  # the slot fell outside the window: ask again from its opening
-            round_ += 1
-
-    async def _send(self, step: Step, slot: ReserveSlotOutput, attempt: int, round_: int) -> DeliverOutput:
-        """Send at the slot (through the ledger); the outcome, or `reschedule` from the send gate."""
-        self.state.not_before = None
-        await self._hold_while_paused()
-        self._check_terminal()
-        self.phase = Phase.SENDING
-        self.waiting_for = []
-        self.until = None
-        return await self._deliver(step, attempt, slot.sender_id, slot=slot, round_=round_)
-
-    async def _deliver(
-        self, step: Step, attempt: int, sender_id: int | None, *, slot: ReserveSlotOutput, round_: int
-    ) -> DeliverOutput:
-        """`deliver`, or the dead letter once its retries ran out.
-
-        Since patch `send-gate-reschedule`, `deliver` gets the slot, window and timeline and
-        may answer `reschedule` (late or off-window at the moment of sending).
-
-        Since patch `sender-paused-waits`, retries that ran out because the sender's circuit
-        breaker holds it (`SenderPaused`) are not the lead's failure: the lead waits a
-        minute (a durable timer; pause and stop still apply) and asks again, as long as it takes.
-        """
-        while True:
-            request = DeliverInput(
-                ref=self.ref,
-                step=step,
-                attempt=attempt,
-                sender_id=sender_id,
-                variant=self.state.variants.get(step.id),
-                thread_message_ids=list(self.state.thread_message_ids),
-                track_opens=self.defn.track_opens,
-                now=workflow.now(),
-            )
-            if workflow.patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
-                request.slot_at = slot.slot_at
-                request.send_window = self.defn.send_window
-                request.timeline = self.defn.timeline
-                request.timezone = self.tz.key
-                request.round = round_
-            try:
-                return await calls.deliver(request)
-            except ActivityError as err:
-                paused = isinstance(err.cause, ApplicationError) and err.cause.type == "SenderPaused"
-                if paused and workflow.patched("sender-paused-waits"):
-                    recheck = workflow.now() + SENDER_PAUSED_RECHECK
-                    await self._sleep_until(recheck, Phase.WAITING_FOR_PAUSED_SENDER, step)
-                    self.phase = Phase.SENDING
-                    continue
-                return await self._give_up(step, attempt, sender_id, str(err.cause or err))
-
-    async def _give_up(self, step: Step, attempt: int, sender_id: int | None, error: str | None) -> DeliverOutput:
-        """The dead letter: `give_up_delivery` marks the ledger row failed (uncertain if it was sending)."""
-        out = await calls.give_up_delivery(
-            DeliverInput(
-                ref=self.ref,
-                step=step,
-                attempt=attempt,
-                sender_id=sender_id,
-                variant=self.state.variants.get(step.id),
-                now=workflow.now(),
-            )
-        )
-        out.error = out.error or error
-        return out
-
     async def _choose_edge(self, step: Step) -> Edge | None:
         """Wait for the first of the step's edges: an event, or a timer running out."""
         if not step.edges or any(e.trigger == Trigger.END for e in step.edges):
@@ -604,7 +286,7 @@ class EnrollmentWorkflow:
                     self.state.via = f"{wanted[event.kind].trigger}:{event.event_id}"
                     return wanted[event.kind]
             if self._pending_reply_stops(step, waiting_on_edges=True):
-                raise _Terminal(EnrollmentStatus.REPLIED, "replied")
+                raise Terminal(EnrollmentStatus.REPLIED, "replied")
             pause_shift = timedelta(seconds=self.state.paused_for_seconds)
             deadlines: list[tuple[datetime, Edge]] = []
             for edge in timed:
@@ -629,8 +311,8 @@ class EnrollmentWorkflow:
             except TimeoutError:
                 pass
 
-    async def _finish(self, end: _Terminal | None) -> EnrollmentResult:
-        end = end or _Terminal(EnrollmentStatus.COMPLETED, "reached END")
+    async def _finish(self, end: Terminal | None) -> EnrollmentResult:
+        end = end or Terminal(EnrollmentStatus.COMPLETED, "reached END")
         self.phase = Phase.FINISHED
         self.waiting_for = []
         self.until = None
