@@ -26,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from models.outcomes import LEDGER_STATES, DeliveryStatus, EnrollmentStatus, InboundStatus
+
 TZ = DateTime(timezone=True)
 
 
@@ -243,7 +245,9 @@ class Enrollment(Base):
     sequence_version_id: Mapped[int] = mapped_column(ForeignKey("sequence_versions.id"))
     person_id: Mapped[int] = mapped_column(ForeignKey("persons.id", ondelete="CASCADE"))
     workflow_id: Mapped[str] = mapped_column(String(300), unique=True)
-    status: Mapped[str] = mapped_column(String(24), default="active", server_default="active")
+    status: Mapped[str] = mapped_column(
+        String(24), default=EnrollmentStatus.ACTIVE, server_default=EnrollmentStatus.ACTIVE.value
+    )
     current_step: Mapped[str | None] = mapped_column(String(200))
     variant: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -272,7 +276,7 @@ class Delivery(Base):
     sender_id: Mapped[int | None] = mapped_column(ForeignKey("sender_accounts.id"))
     identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"))
     variant: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.CLAIMED)
     message_id: Mapped[str | None] = mapped_column(String(400))
     provider_message_id: Mapped[str | None] = mapped_column(String(400))
     error: Mapped[str | None] = mapped_column(Text)
@@ -286,7 +290,7 @@ class Delivery(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('claimed','sending','sent','failed','bounced','uncertain','suppressed','skipped')",
+            "status IN (" + ",".join(f"'{state}'" for state in LEDGER_STATES) + ")",
             name="ck_deliveries_status",
         ),
         Index("ix_deliveries_enrollment", "enrollment_id"),
@@ -370,7 +374,7 @@ class InboundEvent(Base):
     from_value: Mapped[str] = mapped_column(String(512))
     person_id: Mapped[int | None] = mapped_column(ForeignKey("persons.id", ondelete="SET NULL"))
     classification: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(24), default="received")
+    status: Mapped[str] = mapped_column(String(24), default=InboundStatus.RECEIVED)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
