@@ -89,6 +89,21 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
     )
 
 
+def worker_deps(settings: Settings, session_factory: SessionFactory, **overrides: Any) -> WorkerDeps:
+    """The dependencies `main()` gives the worker, all from `settings` (the tests build theirs here too).
+
+    `overrides`: other WorkerDeps fields (a governor, a fault hook). Close `deps.channels`
+    with `aclose_channels` when done.
+    """
+    return WorkerDeps(
+        session_factory=session_factory,
+        channels=make_channels(settings, session_factory),
+        delivery=delivery_config(settings),
+        settings=settings,
+        **overrides,
+    )
+
+
 #: Worker options that only a workflow worker takes (the channel workers run activities only).
 _WORKFLOW_ONLY = frozenset(
     {
@@ -239,15 +254,8 @@ async def main(argv: Sequence[str] | None = None) -> None:
     check_settings(settings, "the worker")
     engine = make_engine(settings.database_url)
     client = await connect(settings)
-    session_factory = make_session_factory(engine)
-    channels = make_channels(settings, session_factory)
+    deps = worker_deps(settings, make_session_factory(engine))
     try:
-        deps = WorkerDeps(
-            session_factory=session_factory,
-            channels=channels,
-            delivery=delivery_config(settings),
-            settings=settings,
-        )
         workers = build_worker(
             client,
             settings.temporal_task_queue,
@@ -273,7 +281,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
                     log.exception("starting the mailbox watchers failed")
             await stop.wait()
     finally:
-        await aclose_channels(channels)
+        await aclose_channels(dict(deps.channels))
         await engine.dispose()
 
 

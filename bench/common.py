@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: stack seeding, the production worker, percentiles, recording."""
+"""Helpers shared by the benchmarks: seeding (devstack/factories.py, as the tests do), the worker, percentiles."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench.baselines import SignalWorkflow
 from bench.stack import Stack
 from db.session import SessionFactory
+from devstack import factories
+from devstack.factories import sequence_file
 
 if TYPE_CHECKING:
     from worker import Workers
@@ -45,63 +46,13 @@ async def gather_bounded(n: int, limit: int, fn: Callable[[int], Awaitable[Any]]
 
 
 async def seed_people(sf: SessionFactory, n: int, segment: str, *, tag: str) -> list[int]:
-    """Insert n people with an email identity each, and a static segment of them."""
-    async with sf() as session, session.begin():
-        ids = list(
-            (
-                await session.execute(
-                    text(
-                        "INSERT INTO persons (first_name, company, timezone) "
-                        "SELECT 'Lead' || g, 'Co' || (g % 500), 'UTC' FROM generate_series(1, :n) g "
-                        "RETURNING id"
-                    ),
-                    {"n": n},
-                )
-            ).scalars()
-        )
-        await session.execute(
-            text(
-                "INSERT INTO identities (person_id, channel, value) "
-                "SELECT id, 'email', :tag || '-' || id || '@leads.bench' FROM unnest(CAST(:ids AS bigint[])) id"
-            ),
-            {"ids": ids, "tag": tag},
-        )
-        seg = (
-            await session.execute(
-                text("INSERT INTO segments (name, kind) VALUES (:name, 'static') RETURNING id"),
-                {"name": segment},
-            )
-        ).scalar_one()
-        await session.execute(
-            text(
-                "INSERT INTO segment_members (segment_id, person_id) "
-                "SELECT :seg, id FROM unnest(CAST(:ids AS bigint[])) id"
-            ),
-            {"seg": seg, "ids": ids},
-        )
-    return ids
+    """n people (500 companies) with an email identity each at leads.bench, and a static segment of them."""
+    return await factories.seed_people(sf, n, segment, email_prefix=f"{tag}-", domain="leads.bench", companies=500)
 
 
 async def add_sender(sf: SessionFactory, address: str, per_hour: int, per_day: int, spacing: float = 0.0) -> None:
     """An email sender account."""
-    async with sf() as session, session.begin():
-        await session.execute(
-            text(
-                "INSERT INTO sender_accounts "
-                "(channel, address, per_hour, per_day, min_spacing_seconds, jitter_seconds) "
-                "VALUES ('email', :a, :h, :d, :s, 0)"
-            ),
-            {"a": address, "h": per_hour, "d": per_day, "s": spacing},
-        )
-
-
-def sequence_file(tmp: Path, name: str, steps: list[dict[str, Any]]) -> Path:
-    """Write a sequence file (YAML is JSON) for the sequence store."""
-    import json
-
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps({"name": name, "steps": steps, "stop_on_reply": True}))
-    return path
+    await factories.make_sender(sf, "email", address, per_hour=per_hour, per_day=per_day, spacing=spacing)
 
 
 def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:

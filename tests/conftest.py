@@ -40,8 +40,10 @@ from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES, register_search_a
 # refuses the public default secrets; tests that check that pass it explicitly).
 os.environ["SEQUENCER_ENV"] = "dev"
 
-# Fixtures shared by the engine tests (`wired`: the production worker on local servers).
-pytest_plugins = ["tests.engine_harness", "tests.imap_harness"]
+# The shared fixtures, by name in any test module: the fake X API and relay (`x_server`,
+# `relay_server`), the production worker (`wired`, `sequencer`), the webhook app beside it
+# (`hook`, `start_hook`) and the IMAP server (`imap_server`, `mailbox`).
+pytest_plugins = ["tests.fakes", "tests.engine_harness", "tests.webhook_harness", "tests.imap_harness"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

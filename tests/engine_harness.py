@@ -1,134 +1,81 @@
-"""Helpers for engine tests: people, senders, sequences and a fully wired worker.
+"""The one test harness for the engine: the production worker on real local servers, and helpers.
 
 Everything is real: rows go to the test's PostgreSQL database, the worker is the one
-`worker.py` builds, email goes to an aiosmtpd server and X/relay calls go to local
-HTTP servers (tests/fakes.py).
+`worker.py` builds from settings (`worker_deps`, `build_worker`), email goes to an aiosmtpd
+server and X/relay calls go to the local stand-ins (devstack/fake_x.py, devstack/fake_relay.py).
+
+Fixtures (registered for every module by tests/conftest.py, nothing to import):
+
+- `wired`: a factory of async context managers, `async with wired(**options) as worker:` runs
+  the production worker until the block ends. Options: `settings={...}` (Settings overrides,
+  e.g. another SMTP server), `touch_cap`, `delivery={...}` (DeliveryConfig overrides) or a
+  whole `DeliveryConfig`, `channels={...}` (a channel client configured otherwise than
+  settings can say, e.g. a longer timeout), `fault` (the crash hook), `client` / `task_queue` (default: the
+  `temporal_client` fixture, i.e. the module's time-skipping server, and the test's queue),
+  and Worker keyword arguments.
+- `sequencer`: the worker already running with one sender per channel (`all_senders`), as a
+  `Sequencer` that makes people (`person`, `lead`), enrolls them (`start`) and reads events.
+
+Factories (people, senders, sequence versions, segments) are devstack/factories.py, shared
+with the benchmarks; they are re-exported here for the tests that import them from here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
-import yaml
+from pydantic import SecretStr
 from sqlalchemy import select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.testing import WorkflowEnvironment
 
-from activities.channels.email import EmailChannel, SmtpPool
-from activities.channels.relay import RelayChannel
-from activities.channels.x import XChannel, make_x_client
+from activities.channels import ChannelClient, aclose_channels
 from activities.delivery import DeliveryConfig
 from db.session import SessionFactory
-from db.tables import Enrollment, Event, Identity, Person, SenderAccount, Sequence, SequenceVersion
+from db.tables import Enrollment, Event
+from devstack.factories import all_senders, make_person, make_sender, seed_people, sequence_file, store_version
+from devstack.fake_relay import RELAY_SIGNING_KEY, RELAY_TOKEN
+from devstack.fake_x import X_TOKEN
 from models.enrollment import EnrollmentInput, SequenceRef, StatusView
 from models.sequence import SequenceDefinition
-from models.sequence_checks import validate_definition
+from services.secret_box import generate_key
+from settings import Settings
 from tests.eventually import eventually
-from worker import WorkerDeps, Workers, build_worker
+from worker import Workers, build_worker, worker_deps
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME, SEQUENCE_VERSION
 
+__all__ = [
+    "LINK_SECRET",
+    "ONE_DAY",
+    "SECRETS_KEY",
+    "Crash",
+    "Sequencer",
+    "all_senders",
+    "events_of",
+    "harness_settings",
+    "make_person",
+    "make_sender",
+    "seed_people",
+    "sequence_file",
+    "start_enrollment",
+    "store_version",
+    "wait_for_status",
+    "wait_until_settled",
+]
+
 LINK_SECRET = "test-link-secret"
-
-
-async def make_person(
-    sf: SessionFactory,
-    *,
-    email: str | None = None,
-    x: str | None = None,
-    linkedin: str | None = None,
-    xmtp: str | None = None,
-    first_name: str = "Ada",
-    company: str = "Acme",
-    timezone: str = "UTC",
-    fields: dict[str, Any] | None = None,
-) -> int:
-    """Insert a person with identities; returns the id."""
-    async with sf() as s, s.begin():
-        person = Person(
-            first_name=first_name,
-            last_name="Lovelace",
-            company=company,
-            timezone=timezone,
-            fields=fields or {},
-        )
-        s.add(person)
-        await s.flush()
-        for channel, value in (("email", email), ("x", x), ("linkedin", linkedin), ("xmtp", xmtp)):
-            if value:
-                s.add(Identity(person_id=person.id, channel=channel, value=value))
-        return int(person.id)
-
-
-async def make_sender(
-    sf: SessionFactory,
-    channel: str,
-    address: str,
-    *,
-    per_hour: int = 1000,
-    per_day: int = 10000,
-    spacing: float = 0.0,
-    jitter: float = 0.0,
-) -> int:
-    """Insert a sender account with generous caps by default."""
-    async with sf() as s, s.begin():
-        acct = SenderAccount(
-            channel=channel,
-            address=address,
-            per_hour=per_hour,
-            per_day=per_day,
-            min_spacing_seconds=spacing,
-            jitter_seconds=jitter,
-        )
-        s.add(acct)
-        await s.flush()
-        return int(acct.id)
-
-
-async def all_senders(sf: SessionFactory) -> None:
-    """One sender per channel, uncapped for practical purposes."""
-    await make_sender(sf, "email", "sales@acme.test")
-    await make_sender(sf, "x", "900")
-    await make_sender(sf, "linkedin", "https://www.linkedin.com/in/seller")
-    await make_sender(sf, "xmtp", "0x" + "ab" * 20)
-
-
-async def store_version(sf: SessionFactory, raw: dict[str, Any] | str) -> tuple[SequenceRef, SequenceDefinition]:
-    """Validate and store a version directly (the CLI path has its own tests)."""
-    data = yaml.safe_load(raw) if isinstance(raw, str) else raw
-    defn = validate_definition(data)
-    digest = hashlib.sha256(json.dumps(defn.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    async with sf() as s, s.begin():
-        seq = (await s.execute(select(Sequence).where(Sequence.name == defn.name))).scalar_one_or_none()
-        if seq is None:
-            seq = Sequence(name=defn.name)
-            s.add(seq)
-            await s.flush()
-        count = len((await s.execute(select(SequenceVersion.id).where(SequenceVersion.sequence_id == seq.id))).all())
-        version = SequenceVersion(
-            sequence_id=seq.id,
-            version=count + 1,
-            content_hash=digest,
-            definition=defn.model_dump(mode="json"),
-            source=json.dumps(data),
-        )
-        s.add(version)
-        await s.flush()
-        ref = SequenceRef(
-            sequence_id=seq.id,
-            sequence_name=defn.name,
-            version_id=version.id,
-            version=version.version,
-        )
-    return ref, defn
+#: The harness worker's SECRETS_KEY (stored SMTP/IMAP passwords and DKIM keys open with it).
+SECRETS_KEY = generate_key()
+ONE_DAY = timedelta(days=1)
 
 
 async def start_enrollment(
@@ -229,72 +176,45 @@ async def events_of(sf: SessionFactory, type_: str | None = None) -> list[Event]
         return list((await s.execute(q)).scalars())
 
 
-@dataclass
-class Channels:
-    """The real channel clients pointed at the test's local servers."""
-
-    email: EmailChannel
-    x: XChannel
-    relay: RelayChannel
-
-    def mapping(self) -> dict[str, Any]:
-        return {"email": self.email, "x": self.x, "linkedin": self.relay, "xmtp": self.relay}
-
-    async def aclose(self) -> None:
-        await self.email.aclose()
-        await self.x.aclose()
-        await self.relay.aclose()
+class _Server(Protocol):
+    host: str
+    port: int
 
 
-def make_channels(smtp: Any, x: Any, relay: Any) -> Channels:
-    """Channel clients for the test's SMTP server and fake X / relay servers."""
-    import httpx
-
-    return Channels(
-        email=EmailChannel(SmtpPool(smtp.host, smtp.port, size=2, timeout=10), default_footer="1 Test St"),
-        x=XChannel(make_x_client(x.base_url, x.token, timeout=10)),
-        relay=RelayChannel(httpx.AsyncClient(base_url=relay.base_url, timeout=10), relay.token, relay.signing_key),
-    )
+class _Http(Protocol):
+    base_url: str
 
 
-@asynccontextmanager
-async def running_worker(
-    client: Client,
-    task_queue: str,
-    sf: SessionFactory,
-    channels: Channels,
-    *,
-    touch_cap: int = 0,
-    fault: Callable[[str], None] | None = None,
-    delivery: dict[str, Any] | DeliveryConfig | None = None,
-    **kwargs: Any,
-) -> AsyncIterator[Workers]:
-    """The production worker (build_worker) wired to the test's servers.
+def harness_settings(smtp: _Server | None, x: _Http | None, relay: _Http | None, **overrides: Any) -> Settings:
+    """Settings pointing every channel at the test's local servers (`overrides`: any other field).
 
-    `delivery`: overrides of the test DeliveryConfig, or the DeliveryConfig itself.
+    The worker is built from these exactly as `worker.py` builds it in production. The
+    person touch cap is 0 (off) unless a test asks for the default of 1 (`touch_cap=1`).
     """
-    deps = WorkerDeps(
-        session_factory=sf,
-        channels=channels.mapping(),
-        delivery=delivery
-        if isinstance(delivery, DeliveryConfig)
-        else DeliveryConfig(
-            **{
-                "public_base_url": "https://links.acme.test",
-                "link_secret": LINK_SECRET,
-                "postal_address": "Acme Inc, 1 Test Street, Springfield",
-                "person_daily_touch_cap": touch_cap,
-                **(delivery or {}),
-            }
-        ),
-        fault=fault,
-    )
-    worker = build_worker(client, task_queue, deps, **kwargs)
-    async with worker:
-        yield worker
-
-
-ONE_DAY = timedelta(days=1)
+    values: dict[str, Any] = {
+        "sequencer_env": "dev",
+        "smtp_host": smtp.host if smtp else "127.0.0.1",
+        "smtp_port": smtp.port if smtp else 9,
+        "smtp_username": "",
+        "smtp_password": SecretStr(""),
+        "smtp_starttls": False,
+        "smtp_pool_size": 2,
+        "smtp_timeout_seconds": 10.0,
+        "x_api_base_url": x.base_url if x else "http://127.0.0.1:9",
+        "x_api_token": SecretStr(X_TOKEN),
+        "relay_url": relay.base_url if relay else "http://127.0.0.1:9",
+        "relay_token": SecretStr(RELAY_TOKEN),
+        "relay_signing_key": SecretStr(RELAY_SIGNING_KEY),
+        "link_secret": SecretStr(LINK_SECRET),
+        "webhook_secret": SecretStr("test-webhook-secret"),
+        "public_base_url": "https://links.acme.test",
+        "postal_address": "Acme Inc, 1 Test Street, Springfield",
+        "person_daily_touch_cap": 0,
+        "secrets_key": SecretStr(SECRETS_KEY),
+        "unsubscribe_mailto": "",
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
 class Crash:
@@ -310,27 +230,131 @@ class Crash:
             raise RuntimeError(f"simulated crash {where}")
 
 
+class Wired(Protocol):
+    """The `wired` fixture: `async with wired(**options) as worker:` (see the module docstring)."""
+
+    def __call__(
+        self,
+        *,
+        client: Client | None = ...,
+        task_queue: str | None = ...,
+        settings: dict[str, Any] | None = ...,
+        touch_cap: int = ...,
+        fault: Callable[[str], None] | None = ...,
+        delivery: dict[str, Any] | DeliveryConfig | None = ...,
+        channels: Mapping[str, ChannelClient] | None = ...,
+        **worker_kwargs: Any,
+    ) -> AbstractAsyncContextManager[Workers]: ...
+
+
+@pytest.fixture
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    """The Temporal client `wired` runs the worker on (a module on the dev server overrides this)."""
+    return temporal_env.client
+
+
 @pytest.fixture
 def wired(
-    temporal_env: Any,
+    temporal_client: Client,
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
     x_server: Any,
     relay_server: Any,
-) -> Callable[..., Any]:
-    """An async context manager factory: the production worker, with options, on local servers.
-
-    Import it into a test module (with `x_server` and `relay_server` from tests/fakes.py).
-    """
+) -> Wired:
+    """The production worker (worker.py's `worker_deps` + `build_worker`) on the test's local servers."""
+    test_queue = task_queue
 
     @asynccontextmanager
-    async def run(**kw: Any) -> AsyncIterator[Any]:
-        channels = make_channels(smtp_server, x_server, relay_server)
+    async def run(
+        *,
+        client: Client | None = None,
+        task_queue: str | None = None,
+        settings: dict[str, Any] | None = None,
+        touch_cap: int = 0,
+        fault: Callable[[str], None] | None = None,
+        delivery: dict[str, Any] | DeliveryConfig | None = None,
+        channels: Mapping[str, ChannelClient] | None = None,
+        **worker_kwargs: Any,
+    ) -> AsyncIterator[Workers]:
+        overrides = {"person_daily_touch_cap": touch_cap, **(settings or {})}
+        deps = worker_deps(
+            harness_settings(smtp_server, x_server, relay_server, **overrides), session_factory, fault=fault
+        )
+        if channels:  # a client configured otherwise than settings can say (closed with the others)
+            deps.channels = {**deps.channels, **channels}
+        if isinstance(delivery, DeliveryConfig):
+            deps.delivery = delivery
+        elif delivery:
+            deps.delivery = replace(deps.delivery, **delivery)
         try:
-            async with running_worker(temporal_env.client, task_queue, session_factory, channels, **kw) as worker:
+            async with build_worker(
+                client or temporal_client, task_queue or test_queue, deps, **worker_kwargs
+            ) as worker:
                 yield worker
         finally:
-            await channels.aclose()
+            await aclose_channels(dict(deps.channels))
 
     return run
+
+
+@dataclass
+class Sequencer:
+    """A running production worker with one sender per channel, and the servers it talks to."""
+
+    env: WorkflowEnvironment
+    sf: SessionFactory
+    task_queue: str
+    smtp: Any
+    x: Any
+    relay: Any
+
+    @property
+    def client(self) -> Client:
+        return self.env.client
+
+    async def person(self, **kw: Any) -> int:
+        """A person with a fresh email address (and whatever identities `kw` gives)."""
+        kw.setdefault("email", f"{uuid.uuid4().hex[:10]}@lead.test")
+        return await make_person(self.sf, **kw)
+
+    async def lead(self, **kw: Any) -> int:
+        """A person reachable on every channel (fresh identities unless `kw` gives them)."""
+        defaults: dict[str, Any] = {
+            "email": f"{uuid.uuid4().hex[:8]}@lead.test",
+            "x": str(uuid.uuid4().int % 10**12),
+            "linkedin": f"https://www.linkedin.com/in/{uuid.uuid4().hex[:8]}",
+            "xmtp": "0x" + uuid.uuid4().hex + "abcdefab",
+        }
+        defaults.update(kw)
+        return await make_person(self.sf, **defaults)
+
+    async def start(self, raw: dict[str, Any] | str, person: int | None = None, **kw: Any) -> WorkflowHandle[Any, Any]:
+        """Store `raw` as a new version and enroll `person` (default: a new `lead()`)."""
+        ref, defn = await store_version(self.sf, raw)
+        pid = person if person is not None else await self.lead()
+        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, pid, **kw)
+
+    async def start_many(self, raw: dict[str, Any], people: list[int]) -> list[WorkflowHandle[Any, Any]]:
+        """One version of `raw`, every person in `people` enrolled in it."""
+        ref, defn = await store_version(self.sf, raw)
+        return [await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, p) for p in people]
+
+    async def events(self, type_: str | None = None) -> list[Event]:
+        return await events_of(self.sf, type_)
+
+
+@pytest.fixture
+async def sequencer(
+    temporal_env: WorkflowEnvironment,
+    wired: Wired,
+    session_factory: SessionFactory,
+    task_queue: str,
+    smtp_server: Any,
+    x_server: Any,
+    relay_server: Any,
+) -> AsyncIterator[Sequencer]:
+    """The production worker running on the module's Temporal server, with `all_senders`."""
+    await all_senders(session_factory)
+    async with wired(client=temporal_env.client):
+        yield Sequencer(temporal_env, session_factory, task_queue, smtp_server, x_server, relay_server)

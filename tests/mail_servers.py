@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import SecretStr
 
 from devstack.postgres import free_port
 
@@ -90,18 +91,32 @@ class AuthSmtp:
     #: (MAIL FROM, RCPT TOs, raw message bytes, the login of the session that sent it)
     messages: list[tuple[str, list[str], bytes, Any]] = field(default_factory=list)
     connections: int = 0
+    #: login -> the password it is accepted with (change it while running: `accept`).
+    passwords: dict[bytes, bytes] = field(default_factory=dict)
+
+    def accept(self, login: str, password: str) -> None:
+        """From now on `login` logs in with `password` (a fixed account)."""
+        self.passwords[login.encode()] = password.encode()
+
+    def settings(self, username: str, password: str) -> dict[str, Any]:
+        """SMTP_* settings (for `wired(settings=...)`) that send through this server as `username`."""
+        return {
+            "smtp_host": self.host,
+            "smtp_port": self.port,
+            "smtp_username": username,
+            "smtp_password": SecretStr(password),
+        }
 
 
 class _AuthHandler:
-    def __init__(self, rec: AuthSmtp, passwords: dict[bytes, bytes], tokens: dict[bytes, bytes]) -> None:
+    def __init__(self, rec: AuthSmtp, tokens: dict[bytes, bytes]) -> None:
         self.rec = rec
-        self.passwords = passwords
         self.tokens = tokens
 
     def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         assert isinstance(data, LoginPassword)
         pair = (bytes(data.login), bytes(data.password))
-        if self.passwords.get(pair[0]) == pair[1]:
+        if self.rec.passwords.get(pair[0]) == pair[1]:
             self.rec.logins.append((mechanism, pair))
             return AuthResult(success=True, auth_data=data)
         self.rec.refused.append((mechanism, pair))
@@ -141,8 +156,8 @@ def auth_smtp(
     implicit_tls: bool = False,
 ) -> Iterator[AuthSmtp]:
     """An aiosmtpd server requiring AUTH (XOAUTH2 offered only when `tokens` is given)."""
-    rec = AuthSmtp("127.0.0.1", free_port())
-    handler = _AuthHandler(rec, passwords or {}, tokens or {})
+    rec = AuthSmtp("127.0.0.1", free_port(), passwords=dict(passwords or {}))
+    handler = _AuthHandler(rec, tokens or {})
     kwargs: dict[str, Any] = {"auth_required": True, "authenticator": handler.authenticate}
     if not tokens:
         kwargs["auth_exclude_mechanism"] = ["XOAUTH2"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
@@ -30,9 +30,9 @@ from operations.control import person_status, running_workflow_ids, signal_enrol
 from operations.enrolling import dry_run, start_audience
 from services.sequence_store import create_version
 from settings import Settings
-from tests.engine_harness import all_senders, make_channels, running_worker
+from tests.engine_harness import Wired, all_senders, seed_people
 from tests.eventually import eventually
-from tests.fakes import relay_server, x_server  # noqa: F401
+from worker import Workers
 from workflows.audience import audience_workflow_id
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
 from workflows.search_attributes import SEQUENCE_NAME
@@ -41,38 +41,8 @@ pytestmark = pytest.mark.devserver
 
 
 async def seed(sf: SessionFactory, n: int, segment: str, *, company_field: bool = True) -> list[int]:
-    """n people with an email each, in a static segment (bulk SQL)."""
-    async with sf() as s, s.begin():
-        ids = list(
-            (
-                await s.execute(
-                    text(
-                        "INSERT INTO persons (first_name, company, timezone, fields) "
-                        "SELECT 'Lead' || g, 'Co' || g, 'UTC', "
-                        "CASE WHEN :cf THEN jsonb_build_object('role', 'CTO') ELSE '{}'::jsonb END "
-                        "FROM generate_series(1, :n) g RETURNING id"
-                    ),
-                    {"n": n, "cf": company_field},
-                )
-            ).scalars()
-        )
-        await s.execute(
-            text(
-                "INSERT INTO identities (person_id, channel, value) "
-                "SELECT id, 'email', :seg || id || '@lead.test' FROM unnest(CAST(:ids AS bigint[])) id"
-            ),
-            {"ids": ids, "seg": segment},
-        )
-        seg = (
-            await s.execute(
-                text("INSERT INTO segments (name, kind) VALUES (:n, 'static') RETURNING id"), {"n": segment}
-            )
-        ).scalar_one()
-        await s.execute(
-            text("INSERT INTO segment_members SELECT :s, id FROM unnest(CAST(:ids AS bigint[])) id"),
-            {"s": seg, "ids": ids},
-        )
-    return ids
+    """n people with an email each, in a static segment (bulk SQL), with a `role` field unless told not."""
+    return await seed_people(sf, n, segment, fields={"role": "CTO"} if company_field else None)
 
 
 def seq_file(tmp_path: Path, name: str, body: str = "Hi {{ first_name }}, as {{ role }}...") -> Path:
@@ -95,25 +65,15 @@ steps:
 
 
 @pytest.fixture
-def worker_on(
-    dev_env: Any,
-    session_factory: SessionFactory,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> Callable[[str], AbstractAsyncContextManager[None]]:
-    """Run the production worker on a task queue, wired to the test's servers."""
+def temporal_client(dev_env: Any) -> Client:
+    """This module's worker runs on the dev server (visibility, search attributes)."""
+    return dev_env.client
 
-    @asynccontextmanager
-    async def run(task_queue: str) -> AsyncIterator[None]:
-        channels = make_channels(smtp_server, x_server, relay_server)
-        try:
-            async with running_worker(dev_env.client, task_queue, session_factory, channels):
-                yield
-        finally:
-            await channels.aclose()
 
-    return run
+@pytest.fixture
+def worker_on(wired: Wired) -> Callable[[str], AbstractAsyncContextManager[Workers]]:
+    """Run the production worker on a task queue of the dev server."""
+    return lambda task_queue: wired(task_queue=task_queue)
 
 
 @pytest.fixture
@@ -121,7 +81,7 @@ async def stack(
     dev_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    worker_on: Callable[[str], AbstractAsyncContextManager[None]],
+    worker_on: Callable[[str], AbstractAsyncContextManager[Workers]],
 ) -> AsyncIterator[Settings]:
     await all_senders(session_factory)
     async with worker_on(task_queue):
@@ -271,7 +231,7 @@ async def test_pausing_a_sequence_reaches_enrollments_whose_first_task_has_not_r
     session_factory: SessionFactory,
     dev_env: Any,
     tmp_path: Path,
-    worker_on: Callable[[str], AbstractAsyncContextManager[None]],
+    worker_on: Callable[[str], AbstractAsyncContextManager[Workers]],
 ) -> None:
     name = f"idle-{uuid.uuid4().hex[:6]}"
     ids = await seed(session_factory, 12, name)

@@ -24,7 +24,7 @@ from activities.channels.base import (
     UncertainChannelError,
 )
 from activities.channels.relay import RelayChannel, sign, verify
-from tests.fakes import RELAY_SIGNING_KEY, RELAY_TOKEN, FakeRelay, relay_server  # noqa: F401
+from tests.fakes import RELAY_SIGNING_KEY, RELAY_TOKEN, FakeRelay
 
 
 def _msg(action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **kw: str) -> OutboundMessage:
@@ -41,7 +41,7 @@ def _msg(action: str = "SEND_CONNECTION_REQUEST", channel: str = "linkedin", **k
 
 
 @pytest.fixture
-async def channel(relay_server: FakeRelay) -> AsyncIterator[RelayChannel]:  # noqa: F811
+async def channel(relay_server: FakeRelay) -> AsyncIterator[RelayChannel]:
     ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url, timeout=5.0), RELAY_TOKEN, RELAY_SIGNING_KEY)
     yield ch
     await ch.aclose()
@@ -49,7 +49,7 @@ async def channel(relay_server: FakeRelay) -> AsyncIterator[RelayChannel]:  # no
 
 async def test_connection_request_is_signed_and_accepted(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     result = await channel.send(_msg())
     assert relay_server.rejected_signatures == 0
@@ -77,7 +77,7 @@ async def test_connection_request_is_signed_and_accepted(
 
 async def test_xmtp_dm_and_linkedin_dm_with_subject(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     await channel.send(
         _msg(
@@ -95,7 +95,7 @@ async def test_xmtp_dm_and_linkedin_dm_with_subject(
 
 async def test_repeat_with_the_same_key_is_409_and_counts_as_sent(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     first = await channel.send(_msg())
     second = await channel.send(_msg())
@@ -105,7 +105,7 @@ async def test_repeat_with_the_same_key_is_409_and_counts_as_sent(
 
 
 async def test_the_fake_rejects_a_wrong_signature(
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     """The signature check in the fake can fail: a tampered body is refused."""
     body = json.dumps(
@@ -142,7 +142,7 @@ async def test_the_fake_rejects_a_wrong_signature(
     assert not verify(RELAY_SIGNING_KEY, str(ts - 3600), body, sign(RELAY_SIGNING_KEY, ts - 3600, body), now=ts)
 
 
-async def test_wrong_token_is_a_sender_problem_not_the_leads(relay_server: FakeRelay) -> None:  # noqa: F811
+async def test_wrong_token_is_a_sender_problem_not_the_leads(relay_server: FakeRelay) -> None:
     ch = RelayChannel(httpx.AsyncClient(base_url=relay_server.base_url), "not-the-token", RELAY_SIGNING_KEY)
     try:
         with pytest.raises(SenderConfigError) as caught:
@@ -155,7 +155,7 @@ async def test_wrong_token_is_a_sender_problem_not_the_leads(relay_server: FakeR
 
 async def test_429_is_transient_with_retry_after(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     relay_server.fail_next(429, {"Retry-After": "30"}, {"error": "seat busy"})
     with pytest.raises(TransientChannelError) as caught:
@@ -169,7 +169,7 @@ async def test_429_is_transient_with_retry_after(
 @pytest.mark.parametrize("status", [500, 503])
 async def test_5xx_is_transient(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
     status: int,
 ) -> None:
     relay_server.fail_next(status, {}, {"error": "browser crashed"})
@@ -181,7 +181,7 @@ async def test_5xx_is_transient(
 
 async def test_other_4xx_is_permanent_with_the_error(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     relay_server.fail_next(422, {}, {"error": "note longer than 300 characters"})
     with pytest.raises(PermanentChannelError) as caught:
@@ -192,7 +192,7 @@ async def test_other_4xx_is_permanent_with_the_error(
 
 async def test_invalid_recipient_is_a_bounce(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     relay_server.invalid_recipients.add("https://www.linkedin.com/in/nobody")
     with pytest.raises(PermanentChannelError) as caught:
@@ -201,7 +201,7 @@ async def test_invalid_recipient_is_a_bounce(
     assert caught.value.code == "invalid_recipient"
 
 
-async def test_no_answer_after_sending_is_uncertain(relay_server: FakeRelay) -> None:  # noqa: F811
+async def test_no_answer_after_sending_is_uncertain(relay_server: FakeRelay) -> None:
     relay_server.hang_next()
     ch = RelayChannel(
         httpx.AsyncClient(base_url=relay_server.base_url, timeout=httpx.Timeout(5.0, read=0.3)),
@@ -229,7 +229,7 @@ async def test_unreachable_relay_is_transient() -> None:
 
 async def test_unsupported_action_is_refused_locally(
     channel: RelayChannel,
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     with pytest.raises(PermanentChannelError, match="cannot perform"):
         await channel.send(

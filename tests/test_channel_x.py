@@ -20,7 +20,7 @@ from activities.channels.base import (
     UncertainChannelError,
 )
 from activities.channels.x import XChannel, make_x_client, parse_retry_after
-from tests.fakes import X_TOKEN, FakeRelay, FakeX, relay_server, x_server  # noqa: F401
+from tests.fakes import X_TOKEN, FakeRelay, FakeX
 
 NOW = 1_700_000_000.0
 SENDER = "1111"
@@ -41,7 +41,7 @@ def _msg(action: str = "SEND_TWITTER_DM", **kw: str) -> OutboundMessage:
 
 
 @pytest.fixture
-async def channel(x_server: FakeX) -> AsyncIterator[XChannel]:  # noqa: F811
+async def channel(x_server: FakeX) -> AsyncIterator[XChannel]:
     ch = XChannel(make_x_client(x_server.base_url, X_TOKEN, timeout=5.0), clock=lambda: NOW)
     yield ch
     await ch.aclose()
@@ -49,7 +49,7 @@ async def channel(x_server: FakeX) -> AsyncIterator[XChannel]:  # noqa: F811
 
 async def test_dm_posts_text_to_the_participant_and_returns_the_event_id(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     result = await channel.send(_msg())
     assert len(x_server.dms) == 1
@@ -66,7 +66,7 @@ async def test_dm_posts_text_to_the_participant_and_returns_the_event_id(
 
 async def test_follow_and_unfollow_use_the_sender_as_source(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await channel.send(_msg("FOLLOW_ON_TWITTER", text=""))
     assert x_server.following == {(SENDER, TARGET)}
@@ -85,7 +85,7 @@ async def test_follow_and_unfollow_use_the_sender_as_source(
 
 async def test_429_is_transient_until_the_rate_limit_reset(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(
         429,
@@ -105,7 +105,7 @@ async def test_429_is_transient_until_the_rate_limit_reset(
 
 async def test_429_without_reset_uses_retry_after(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(429, {"retry-after": "42"}, {"title": "Too Many Requests"})
     with pytest.raises(TransientChannelError) as caught:
@@ -117,7 +117,7 @@ async def test_429_without_reset_uses_retry_after(
 @pytest.mark.parametrize("action", ["SEND_TWITTER_DM", "FOLLOW_ON_TWITTER"])
 async def test_5xx_or_408_to_a_create_is_uncertain(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
     status: int,
     action: str,
 ) -> None:
@@ -132,7 +132,7 @@ async def test_5xx_or_408_to_a_create_is_uncertain(
 @pytest.mark.parametrize("status", [500, 503, 408])
 async def test_5xx_to_the_idempotent_unfollow_is_transient(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
     status: int,
 ) -> None:
     x_server.fail_next(status, {}, {"title": "Service Unavailable"})
@@ -152,7 +152,7 @@ async def test_5xx_to_the_idempotent_unfollow_is_transient(
 )
 async def test_4xx_is_permanent_with_the_api_detail(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
     status: int,
     detail: str,
 ) -> None:
@@ -166,14 +166,14 @@ async def test_4xx_is_permanent_with_the_api_detail(
 
 async def test_errors_array_detail_is_reported(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(403, {}, {"errors": [{"message": "DM closed by recipient"}]})
     with pytest.raises(PermanentChannelError, match="DM closed by recipient"):
         await channel.send(_msg())
 
 
-async def test_bad_token_is_a_sender_problem_not_the_leads(x_server: FakeX) -> None:  # noqa: F811
+async def test_bad_token_is_a_sender_problem_not_the_leads(x_server: FakeX) -> None:
     ch = XChannel(make_x_client(x_server.base_url, "wrong-token", timeout=5.0))
     try:
         with pytest.raises(SenderConfigError) as caught:
@@ -184,7 +184,7 @@ async def test_bad_token_is_a_sender_problem_not_the_leads(x_server: FakeX) -> N
     assert x_server.dms == []
 
 
-async def test_per_sender_token_overrides_the_default(x_server: FakeX) -> None:  # noqa: F811
+async def test_per_sender_token_overrides_the_default(x_server: FakeX) -> None:
     ch = XChannel(
         make_x_client(x_server.base_url, "default-token-not-accepted", timeout=5.0),
         sender_tokens={SENDER: X_TOKEN},
@@ -197,7 +197,7 @@ async def test_per_sender_token_overrides_the_default(x_server: FakeX) -> None: 
     assert len(x_server.dms) == 1
 
 
-async def test_read_timeout_after_sending_is_uncertain(x_server: FakeX) -> None:  # noqa: F811
+async def test_read_timeout_after_sending_is_uncertain(x_server: FakeX) -> None:
     x_server.hang_next()
     client = httpx.AsyncClient(
         base_url=x_server.base_url,
@@ -228,7 +228,7 @@ async def test_connection_refused_is_transient() -> None:
 
 async def test_bad_input_is_permanent_without_a_request(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     with pytest.raises(PermanentChannelError, match="numeric X user id"):
         await channel.send(_msg(to="@ada"))
@@ -254,7 +254,7 @@ def test_message_validation_names_the_field() -> None:
 # ---------------------------------------------------------------------- handle lookup
 async def test_resolve_username_gets_the_numeric_id_with_the_bearer_token(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.add_user("Ada_L", "3333")
     assert await channel.resolve_username("@ada_l") == "3333"
@@ -267,7 +267,7 @@ async def test_resolve_username_gets_the_numeric_id_with_the_bearer_token(
 
 async def test_resolve_unknown_username_is_a_permanent_invalid_recipient(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     # X answers an unknown handle with HTTP 200, an `errors` array and no `data`.
     with pytest.raises(PermanentChannelError) as caught:
@@ -279,7 +279,7 @@ async def test_resolve_unknown_username_is_a_permanent_invalid_recipient(
 
 async def test_resolve_404_is_a_permanent_invalid_recipient(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(404, {}, {"title": "Not Found Error", "detail": "Could not find user with username: [gone]."})
     with pytest.raises(PermanentChannelError) as caught:
@@ -289,7 +289,7 @@ async def test_resolve_404_is_a_permanent_invalid_recipient(
 
 
 async def test_a_404_that_is_not_from_x_is_a_transient_configuration_error(
-    relay_server: FakeRelay,  # noqa: F811
+    relay_server: FakeRelay,
 ) -> None:
     # A wrong X_API_BASE_URL: some other real HTTP server answers 404 with its own page.
     # Neither the lookup nor the send may blame the person (unknown handle, failed lead).
@@ -308,7 +308,7 @@ async def test_a_404_that_is_not_from_x_is_a_transient_configuration_error(
 
 async def test_resolve_suspended_account_is_a_permanent_invalid_recipient(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(
         200,
@@ -330,7 +330,7 @@ async def test_resolve_suspended_account_is_a_permanent_invalid_recipient(
 
 async def test_resolve_429_is_transient_until_the_reset(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.add_user("ada_l", "3333")
     x_server.fail_next(429, {"x-rate-limit-reset": str(int(NOW) + 600)}, {"title": "Too Many Requests"})
@@ -345,7 +345,7 @@ async def test_resolve_429_is_transient_until_the_reset(
 @pytest.mark.parametrize("status", [500, 503])
 async def test_resolve_5xx_is_transient(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
     status: int,
 ) -> None:
     x_server.fail_next(status, {}, {"title": "Service Unavailable"})
@@ -356,7 +356,7 @@ async def test_resolve_5xx_is_transient(
 
 async def test_resolve_401_is_a_sender_problem(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(401, {}, {"title": "Unauthorized", "detail": "Unauthorized"})
     with pytest.raises(SenderConfigError) as caught:
@@ -367,7 +367,7 @@ async def test_resolve_401_is_a_sender_problem(
 @pytest.mark.parametrize("status", [400, 403])
 async def test_resolve_other_4xx_is_permanent_not_a_bounce(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
     status: int,
 ) -> None:
     x_server.fail_next(status, {}, {"title": "Forbidden", "detail": "Your app is not permitted"})
@@ -379,7 +379,7 @@ async def test_resolve_other_4xx_is_permanent_not_a_bounce(
 
 async def test_resolve_errors_other_than_not_found_are_permanent_not_a_bounce(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     x_server.fail_next(200, {}, {"errors": [{"title": "Invalid Request", "detail": "username is invalid"}]})
     with pytest.raises(PermanentChannelError) as caught:
@@ -387,7 +387,7 @@ async def test_resolve_errors_other_than_not_found_are_permanent_not_a_bounce(
     assert caught.value.code == "lookup_error" and caught.value.bounce is False
 
 
-async def test_resolve_read_timeout_is_transient_not_uncertain(x_server: FakeX) -> None:  # noqa: F811
+async def test_resolve_read_timeout_is_transient_not_uncertain(x_server: FakeX) -> None:
     # A lookup performs nothing at X, so no answer means "ask again", never "maybe sent".
     x_server.hang_next()
     timeout = httpx.Timeout(5.0, read=0.3)
@@ -402,7 +402,7 @@ async def test_resolve_read_timeout_is_transient_not_uncertain(x_server: FakeX) 
 
 async def test_resolve_malformed_handle_is_permanent_without_a_request(
     channel: XChannel,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     for bad in ("", "has space", "way_too_long_for_x_handles", "ada/../../2/users"):
         with pytest.raises(PermanentChannelError) as caught:

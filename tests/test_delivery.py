@@ -27,7 +27,6 @@ from tests.engine_harness import (
     store_version,
     wait_for_status,
 )
-from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.enrollment import EnrollmentWorkflow
 
 
@@ -135,7 +134,7 @@ async def test_x_429_honours_the_reset_header(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: Any,  # noqa: F811
+    x_server: Any,
 ) -> None:
     await all_senders(session_factory)
     x_server.fail_next(429, {"x-rate-limit-reset": str(int(time.time()) + 900)}, {"title": "Too Many Requests"})
@@ -252,7 +251,7 @@ async def test_missing_identity_skips_to_the_timed_edge(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
-    x_server: Any,  # noqa: F811
+    x_server: Any,
 ) -> None:
     await all_senders(session_factory)
     raw = {
@@ -319,7 +318,7 @@ async def test_x_dm_answered_503_is_uncertain_and_never_sent_again(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: Any,  # noqa: F811
+    x_server: Any,
 ) -> None:
     await all_senders(session_factory)
     x_server.fail_next(503, {}, {"title": "Service Unavailable"})

@@ -29,7 +29,6 @@ from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from settings import Settings, settings_problems
 from tests.engine_harness import all_senders, make_person, start_enrollment, store_version
-from tests.fakes import relay_server, x_server  # noqa: F401
 
 if TYPE_CHECKING:
     from tests.conftest import SmtpRecorder

@@ -9,32 +9,23 @@ versions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.exc import IntegrityError
-from temporalio.client import WorkflowHandle
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.testing import WorkflowEnvironment
 
-from db.session import SessionFactory
 from models.enrollment import ControlSignal, EnrollmentResult, EnrollmentStatus, InboundSignal
 from models.sequence import ALLOWED_TRIGGERS, NEGATIVE_OF, Action, Trigger
 from tests.engine_harness import (
-    all_senders,
+    Sequencer,
     events_of,
-    make_channels,
-    make_person,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
 )
-from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.enrollment import EnrollmentWorkflow
 
 CONTENT = {
@@ -53,49 +44,6 @@ SIGNAL_NAME = {
     Trigger.FOLLOWED_BACK: "followed_back",
     Trigger.REPLIED_TO_NOTE: "replied_to_note",
 }
-
-
-@dataclass
-class Ctx:
-    env: WorkflowEnvironment
-    sf: SessionFactory
-    task_queue: str
-    smtp: Any
-    x: Any
-    relay: Any
-
-    async def person(self, **kw: Any) -> int:
-        defaults: dict[str, Any] = {
-            "email": f"{uuid.uuid4().hex[:8]}@lead.test",
-            "x": str(uuid.uuid4().int % 10**12),
-            "linkedin": f"https://www.linkedin.com/in/{uuid.uuid4().hex[:8]}",
-            "xmtp": "0x" + uuid.uuid4().hex + "abcdefab",
-        }
-        defaults.update(kw)
-        return await make_person(self.sf, **defaults)
-
-    async def start(self, raw: dict[str, Any] | str, person: int | None = None, **kw: Any) -> WorkflowHandle[Any, Any]:
-        ref, defn = await store_version(self.sf, raw)
-        pid = person if person is not None else await self.person()
-        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, pid, **kw)
-
-
-@pytest.fixture
-async def ctx(
-    temporal_env: WorkflowEnvironment,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> AsyncIterator[Ctx]:
-    await all_senders(session_factory)
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(temporal_env.client, task_queue, session_factory, channels):
-            yield Ctx(temporal_env, session_factory, task_queue, smtp_server, x_server, relay_server)
-    finally:
-        await channels.aclose()
 
 
 def _seq(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -130,10 +78,10 @@ def _steps(result: EnrollmentResult) -> list[str]:
 
 
 @pytest.mark.parametrize(("action", "event"), PAIRS, ids=[f"{a}-{t}" for a, t in PAIRS])
-async def test_event_branch_and_timeout_branch(ctx: Ctx, action: Action, event: Trigger) -> None:
+async def test_event_branch_and_timeout_branch(sequencer: Sequencer, action: Action, event: Trigger) -> None:
     raw = _branch_sequence(action, event)
     # Event branch: the signal arrives while the step waits.
-    handle = await ctx.start(raw)
+    handle = await sequencer.start(raw)
     await wait_for_status(handle, lambda v: v.phase == "waiting")
     await handle.signal(SIGNAL_NAME[event], InboundSignal(event_id=f"e-{uuid.uuid4()}", channel="email"))
     result = await handle.result()
@@ -142,7 +90,7 @@ async def test_event_branch_and_timeout_branch(ctx: Ctx, action: Action, event: 
     assert result.path[0].left_by == str(event)
     # Timeout branch: nothing arrives, two days are skipped.
     raw2 = dict(raw, name=raw["name"] + "-t")
-    handle2 = await ctx.start(raw2)
+    handle2 = await sequencer.start(raw2)
     result2 = await handle2.result()
     assert _steps(result2) == ["act", "no"]
     assert result2.path[0].left_at is not None
@@ -152,19 +100,19 @@ async def test_event_branch_and_timeout_branch(ctx: Ctx, action: Action, event: 
 ACTIONS = sorted(Action)
 
 
-def _channel_calls(ctx: Ctx, action: Action) -> int:
+def _channel_calls(sequencer: Sequencer, action: Action) -> int:
     """How many times the action's provider (SMTP, X, relay) was asked to act."""
     if action == Action.SEND_EMAIL:
-        return len(ctx.smtp.messages)
+        return len(sequencer.smtp.messages)
     if action in (Action.SEND_TWITTER_DM, Action.FOLLOW_ON_TWITTER, Action.UNFOLLOW_ON_TWITTER):
-        return len(ctx.x.requests)
+        return len(sequencer.x.requests)
     if action in (Action.SEND_CONNECTION_REQUEST, Action.SEND_LINKEDIN_DM, Action.SEND_XMTP_DM):
-        return len(ctx.relay.actions)
+        return len(sequencer.relay.actions)
     return 0
 
 
 @pytest.mark.parametrize("action", ACTIONS, ids=[str(a) for a in ACTIONS])
-async def test_normal_edge_and_end_on_every_action(ctx: Ctx, action: Action) -> None:
+async def test_normal_edge_and_end_on_every_action(sequencer: Sequencer, action: Action) -> None:
     """NORMAL_EDGE (after its delay) leaves the action, END finishes on it."""
     raw = _seq(
         f"normal-{action.lower()}-{uuid.uuid4().hex[:6]}",
@@ -178,7 +126,7 @@ async def test_normal_edge_and_end_on_every_action(ctx: Ctx, action: Action) -> 
             {"id": "fin", "action": str(action), **CONTENT.get(action, {}), "edges": [{"trigger": "END"}]},
         ],
     )
-    result = await (await ctx.start(raw)).result()
+    result = await (await sequencer.start(raw)).result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert _steps(result) == ["act", "fin"]
     assert [p.left_by for p in result.path] == ["NORMAL_EDGE", "END"]
@@ -186,7 +134,7 @@ async def test_normal_edge_and_end_on_every_action(ctx: Ctx, action: Action) -> 
     assert first.left_at is not None and first.left_at - first.started_at >= timedelta(days=1)
     sends = action not in (Action.WAIT, Action.CHECK_FOR_REPLY)
     assert [p.outcome for p in result.path] == (["sent", "sent"] if sends else [None, None])
-    assert _channel_calls(ctx, action) == (2 if sends else 0)
+    assert _channel_calls(sequencer, action) == (2 if sends else 0)
 
 
 def test_every_allowed_trigger_is_exercised() -> None:
@@ -209,7 +157,7 @@ def test_every_allowed_trigger_is_exercised() -> None:
     }
 
 
-async def test_actions_reach_their_channels(ctx: Ctx) -> None:
+async def test_actions_reach_their_channels(sequencer: Sequencer) -> None:
     raw = _seq(
         f"all-channels-{uuid.uuid4().hex[:6]}",
         [
@@ -246,17 +194,17 @@ async def test_actions_reach_their_channels(ctx: Ctx) -> None:
             {"id": "unf", "action": "UNFOLLOW_ON_TWITTER", "edges": [{"trigger": "END"}]},
         ],
     )
-    result = await (await ctx.start(raw)).result()
+    result = await (await sequencer.start(raw)).result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert [p.outcome for p in result.path] == ["sent"] * 6
-    assert len(ctx.x.dms) == 1 and ctx.x.dms[0]["text"] == "Hi Ada"
-    assert len(ctx.relay.actions) == 2
-    assert len(ctx.smtp.messages) == 1
-    sent = await events_of(ctx.sf, "sent")
+    assert len(sequencer.x.dms) == 1 and sequencer.x.dms[0]["text"] == "Hi Ada"
+    assert len(sequencer.relay.actions) == 2
+    assert len(sequencer.smtp.messages) == 1
+    sent = await events_of(sequencer.sf, "sent")
     assert [e.step_id for e in sent] == ["follow", "dm", "li", "xm", "mail", "unf"]
 
 
-async def test_pause_and_resume_across_a_timer(ctx: Ctx) -> None:
+async def test_pause_and_resume_across_a_timer(sequencer: Sequencer) -> None:
     raw = _seq(
         f"pause-{uuid.uuid4().hex[:6]}",
         [
@@ -278,26 +226,26 @@ async def test_pause_and_resume_across_a_timer(ctx: Ctx) -> None:
             },
         ],
     )
-    handle = await ctx.start(raw)
+    handle = await sequencer.start(raw)
     waiting = await wait_for_status(handle, lambda v: v.phase == "waiting")
     assert waiting.until is not None
     await handle.signal(EnrollmentWorkflow.pause, ControlSignal(reason="holiday"))
     paused = await wait_for_status(handle, lambda v: v.paused and v.phase == "paused")
     assert paused.status == EnrollmentStatus.PAUSED
-    await ctx.env.sleep(timedelta(days=5))  # far past the 2-day timer
+    await sequencer.env.sleep(timedelta(days=5))  # far past the 2-day timer
     still = await handle.query(EnrollmentWorkflow.status)
     assert still.current_step == "ask" and still.paused
-    assert ctx.smtp.messages == []  # nothing skipped ahead while paused
+    assert sequencer.smtp.messages == []  # nothing skipped ahead while paused
     await handle.signal(EnrollmentWorkflow.resume, ControlSignal())
     result = await handle.result()
     assert _steps(result) == ["ask", "no"]
     assert result.path[0].left_at is not None
     held = result.path[0].left_at - result.path[0].started_at
     assert held >= timedelta(days=7), "the clock stopped while paused: 2 days still had to run"
-    assert len(ctx.smtp.messages) == 1
+    assert len(sequencer.smtp.messages) == 1
 
 
-async def test_stop_ends_without_further_sends(ctx: Ctx) -> None:
+async def test_stop_ends_without_further_sends(sequencer: Sequencer) -> None:
     raw = _seq(
         f"stop-{uuid.uuid4().hex[:6]}",
         [
@@ -315,17 +263,17 @@ async def test_stop_ends_without_further_sends(ctx: Ctx) -> None:
             },
         ],
     )
-    handle = await ctx.start(raw)
+    handle = await sequencer.start(raw)
     await wait_for_status(handle, lambda v: v.phase == "waiting")
     await handle.signal(EnrollmentWorkflow.stop, ControlSignal(reason="manual"))
     result = await handle.result()
     assert result.status == EnrollmentStatus.STOPPED
-    assert ctx.smtp.messages == []
-    ended = await events_of(ctx.sf, "ended")
+    assert sequencer.smtp.messages == []
+    ended = await events_of(sequencer.sf, "ended")
     assert ended[-1].data["status"] == "stopped"
 
 
-async def test_signal_before_start_is_not_lost(ctx: Ctx) -> None:
+async def test_signal_before_start_is_not_lost(sequencer: Sequencer) -> None:
     raw = _seq(
         f"early-{uuid.uuid4().hex[:6]}",
         [
@@ -341,7 +289,7 @@ async def test_signal_before_start_is_not_lost(ctx: Ctx) -> None:
             {"id": "no", "action": "WAIT", "edges": [{"trigger": "END"}]},
         ],
     )
-    handle = await ctx.start(
+    handle = await sequencer.start(
         raw,
         start_signal="replied",
         start_signal_args=[InboundSignal(event_id="before-start", channel="x")],
@@ -350,7 +298,7 @@ async def test_signal_before_start_is_not_lost(ctx: Ctx) -> None:
     assert _steps(result) == ["ask", "yes"]
 
 
-async def test_duplicate_event_id_is_ignored(ctx: Ctx) -> None:
+async def test_duplicate_event_id_is_ignored(sequencer: Sequencer) -> None:
     raw = _seq(
         f"dup-{uuid.uuid4().hex[:6]}",
         [
@@ -375,7 +323,7 @@ async def test_duplicate_event_id_is_ignored(ctx: Ctx) -> None:
             {"id": "end_b_quiet", "action": "WAIT", "edges": [{"trigger": "END"}]},
         ],
     )
-    handle = await ctx.start(raw)
+    handle = await sequencer.start(raw)
     await wait_for_status(handle, lambda v: v.phase == "waiting" and v.current_step == "a")
     sig = InboundSignal(event_id="same-event", channel="email")
     await handle.signal(EnrollmentWorkflow.replied, sig)
@@ -385,9 +333,9 @@ async def test_duplicate_event_id_is_ignored(ctx: Ctx) -> None:
     assert _steps(result) == ["a", "b", "end_b_quiet"]
 
 
-async def test_send_window_skips_the_weekend_in_the_persons_zone(ctx: Ctx) -> None:
+async def test_send_window_skips_the_weekend_in_the_persons_zone(sequencer: Sequencer) -> None:
     tz = ZoneInfo("America/New_York")
-    now = (await ctx.env.get_current_time()).astimezone(tz)
+    now = (await sequencer.env.get_current_time()).astimezone(tz)
     days_to_saturday = (5 - now.weekday()) % 7 or 7
     saturday_noon = (now + timedelta(days=days_to_saturday)).replace(hour=12, minute=0, second=0, microsecond=0)
     raw = _seq(
@@ -405,18 +353,18 @@ async def test_send_window_skips_the_weekend_in_the_persons_zone(ctx: Ctx) -> No
         send_window={"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:30"},
         timezone="UTC",
     )
-    pid = await ctx.person(timezone="America/New_York")
-    handle = await ctx.start(raw, person=pid, timezone="America/New_York")
+    pid = await sequencer.lead(timezone="America/New_York")
+    handle = await sequencer.start(raw, person=pid, timezone="America/New_York")
     result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
-    sent = (await events_of(ctx.sf, "sent"))[0].occurred_at.astimezone(tz)
+    sent = (await events_of(sequencer.sf, "sent"))[0].occurred_at.astimezone(tz)
     monday_nine = (saturday_noon + timedelta(days=2)).replace(hour=9, minute=0)
     assert sent.weekday() == 0
     assert monday_nine <= sent < monday_nine + timedelta(minutes=1)
 
 
-async def test_absolute_time_step(ctx: Ctx) -> None:
-    start = await ctx.env.get_current_time()
+async def test_absolute_time_step(sequencer: Sequencer) -> None:
+    start = await sequencer.env.get_current_time()
     at = (start + timedelta(days=10)).replace(microsecond=0)
     raw = _seq(
         f"absolute-{uuid.uuid4().hex[:6]}",
@@ -431,13 +379,13 @@ async def test_absolute_time_step(ctx: Ctx) -> None:
             }
         ],
     )
-    result = await (await ctx.start(raw)).result()
+    result = await (await sequencer.start(raw)).result()
     assert result.status == EnrollmentStatus.COMPLETED
-    sent = (await events_of(ctx.sf, "sent"))[0].occurred_at
+    sent = (await events_of(sequencer.sf, "sent"))[0].occurred_at
     assert at <= sent < at + timedelta(minutes=1)
 
 
-async def test_continue_as_new_keeps_state(ctx: Ctx) -> None:
+async def test_continue_as_new_keeps_state(sequencer: Sequencer) -> None:
     steps = [
         {
             "id": f"s{i}",
@@ -458,17 +406,17 @@ async def test_continue_as_new_keeps_state(ctx: Ctx) -> None:
         }
     )
     raw = _seq(f"can-{uuid.uuid4().hex[:6]}", steps)
-    handle = await ctx.start(raw, max_steps_per_run=2)
+    handle = await sequencer.start(raw, max_steps_per_run=2)
     result = await handle.result()
     assert _steps(result) == ["s0", "s1", "s2", "s3", "s4", "s5"]
     assert result.status == EnrollmentStatus.COMPLETED
-    first_run = ctx.env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+    first_run = sequencer.env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
     history = await first_run.fetch_history()
     assert history.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
-    assert len(ctx.smtp.messages) == 1
+    assert len(sequencer.smtp.messages) == 1
 
 
-async def test_reenrollment_is_refused(ctx: Ctx) -> None:
+async def test_reenrollment_is_refused(sequencer: Sequencer) -> None:
     raw = _seq(
         f"once-{uuid.uuid4().hex[:6]}",
         [
@@ -480,17 +428,19 @@ async def test_reenrollment_is_refused(ctx: Ctx) -> None:
             {"id": "e", "action": "WAIT", "edges": [{"trigger": "END"}]},
         ],
     )
-    ref, defn = await store_version(ctx.sf, raw)
-    pid = await ctx.person()
-    handle = await start_enrollment(ctx.env.client, ctx.task_queue, ctx.sf, ref, defn, pid)
+    ref, defn = await store_version(sequencer.sf, raw)
+    pid = await sequencer.lead()
+    handle = await start_enrollment(sequencer.env.client, sequencer.task_queue, sequencer.sf, ref, defn, pid)
     with pytest.raises(IntegrityError, match="uq_enrollments_sequence_person"):
-        await start_enrollment(ctx.env.client, ctx.task_queue, ctx.sf, ref, defn, pid)
+        await start_enrollment(sequencer.env.client, sequencer.task_queue, sequencer.sf, ref, defn, pid)
     with pytest.raises(WorkflowAlreadyStartedError):  # and the workflow id refuses too
-        await ctx.env.client.start_workflow("Enrollment", {"ignored": True}, id=handle.id, task_queue=ctx.task_queue)
+        await sequencer.env.client.start_workflow(
+            "Enrollment", {"ignored": True}, id=handle.id, task_queue=sequencer.task_queue
+        )
     await handle.result()
 
 
-async def test_stop_on_reply_ends_before_the_next_send(ctx: Ctx) -> None:
+async def test_stop_on_reply_ends_before_the_next_send(sequencer: Sequencer) -> None:
     raw = _seq(
         f"sor-{uuid.uuid4().hex[:6]}",
         [
@@ -510,9 +460,9 @@ async def test_stop_on_reply_ends_before_the_next_send(ctx: Ctx) -> None:
             },
         ],
     )
-    handle = await ctx.start(raw)
+    handle = await sequencer.start(raw)
     await wait_for_status(handle, lambda v: v.phase == "waiting")
     await handle.signal(EnrollmentWorkflow.replied, InboundSignal(event_id="r1", channel="email"))
     result = await handle.result()
     assert result.status == EnrollmentStatus.REPLIED
-    assert len(ctx.smtp.messages) == 1
+    assert len(sequencer.smtp.messages) == 1

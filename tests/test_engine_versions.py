@@ -9,15 +9,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
 from db.tables import Enrollment, Identity, Segment, SegmentMember
@@ -31,46 +28,16 @@ from models.enrollment import (
 )
 from services.sequence_store import create_version
 from tests.engine_harness import (
-    all_senders,
+    Sequencer,
     events_of,
-    make_channels,
     make_person,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
 )
 from tests.eventually import eventually
-from tests.fakes import relay_server, x_server  # noqa: F401
 from workflows.audience import AudienceWorkflow, audience_workflow_id
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
-
-
-@dataclass
-class Env:
-    env: WorkflowEnvironment
-    sf: SessionFactory
-    task_queue: str
-    smtp: Any
-    x: Any
-
-
-@pytest.fixture
-async def wired(
-    temporal_env: WorkflowEnvironment,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> AsyncIterator[Env]:
-    await all_senders(session_factory)
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(temporal_env.client, task_queue, session_factory, channels):
-            yield Env(temporal_env, session_factory, task_queue, smtp_server, x_server)
-    finally:
-        await channels.aclose()
 
 
 def subjects_to(smtp: Any, address: str) -> list[str]:
@@ -119,7 +86,7 @@ async def static_segment(sf: SessionFactory, name: str, people: list[int]) -> No
         s.add_all([SegmentMember(segment_id=seg.id, person_id=p) for p in people])
 
 
-async def enroll_audience(w: Env, sequence: str, segment: str) -> AudienceProgress:
+async def enroll_audience(w: Sequencer, sequence: str, segment: str) -> AudienceProgress:
     """The production path (audience workflow → enroll_page), without skipping time meanwhile."""
     with w.env.auto_time_skipping_disabled():
         handle = await w.env.client.start_workflow(
@@ -131,8 +98,8 @@ async def enroll_audience(w: Env, sequence: str, segment: str) -> AudienceProgre
         return await handle.result()
 
 
-async def test_new_version_does_not_touch_running_enrollments(wired: Env, tmp_path: Path) -> None:
-    w = wired
+async def test_new_version_does_not_touch_running_enrollments(sequencer: Sequencer, tmp_path: Path) -> None:
+    w = sequencer
     name = f"versioned-{uuid.uuid4().hex[:6]}"
     path = tmp_path / "seq.yaml"
     path.write_text(V1.format(name=name))
@@ -204,8 +171,8 @@ async def test_new_version_does_not_touch_running_enrollments(wired: Env, tmp_pa
 # --------------------------------------------------------------------------- days of timers
 
 
-async def test_days_of_timers_are_skipped(wired: Env) -> None:
-    w = wired
+async def test_days_of_timers_are_skipped(sequencer: Sequencer) -> None:
+    w = sequencer
     raw = {
         "name": f"long-{uuid.uuid4().hex[:6]}",
         "stop_on_reply": False,
@@ -251,7 +218,7 @@ async def test_days_of_timers_are_skipped(wired: Env) -> None:
 # --------------------------------------------------------------------------- signal during an action
 
 
-async def _hanging_dm(w: Env, raw: dict[str, Any]) -> Any:
+async def _hanging_dm(w: Sequencer, raw: dict[str, Any]) -> Any:
     """Start the sequence with the X API holding its first request; return once it is held."""
     w.x.hang_next()
     ref, defn = await store_version(w.sf, raw)
@@ -264,8 +231,8 @@ async def _hanging_dm(w: Env, raw: dict[str, Any]) -> Any:
     return handle
 
 
-async def test_reply_during_a_running_send_takes_the_reply_branch(wired: Env) -> None:
-    w = wired
+async def test_reply_during_a_running_send_takes_the_reply_branch(sequencer: Sequencer) -> None:
+    w = sequencer
     raw = {
         "name": f"midsend-{uuid.uuid4().hex[:6]}",
         "steps": [
@@ -286,8 +253,8 @@ async def test_reply_during_a_running_send_takes_the_reply_branch(wired: Env) ->
 
 
 @pytest.mark.parametrize("signal", ["replied", "stop"])
-async def test_signal_during_a_running_send_ends_before_the_next_send(wired: Env, signal: str) -> None:
-    w = wired
+async def test_signal_during_a_running_send_ends_before_the_next_send(sequencer: Sequencer, signal: str) -> None:
+    w = sequencer
     raw = {
         "name": f"midstop-{uuid.uuid4().hex[:6]}",
         "steps": [

@@ -16,17 +16,8 @@ from db.tables import Delivery, Identity, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
 from services.redact import redact
 from tests.engine_harness import events_of, wait_for_status
-from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.history_text import history_bytes
-from tests.test_webhooks import (  # noqa: F401
-    Hook,
-    app_settings,
-    email_sequence,
-    hook,
-    serve,
-    signals_in_history,
-    signed,
-)
+from tests.webhook_harness import Hook, app_settings, email_sequence, serve, signals_in_history, signed
 from webhooks.app import create_app
 
 
@@ -35,7 +26,7 @@ async def _suppressions(h: Hook) -> list[Suppression]:
         return list((await s.execute(select(Suppression))).scalars())
 
 
-async def test_a_forged_unsubscribe_reply_is_recorded_but_changes_nothing(hook: Hook) -> None:  # noqa: F811
+async def test_a_forged_unsubscribe_reply_is_recorded_but_changes_nothing(hook: Hook) -> None:
     victim = await hook.person(email="victim@lead.test")
     handle = await hook.enroll(email_sequence(gap="1d"), victim)
     await hook.waiting_at(handle)
@@ -81,7 +72,7 @@ async def test_a_forged_unsubscribe_reply_is_recorded_but_changes_nothing(hook: 
     assert len(hook.smtp.messages) == 2
 
 
-async def test_a_forged_reply_does_not_hold_the_company(hook: Hook) -> None:  # noqa: F811
+async def test_a_forged_reply_does_not_hold_the_company(hook: Hook) -> None:
     replier = await hook.person(email="a@initech.test", company="Initech")
     colleague = await hook.person(email="b@initech.test", company="Initech")
     holding = email_sequence(gap="1d", hold_company_on_reply=True)
@@ -108,7 +99,7 @@ async def test_a_forged_reply_does_not_hold_the_company(hook: Hook) -> None:  # 
 
 
 async def test_the_setting_lets_thread_only_replies_act(
-    hook: Hook,  # noqa: F811
+    hook: Hook,
     temporal_env: WorkflowEnvironment,
     database_url: str,
 ) -> None:
@@ -129,7 +120,7 @@ async def test_the_setting_lets_thread_only_replies_act(
     assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
 
 
-async def test_no_reply_text_in_the_workflow_history(hook: Hook) -> None:  # noqa: F811
+async def test_no_reply_text_in_the_workflow_history(hook: Hook) -> None:
     pid = await hook.person(email="private@lead.test")
     handle = await hook.enroll(email_sequence(), pid)
     await hook.waiting_at(handle)
@@ -150,7 +141,7 @@ async def test_no_reply_text_in_the_workflow_history(hook: Hook) -> None:  # noq
     assert stored["text"] == secret_text
 
 
-async def test_a_provider_error_reaches_the_history_without_the_address(hook: Hook) -> None:  # noqa: F811
+async def test_a_provider_error_reaches_the_history_without_the_address(hook: Hook) -> None:
     pid = await hook.person(email="quoted.lead@lead.test")
     hook.smtp.reject_rcpt["quoted.lead@lead.test"] = "550 5.1.1 <quoted.lead@lead.test>: Recipient address rejected"
     handle = await hook.enroll(email_sequence(), pid)
@@ -177,7 +168,7 @@ def test_redact_takes_out_addresses_handles_urls_and_wallets() -> None:
     assert redact(None) is None
 
 
-async def test_a_refusal_naming_the_identity_reaches_the_history_without_it(hook: Hook) -> None:  # noqa: F811
+async def test_a_refusal_naming_the_identity_reaches_the_history_without_it(hook: Hook) -> None:
     pid = await hook.person(email="dm-only@lead.test", x="987654321987")
     async with hook.sf() as s, s.begin():
         await s.execute(update(Identity).where(Identity.value == "987654321987").values(consent="denied"))

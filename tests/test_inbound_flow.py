@@ -16,8 +16,7 @@ from sqlalchemy import select
 from db.tables import InboundEvent, Suppression
 from models.enrollment import ControlSignal, EnrollmentStatus
 from tests.engine_harness import events_of, wait_for_status
-from tests.fakes import relay_server, x_server  # noqa: F401
-from tests.test_webhooks import Hook, email_sequence, hook, signals_in_history  # noqa: F401
+from tests.webhook_harness import Hook, email_sequence, signals_in_history
 from workflows.enrollment import EnrollmentWorkflow
 from workflows.search_attributes import NEXT_ACTION_AT
 
@@ -31,7 +30,7 @@ async def inbound_row(h: Hook, event_id: str) -> InboundEvent:
 
 
 async def test_out_of_office_is_not_a_reply_and_moves_the_next_action_after_the_return_date(
-    hook: Hook,  # noqa: F811
+    hook: Hook,
 ) -> None:
     pid = await hook.person(email="away@lead.test", timezone="Europe/Berlin")
     handle = await hook.enroll(email_sequence(gap="2d"), pid)
@@ -72,7 +71,7 @@ async def test_out_of_office_is_not_a_reply_and_moves_the_next_action_after_the_
     assert (row.status, row.classification, row.person_id) == ("rescheduled", "out_of_office", pid)
 
 
-async def test_out_of_office_without_a_date_holds_for_the_default_delay(hook: Hook) -> None:  # noqa: F811
+async def test_out_of_office_without_a_date_holds_for_the_default_delay(hook: Hook) -> None:
     pid = await hook.person(email="vague@lead.test")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
     await hook.waiting_at(handle)
@@ -93,7 +92,7 @@ async def test_out_of_office_without_a_date_holds_for_the_default_delay(hook: Ho
 # --------------------------------------------------------------------------- classification
 
 
-async def test_unsubscribe_intent_reply_suppresses_and_stops(hook: Hook) -> None:  # noqa: F811
+async def test_unsubscribe_intent_reply_suppresses_and_stops(hook: Hook) -> None:
     pid = await hook.person(email="done@lead.test")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
     await hook.waiting_at(handle)
@@ -126,7 +125,7 @@ async def test_unsubscribe_intent_reply_suppresses_and_stops(hook: Hook) -> None
     ],
 )
 async def test_replies_are_classified_and_still_branch(
-    hook: Hook,  # noqa: F811
+    hook: Hook,
     text: str,
     label: str,
     positive_events: int,
@@ -148,7 +147,7 @@ async def test_replies_are_classified_and_still_branch(
 # --------------------------------------------------------------------------- other event types
 
 
-async def test_followed_back_on_x_takes_the_followed_back_edge(hook: Hook) -> None:  # noqa: F811
+async def test_followed_back_on_x_takes_the_followed_back_edge(hook: Hook) -> None:
     raw = {
         "name": f"follow-{uuid.uuid4().hex[:6]}",
         "steps": [
@@ -170,7 +169,7 @@ async def test_followed_back_on_x_takes_the_followed_back_edge(hook: Hook) -> No
     assert len(await events_of(hook.sf, "followed_back")) == 1
 
 
-async def test_connection_accepted_on_linkedin_by_profile_url(hook: Hook) -> None:  # noqa: F811
+async def test_connection_accepted_on_linkedin_by_profile_url(hook: Hook) -> None:
     raw = {
         "name": f"li-{uuid.uuid4().hex[:6]}",
         "steps": [
@@ -197,7 +196,7 @@ async def test_connection_accepted_on_linkedin_by_profile_url(hook: Hook) -> Non
 # --------------------------------------------------------------------------- robustness
 
 
-async def test_an_event_whose_processing_did_not_finish_is_completed_by_the_retry(hook: Hook) -> None:  # noqa: F811
+async def test_an_event_whose_processing_did_not_finish_is_completed_by_the_retry(hook: Hook) -> None:
     """A row left `received` (the app died, Temporal was down) is not a duplicate: the retry finishes it."""
     pid = await hook.person(email="retry@lead.test")
     handle = await hook.enroll(email_sequence(), pid)
@@ -218,7 +217,7 @@ async def test_an_event_whose_processing_did_not_finish_is_completed_by_the_retr
     assert (await inbound_row(hook, "r-1")).status == "signalled"
 
 
-async def test_a_reply_for_a_finished_workflow_is_accepted(hook: Hook) -> None:  # noqa: F811
+async def test_a_reply_for_a_finished_workflow_is_accepted(hook: Hook) -> None:
     """The row still says active but the workflow is gone: 202, nothing to signal, no error."""
     pid = await hook.person(email="late@lead.test")
     handle = await hook.enroll(email_sequence(), pid)
@@ -232,7 +231,7 @@ async def test_a_reply_for_a_finished_workflow_is_accepted(hook: Hook) -> None: 
 # --------------------------------------------------------------------------- company hold
 
 
-async def test_a_reply_holds_colleagues_in_sequences_that_ask_for_it(hook: Hook) -> None:  # noqa: F811
+async def test_a_reply_holds_colleagues_in_sequences_that_ask_for_it(hook: Hook) -> None:
     """One person at Globex replies: the Globex colleague in the same (holding) sequence is paused.
 
     A paused workflow has no timer, so the test never waits on a result while it is the only

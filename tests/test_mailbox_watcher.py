@@ -31,10 +31,9 @@ from operations.mailbox_watchers import start_watcher, stop_watcher
 from services.reply_mail import append_reply
 from tests import mail_samples as m
 from tests.engine_harness import events_of, wait_for_status
-from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.imap_harness import Mailbox, TcpProxy
 from tests.mailbox_harness import FAST, KEY, SETTINGS, connect_mailbox, connection_status, wait_state, watcher_worker
-from tests.test_webhooks import Hook, email_sequence, hook, signals_in_history, temporal_address  # noqa: F401
+from tests.webhook_harness import Hook, email_sequence, signals_in_history, temporal_address
 from workflows.mailbox import MailboxWatcherWorkflow
 
 SENDER = "sales@acme.test"  # the email sender `hook` creates; its mailbox is the test's folder
@@ -49,7 +48,7 @@ def mid(tag: str) -> str:
 class Watch:
     """One test's mailbox, the sender watching it, and the leads that were mailed from it."""
 
-    def __init__(self, hook: Hook, mailbox: Mailbox, queue: str) -> None:  # noqa: F811
+    def __init__(self, hook: Hook, mailbox: Mailbox, queue: str) -> None:
         self.hook = hook
         self.mailbox = mailbox
         self.queue = queue
@@ -100,7 +99,7 @@ class Watch:
 
 
 @pytest.fixture
-async def watch(hook: Hook, mailbox: Mailbox, task_queue: str) -> Any:  # noqa: F811
+async def watch(hook: Hook, mailbox: Mailbox, task_queue: str) -> Any:
     queue = f"{task_queue}-mail"
     w = Watch(hook, mailbox, queue)
     async with watcher_worker(hook.env.client, queue, hook.sf):
@@ -110,7 +109,7 @@ async def watch(hook: Hook, mailbox: Mailbox, task_queue: str) -> Any:  # noqa: 
             await end_watcher(hook, w.sender_id)
 
 
-async def end_watcher(hook: Hook, sender_id: int) -> None:  # noqa: F811
+async def end_watcher(hook: Hook, sender_id: int) -> None:
     """Terminate the test's watcher (ids repeat across tests: every test database starts at sender 1)."""
     if sender_id:
         try:
@@ -293,7 +292,7 @@ async def test_a_connection_dropped_mid_idle_loses_nothing_and_doubles_nothing(
 
 
 async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_doubled(
-    hook: Hook,  # noqa: F811
+    hook: Hook,
     mailbox: Mailbox,
     task_queue: str,
     database_url: str,

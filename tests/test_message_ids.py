@@ -22,7 +22,6 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment
 from models.enrollment import EnrollmentStatus
 from tests.engine_harness import all_senders, make_person, start_enrollment, store_version
-from tests.fakes import relay_server, x_server  # noqa: F401
 
 PUBLIC_DEFAULT = "dev-webhook-secret-change-me"
 

@@ -32,15 +32,13 @@ from services.payload_codec import AesGcmPayloadCodec, PayloadKeyError
 from settings import Settings
 from temporal_client import connect, data_converter, tls_config
 from tests.engine_harness import (
+    Wired,
     all_senders,
-    make_channels,
     make_person,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
 )
-from tests.fakes import relay_server, x_server  # noqa: F401
 from tests.history_text import history_bytes, payloads
 from webhooks.payload import InboundPayload
 
@@ -54,8 +52,7 @@ async def test_with_the_codec_on_a_raw_history_shows_no_plaintext(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    wired: Wired,
 ) -> None:
     key = _key()
     settings = Settings(
@@ -84,22 +81,18 @@ async def test_with_the_codec_on_a_raw_history_shows_no_plaintext(
             ],
         },
     )
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(client, task_queue, session_factory, channels):
-            handle = await start_enrollment(client, task_queue, session_factory, ref, defn, pid)
-            await wait_for_status(handle, lambda v: v.current_step == "m0" and v.phase == "waiting")
-            processor = InboundPipeline(session_factory, client, get_classifier())
-            reply = InboundPayload.model_validate(
-                {"event_id": "codec-1", "type": "reply", "from": "cipher@lead.test", "text": "Yes, interested"}
-            )
-            assert (await processor.process(reply.to_event("email"))).status == "signalled"
-            result = await handle.result()
-        assert result.status == EnrollmentStatus.COMPLETED
-        assert [p.step for p in result.path] == ["m0", "done"]
-        assert len(smtp_server.messages) == 1
-    finally:
-        await channels.aclose()
+    async with wired(client=client):
+        handle = await start_enrollment(client, task_queue, session_factory, ref, defn, pid)
+        await wait_for_status(handle, lambda v: v.current_step == "m0" and v.phase == "waiting")
+        processor = InboundPipeline(session_factory, client, get_classifier())
+        reply = InboundPayload.model_validate(
+            {"event_id": "codec-1", "type": "reply", "from": "cipher@lead.test", "text": "Yes, interested"}
+        )
+        assert (await processor.process(reply.to_event("email"))).status == "signalled"
+        result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED
+    assert [p.step for p in result.path] == ["m0", "done"]
+    assert len(smtp_server.messages) == 1
 
     # As the server stores it: fetched by a client without the codec, nothing decoded.
     history = await temporal_env.client.get_workflow_handle(handle.id).fetch_history()

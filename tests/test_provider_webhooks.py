@@ -8,14 +8,11 @@ by the allow-list and CA settings, as production points at sns.<region>.amazonaw
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
-import socket
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import trustme
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 from sqlalchemy import func, select
@@ -32,13 +28,11 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.channels.relay_tags import RELAYS
 from bench.provider_batch import seed_sent, sendgrid_batch
-from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, Suppression, WebhookToken
 from models.enrollment import EnrollmentStatus
 from services.stats import sequence_stats
 from services.tokens import make_token
-from tests.engine_harness import LINK_SECRET, all_senders, events_of, make_channels, running_worker, wait_for_status
-from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
 from tests.provider_samples import (
     SendGridSigner,
     SnsSigner,
@@ -54,7 +48,7 @@ from tests.provider_samples import (
     x_signature,
     xaa_follow,
 )
-from tests.test_webhooks import Hook, app_settings, email_sequence, serve
+from tests.webhook_harness import Hook, StartHook, app_settings, email_sequence, serve
 from webhooks.app import create_app
 from webhooks.providers import ses
 
@@ -80,29 +74,6 @@ class SnsServer:
         return f"{self.base}/SimpleNotificationService-test.pem"
 
 
-@asynccontextmanager
-async def serve_tls(app: FastAPI, certfile: str, keyfile: str) -> AsyncIterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, ssl_certfile=certfile, ssl_keyfile=keyfile)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(2000):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.005)
-        if not server.started:
-            task.result()
-        yield f"https://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=15)
-        sock.close()
-
-
 @pytest.fixture
 async def sns(tmp_path: Path) -> AsyncIterator[SnsServer]:
     ca = trustme.CA()
@@ -124,7 +95,7 @@ async def sns(tmp_path: Path) -> AsyncIterator[SnsServer]:
         state.confirmations.append(str(request.url))
         return Response("<ConfirmSubscriptionResponse/>", media_type="text/xml")
 
-    async with serve_tls(app, str(key_and_chain), str(key_and_chain)) as base:
+    async with serve(app, ssl_certfile=str(key_and_chain), ssl_keyfile=str(key_and_chain)) as base:
         state.base = base
         yield state
 
@@ -161,45 +132,23 @@ class Providers:
 
 
 @pytest.fixture
-async def providers(
-    temporal_env: WorkflowEnvironment,
-    database_url: str,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-    sns: SnsServer,
-) -> AsyncIterator[Providers]:
+async def providers(start_hook: StartHook, sns: SnsServer) -> AsyncIterator[Providers]:
     signer = SendGridSigner()
     resend_secret = new_whsec()
-    await all_senders(session_factory)
-    channels = make_channels(smtp_server, x_server, relay_server)
-    channels.email.relay_tags = RELAYS  # every relay's custom-data header, as EMAIL_RELAY_TAGS does
-    settings = app_settings(
-        temporal_env,
-        database_url,
-        sendgrid_webhook_public_keys=[SendGridSigner().public_key, signer.public_key],  # an old key still listed
-        sendgrid_inbound_credentials=[SecretStr("parse:inbound-secret")],
-        postmark_webhook_credentials=[SecretStr(f"{PM_USER}:{PM_PASS}")],
-        mailgun_signing_keys=[SecretStr(MG_KEY)],
-        ses_topic_arns=[TOPIC],
-        sns_cert_host_pattern=r"^127\.0\.0\.1$",
-        sns_ca_file=sns.ca_file,
-        resend_webhook_secrets=[SecretStr(resend_secret)],
-        x_consumer_secrets=[SecretStr(X_SECRET)],
-    )
-    app = create_app(settings)
-    try:
-        async with (
-            running_worker(temporal_env.client, task_queue, session_factory, channels),
-            serve(app) as base,
-            httpx.AsyncClient(base_url=base, timeout=30) as http,
-        ):
-            hook = Hook(http, temporal_env, session_factory, task_queue, smtp_server, base)
-            yield Providers(hook, signer, resend_secret, sns)
-    finally:
-        await channels.aclose()
+    app = {
+        "sendgrid_webhook_public_keys": [SendGridSigner().public_key, signer.public_key],  # an old key still listed
+        "sendgrid_inbound_credentials": [SecretStr("parse:inbound-secret")],
+        "postmark_webhook_credentials": [SecretStr(f"{PM_USER}:{PM_PASS}")],
+        "mailgun_signing_keys": [SecretStr(MG_KEY)],
+        "ses_topic_arns": [TOPIC],
+        "sns_cert_host_pattern": r"^127\.0\.0\.1$",
+        "sns_ca_file": sns.ca_file,
+        "resend_webhook_secrets": [SecretStr(resend_secret)],
+        "x_consumer_secrets": [SecretStr(X_SECRET)],
+    }
+    # every relay's custom-data header, as EMAIL_RELAY_TAGS does
+    async with start_hook(app=app, worker={"email_relay_tags": list(RELAYS)}) as hook:
+        yield Providers(hook, signer, resend_secret, sns)
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -33,7 +33,6 @@ from db.tables import SenderAccount
 from models.enrollment import EnrollmentStatus
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import make_person, start_enrollment, store_version
-from tests.fakes import relay_server, x_server  # noqa: F401
 
 NY = ZoneInfo("America/New_York")
 WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
@@ -127,8 +126,8 @@ async def campaign(
     task_queue: str,
     smtp_server: SmtpRecorder,
     wired: Callable[..., Any],
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    x_server: Any,
+    relay_server: Any,
 ) -> AsyncIterator[Campaign]:
     loop = asyncio.get_running_loop()
 

@@ -9,94 +9,49 @@ lets the lead go on, with exactly one message at the server.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
 from sqlalchemy import select
 
-from activities.channels.email import EmailChannel, SmtpPool
-from activities.channels.relay import RelayChannel
-from activities.channels.x import XChannel, make_x_client
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SenderAccount
-from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from services import sender_breaker
 from services.sender_breaker import BreakerConfig
 from tests.engine_harness import (
-    Channels,
+    Wired,
     events_of,
     make_person,
     make_sender,
-    running_worker,
     start_enrollment,
     store_version,
 )
 from tests.eventually import eventually
-from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.mail_servers import AuthSmtp
+from tests.mail_servers import auth_smtp as smtp_with_auth
+from worker import Workers
 from workflows.enrollment import EnrollmentWorkflow
 
-
-@dataclass
-class AuthSmtp:
-    """An SMTP server that demands AUTH and accepts the login only when told to."""
-
-    host: str
-    port: int
-    accept_login: bool = False
-    logins: int = 0
-    messages: list[bytes] = field(default_factory=list)
-
-
-class _Handler:
-    def __init__(self, rec: AuthSmtp) -> None:
-        self.rec = rec
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.rec.messages.append(envelope.content)
-        return "250 OK"
+StaleLogin = Callable[[], AbstractAsyncContextManager[Workers]]
+#: The AUTH-requiring server is plain SMTP on loopback (the breaker is about the login, not TLS).
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
 
 @pytest.fixture
 def auth_smtp() -> Iterator[AuthSmtp]:
-    rec = AuthSmtp(host="127.0.0.1", port=free_port())
-
-    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
-        rec.logins += 1
-        return AuthResult(success=rec.accept_login, handled=False)
-
-    ctl = Controller(
-        _Handler(rec),
-        hostname=rec.host,
-        port=rec.port,
-        authenticator=authenticator,
-        auth_require_tls=False,  # loopback in a test; our client logs in because it has a username
-    )
-    ctl.start()
-    yield rec
-    ctl.stop()
+    """An SMTP server that demands AUTH; `sales` logs in only once `accept`ed with the worker's password."""
+    with smtp_with_auth(passwords={b"sales": b"fresh"}) as server:
+        yield server
 
 
 @pytest.fixture
-async def channels(auth_smtp: AuthSmtp, x_server: Any, relay_server: Any) -> AsyncIterator[Channels]:  # noqa: F811
-    ch = Channels(
-        email=EmailChannel(
-            SmtpPool(auth_smtp.host, auth_smtp.port, username="sales", password="stale", size=2, timeout=10),
-            default_footer="1 Test St",
-        ),
-        x=XChannel(make_x_client(x_server.base_url, x_server.token, timeout=10)),
-        relay=RelayChannel(
-            httpx.AsyncClient(base_url=relay_server.base_url, timeout=10), relay_server.token, relay_server.signing_key
-        ),
-    )
-    yield ch
-    await ch.aclose()
+def stale_login(wired: Wired, auth_smtp: AuthSmtp) -> StaleLogin:
+    """The production worker sending email through `auth_smtp` as `sales` with the password `stale`."""
+    return lambda: wired(settings=auth_smtp.settings("sales", "stale"))
 
 
 def one_email() -> dict[str, Any]:
@@ -119,11 +74,11 @@ async def sender_row(sf: SessionFactory, sender_id: int) -> SenderAccount:
 
 
 async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, stale_login: StaleLogin
 ) -> None:
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     ref, defn = await store_version(session_factory, one_email())
-    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+    async with stale_login():
         handles = []
         for i in range(2):
             pid = await make_person(session_factory, email=f"l{i}-{uuid.uuid4().hex[:6]}@lead.test")
@@ -141,7 +96,7 @@ async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
             statuses = set((await s.execute(select(Delivery.status))).scalars())
         assert statuses <= {"claimed"}, statuses
         # The credentials are fixed and the sender resumed: the leads go on, once each.
-        auth_smtp.accept_login = True
+        auth_smtp.accept("sales", "stale")
         await sender_breaker.resume(session_factory, sender_id, datetime.now(UTC))
         results = [await h.result() for h in handles]
     assert [r.status for r in results] == [EnrollmentStatus.COMPLETED] * 2
@@ -152,11 +107,11 @@ async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
 
 
 async def test_after_the_cool_down_a_successful_probe_closes_the_breaker(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, stale_login: StaleLogin
 ) -> None:
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     ref, defn = await store_version(session_factory, one_email())
-    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+    async with stale_login():
         pid = await make_person(session_factory, email=f"p-{uuid.uuid4().hex[:6]}@lead.test")
         handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
 
@@ -164,7 +119,7 @@ async def test_after_the_cool_down_a_successful_probe_closes_the_breaker(
             return (await sender_row(session_factory, sender_id)).paused_at is not None
 
         await until(paused, "the sender is paused")
-        auth_smtp.accept_login = True  # fixed, nobody resumed: the cool-down's probe finds out
+        auth_smtp.accept("sales", "stale")  # fixed, nobody resumed: the cool-down's probe finds out
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(auth_smtp.messages) == 1
@@ -172,14 +127,14 @@ async def test_after_the_cool_down_a_successful_probe_closes_the_breaker(
 
 
 async def test_the_governor_grants_no_slot_to_a_paused_sender(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, stale_login: StaleLogin
 ) -> None:
-    auth_smtp.accept_login = True
+    auth_smtp.accept("sales", "stale")
     held = await make_sender(session_factory, "email", "held@acme.test")
     other = await make_sender(session_factory, "email", "other@acme.test")
     await sender_breaker.set_paused(session_factory, held, "warming DNS", datetime.now(UTC))
     ref, defn = await store_version(session_factory, one_email())
-    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+    async with stale_login():
         handles = []
         for i in range(3):
             pid = await make_person(session_factory, email=f"g{i}-{uuid.uuid4().hex[:6]}@lead.test")
@@ -192,13 +147,13 @@ async def test_the_governor_grants_no_slot_to_a_paused_sender(
 
 
 async def test_every_sender_paused_the_lead_waits_for_resume(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, stale_login: StaleLogin
 ) -> None:
-    auth_smtp.accept_login = True
+    auth_smtp.accept("sales", "stale")
     held = await make_sender(session_factory, "email", "held@acme.test")
     await sender_breaker.set_paused(session_factory, held, "by hand", datetime.now(UTC))
     ref, defn = await store_version(session_factory, one_email())
-    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+    async with stale_login():
         pid = await make_person(session_factory, email=f"w-{uuid.uuid4().hex[:6]}@lead.test")
         handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
 
@@ -261,7 +216,7 @@ async def test_bounce_rate_over_the_threshold_pauses_the_sender(
 
 
 async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any, wired: Any
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any, wired: Wired
 ) -> None:
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     smtp_server.fail_codes.extend(["421 4.7.0 Too many messages, slow down"] * 5)
@@ -282,11 +237,11 @@ async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
 
 
 async def test_a_lead_waits_past_deliver_retries_while_its_sender_stays_paused(
-    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, channels: Channels
+    temporal_env: Any, session_factory: SessionFactory, task_queue: str, auth_smtp: AuthSmtp, stale_login: StaleLogin
 ) -> None:
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     ref, defn = await store_version(session_factory, one_email())
-    async with running_worker(temporal_env.client, task_queue, session_factory, channels):
+    async with stale_login():
         pid = await make_person(session_factory, email=f"s-{uuid.uuid4().hex[:6]}@lead.test")
         handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
 
@@ -298,7 +253,7 @@ async def test_a_lead_waits_past_deliver_retries_while_its_sender_stays_paused(
         await temporal_env.sleep(timedelta(hours=8))
         view = await handle.query(EnrollmentWorkflow.status)
         assert view.status == EnrollmentStatus.ACTIVE, "the lead still waits for its sender"
-        auth_smtp.accept_login = True
+        auth_smtp.accept("sales", "stale")
         await sender_breaker.resume(session_factory, sender_id, datetime.now(UTC))
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED and len(auth_smtp.messages) == 1

@@ -33,11 +33,10 @@ from services.sender_connections import token_cache
 from services.senders import add_sender
 from settings import Settings
 from tests.conftest import SmtpRecorder
-from tests.engine_harness import make_channels, make_person, running_worker, start_enrollment, store_version
-from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.engine_harness import SECRETS_KEY as KEY
+from tests.engine_harness import Wired, harness_settings, make_person, start_enrollment, store_version
 from tests.mail_servers import AuthSmtp, TlsPair, TokenEndpoint, auth_smtp, make_tls_pair, token_endpoint
 
-KEY = generate_key()
 #: aiosmtpd cannot see that a Controller-level ssl_context is implicit TLS.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
@@ -67,13 +66,18 @@ def server_b(tls: TlsPair) -> Iterator[AuthSmtp]:
         yield rec
 
 
+def oauth_settings(tokens: TokenEndpoint | None = None) -> dict[str, Any]:
+    """OAUTH_* settings for the token endpoint `tokens` (none: no OAuth client)."""
+    return {
+        "oauth_token_url": tokens.url if tokens else "",
+        "oauth_client_id": "client-1" if tokens else "",
+        "oauth_client_secret": SecretStr("client-secret-1" if tokens else ""),
+    }
+
+
 def settings_for(tokens: TokenEndpoint | None = None) -> Settings:
-    return Settings(
-        secrets_key=SecretStr(KEY),
-        oauth_token_url=tokens.url if tokens else "",
-        oauth_client_id="client-1" if tokens else "",
-        oauth_client_secret=SecretStr("client-secret-1" if tokens else ""),
-    )
+    """The harness settings (its SECRETS_KEY) with the OAuth client of `tokens`."""
+    return harness_settings(None, None, None, **oauth_settings(tokens))
 
 
 async def add_email_sender(
@@ -121,8 +125,8 @@ async def test_each_lead_is_mailed_through_its_senders_own_smtp_with_its_login(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: SmtpRecorder,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    wired: Wired,
+    monkeypatch: pytest.MonkeyPatch,
     tls: TlsPair,
     server_a: AuthSmtp,
     server_b: AuthSmtp,
@@ -163,17 +167,14 @@ async def test_each_lead_is_mailed_through_its_senders_own_smtp_with_its_login(
         person = await make_person(sf, email=lead)
         handles.append((ref, defn, person))
 
-    channels = make_channels(smtp_server, x_server, relay_server)
-    channels.email.senders = SenderSmtpPools(sf, settings, tls_context=tls.client_context(), size=2, timeout=10)
-    try:
-        async with running_worker(temporal_env.client, task_queue, sf, channels):
-            runs = [await start_enrollment(temporal_env.client, task_queue, sf, r, d, p) for r, d, p in handles]
-            # Nothing here waits on a timer: with time skipping on, a slow moment of the worker lets
-            # the test server jump to a task's timeout and time the task out (flaky on a loaded machine).
-            with temporal_env.auto_time_skipping_disabled():
-                await asyncio.gather(*(h.result() for h in runs))
-    finally:
-        await channels.aclose()
+    # The senders' servers have a private CA: trusted the way an operator trusts one (SSL_CERT_FILE).
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.cert))
+    async with wired(settings=oauth_settings(tokens_b)):
+        runs = [await start_enrollment(temporal_env.client, task_queue, sf, r, d, p) for r, d, p in handles]
+        # Nothing here waits on a timer: with time skipping on, a slow moment of the worker lets
+        # the test server jump to a task's timeout and time the task out (flaky on a loaded machine).
+        with temporal_env.auto_time_skipping_disabled():
+            await asyncio.gather(*(h.result() for h in runs))
 
     # Server A: one message, to lead A, from ada, in a session logged in with ada's password.
     assert [(m[0], m[1], m[3]) for m in server_a.messages] == [

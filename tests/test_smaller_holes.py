@@ -28,18 +28,15 @@ from services.tokens import make_token
 from settings import Settings
 from tests.engine_harness import (
     LINK_SECRET,
+    Wired,
     all_senders,
     events_of,
-    make_channels,
     make_person,
     make_sender,
-    running_worker,
     start_enrollment,
     store_version,
     wait_for_status,
-    wired,  # noqa: F401
 )
-from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
 from workflows.enrollment import EnrollmentWorkflow
 
@@ -48,9 +45,8 @@ async def test_a_sent_event_carries_the_acceptance_time_not_the_planned_time(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    relay_server: Any,
+    wired: Wired,
 ) -> None:
     """The relay answers 429 Retry-After one hour first: the DM goes out an hour after it was planned."""
     await all_senders(session_factory)
@@ -63,13 +59,9 @@ async def test_a_sent_event_carries_the_acceptance_time_not_the_planned_time(
         },
     )
     relay_server.fail_next(429, {"retry-after": "3600"}, {"error": "slow down"})
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(temporal_env.client, task_queue, session_factory, channels):
-            handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
-            result = await handle.result()
-    finally:
-        await channels.aclose()
+    async with wired():
+        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(relay_server.actions) == 1
     # the run's start, from its first history event (the test server's describe() cannot decode
@@ -167,7 +159,7 @@ async def test_an_unsubscribe_committed_before_a_crash_still_gets_its_event(sess
 
 
 async def test_an_out_of_office_while_waiting_for_the_send_slot_moves_the_send(
-    wired: Any,  # noqa: F811
+    wired: Wired,
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,

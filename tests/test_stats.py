@@ -43,15 +43,13 @@ from services.stats import FUNNEL, as_json, sequence_stats
 from settings import Settings
 from tests.engine_harness import (
     LINK_SECRET,
-    make_channels,
+    Wired,
     make_person,
     make_sender,
-    running_worker,
     store_version,
     wait_for_status,
 )
 from tests.eventually import eventually
-from tests.fakes import relay_server, x_server  # noqa: F401
 from webhooks.app import create_app
 from webhooks.payload import InboundPayload
 from workflows.audience import AudienceWorkflow, audience_workflow_id
@@ -179,8 +177,7 @@ async def test_funnel_and_counters_from_real_enrollments(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    wired: Wired,
     database_url: str,
 ) -> None:
     sf = session_factory
@@ -199,64 +196,58 @@ async def test_funnel_and_counters_from_real_enrollments(
         s.add(Suppression(person_id=v1["suppressed"], reason="manual", source="test"))
     await create_rule_segment(sf, "cohort-v1", "cohort = 'v1'")
 
-    channels = make_channels(smtp_server, x_server, relay_server)
     crash = ArmableCrash()
     processor = InboundPipeline(sf, client, get_classifier())
     settings = Settings(link_secret=LINK_SECRET, database_url=database_url)
     app = create_app(settings, session_factory=sf, client=client)
-    try:
-        async with running_worker(client, task_queue, sf, channels, fault=crash):
-            # ---- version 1: seven people, every outcome
-            await _enroll_segment(client, task_queue, name, "cohort-v1")
-            handles = {r: _enrollment(client, workflow_id_for(name, pid)) for r, pid in v1.items()}
-            for role in ("positive", "silent", "unsubscribe", "opened_negative"):
-                await wait_for_status(handles[role], lambda v: v.phase == "waiting" and v.current_step == "intro")
-            for role in ("bounce", "failure", "suppressed"):
-                await wait_for_status(handles[role], lambda v: v.status != EnrollmentStatus.ACTIVE)
-            async with app.router.lifespan_context(app):
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://webhooks.test") as http:
-                    token = _pixel_token(smtp_server.parsed(), "opened_negative@lead.test")
-                    for _ in range(2):  # a second load of the pixel is the same open
-                        assert (await http.get(f"/o/{token}")).status_code == 200
-            assert await _reply(processor, "positive@lead.test", "Yes, let's talk. Does Thursday work?") == "positive"
-            assert await _reply(processor, "unsubscribe@lead.test", "Please remove me from your list.") == (
-                "unsubscribe"
-            )
-            assert await _reply(processor, "opened_negative@lead.test", "Not interested, thanks.") == "negative"
-            await temporal_env.sleep(timedelta(days=5))  # past every timer of version 1
-            outcomes = {role: (await h.result()).status for role, h in handles.items()}
-            assert outcomes == {
-                "positive": EnrollmentStatus.COMPLETED,  # the REPLIED edge leads to the end
-                "bounce": EnrollmentStatus.FAILED,
-                "failure": EnrollmentStatus.FAILED,
-                "silent": EnrollmentStatus.COMPLETED,
-                "unsubscribe": EnrollmentStatus.UNSUBSCRIBED,
-                "suppressed": EnrollmentStatus.SUPPRESSED,
-                "opened_negative": EnrollmentStatus.COMPLETED,
-            }
+    async with wired(client=client, fault=crash):
+        # ---- version 1: seven people, every outcome
+        await _enroll_segment(client, task_queue, name, "cohort-v1")
+        handles = {r: _enrollment(client, workflow_id_for(name, pid)) for r, pid in v1.items()}
+        for role in ("positive", "silent", "unsubscribe", "opened_negative"):
+            await wait_for_status(handles[role], lambda v: v.phase == "waiting" and v.current_step == "intro")
+        for role in ("bounce", "failure", "suppressed"):
+            await wait_for_status(handles[role], lambda v: v.status != EnrollmentStatus.ACTIVE)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://webhooks.test") as http:
+                token = _pixel_token(smtp_server.parsed(), "opened_negative@lead.test")
+                for _ in range(2):  # a second load of the pixel is the same open
+                    assert (await http.get(f"/o/{token}")).status_code == 200
+        assert await _reply(processor, "positive@lead.test", "Yes, let's talk. Does Thursday work?") == "positive"
+        assert await _reply(processor, "unsubscribe@lead.test", "Please remove me from your list.") == ("unsubscribe")
+        assert await _reply(processor, "opened_negative@lead.test", "Not interested, thanks.") == "negative"
+        await temporal_env.sleep(timedelta(days=5))  # past every timer of version 1
+        outcomes = {role: (await h.result()).status for role, h in handles.items()}
+        assert outcomes == {
+            "positive": EnrollmentStatus.COMPLETED,  # the REPLIED edge leads to the end
+            "bounce": EnrollmentStatus.FAILED,
+            "failure": EnrollmentStatus.FAILED,
+            "silent": EnrollmentStatus.COMPLETED,
+            "unsubscribe": EnrollmentStatus.UNSUBSCRIBED,
+            "suppressed": EnrollmentStatus.SUPPRESSED,
+            "opened_negative": EnrollmentStatus.COMPLETED,
+        }
 
-            # ---- version 2: an uncertain send that then times out, and a lead still waiting
-            ref2, defn2 = await store_version(sf, _sequence(name, subject="Hey", follow_up=False))
-            assert ref2.version == 2
-            uncertain = await make_person(sf, email="uncertain@lead.test", fields={"cohort": "v2a"})
-            waiting = await make_person(sf, email="waiting@lead.test", fields={"cohort": "v2b"})
-            await create_rule_segment(sf, "cohort-v2a", "cohort = 'v2a'")
-            await create_rule_segment(sf, "cohort-v2b", "cohort = 'v2b'")
-            crash.armed = True
-            await _enroll_segment(client, task_queue, name, "cohort-v2a")
-            uncertain_handle = _enrollment(client, workflow_id_for(name, uncertain))
-            await temporal_env.sleep(timedelta(days=3))  # past the retry after the crash, and its NOT_REPLIED timer
-            assert (await uncertain_handle.result()).status == EnrollmentStatus.COMPLETED
-            assert crash.fired == 1
-            await _enroll_segment(client, task_queue, name, "cohort-v2b")
-            waiting_handle = _enrollment(client, workflow_id_for(name, waiting))
-            await wait_for_status(waiting_handle, lambda v: v.phase == "waiting" and v.last_delivery_status == "sent")
+        # ---- version 2: an uncertain send that then times out, and a lead still waiting
+        ref2, defn2 = await store_version(sf, _sequence(name, subject="Hey", follow_up=False))
+        assert ref2.version == 2
+        uncertain = await make_person(sf, email="uncertain@lead.test", fields={"cohort": "v2a"})
+        waiting = await make_person(sf, email="waiting@lead.test", fields={"cohort": "v2b"})
+        await create_rule_segment(sf, "cohort-v2a", "cohort = 'v2a'")
+        await create_rule_segment(sf, "cohort-v2b", "cohort = 'v2b'")
+        crash.armed = True
+        await _enroll_segment(client, task_queue, name, "cohort-v2a")
+        uncertain_handle = _enrollment(client, workflow_id_for(name, uncertain))
+        await temporal_env.sleep(timedelta(days=3))  # past the retry after the crash, and its NOT_REPLIED timer
+        assert (await uncertain_handle.result()).status == EnrollmentStatus.COMPLETED
+        assert crash.fired == 1
+        await _enroll_segment(client, task_queue, name, "cohort-v2b")
+        waiting_handle = _enrollment(client, workflow_id_for(name, waiting))
+        await wait_for_status(waiting_handle, lambda v: v.phase == "waiting" and v.last_delivery_status == "sent")
 
-            stats = await sequence_stats(sf, name)
-            await waiting_handle.terminate(reason="test over")
-    finally:
-        await channels.aclose()
+        stats = await sequence_stats(sf, name)
+        await waiting_handle.terminate(reason="test over")
 
     # ---------------------------------------------------------------- the funnel
     va = {role: _variant(defn1, pid) for role, pid in v1.items()}

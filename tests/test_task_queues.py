@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,9 @@ from db.tables import Delivery
 from models.enrollment import EnrollmentStatus
 from models.task_queues import ALL_ROLES, channel_queue, parse_roles, role_queue
 from settings import Settings
-from tests.engine_harness import (
-    Channels,
-    all_senders,
-    make_channels,
-    make_person,
-    running_worker,
-    start_enrollment,
-    store_version,
-)
+from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
 from tests.eventually import eventually
-from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.fakes import X_TOKEN, FakeX
 from worker import main
 
 HISTORY = Path(__file__).parent / "histories" / "enrollment_channel_queues.json"
@@ -90,15 +81,9 @@ def _one_step(action: str, **content: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def slow_x_channels(smtp_server: Any, x_server: Any, relay_server: Any) -> AsyncIterator[Channels]:  # noqa: F811
-    """The test's channels, with an X client that waits long for a hanging X API."""
-    channels = make_channels(smtp_server, x_server, relay_server)
-    await channels.x.aclose()
-    channels.x = XChannel(make_x_client(x_server.base_url, x_server.token, timeout=300))
-    try:
-        yield channels
-    finally:
-        await channels.aclose()
+def slow_x(x_server: FakeX) -> XChannel:
+    """An X client that waits long for a hanging X API (the harness closes it with the worker)."""
+    return XChannel(make_x_client(x_server.base_url, X_TOKEN, timeout=300))
 
 
 async def _enroll(env: WorkflowEnvironment, sf: SessionFactory, q: str, raw: dict[str, Any], **person: Any) -> Any:
@@ -119,8 +104,9 @@ async def test_a_hanging_x_api_does_not_hold_back_email(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    slow_x_channels: Channels,
+    x_server: Any,
+    slow_x: XChannel,
+    wired: Wired,
 ) -> None:
     sf = session_factory
     await all_senders(sf)
@@ -129,9 +115,7 @@ async def test_a_hanging_x_api_does_not_hold_back_email(
     x_server.hang_next(times=3)
     x_people = [await make_person(sf, x=str(1000 + i)) for i in range(3)]
     email_people = [await make_person(sf, email=f"lead{i}-{uuid.uuid4().hex[:6]}@lead.test") for i in range(4)]
-    async with running_worker(
-        temporal_env.client, task_queue, sf, slow_x_channels, touch_cap=1, max_concurrent_activities=2
-    ):
+    async with wired(channels={"x": slow_x}, touch_cap=1, max_concurrent_activities=2):
         x_handles = await _enroll(temporal_env, sf, task_queue, _one_step("FOLLOW_ON_TWITTER"), people=x_people)
         await eventually(lambda: len(x_server.requests) >= 2, "two X follows to hang at the X API")
         emails = _one_step("SEND_EMAIL", subject="Hi {{ first_name }}", body="Hello")
@@ -178,30 +162,24 @@ async def test_a_worker_serves_only_its_queues(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
+    x_server: Any,
+    wired: Wired,
 ) -> None:
     sf = session_factory
     await all_senders(sf)
     x_lead = await make_person(sf, x="4242")
     email_lead = await make_person(sf, email=f"only-{uuid.uuid4().hex[:6]}@lead.test")
-    channels = make_channels(smtp_server, x_server, relay_server)
-    try:
-        async with running_worker(
-            temporal_env.client, task_queue, sf, channels, touch_cap=1, roles=("workflows", "email")
-        ):
-            (x_handle,) = await _enroll(temporal_env, sf, task_queue, _one_step("FOLLOW_ON_TWITTER"), people=[x_lead])
-            emails = _one_step("SEND_EMAIL", subject="Hi", body="Hello")
-            (email_handle,) = await _enroll(temporal_env, sf, task_queue, emails, people=[email_lead])
-            assert (await email_handle.result()).status == EnrollmentStatus.COMPLETED
-            pending = await eventually(lambda: _pending_deliver(x_handle), "the X follow to be scheduled")
-            # scheduled on the X queue, which nobody here polls: never picked up
-            assert pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
-            assert x_server.requests == []
-            assert len(smtp_server.messages) == 1
-            async with running_worker(temporal_env.client, task_queue, sf, channels, roles=("x",)):
-                assert (await x_handle.result()).status == EnrollmentStatus.COMPLETED
-        assert [r.path for r in x_server.requests] == ["/2/users/900/following"]
-        assert await _ledger(sf, "x") == ["sent"]
-    finally:
-        await channels.aclose()
+    async with wired(touch_cap=1, roles=("workflows", "email")):
+        (x_handle,) = await _enroll(temporal_env, sf, task_queue, _one_step("FOLLOW_ON_TWITTER"), people=[x_lead])
+        emails = _one_step("SEND_EMAIL", subject="Hi", body="Hello")
+        (email_handle,) = await _enroll(temporal_env, sf, task_queue, emails, people=[email_lead])
+        assert (await email_handle.result()).status == EnrollmentStatus.COMPLETED
+        pending = await eventually(lambda: _pending_deliver(x_handle), "the X follow to be scheduled")
+        # scheduled on the X queue, which nobody here polls: never picked up
+        assert pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
+        assert x_server.requests == []
+        assert len(smtp_server.messages) == 1
+        async with wired(roles=("x",)):
+            assert (await x_handle.result()).status == EnrollmentStatus.COMPLETED
+    assert [r.path for r in x_server.requests] == ["/2/users/900/following"]
+    assert await _ledger(sf, "x") == ["sent"]

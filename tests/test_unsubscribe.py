@@ -17,8 +17,7 @@ from db.tables import Enrollment, Identity, Suppression
 from models.enrollment import EnrollmentStatus
 from services.tokens import make_legacy_token, make_token
 from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
-from tests.fakes import relay_server, x_server  # noqa: F401
-from tests.test_webhooks import Hook, email_sequence, hook  # noqa: F401
+from tests.webhook_harness import Hook, email_sequence
 from workflows.enrollment import EnrollmentWorkflow
 
 ONE_CLICK = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -36,7 +35,7 @@ async def suppressions(h: Hook) -> list[Suppression]:
         return list((await s.execute(select(Suppression).order_by(Suppression.id))).scalars())
 
 
-async def test_get_shows_a_page_and_changes_nothing(hook: Hook) -> None:  # noqa: F811
+async def test_get_shows_a_page_and_changes_nothing(hook: Hook) -> None:
     pid = await hook.person(email="scanner@lead.test")
     handle = await hook.enroll(email_sequence(), pid)
     await hook.waiting_at(handle)
@@ -55,7 +54,7 @@ async def test_get_shows_a_page_and_changes_nothing(hook: Hook) -> None:  # noqa
     assert len(hook.smtp.messages) == 2
 
 
-async def test_one_click_post_suppresses_and_stops_before_the_next_send(hook: Hook) -> None:  # noqa: F811
+async def test_one_click_post_suppresses_and_stops_before_the_next_send(hook: Hook) -> None:
     pid = await hook.person(email="leaver@lead.test", x="5150")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
     await hook.waiting_at(handle)
@@ -79,7 +78,7 @@ async def test_one_click_post_suppresses_and_stops_before_the_next_send(hook: Ho
     assert len(await events_of(hook.sf, "unsubscribed")) == 1
 
 
-async def test_unsubscribe_holds_even_when_the_signal_cannot_stop_the_workflow(hook: Hook) -> None:  # noqa: F811
+async def test_unsubscribe_holds_even_when_the_signal_cannot_stop_the_workflow(hook: Hook) -> None:
     """The suppression, not the signal, guards the next send: here the app finds no active row to signal."""
     pid = await hook.person(email="paused@lead.test")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
@@ -98,7 +97,7 @@ async def test_unsubscribe_holds_even_when_the_signal_cannot_stop_the_workflow(h
     assert event.person_id == pid and event.enrollment_id is None
 
 
-async def test_forged_or_tampered_tokens_are_refused_with_a_page_and_write_nothing(hook: Hook) -> None:  # noqa: F811
+async def test_forged_or_tampered_tokens_are_refused_with_a_page_and_write_nothing(hook: Hook) -> None:
     pid = await hook.person(email="target@lead.test")
     handle = await hook.enroll(email_sequence(), pid)
     await hook.waiting_at(handle)
@@ -135,7 +134,7 @@ async def test_forged_or_tampered_tokens_are_refused_with_a_page_and_write_nothi
     await handle.terminate("test over")
 
 
-async def test_a_valid_link_for_a_deleted_person_writes_nothing(hook: Hook) -> None:  # noqa: F811
+async def test_a_valid_link_for_a_deleted_person_writes_nothing(hook: Hook) -> None:
     token = make_token(LINK_SECRET, "unsubscribe", {"p": 987654, "i": 1, "e": 1})
     resp = await hook.http.post(f"/u/{token}", content=b"List-Unsubscribe=One-Click", headers=ONE_CLICK)
     assert resp.status_code == 200  # nothing will ever be sent to them: that is what they asked
@@ -143,7 +142,7 @@ async def test_a_valid_link_for_a_deleted_person_writes_nothing(hook: Hook) -> N
     assert await events_of(hook.sf) == []
 
 
-async def test_a_bounce_suppresses_the_identity_and_the_next_email_is_not_sent(hook: Hook) -> None:  # noqa: F811
+async def test_a_bounce_suppresses_the_identity_and_the_next_email_is_not_sent(hook: Hook) -> None:
     pid = await hook.person(email="bouncy@lead.test", x="4242")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
     await hook.waiting_at(handle)
@@ -163,7 +162,7 @@ async def test_a_bounce_suppresses_the_identity_and_the_next_email_is_not_sent(h
     assert len(await events_of(hook.sf, "bounced")) == 2
 
 
-async def test_a_bounce_report_from_the_mailer_daemon_matches_by_message_id(hook: Hook) -> None:  # noqa: F811
+async def test_a_bounce_report_from_the_mailer_daemon_matches_by_message_id(hook: Hook) -> None:
     pid = await hook.person(email="gone@lead.test")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)
     await hook.waiting_at(handle)
@@ -184,7 +183,7 @@ async def test_a_bounce_report_from_the_mailer_daemon_matches_by_message_id(hook
     assert len(hook.smtp.messages) == 1
 
 
-async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: Hook) -> None:  # noqa: F811
+async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: Hook) -> None:
     pid = await hook.person(email="angry@lead.test", x="777")
     first = await hook.enroll(email_sequence(gap="1d", allow_concurrent=True), pid)
     second = await hook.enroll(email_sequence(gap="1d", allow_concurrent=True), pid)
@@ -200,7 +199,7 @@ async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: 
     assert len(await events_of(hook.sf, "unsubscribed")) == 2
 
 
-async def test_unsubscribe_on_one_channel_stops_the_others(hook: Hook) -> None:  # noqa: F811
+async def test_unsubscribe_on_one_channel_stops_the_others(hook: Hook) -> None:
     """An unsubscribe-intent DM on X ends the email sequence too (documented: the whole person)."""
     pid = await hook.person(email="quiet@lead.test", x="8080")
     handle = await hook.enroll(email_sequence(gap="1d"), pid)

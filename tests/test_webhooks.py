@@ -4,10 +4,8 @@
 test's event loop, with its lifespan: it makes its own engine on the test's PostgreSQL
 database and connects to the time-skipping Temporal server by address, as in production.
 The production worker (tests/engine_harness.py) runs the enrollment workflows, so signals
-really reach them; email goes to the aiosmtpd `smtp_server`.
-
-The shared harness (`Hook`, `hook`, `email_sequence`, `serve`) is imported by
-tests/test_inbound_flow.py and tests/test_unsubscribe.py.
+really reach them; email goes to the aiosmtpd `smtp_server`. The `hook` fixture and its
+helpers are tests/webhook_harness.py.
 """
 
 from __future__ import annotations
@@ -18,212 +16,35 @@ import json
 import re
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
-from pydantic import SecretStr
-from sqlalchemy import func, select
-from temporalio.client import WorkflowHandle
+from sqlalchemy import select
 from temporalio.testing import WorkflowEnvironment
 
-from db.session import SessionFactory
-from db.tables import Identity, InboundEvent, SenderAccount
+from db.tables import InboundEvent, SenderAccount
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from services.tokens import make_token
-from settings import Settings
 from tests.engine_harness import (
     LINK_SECRET,
-    all_senders,
     events_of,
-    make_channels,
-    make_person,
-    running_worker,
-    start_enrollment,
-    store_version,
     wait_for_status,
 )
-from tests.fakes import relay_server, x_server  # noqa: F401
+from tests.webhook_harness import (
+    WEBHOOK_SECRET,
+    Hook,
+    app_settings,
+    email_sequence,
+    serve,
+    signals_in_history,
+    signed,
+    temporal_address,
+)
 from webhooks import signature
 from webhooks.app import PIXEL, create_app
 from webhooks.signature import sign, sign_v1
-
-WEBHOOK_SECRET = "test-webhook-secret"  # not the link secret: each has its own key
-
-# --------------------------------------------------------------------------- harness
-
-
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn (lifespan on) on a free 127.0.0.1 port in this event loop."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(2000):  # readiness poll: the server sets `started` after the lifespan ran
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.005)
-        if not server.started:
-            if task.done():
-                task.result()
-            raise RuntimeError("the webhook app did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=15)
-        sock.close()
-
-
-def temporal_address(env: WorkflowEnvironment) -> str:
-    """host:port of the time-skipping server, for the app to connect to by itself."""
-    return env.client.service_client.config.target_host
-
-
-def app_settings(env: WorkflowEnvironment, database_url: str, **overrides: Any) -> Settings:
-    """Settings pointing the app at the test's database, Temporal server and link secret."""
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "temporal_address": temporal_address(env),
-        "webhook_secret": SecretStr(WEBHOOK_SECRET),
-        "link_secret": SecretStr(LINK_SECRET),  # the worker signs its links with it
-        "public_base_url": "https://links.acme.test",
-        "webhook_max_body_bytes": 4096,
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-def signed(
-    body: bytes, *, secret: str = WEBHOOK_SECRET, at: int | None = None, channel: str = "email"
-) -> dict[str, str]:
-    """The headers a provider sends."""
-    stamp = int(time.time()) if at is None else at
-    return {"X-Signature": sign(secret, body, stamp, channel=channel), "Content-Type": "application/json"}
-
-
-def email_sequence(gap: str = "2d", **extra: Any) -> dict[str, Any]:
-    """m0 (email) → REPLIED → done | NOT_REPLIED after `gap` → m1 (email) → END."""
-    return {
-        "name": extra.pop("name", f"hook-{uuid.uuid4().hex[:8]}"),
-        **extra,
-        "steps": [
-            {
-                "id": "m0",
-                "action": "SEND_EMAIL",
-                "subject": "Hello {{ first_name }}",
-                "body": "First mail",
-                "html": "<p>First mail</p>",
-                "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": gap, "to": "m1"}],
-            },
-            {
-                "id": "m1",
-                "action": "SEND_EMAIL",
-                "subject": "Again",
-                "body": "Second mail",
-                "edges": [{"trigger": "END"}],
-            },
-            {"id": "done", "action": "WAIT", "edges": [{"trigger": "END"}]},
-        ],
-    }
-
-
-@dataclass
-class Hook:
-    """A running webhook app, a running worker and the servers they talk to."""
-
-    http: httpx.AsyncClient
-    env: WorkflowEnvironment
-    sf: SessionFactory
-    task_queue: str
-    smtp: Any
-    base_url: str
-
-    async def post(
-        self,
-        channel: str,
-        payload: dict[str, Any] | bytes,
-        *,
-        secret: str = WEBHOOK_SECRET,
-        at: int | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        sent = signed(body, secret=secret, at=at, channel=channel) if headers is None else headers
-        return await self.http.post(f"/webhooks/{channel}", content=body, headers=sent)
-
-    async def person(self, **kw: Any) -> int:
-        kw.setdefault("email", f"{uuid.uuid4().hex[:10]}@lead.test")
-        return await make_person(self.sf, **kw)
-
-    async def add_identity(self, person_id: int, channel: str, value: str) -> None:
-        async with self.sf() as s, s.begin():
-            s.add(Identity(person_id=person_id, channel=channel, value=value))
-
-    async def enroll(self, raw: dict[str, Any], person_id: int) -> WorkflowHandle[Any, Any]:
-        ref, defn = await store_version(self.sf, raw)
-        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, person_id)
-
-    async def enroll_many(self, raw: dict[str, Any], people: list[int]) -> list[WorkflowHandle[Any, Any]]:
-        ref, defn = await store_version(self.sf, raw)
-        return [await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, p) for p in people]
-
-    async def waiting_at(self, handle: WorkflowHandle[Any, Any], step: str = "m0") -> Any:
-        return await wait_for_status(handle, lambda v: v.current_step == step and v.phase == "waiting")
-
-    async def count(self, model: Any, *where: Any) -> int:
-        async with self.sf() as s:
-            return int((await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one())
-
-    def mails_to(self, address: str) -> list[Any]:
-        return [m for m in self.smtp.parsed() if m["To"] == address]
-
-
-@pytest.fixture
-async def hook(
-    temporal_env: WorkflowEnvironment,
-    database_url: str,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,  # noqa: F811
-    relay_server: Any,  # noqa: F811
-) -> AsyncIterator[Hook]:
-    """The webhook app (own engine, own Temporal connection) plus the production worker."""
-    await all_senders(session_factory)
-    channels = make_channels(smtp_server, x_server, relay_server)
-    app = create_app(app_settings(temporal_env, database_url))
-    try:
-        async with (
-            running_worker(temporal_env.client, task_queue, session_factory, channels),
-            serve(app) as base,
-            httpx.AsyncClient(base_url=base, timeout=30) as http,
-        ):
-            yield Hook(http, temporal_env, session_factory, task_queue, smtp_server, base)
-    finally:
-        await channels.aclose()
-
-
-async def signals_in_history(handle: WorkflowHandle[Any, Any], name: str) -> int:
-    """How many times the workflow was signalled `name` (its history, not our bookkeeping)."""
-    history = await handle.fetch_history()
-    return sum(
-        1
-        for e in history.events
-        if e.HasField("workflow_execution_signaled_event_attributes")
-        and e.workflow_execution_signaled_event_attributes.signal_name == name
-    )
-
 
 # --------------------------------------------------------------------------- signatures
 

@@ -32,7 +32,7 @@ from tests.engine_harness import (
     store_version,
     wait_for_status,
 )
-from tests.fakes import FakeX, relay_server, x_server  # noqa: F401
+from tests.fakes import FakeX
 from webhooks.payload import InboundPayload
 
 X_SENDER = "900"  # the X sender account all_senders() creates
@@ -94,7 +94,7 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     x_server.add_user("Ada_L", "777000111")
@@ -140,7 +140,7 @@ async def test_a_second_sequence_uses_the_cached_id_and_an_id_wins_over_a_handle
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     x_server.add_user("grace_h", "4040")
@@ -164,7 +164,7 @@ async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     pid = await _person(session_factory, handle="ghost_h")  # X answers "Could not find user"
@@ -195,7 +195,7 @@ async def test_429_on_the_lookup_is_retried_after_the_reset(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     x_server.add_user("busy_h", "8080")
@@ -230,7 +230,7 @@ async def test_resolved_id_owned_by_another_person_is_reported_not_sent(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     owner = await _person(session_factory, x="5555")
@@ -269,7 +269,7 @@ async def test_crash_after_resolution_sends_once_without_a_second_lookup(
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
-    x_server: FakeX,  # noqa: F811
+    x_server: FakeX,
 ) -> None:
     await all_senders(session_factory)
     x_server.add_user("crash_h", "6060")
