@@ -170,7 +170,7 @@ def build_worker(
         deps.session_factory, margin=timedelta(seconds=deps.delivery.send_late_grace_seconds)
     )
     delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
-    sends: list[Callable[..., Any]] = [delivery.deliver]
+    sends: list[Callable[..., Any]] = [delivery.deliver, delivery.send_step]
     activity_kwargs = {k: v for k, v in worker_kwargs.items() if k not in _WORKFLOW_ONLY}
     workers = []
     for role in parse_roles(list(roles)):

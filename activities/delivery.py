@@ -60,6 +60,7 @@ from activities.channels.base import (
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
+from activities.records import write_event, write_finish
 from activities.send_gate import RESCHEDULE, activity_now, check_send_gate
 from db.events import append_event
 from db.session import SessionFactory
@@ -67,8 +68,11 @@ from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion
 from models.activities import (
     DeliverInput,
     DeliverOutput,
+    FinishInput,
     ReserveSlotInput,
     ReserveSlotOutput,
+    SendStepInput,
+    SendStepOutput,
 )
 from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
@@ -80,6 +84,18 @@ from services.secret_box import SecretBox, SecretKeyError
 from services.sender_breaker import BreakerConfig, describe, is_paused
 from services.templating import person_context, render_step
 from services.tokens import make_token
+
+
+@dataclass
+class _Ending:
+    """The enrollment's end, to record with an outcome that ends the walk (`send_step`)."""
+
+    finish: FinishInput
+    recorded: bool = False
+
+
+#: Set by `send_step` for its own task: the end `_finalize` records in the outcome's transaction.
+_ENDING: ContextVar[_Ending | None] = ContextVar("send_step_ending", default=None)
 
 #: Monotonic time at which this task's `deliver` attempt began (see `_accepted_at`).
 _ATTEMPT_T0: ContextVar[float | None] = ContextVar("deliver_attempt_t0", default=None)
@@ -104,6 +120,11 @@ def _accepted_at() -> datetime:
 
 
 FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
+#: Outcomes after which a step whose only edge is END ends the enrollment as completed.
+ENDS_THE_WALK = {"sent", "uncertain", "skipped"}
+#: `send_step` sends at once when its slot is at most this far off (it waits that long
+#: first); a later slot is the workflow's to wait for, on a durable timer.
+SEND_AT_ONCE = timedelta(seconds=2)
 
 
 @dataclass
@@ -156,11 +177,15 @@ class DeliveryActivities:
         self.channels = channels
         self.config = config
         self._fault = fault or (lambda point: None)
+        self._clicks: dict[int, bool | None] = {}  # click tracking per sequence version (immutable)
 
     # ------------------------------------------------------------------ slots
     @activity.defn(name="reserve_send_slot")
     async def reserve_send_slot(self, inp: ReserveSlotInput) -> ReserveSlotOutput:
         """Ask the channel's governor for a send time (idempotent per round)."""
+        return await self._reserve(inp)
+
+    async def _reserve(self, inp: ReserveSlotInput) -> ReserveSlotOutput:
         key = delivery_key(inp.ref.enrollment_id, inp.step_id, inp.attempt)
         try:
             reservation = await self.governor.reserve(
@@ -213,10 +238,54 @@ class DeliveryActivities:
             sender_id=reservation.sender_id, slot_at=reservation.slot_at, reason=reservation.reason
         )
 
+    # ------------------------------------------------------------------ send_step
+    @activity.defn(name="send_step")
+    async def send_step(self, inp: SendStepInput) -> SendStepOutput:
+        """Reserve the step's slot and, when it is due now, send at once: `deliver` without a second activity.
+
+        The reservation is `reserve_send_slot`'s (idempotent per round) and the send is
+        `deliver`'s, gate and ledger included, so a retry of this activity finds its slot and
+        its ledger row again. A slot later than `SEND_AT_ONCE` is returned for the workflow to
+        wait on with a durable timer. When the governor cannot answer now (every sender
+        paused, no slot within a year, the database away) nothing is sent and the workflow
+        asks through `reserve_send_slot`, whose retries wait as long as that takes.
+        """
+        async with _heartbeating():
+            try:
+                if inp.started is not None:
+                    async with self.session_factory() as session, session.begin():
+                        await write_event(session, inp.started)
+                slot = await self._reserve(inp.reserve)
+            except Exception as err:  # noqa: BLE001 - `reserve_send_slot` retries it as long as it takes
+                activity.logger.info("send_step %s: no slot now (%s); asking again", inp.reserve.step_id, err)
+                return SendStepOutput()
+            if slot.ended or slot.sender_id is None:
+                return SendStepOutput(slot=slot)
+            wait = (slot.slot_at - activity_now(inp.deliver.now)).total_seconds()
+            if wait > SEND_AT_ONCE.total_seconds():
+                return SendStepOutput(slot=slot)
+            if wait > 0:  # never before its slot
+                await asyncio.sleep(wait)
+            request = inp.deliver.model_copy(update={"sender_id": slot.sender_id, "slot_at": slot.slot_at})
+            ending = _Ending(inp.finish) if inp.finish is not None else None
+            _ENDING.set(ending)  # `_finalize` records the end in the outcome's transaction
+            out = await self._deliver_step(request)
+            if ending is None or out.status not in ENDS_THE_WALK:
+                return SendStepOutput(slot=slot, delivered=out)
+            if not ending.recorded:  # an outcome recorded before (a retry): the end on its own
+                async with self.session_factory() as session, session.begin():
+                    await write_finish(session, ending.finish)
+            return SendStepOutput(slot=slot, delivered=out, finished=True)
+
     # ------------------------------------------------------------------ deliver
     @activity.defn(name="deliver")
     async def deliver(self, inp: DeliverInput) -> DeliverOutput:
         """Perform the step's action through its channel, exactly once."""
+        async with _heartbeating():
+            return await self._deliver_step(inp)
+
+    async def _deliver_step(self, inp: DeliverInput) -> DeliverOutput:
+        """The moment-of-send gate, then the ledger and the channel (the caller heartbeats)."""
         step = inp.step
         channel = step.channel
         if channel is None:
@@ -229,18 +298,21 @@ class DeliveryActivities:
             return late
         me = _Owner.current("deliver")
         _ATTEMPT_T0.set(time.monotonic())
-        async with _heartbeating():
-            try:
-                return await self._deliver(inp, key, str(channel), me)
-            except _Lost as lost:
-                return await self._lost(key, me, lost)
-            except _Rescheduled as again:  # the sender is paused: a new round waits for it
-                return again.output
+        try:
+            return await self._deliver(inp, key, str(channel), me)
+        except _Lost as lost:
+            return await self._lost(key, me, lost)
+        except _Rescheduled as again:  # the sender is paused: a new round waits for it
+            return again.output
 
     async def _deliver(self, inp: DeliverInput, key: str, channel: str, me: _Owner) -> DeliverOutput:
         step = inp.step
         kind = Channel(channel)
-        delivery = await self._claim(inp, key, channel, me)
+        async with self.session_factory() as session, session.begin():
+            delivery = await self._claim_in(session, inp, key, channel, me)
+            # what the send needs, read in the claim's transaction when this attempt owns the row
+            ours = delivery.status == "claimed" and delivery.owner == me.token
+            found = await self._recipient(session, inp) if ours else None
         if delivery.status in FINAL:
             return self._output(delivery, duplicate=True)
         if delivery.status == "sending":  # an earlier attempt may have written to the provider
@@ -258,23 +330,8 @@ class DeliveryActivities:
         if delivery.owner != me.token:
             raise _Lost(f"attempt {delivery.owner_attempt} owns it")
         await self._hook("after_claim")
-
-        async with self.session_factory() as session:
-            person = await session.get(Person, inp.ref.person_id)
-            identities = list(
-                (await session.execute(select(Identity).where(Identity.person_id == inp.ref.person_id))).scalars()
-            )
-            sender = await session.get(SenderAccount, inp.sender_id) if inp.sender_id else None
-            suppressions = list(
-                (
-                    await session.execute(
-                        select(Suppression).where(
-                            (Suppression.person_id == inp.ref.person_id)
-                            | Suppression.identity_id.in_([i.id for i in identities] or [-1])
-                        )
-                    )
-                ).scalars()
-            )
+        assert found is not None  # read above: this attempt owns the row
+        person, identities, sender, suppressions = found
         if person is None:
             return await self._finalize(inp, delivery, "failed", error="unknown person")
         target = next((i for i in identities if i.channel == target_kind(kind)), None)
@@ -393,14 +450,9 @@ class DeliveryActivities:
             return await self._finalize(inp, delivery, "uncertain", error=str(err), expect=("claimed", "sending"))
         await self._hook("after_send")
         delivery.message_id = message.message_id
-        out = await self._finalize(
+        return await self._finalize(
             inp, delivery, "sent", provider_message_id=result.provider_message_id, expect=("sending",)
         )
-        if inp.sender_id is not None:
-            async with self.session_factory() as session, session.begin():
-                if await sender_breaker.record_success(session, inp.sender_id, _now(inp)):
-                    activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
-        return out
 
     async def _sender_refused(
         self, inp: DeliverInput, delivery: Delivery, me: _Owner, err: SenderConfigError
@@ -627,6 +679,13 @@ class DeliveryActivities:
         over; one held by a newer attempt is not (the caller finds `owner` is not `me`).
         """
         async with self.session_factory() as session, session.begin():
+            return await self._claim_in(session, inp, key, channel, me, take_over=take_over)
+
+    async def _claim_in(
+        self, session: AsyncSession, inp: DeliverInput, key: str, channel: str, me: _Owner, *, take_over: bool = True
+    ) -> Delivery:
+        """`_claim` inside the caller's transaction (a new row costs one statement: its INSERT returns it)."""
+        inserted = (
             await session.execute(
                 insert(Delivery)
                 .values(
@@ -643,23 +702,49 @@ class DeliveryActivities:
                     owner_attempt=me.attempt,
                 )
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
+                .returning(Delivery)
             )
-            delivery = (
-                await session.execute(select(Delivery).where(Delivery.idempotency_key == key).with_for_update())
-            ).scalar_one()
-            if (
-                take_over
-                and delivery.status == "claimed"
-                and delivery.owner != me.token
-                and (delivery.owner is None or delivery.owner_attempt < me.attempt)
-            ):
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id == delivery.id)
-                    .values(owner=me.token, owner_attempt=me.attempt, sender_id=inp.sender_id)
-                )
-                delivery.owner, delivery.owner_attempt = me.token, me.attempt
+        ).scalar_one_or_none()
+        if inserted is not None:  # new: claimed by `me`
+            return inserted
+        delivery = (
+            await session.execute(select(Delivery).where(Delivery.idempotency_key == key).with_for_update())
+        ).scalar_one()
+        if (
+            take_over
+            and delivery.status == "claimed"
+            and delivery.owner != me.token
+            and (delivery.owner is None or delivery.owner_attempt < me.attempt)
+        ):
+            await session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.id)
+                .values(owner=me.token, owner_attempt=me.attempt, sender_id=inp.sender_id)
+            )
+            delivery.owner, delivery.owner_attempt = me.token, me.attempt
         return delivery
+
+    @staticmethod
+    async def _recipient(
+        session: AsyncSession, inp: DeliverInput
+    ) -> tuple[Person | None, list[Identity], SenderAccount | None, list[Suppression]]:
+        """The person, their identities, the sender account and the suppressions that apply."""
+        person = await session.get(Person, inp.ref.person_id)
+        identities = list(
+            (await session.execute(select(Identity).where(Identity.person_id == inp.ref.person_id))).scalars()
+        )
+        sender = await session.get(SenderAccount, inp.sender_id) if inp.sender_id else None
+        suppressions = list(
+            (
+                await session.execute(
+                    select(Suppression).where(
+                        (Suppression.person_id == inp.ref.person_id)
+                        | Suppression.identity_id.in_([i.id for i in identities] or [-1])
+                    )
+                )
+            ).scalars()
+        )
+        return person, identities, sender, suppressions
 
     def _message(
         self,
@@ -742,13 +827,18 @@ class DeliveryActivities:
     async def _click_tracking(self, inp: DeliverInput) -> bool | None:
         """None when the sequence does not track clicks, else whether text links are tracked too.
 
-        Read from the stored version (immutable), so the workflow's input needs no new field.
+        Read from the stored version (immutable: read once per process), so the workflow's input
+        needs no new field.
         """
+        version_id = inp.ref.sequence.version_id
+        if version_id not in self._clicks:
+            self._clicks[version_id] = await self._read_click_tracking(version_id)
+        return self._clicks[version_id]
+
+    async def _read_click_tracking(self, version_id: int) -> bool | None:
         async with self.session_factory() as session:
             definition = (
-                await session.execute(
-                    select(SequenceVersion.definition).where(SequenceVersion.id == inp.ref.sequence.version_id)
-                )
+                await session.execute(select(SequenceVersion.definition).where(SequenceVersion.id == version_id))
             ).scalar_one_or_none()
         if not isinstance(definition, dict) or not definition.get("track_clicks"):
             return None
@@ -816,6 +906,13 @@ class DeliveryActivities:
             )
             if not won:
                 raise _Lost(f"could not record {status}: the row moved on")
+            ending = _ENDING.get()
+            if ending is not None and status in ENDS_THE_WALK:
+                await write_finish(session, ending.finish)
+                ending.recorded = True
+            if status == "sent" and inp.sender_id is not None:  # the breaker: a send went through
+                if await sender_breaker.record_success(session, inp.sender_id, _now(inp)):
+                    activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
             if bounce_identity is not None:
                 session.add(
                     Suppression(

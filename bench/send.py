@@ -34,6 +34,8 @@ async def hand_written(stack: Stack, n: int) -> float:
 
     from activities.channels.email import SmtpPool
     from bench.baselines import HandSenderWorkflow
+    from settings import Settings
+    from worker import WORKFLOW_RUNNER
 
     pool = SmtpPool(stack.sink.host, stack.sink.port, size=8)
 
@@ -46,11 +48,13 @@ async def hand_written(stack: Stack, n: int) -> float:
 
     q = f"hand-{uuid.uuid4().hex[:6]}"
     client = stack.env.client
-    async with Worker(
+    async with Worker(  # tuned as the engine's worker is (bench/common.py: engine_worker)
         client,
         task_queue=q,
         workflows=[HandSenderWorkflow],
         activities=[send_email],
+        workflow_runner=WORKFLOW_RUNNER,
+        max_cached_workflows=Settings().worker_max_cached_workflows,
         max_concurrent_activities=200,
         max_concurrent_workflow_tasks=200,
     ):

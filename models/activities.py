@@ -125,6 +125,35 @@ class FinishOutput(BaseModel):
     ok: bool = True
 
 
+class SendStepInput(BaseModel):
+    """Reserve the step's slot and, when it is due now, send at once: one activity, not two.
+
+    `deliver` is the send as `deliver` would get it (its `sender_id` and `slot_at` are filled
+    from the slot). `started`: the step's `step_started` event, written first (idempotent by
+    its key). `finish`: the enrollment's end, recorded with the outcome when the outcome ends
+    the walk (`sent`, `uncertain`, `skipped` on a step whose only edge is END).
+    """
+
+    reserve: ReserveSlotInput
+    deliver: DeliverInput
+    started: RecordEventInput | None = None
+    finish: FinishInput | None = None
+
+
+class SendStepOutput(BaseModel):
+    """The slot, and the send's outcome when it went at once.
+
+    `slot` None: the governor could not answer now (no sender unpaused, no slot within a year):
+    the workflow asks through `reserve_send_slot`, which retries for as long as it takes.
+    `delivered` None: the slot is later; the workflow waits for it and calls `deliver`.
+    `finished`: `finish` was recorded.
+    """
+
+    slot: ReserveSlotOutput | None = None
+    delivered: DeliverOutput | None = None
+    finished: bool = False
+
+
 class EnrollPageInput(BaseModel):
     """Start enrollments for up to `pages` pages of `limit` people, after a person id cursor."""
 

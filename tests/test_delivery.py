@@ -347,7 +347,7 @@ async def test_deliver_heartbeats_and_retries_connection_errors_within_seconds(
         e.activity_task_scheduled_event_attributes
         for e in history.events
         if e.HasField("activity_task_scheduled_event_attributes")
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "deliver"
+        and e.activity_task_scheduled_event_attributes.activity_type.name in ("deliver", "send_step")
     ]
     # a dead worker's send moves after seconds, and a refused connection is retried after one
     assert scheduled.heartbeat_timeout.ToTimedelta() == timedelta(seconds=10)

@@ -153,7 +153,8 @@ async def _identity_values(sf: SessionFactory, person_id: int) -> list[str]:
 
 async def _pending_deliver(handle: WorkflowHandle[Any, Any]) -> Any:
     desc = await handle.describe()
-    pending = [a for a in desc.raw_description.pending_activities if a.activity_type.name == "deliver"]
+    sends = ("deliver", "send_step")  # `send_step`: the slot and the send in one activity (patch send-step)
+    pending = [a for a in desc.raw_description.pending_activities if a.activity_type.name in sends]
     return pending[0] if pending else None
 
 

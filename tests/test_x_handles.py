@@ -210,8 +210,9 @@ async def test_429_on_the_lookup_is_retried_after_the_reset(
     [delivery] = await _deliveries(session_factory)
     assert delivery.status == "sent" and delivery.attempts_made == 1
     history = await handle.fetch_history()
+    sends = ("deliver", "send_step")  # send_step: the slot and the send in one activity (patch send-step)
     scheduled = next(e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")
-                     and e.activity_task_scheduled_event_attributes.activity_type.name == "deliver")  # fmt: skip
+                     and e.activity_task_scheduled_event_attributes.activity_type.name in sends)  # fmt: skip
     started = next(
         e
         for e in history.events

@@ -22,6 +22,8 @@ with workflow.unsafe.imports_passed_through():
         RecordEventInput,
         ReserveSlotInput,
         ReserveSlotOutput,
+        SendStepInput,
+        SendStepOutput,
     )
     from models.sequence import Channel
     from models.task_queues import channel_queue
@@ -37,6 +39,7 @@ __all__ = [
     "give_up_delivery",
     "record_event",
     "reserve_send_slot",
+    "send_step",
 ]
 
 #: Bookkeeping (events, slots, the end): quick retries, forever.
@@ -88,8 +91,19 @@ def channel_task_queue(channel: Channel | str | None) -> dict[str, Any]:
     return {"task_queue": channel_queue(workflow.info().task_queue, channel)}
 
 
+#: Since this patch a step's reservation and its send are one activity (`send_step`) when the
+#: slot is due at once, the step's events are written by it, and the bookkeeping activities
+#: (events, the end) run as local activities: no server round trip of their own.
+SEND_STEP_PATCH = "send-step"
+
+
 async def record_event(inp: RecordEventInput) -> None:
-    """Append one event to the log (deduplicated by its key)."""
+    """Append one event to the log (deduplicated by its key); a local activity since patch `send-step`."""
+    if workflow.patched(SEND_STEP_PATCH):
+        await workflow.execute_local_activity(
+            "record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
+        )
+        return
     await workflow.execute_activity("record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
 
 
@@ -116,6 +130,19 @@ async def deliver(inp: DeliverInput) -> DeliverOutput:
     )
 
 
+async def send_step(inp: SendStepInput) -> SendStepOutput:
+    """The slot and, when it is due now, the send (`deliver`'s options and channel queue)."""
+    return await workflow.execute_activity(
+        "send_step",
+        inp,
+        result_type=SendStepOutput,
+        start_to_close_timeout=DELIVER_TIMEOUT,
+        heartbeat_timeout=DELIVER_HEARTBEAT_TIMEOUT,
+        retry_policy=SEND_RETRY_FAST,
+        **channel_task_queue(inp.deliver.step.channel),
+    )
+
+
 async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
     """The dead letter: the ledger row ends failed (uncertain if it was sending)."""
     return await workflow.execute_activity(
@@ -128,7 +155,12 @@ async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
 
 
 async def finish_enrollment(inp: FinishInput) -> None:
-    """Record the end in the enrollments table and the event log."""
+    """Record the end in the enrollments table and the event log; a local activity since patch `send-step`."""
+    if workflow.patched(SEND_STEP_PATCH):
+        await workflow.execute_local_activity(
+            "finish_enrollment", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
+        )
+        return
     await workflow.execute_activity(
         "finish_enrollment", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
     )

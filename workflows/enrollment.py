@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from models.activities import EnrollmentRef, FinishInput
+    from models.activities import EnrollmentRef, RecordEventInput
     from models.enrollment import (
         ControlSignal,
         EnrollmentInput,
@@ -94,6 +94,8 @@ class EnrollmentWorkflow(Sending):
         self.waiting_for: list[str] = []
         self.until: datetime | None = None
         self.last_delivery_status: str | None = None
+        self.started_event: RecordEventInput | None = None
+        self.end_recorded = False
         self.tz = zone(inp.person_timezone, inp.definition.timezone)
         self.ref = EnrollmentRef(
             enrollment_id=inp.enrollment_id,
@@ -257,7 +259,11 @@ class EnrollmentWorkflow(Sending):
         self.state.reached_via = via
         if visit == 1 and step.id == self.defn.first_step.id and self.inp.first_step_recorded:
             return  # the enrolling activity logged it with the enrollment, in bulk
-        await self._record("step_started", step, action=str(step.action), visit=visit, via=via)
+        started = self._event("step_started", step, action=str(step.action), visit=visit, via=via)
+        if step.channel is not None and workflow.patched(calls.SEND_STEP_PATCH):
+            self.started_event = started  # written by the send (or before the send waits)
+            return
+        await calls.record_event(started)
 
     def _leave(self, edge: Edge | None) -> None:
         if self.state.path:
@@ -317,14 +323,9 @@ class EnrollmentWorkflow(Sending):
         self.waiting_for = []
         self.until = None
         self._upsert()
-        await calls.finish_enrollment(
-            FinishInput(
-                ref=self.ref,
-                status=str(end.status),
-                last_step=self.state.current_step,
-                reason=end.reason,
-            )
-        )
+        await self._record_started()  # a step that ended before its send still logs that it started
+        if not (self.end_recorded and end.status == EnrollmentStatus.COMPLETED):  # else `send_step` did
+            await calls.finish_enrollment(self._end_input(end.status, end.reason))
         await workflow.wait_condition(workflow.all_handlers_finished)
         return EnrollmentResult(
             status=end.status,

@@ -18,7 +18,7 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 
 with workflow.unsafe.imports_passed_through():
-    from models.activities import EnrollmentRef, RecordEventInput
+    from models.activities import EnrollmentRef, FinishInput, RecordEventInput
     from models.enrollment import (
         EnrollmentInput,
         EnrollmentState,
@@ -60,6 +60,10 @@ class EnrollmentCore:
     last_delivery_status: str | None
     tz: ZoneInfo
     ref: EnrollmentRef
+    #: The step's `step_started`, held to be written by `send_step` with the send (patch `send-step`).
+    started_event: RecordEventInput | None
+    #: `send_step` recorded the enrollment's end with the send: `_finish` need not.
+    end_recorded: bool
 
     def _woken(self, seen: int, also: Callable[[], bool] | None = None) -> Callable[[], bool]:
         """A wait condition: stop/unsubscribe, a pause, a new event since `seen` (or `also`)."""
@@ -103,22 +107,33 @@ class EnrollmentCore:
         if updates:
             workflow.upsert_search_attributes(updates)
 
-    async def _record(self, type_: str, step: Step | None, **data: object) -> None:
-        variant = self.state.variants.get(step.id) if step else None
+    def _event(self, type_: str, step: Step | None, **data: object) -> RecordEventInput:
+        """An event of this enrollment at the workflow's now, keyed by step and visit (logged once)."""
         visit = self.state.visits.get(step.id, 0) if step else 0
-        await calls.record_event(
-            RecordEventInput(
-                ref=self.ref,
-                type=type_,
-                step_id=step.id if step else None,
-                variant=variant,
-                channel=str(step.channel) if step and step.channel else None,
-                occurred_at=workflow.now(),
-                data=dict(data),
-                dedup_key=f"{self.ref.enrollment_id}:{type_}:{step.id if step else ''}:{visit}",
-                current_step=self.state.current_step,
-            )
+        return RecordEventInput(
+            ref=self.ref,
+            type=type_,
+            step_id=step.id if step else None,
+            variant=self.state.variants.get(step.id) if step else None,
+            channel=str(step.channel) if step and step.channel else None,
+            occurred_at=workflow.now(),
+            data=dict(data),
+            dedup_key=f"{self.ref.enrollment_id}:{type_}:{step.id if step else ''}:{visit}",
+            current_step=self.state.current_step,
         )
+
+    def _end_input(self, status: EnrollmentStatus, reason: str) -> FinishInput:
+        """How the enrollment ended, for its row and the event log."""
+        return FinishInput(ref=self.ref, status=str(status), last_step=self.state.current_step, reason=reason)
+
+    async def _record(self, type_: str, step: Step | None, **data: object) -> None:
+        await calls.record_event(self._event(type_, step, **data))
+
+    async def _record_started(self) -> None:
+        """Write the step's `step_started` if it is still held for the send (see `Sending`)."""
+        event, self.started_event = self.started_event, None
+        if event is not None:
+            await calls.record_event(event)
 
     async def _hold_while_paused(self) -> None:
         if self.state.paused:

@@ -17,10 +17,17 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from models.activities import DeliverInput, DeliverOutput, ReserveSlotInput, ReserveSlotOutput
+    from models.activities import (
+        DeliverInput,
+        DeliverOutput,
+        ReserveSlotInput,
+        ReserveSlotOutput,
+        SendStepInput,
+        SendStepOutput,
+    )
     from models.enrollment import EnrollmentStatus, Phase
     from models.schedule import as_aware, earliest_action_time
-    from models.sequence import Action, Channel, Step
+    from models.sequence import Action, Channel, Step, Trigger
     from workflows import activity_calls as calls
     from workflows.enrollment_core import EnrollmentCore, Terminal
 
@@ -62,8 +69,8 @@ class Sending(EnrollmentCore):
         failing_since: datetime | None = None
         failing_rounds = 0
         while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
-            slot, round_ = await self._book_slot(step, channel, desired, attempt, round_, replan)
-            out = await self._send(step, slot, attempt, round_)
+            slot, round_, sent = await self._book_slot(step, channel, desired, attempt, round_, replan)
+            out = sent or await self._send(step, slot, attempt, round_)
             if out.status != RESCHEDULE:
                 break
             failing_since = (failing_since or workflow.now()) if out.failed_attempts else None
@@ -94,35 +101,41 @@ class Sending(EnrollmentCore):
 
     async def _book_slot(
         self, step: Step, channel: Channel, desired: datetime, attempt: int, round_: int, replan: bool
-    ) -> tuple[ReserveSlotOutput, int]:
-        """Wait for the send's time, reserve a slot and wait for it; the slot and its round."""
+    ) -> tuple[ReserveSlotOutput, int, DeliverOutput | None]:
+        """Wait for the send's time, reserve a slot and wait for it; the slot, its round and,
+        when `send_step` sent at once (patch `send-step`), the outcome."""
         response = self.state.reached_via is not None
+        at_once = workflow.patched(calls.SEND_STEP_PATCH)
         while True:
             if replan and self.state.not_before is not None:
                 desired = max(desired, self.state.not_before)
             when = earliest_action_time(desired, self.defn.send_window, self.defn.timeline, self.tz)
             if when is None:
                 raise Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
+            if when > workflow.now() or self.state.paused:  # it waits first: log that it started now
+                await self._record_started()
             if not await self._sleep_until(when, Phase.SCHEDULED, step, replan=replan):
                 continue
-            slot = await calls.reserve_send_slot(
-                ReserveSlotInput(
-                    ref=self.ref,
-                    step_id=step.id,
-                    attempt=attempt,
-                    round=round_,
-                    action=str(step.action),
-                    channel=str(channel),
-                    now=workflow.now(),
-                    not_before=when,
-                    preferred_sender_id=self.state.senders.get(str(channel)),
-                    allowed_senders=list(self.defn.senders.get(channel, [])),
-                    send_window=self.defn.send_window,
-                    timeline=self.defn.timeline,
-                    timezone=self.tz.key,
-                    response=response,
-                )
+            request = ReserveSlotInput(
+                ref=self.ref,
+                step_id=step.id,
+                attempt=attempt,
+                round=round_,
+                action=str(step.action),
+                channel=str(channel),
+                now=workflow.now(),
+                not_before=when,
+                preferred_sender_id=self.state.senders.get(str(channel)),
+                allowed_senders=list(self.defn.senders.get(channel, [])),
+                send_window=self.defn.send_window,
+                timeline=self.defn.timeline,
+                timezone=self.tz.key,
+                response=response,
             )
+            found = await self._send_at_once(step, request) if at_once else None
+            if found is not None and found.slot is not None and found.delivered is not None:
+                return found.slot, round_, found.delivered
+            slot = (found.slot if found else None) or await calls.reserve_send_slot(request)
             if slot.ended:
                 raise Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended before a send slot")
             if slot.sender_id is None:
@@ -134,11 +147,67 @@ class Sending(EnrollmentCore):
                 continue
             again = earliest_action_time(slot.slot_at, self.defn.send_window, self.defn.timeline, self.tz)
             if again == slot.slot_at:
-                return slot, round_
+                return slot, round_, None
             if again is None:
                 raise Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended")
             desired = again  # the slot fell outside the window: ask again from its opening
             round_ += 1
+
+    async def _send_at_once(self, step: Step, request: ReserveSlotInput) -> SendStepOutput:
+        """`send_step`: the slot and, when it is due now, the send in the same activity.
+
+        It also writes the step's held `step_started`, and records the enrollment's end with a
+        send after which the walk ends (the step's only edge is END). A slot that is later comes
+        back for the durable wait; nothing booked (`slot` None) falls back to `reserve_send_slot`.
+        """
+        self.state.not_before = None  # as `_send` does: this send is planned past it
+        self.phase = Phase.SENDING
+        self.waiting_for = []
+        self.until = None
+        ends = not step.edges or any(e.trigger == Trigger.END for e in step.edges)
+        started, self.started_event = self.started_event, None
+        work = SendStepInput(
+            reserve=request,
+            deliver=self._deliver_input(step, request.attempt, None, None, request.round),
+            started=started,
+            finish=self._end_input(EnrollmentStatus.COMPLETED, "reached END") if ends else None,
+        )
+        try:
+            found = await calls.send_step(work)
+        except ActivityError as err:  # its retries ran out: the dead letter, as for `deliver`
+            self.started_event = started
+            await self._record_started()
+            out = await self._give_up(step, request.attempt, request.preferred_sender_id, str(err.cause or err))
+            return SendStepOutput(slot=ReserveSlotOutput(sender_id=None, slot_at=request.now), delivered=out)
+        if found.slot is None:  # nothing done: the started event too is written here
+            self.started_event = started
+            await self._record_started()
+        elif found.slot.sender_id is not None:
+            self.state.senders[request.channel] = found.slot.sender_id
+        self.end_recorded = found.finished
+        return found
+
+    def _deliver_input(
+        self, step: Step, attempt: int, sender_id: int | None, slot_at: datetime | None, round_: int
+    ) -> DeliverInput:
+        """`deliver`'s request for this step (`slot_at` and `round` for the moment-of-send gate)."""
+        request = DeliverInput(
+            ref=self.ref,
+            step=step,
+            attempt=attempt,
+            sender_id=sender_id,
+            variant=self.state.variants.get(step.id),
+            thread_message_ids=list(self.state.thread_message_ids),
+            track_opens=self.defn.track_opens,
+            now=workflow.now(),
+        )
+        if workflow.patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
+            request.slot_at = slot_at
+            request.send_window = self.defn.send_window
+            request.timeline = self.defn.timeline
+            request.timezone = self.tz.key
+            request.round = round_
+        return request
 
     async def _send(self, step: Step, slot: ReserveSlotOutput, attempt: int, round_: int) -> DeliverOutput:
         """Send at the slot (through the ledger); the outcome, or `reschedule` from the send gate."""
@@ -163,22 +232,7 @@ class Sending(EnrollmentCore):
         minute (a durable timer; pause and stop still apply) and asks again, as long as it takes.
         """
         while True:
-            request = DeliverInput(
-                ref=self.ref,
-                step=step,
-                attempt=attempt,
-                sender_id=sender_id,
-                variant=self.state.variants.get(step.id),
-                thread_message_ids=list(self.state.thread_message_ids),
-                track_opens=self.defn.track_opens,
-                now=workflow.now(),
-            )
-            if workflow.patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
-                request.slot_at = slot.slot_at
-                request.send_window = self.defn.send_window
-                request.timeline = self.defn.timeline
-                request.timezone = self.tz.key
-                request.round = round_
+            request = self._deliver_input(step, attempt, sender_id, slot.slot_at, round_)
             try:
                 return await calls.deliver(request)
             except ActivityError as err:

@@ -33,6 +33,8 @@ from models.activities import (
     RecordEventOutput,
     ReserveSlotInput,
     ReserveSlotOutput,
+    SendStepInput,
+    SendStepOutput,
 )
 from models.enrollment import (
     AudienceInput,
@@ -107,6 +109,19 @@ async def deliver(inp: DeliverInput) -> DeliverOutput:
     return DeliverOutput(status="sent", delivery_id=1, message_id=f"<{inp.step.id}@replay.test>")
 
 
+@activity.defn(name="send_step")
+async def send_step(inp: SendStepInput) -> SendStepOutput:
+    """Since patch send-step: the slot 2 minutes on (the workflow waits, then `deliver`), except
+    for the `replay-send-step` leads, whose slot is now and whose send goes at once (but the
+    demo's email step, which comes back for the durable wait)."""
+    at_once = inp.reserve.ref.workflow_id.startswith("replay-send-step") and inp.reserve.step_id != "email"
+    if not at_once:
+        return SendStepOutput(slot=await reserve_send_slot(inp.reserve))
+    slot = ReserveSlotOutput(sender_id=1, slot_at=inp.reserve.now)
+    out = await deliver(inp.deliver.model_copy(update={"sender_id": 1, "slot_at": slot.slot_at}))
+    return SendStepOutput(slot=slot, delivered=out, finished=inp.finish is not None)
+
+
 @activity.defn(name="give_up_delivery")
 async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
     return DeliverOutput(status="failed")
@@ -118,13 +133,30 @@ async def enroll_page(inp: EnrollPageInput) -> EnrollPageOutput:
     return EnrollPageOutput(next_after=nxt if nxt < 30 else None, started=inp.limit, total=30)
 
 
-def _input(person: int, max_steps: int = 500) -> EnrollmentInput:
+#: Two emails an hour apart, no send window: both sent at once by `send_step`, the second
+#: one recording the end with its send.
+TWO_EMAILS = {
+    "name": "replay-two",
+    "steps": [
+        {
+            "id": "mail1",
+            "action": "SEND_EMAIL",
+            "subject": "Hi",
+            "body": "a",
+            "edges": [{"trigger": "NORMAL_EDGE", "after": "1h", "to": "mail2"}],
+        },
+        {"id": "mail2", "action": "SEND_EMAIL", "subject": "Again", "body": "b", "edges": [{"trigger": "END"}]},
+    ],
+}
+
+
+def _input(person: int, max_steps: int = 500, sequence: dict[str, Any] = SEQUENCE) -> EnrollmentInput:
     return EnrollmentInput(
         enrollment_id=person,
         person_id=person,
         person_timezone="Europe/Berlin",
-        sequence=SequenceRef(sequence_id=1, sequence_name="replay-demo", version_id=1, version=1),
-        definition=validate_definition(SEQUENCE),
+        sequence=SequenceRef(sequence_id=1, sequence_name=sequence["name"], version_id=1, version=1),
+        definition=validate_definition(sequence),
         max_steps_per_run=max_steps,
     )
 
@@ -153,7 +185,9 @@ async def main(only: set[str] | None = None) -> None:
     await register_search_attributes(env.client)
     acts: list[Any] = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
     # since patch deliver-channel-queue each channel's sends run on their own queue
-    sends = [Worker(env.client, task_queue=channel_queue("replay", c), activities=[deliver]) for c in Channel]
+    sends = [
+        Worker(env.client, task_queue=channel_queue("replay", c), activities=[deliver, send_step]) for c in Channel
+    ]
     async with (
         Worker(env.client, task_queue="replay", workflows=[EnrollmentWorkflow, AudienceWorkflow], activities=acts),
         AsyncExitStack() as stack,
@@ -243,6 +277,23 @@ async def main(only: set[str] | None = None) -> None:
         await _until(env, h, "email")
         await h.result()
         save("enrollment_channel_queues", (await h.fetch_history()).to_json())
+        # 11. since patch send-step: the follow and the DM reserved and sent by one `send_step` each
+        #     (their step_started written by it, or before the window's wait), the email's slot
+        #     later (a durable wait, then `deliver`); the events and the end as local activities
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run, _input(11), id="replay-send-step-11", task_queue="replay"
+        )
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-11", channel="x"))
+        await h.result()
+        save("enrollment_send_step", (await h.fetch_history()).to_json())
+        # 12. since patch send-step: two emails an hour apart, each sent at once by `send_step`; the
+        #     second writes the step's start and records the end with its send (no finish activity)
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run, _input(12, sequence=TWO_EMAILS), id="replay-send-step-12", task_queue="replay"
+        )
+        await h.result()
+        save("enrollment_send_step_two_emails", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 

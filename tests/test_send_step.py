@@ -1,0 +1,134 @@
+"""The send path since patch `send-step`: a slot due now and its send are one activity.
+
+What the server sees (the activities each enrollment scheduled, from its history) and what
+the database holds (the ledger, the slots, every event exactly once), on the time-skipping
+server with real PostgreSQL and SMTP.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from db.session import SessionFactory
+from db.tables import Delivery, Enrollment, SendSlot
+from models.enrollment import EnrollmentStatus
+from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
+
+
+@pytest.fixture
+async def worker(wired: Wired, temporal_env: WorkflowEnvironment) -> AsyncIterator[None]:
+    """The production worker, with no sender: each test adds its own."""
+    async with wired(client=temporal_env.client):
+        yield
+
+
+def _emails(*after: str) -> dict[str, Any]:
+    """One email per step; `after[k]` is the wait between step k and k+1."""
+    steps: list[dict[str, Any]] = []
+    for k in range(len(after) + 1):
+        edges = [{"trigger": "NORMAL_EDGE", "after": after[k], "to": f"m{k + 1}"}] if k < len(after) else []
+        steps.append(
+            {
+                "id": f"m{k}",
+                "action": "SEND_EMAIL",
+                "subject": f"Hi {{{{ first_name }}}} ({k})",
+                "body": "Quick question",
+                "edges": edges or [{"trigger": "END"}],
+            }
+        )
+    return {"name": f"send-step-{uuid.uuid4().hex[:6]}", "steps": steps}
+
+
+async def _start(env: WorkflowEnvironment, sf: SessionFactory, task_queue: str, raw: dict[str, Any]) -> Any:
+    ref, defn = await store_version(sf, raw)
+    pid = await make_person(sf, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    return await start_enrollment(env.client, task_queue, sf, ref, defn, pid)
+
+
+async def _activities(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """The activities the enrollment scheduled on the server, in order (local ones are markers)."""
+    history = await handle.fetch_history()
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+
+
+async def _event_counts(sf: SessionFactory, enrollment_id: int) -> Counter[str]:
+    return Counter(e.type for e in await events_of(sf) if e.enrollment_id == enrollment_id)
+
+
+async def _enrollment(sf: SessionFactory) -> Enrollment:
+    async with sf() as s:
+        [row] = list((await s.execute(select(Enrollment))).scalars())
+    return row
+
+
+async def test_a_one_step_email_is_one_activity_with_its_events_once(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await make_sender(session_factory, "email", "sales@acme.test")
+    handle = await _start(temporal_env, session_factory, task_queue, _emails())
+    assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+    # the slot, the send, the step's start and the end: one activity, no other round trip
+    assert await _activities(handle) == ["send_step"]
+    assert len(smtp_server.messages) == 1
+    row = await _enrollment(session_factory)
+    assert row.status == "completed" and row.finished_at is not None
+    counts = await _event_counts(session_factory, row.id)
+    assert counts == Counter({"step_started": 1, "sent": 1, "completed": 1})
+    async with session_factory() as s:
+        [delivery] = list((await s.execute(select(Delivery))).scalars())
+        [slot] = list((await s.execute(select(SendSlot))).scalars())
+    assert delivery.status == "sent" and delivery.attempts_made == 1
+    assert delivery.sent_at is not None and delivery.sent_at >= slot.slot_at  # never before its slot
+
+
+async def test_two_steps_each_send_in_one_activity_and_log_each_start(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    await make_sender(session_factory, "email", "sales@acme.test")
+    handle = await _start(temporal_env, session_factory, task_queue, _emails("1h"))
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED and [p.step for p in result.path] == ["m0", "m1"]
+    assert await _activities(handle) == ["send_step", "send_step"]
+    assert len(smtp_server.messages) == 2 and smtp_server.messages[0][1] == smtp_server.messages[1][1]
+    row = await _enrollment(session_factory)
+    counts = await _event_counts(session_factory, row.id)
+    assert counts == Counter({"step_started": 2, "sent": 2, "completed": 1})
+    started = [e for e in await events_of(session_factory, "step_started") if e.enrollment_id == row.id]
+    assert [e.step_id for e in started] == ["m0", "m1"]
+    # the second step started when the hour was over, not when its send was recorded
+    assert started[1].occurred_at - started[0].occurred_at >= timedelta(hours=1)
+
+
+async def test_a_later_slot_is_waited_for_on_a_timer_then_delivered(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """Two leads, one sender spaced an hour: the second slot is later, so `send_step` only books it."""
+    await make_sender(session_factory, "email", "sales@acme.test", spacing=3600)
+    # both started before time may skip: they ask for their slots at the same moment
+    handles = [await _start(temporal_env, session_factory, task_queue, _emails()) for _ in range(2)]
+    for handle in handles:
+        assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+    ways = sorted([await _activities(h) for h in handles])
+    assert ways == [["send_step"], ["send_step", "deliver"]]  # one at once; one booked, a durable wait, the send
+    assert len(smtp_server.messages) == 2
+    async with session_factory() as s:
+        slots = sorted((await s.execute(select(SendSlot.slot_at))).scalars())
+        sent = [t for t in (await s.execute(select(Delivery.sent_at))).scalars() if t is not None]
+    assert slots[1] - slots[0] >= timedelta(hours=1)
+    assert len(sent) == 2 and max(sent) >= slots[1]  # not before its slot
+    ids = {e.enrollment_id for e in await events_of(session_factory, "completed")}
+    assert len(ids) == 2  # each end recorded once, the second by the finish activity
+    assert len(await events_of(session_factory, "deferred_until")) == 1
