@@ -38,6 +38,7 @@ from devstack.imap_server import append as imap_append
 from devstack.postgres import Cluster, free_port
 from devstack.run import DEV_IMAP_USER, PORTS, READY_LINE, DevStackError, PortTakenError, check_ports, read_ports
 from devstack.smtp_catcher import eml_name, make_controller
+from tests.eventually import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER_TIMEOUT = 90.0
@@ -311,6 +312,14 @@ def _send_mail(port: int, subject: str) -> None:
         client.send_message(msg)
 
 
+def _eventually(check: Any, describe: Any, *, seconds: float) -> None:
+    """`eventually()` from this synchronous test (the stack is a subprocess); fails with `describe()`."""
+    try:
+        asyncio.run(eventually(check, "the stack to get there", tries=int(seconds * 2), interval=0.5))
+    except AssertionError:
+        raise AssertionError(describe()) from None
+
+
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -340,9 +349,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(
         assert "demo` failed" not in banner, banner
         assert "demo: enrolled" in banner, banner
         calls = dev / "providers" / "calls.jsonl"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (calls.exists() and '"x.follow"' in calls.read_text()):
-            time.sleep(0.5)
+        _eventually(lambda: calls.exists() and '"x.follow"' in calls.read_text(), launcher.output, seconds=90)
         assert calls.exists() and '"x.follow"' in calls.read_text(), launcher.output()
         # The demo sender watches the local IMAP server: mail appended there reaches the pipeline.
         assert f"127.0.0.1:{env['IMAP_PORT']}" in banner and "mailbox watcher" in banner, banner
@@ -354,9 +361,7 @@ def test_make_run_starts_everything_and_ctrl_c_stops_everything(
         asyncio.run(imap_append("127.0.0.1", int(env["IMAP_PORT"]), DEV_IMAP_USER, password, raw))
         cluster = Cluster(dev / "pg", int(env["PG_PORT"]))
         query = "SELECT status FROM inbound_events WHERE provider_event_id = '<devstack-imap@elsewhere.example>'"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "unknown_sender" not in cluster.psql(query, database="sequencer"):
-            time.sleep(0.5)
+        _eventually(lambda: "unknown_sender" in cluster.psql(query, database="sequencer"), launcher.output, seconds=60)
         assert "unknown_sender" in cluster.psql(query, database="sequencer"), launcher.output()
         pids = json.loads((dev / "pids.json").read_text())
         assert {"temporal", "smtp", "imap", "worker", "api"} <= set(pids)

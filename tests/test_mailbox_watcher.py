@@ -31,6 +31,7 @@ from operations.mailbox_watchers import start_watcher, stop_watcher
 from services.reply_mail import append_reply
 from tests import mail_samples as m
 from tests.engine_harness import events_of, wait_for_status
+from tests.eventually import eventually
 from tests.imap_harness import Mailbox, TcpProxy
 from tests.mailbox_harness import FAST, KEY, SETTINGS, connect_mailbox, connection_status, wait_state, watcher_worker
 from tests.webhook_harness import Hook, email_sequence, signals_in_history, temporal_address
@@ -83,15 +84,25 @@ class Watch:
         return pid, handle, str(ours)
 
     async def inbound(self, event_id: str) -> InboundEvent:
-        for _ in range(1500):
+        async def handled() -> InboundEvent | None:
             async with self.hook.sf() as s:
                 row = (
                     await s.execute(select(InboundEvent).where(InboundEvent.provider_event_id == event_id))
                 ).scalar_one_or_none()
-            if row is not None and row.status != "received":
-                return row
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{event_id} was never handled")
+            return row if row is not None and row.status != "received" else None
+
+        row = await eventually(handled, f"{event_id} to be handled", tries=1500)
+        assert row is not None  # eventually() returns only a truthy value
+        return row
+
+    async def status_once(self, handle: WorkflowHandle[Any, Any], predicate: Any, what: str) -> Any:
+        """The watcher's status (its query) once `predicate` holds."""
+
+        async def matched() -> Any:
+            status = await handle.query(MailboxWatcherWorkflow.status)
+            return status if predicate(status) else None
+
+        return await eventually(matched, what, tries=1500)
 
     async def inbound_rows(self) -> list[InboundEvent]:
         async with self.hook.sf() as s:
@@ -346,11 +357,7 @@ async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_dou
 async def test_a_wrong_password_shows_why_and_backs_off_instead_of_looping(watch: Watch) -> None:
     await watch.connect(password="not-the-password")
     handle = await watch.start(login_backoff_seconds=60)
-    for _ in range(1500):
-        status = await handle.query(MailboxWatcherWorkflow.status)
-        if status.state == "login_failed":
-            break
-        await asyncio.sleep(0.02)
+    status = await watch.status_once(handle, lambda st: st.state == "login_failed", "the login to fail")
     assert status.state == "login_failed" and status.login_failures == 1
     assert "refused the LOGIN" in (status.reason or "") and "AUTHENTICATIONFAILED" in (status.reason or "")
     assert "not-the-password" not in (status.reason or "")
@@ -371,11 +378,7 @@ async def test_a_wrong_password_shows_why_and_backs_off_instead_of_looping(watch
 
     # Fixed the password? `retry_now` ends the wait early: one more attempt, then a longer wait.
     await handle.signal(MailboxWatcherWorkflow.retry_now, ControlSignal(reason="test", source="test"))
-    for _ in range(1500):
-        status = await handle.query(MailboxWatcherWorkflow.status)
-        if status.login_failures == 2:
-            break
-        await asyncio.sleep(0.02)
+    status = await watch.status_once(handle, lambda st: st.login_failures == 2, "a second login attempt")
     assert status.login_failures == 2
     history = await handle.fetch_history()
     timers = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
@@ -412,11 +415,7 @@ async def test_stop_ends_the_watcher_and_closes_the_session(watch: Watch) -> Non
     handle = await watch.start()
     await watch.watching()
     assert await stop_watcher(watch.hook.env.client, watch.sender_id) is True
-    for _ in range(1500):
-        status = await handle.query(MailboxWatcherWorkflow.status)
-        if status.state == "stopped":
-            break
-        await asyncio.sleep(0.02)
+    status = await watch.status_once(handle, lambda st: st.state == "stopped", "the watcher to stop")
     assert status.state == "stopped"
 
 
