@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
@@ -300,6 +300,60 @@ async def test_a_connection_dropped_mid_idle_loses_nothing_and_doubles_nothing(
     rows = await watch.inbound_rows()
     assert sorted(r.provider_event_id for r in rows) == sorted([first, *during])
     assert tcp_proxy.connections >= 2
+
+
+async def test_mail_that_arrives_while_the_watcher_handles_a_message_is_read_without_waiting_for_more(
+    watch: Watch,
+) -> None:
+    """The reply appended while the watcher is busy with an earlier one is not left for the next mail.
+
+    A server need not repeat at IDLE what it announced while the client was busy (pymap
+    does not): a watcher that goes back to IDLE after a round without looking again would
+    leave that reply unread until some other mail arrived, or until the session ends.
+    """
+    (_, first_lead, ours_a), (_, second_lead, ours_b) = [await watch.lead(f"{n}@lead.test") for n in ("busy", "next")]
+    await watch.connect()
+    await watch.start()
+    await watch.watching()
+    first, second = mid("first"), mid("second")
+    async with watch.hook.sf() as lock, lock.begin():
+        # The pipeline's first write (its Message-ID claim) waits on this lock: the watcher
+        # has fetched the first reply and is busy with it when the second one arrives.
+        await lock.execute(text("LOCK TABLE inbound_events IN EXCLUSIVE MODE"))
+        await watch.mailbox.append(
+            m.reply(sender="busy@lead.test", to=SENDER, in_reply_to=ours_a, text="Yes", message_id=first)
+        )
+        await wait_blocked_on(watch, "INSERT INTO inbound_events")
+        [last] = await watch.mailbox.append(
+            m.reply(sender="next@lead.test", to=SENDER, in_reply_to=ours_b, text="Sure", message_id=second)
+        )
+    # Nothing else arrives: the second reply must be read all the same.
+    assert (await watch.inbound(second)).status == "signalled"
+    assert (await watch.inbound(first)).status == "signalled"
+    for handle in (first_lead, second_lead):
+        await wait_for_status(handle, lambda v: bool(v.path) and v.path[0].left_by == "REPLIED")
+        assert await signals_in_history(handle, "replied") == 1
+    state = await wait_state(watch.hook.sf, watch.sender_id, lambda s: s.last_uid >= last)
+    assert state.last_uid == last
+
+
+async def wait_blocked_on(watch: Watch, statement: str) -> None:
+    """Until a session of the test database waits for a lock in `statement` (bounded polling)."""
+    for _ in range(1500):
+        async with watch.hook.sf() as s:
+            waiting = (
+                await s.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE :q"
+                    ),
+                    {"q": statement + "%"},
+                )
+            ).scalar_one()
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nothing ever waited on a lock in {statement!r}")
 
 
 async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_doubled(
