@@ -339,21 +339,22 @@ async def test_mail_that_arrives_while_the_watcher_handles_a_message_is_read_wit
 
 async def wait_blocked_on(watch: Watch, statement: str) -> None:
     """Until a session of the test database waits for a lock in `statement` (bounded polling)."""
-    for _ in range(1500):
+
+    async def waiting() -> int:
         async with watch.hook.sf() as s:
-            waiting = (
-                await s.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND wait_event_type = 'Lock' AND query LIKE :q"
-                    ),
-                    {"q": statement + "%"},
-                )
-            ).scalar_one()
-        if waiting:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"nothing ever waited on a lock in {statement!r}")
+            return int(
+                (
+                    await s.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock' AND query LIKE :q"
+                        ),
+                        {"q": statement + "%"},
+                    )
+                ).scalar_one()
+            )
+
+    await eventually(waiting, f"a session waiting on a lock in {statement!r}", tries=1500)
 
 
 async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_doubled(
