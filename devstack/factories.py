@@ -23,6 +23,9 @@ from db.tables import Identity, Person, SenderAccount, Sequence, SequenceVersion
 from models.enrollment import SequenceRef
 from models.sequence import SequenceDefinition
 from models.sequence_checks import validate_definition
+from services.mail_urls import connection_flags
+from services.senders import add_sender
+from settings import Settings
 
 #: One sender per channel with the caps `all_senders` gives them (practically uncapped).
 DEFAULT_SENDERS: Mapping[str, str] = {
@@ -88,6 +91,43 @@ async def make_sender(
         s.add(acct)
         await s.flush()
         return int(acct.id)
+
+
+async def add_email_sender(
+    sf: SessionFactory,
+    settings: Settings,
+    address: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    per_hour: int | None = 1000,
+    per_day: int | None = 10000,
+    spacing: float | None = 0.0,
+    jitter: float | None = 0.0,
+    **flags: Any,
+) -> int:
+    """An email sender added (or updated) as `senders add` does it, with its connection flags; its id.
+
+    `flags`: the CLI's (`smtp=`, `imap=`, `oauth_refresh_token_env=`, `no_smtp=` ...); `env`
+    is where the `*_env` flags read their secrets. Secrets are stored with `settings`' key.
+    Caps default to generous ones; None leaves them as `senders add` would (channel default,
+    or unchanged on an update).
+    """
+    parsed = connection_flags(dict(env or {}), **flags)
+    acct = await add_sender(
+        sf,
+        channel="email",
+        address=address,
+        per_hour=per_hour,
+        per_day=per_day,
+        spacing=spacing,
+        jitter=jitter,
+        smtp=parsed.smtp,
+        imap=parsed.imap,
+        oauth=parsed.oauth,
+        remove=parsed.remove,
+        settings=settings,
+    )
+    return int(acct.id)
 
 
 async def all_senders(sf: SessionFactory) -> dict[str, int]:

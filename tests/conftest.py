@@ -42,8 +42,14 @@ os.environ["SEQUENCER_ENV"] = "dev"
 
 # The shared fixtures, by name in any test module: the fake X API and relay (`x_server`,
 # `relay_server`), the production worker (`wired`, `sequencer`), the webhook app beside it
-# (`hook`, `start_hook`) and the IMAP server (`imap_server`, `mailbox`).
-pytest_plugins = ["tests.fakes", "tests.engine_harness", "tests.webhook_harness", "tests.imap_harness"]
+# (`hook`, `start_hook`), the IMAP server (`imap_server`, `mailbox`) and a TLS pair (`tls`).
+pytest_plugins = [
+    "tests.fakes",
+    "tests.engine_harness",
+    "tests.webhook_harness",
+    "tests.imap_harness",
+    "tests.mail_servers",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -5,7 +5,9 @@
   bytes of every message; implicit TLS, STARTTLS or plain on loopback.
 - `TokenEndpoint`: an OAuth 2.0 token endpoint (a real HTTP server on loopback) that
   exchanges known refresh tokens for access tokens and records every form it received.
-- `tls_pair`: a self-signed certificate for 127.0.0.1 and the client context trusting it.
+- `make_tls_pair`: a self-signed certificate for 127.0.0.1 and the client context trusting it
+  (the `tls` fixture: one per session); `settings_for(tokens)`: harness settings with the OAuth
+  client of a token endpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from cryptography import x509
@@ -33,6 +36,8 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from devstack.postgres import free_port
+from settings import Settings
+from tests.engine_harness import harness_settings
 
 
 @dataclass(frozen=True)
@@ -234,3 +239,23 @@ def token_endpoint(grants: dict[str, str], *, rotate: dict[str, str] | None = No
     finally:
         server.shutdown()
         server.server_close()
+
+
+def oauth_settings(tokens: TokenEndpoint | None = None) -> dict[str, Any]:
+    """OAUTH_* settings for the token endpoint `tokens` (none: no OAuth client)."""
+    return {
+        "oauth_token_url": tokens.url if tokens else "",
+        "oauth_client_id": "client-1" if tokens else "",
+        "oauth_client_secret": SecretStr("client-secret-1" if tokens else ""),
+    }
+
+
+def settings_for(tokens: TokenEndpoint | None = None) -> Settings:
+    """The harness settings (its SECRETS_KEY) with the OAuth client of `tokens`."""
+    return harness_settings(None, None, None, **oauth_settings(tokens))
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsPair:
+    """A self-signed certificate for 127.0.0.1 (servers' side) and the client context trusting it."""
+    return make_tls_pair(tmp_path_factory.mktemp("tls"))

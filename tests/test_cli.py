@@ -6,11 +6,7 @@ points it at its own freshly migrated database.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -24,47 +20,10 @@ from models.sequence import SequenceDefinition
 from operations.enrolling import dry_run
 from services.people_import import import_people
 from services.sequence_store import create_version, get_version
+from tests.cli_harness import ROOT, cli
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import store_version
 from workflows.enrollment import workflow_id_for
-
-ROOT = Path(__file__).resolve().parent.parent
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-async def cli(database_url: str, *args: str) -> Result:
-    """Run `python starter.py ARGS` with the test's database; wide, colourless output."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "COLUMNS": "250",
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-        # nothing here may reach a real Temporal or SMTP server
-        "TEMPORAL_ADDRESS": "127.0.0.1:1",
-        "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": "1",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "starter.py"),
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return Result(proc.returncode, ANSI.sub("", out.decode()), ANSI.sub("", err.decode()))
-
 
 BAD_SEQUENCE = """\
 name: bad-one

@@ -27,9 +27,9 @@ from db.tables import Delivery, SenderAccount
 from models.enrollment import EnrollmentStatus
 from services.secret_box import SecretBox, generate_key
 from services.sender_dkim import DkimConfigError, clear_sender_dkim, sender_dkim_record, set_sender_dkim
+from tests.cli_harness import cli
 from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
 from tests.eventually import eventually
-from tests.test_cli import cli
 
 REQUIRED = {"from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post"}
 

@@ -8,15 +8,14 @@ subprocess, as users run it.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 
 from db.session import SessionFactory
+from devstack.factories import add_email_sender
 from services.mail_urls import OAuthInput, connection_flags
 from services.secret_box import generate_key
 from services.sender_connections import (
@@ -28,55 +27,22 @@ from services.sender_connections import (
 )
 from services.senders import add_sender, list_senders
 from settings import Settings
-from tests.test_cli import ANSI, ROOT, Result
+from tests.cli_harness import cli
 
 KEY = generate_key()
 SETTINGS = Settings(secrets_key=SecretStr(KEY))
 
 
-async def cli(database_url: str, *args: str, env: dict[str, str] | None = None) -> Result:
-    """`python starter.py ARGS` against the test's database, with extra environment."""
-    full = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "COLUMNS": "250",
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-        "TEMPORAL_ADDRESS": "127.0.0.1:1",
-        "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": "1",
-        **(env or {}),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "starter.py"),
-        *args,
-        cwd=ROOT,
-        env=full,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return Result(proc.returncode, ANSI.sub("", out.decode()), ANSI.sub("", err.decode()))
-
-
-async def _add(sf: SessionFactory, address: str = "ada@example.com", settings: Settings = SETTINGS, **flags: object):
-    parsed = connection_flags({"RT": "refresh-tok-123"}, **flags)  # type: ignore[arg-type]
-    return await add_sender(
-        sf,
-        channel="email",
-        address=address,
-        smtp=parsed.smtp,
-        imap=parsed.imap,
-        oauth=parsed.oauth,
-        remove=parsed.remove,
-        settings=settings,
-    )
+async def _add(
+    sf: SessionFactory, address: str = "ada@example.com", settings: Settings = SETTINGS, **flags: Any
+) -> int:
+    """An email sender as `senders add` makes it (a refresh token in $RT for the OAuth flags); its id."""
+    no_caps: dict[str, Any] = {"per_hour": None, "per_day": None, "spacing": None, "jitter": None}
+    return await add_email_sender(sf, settings, address, env={"RT": "refresh-tok-123"}, **no_caps, **flags)
 
 
 async def test_secrets_are_encrypted_at_rest_and_decrypted_on_load(session_factory: SessionFactory) -> None:
-    acct = await _add(
+    acct_id = await _add(
         session_factory,
         smtp="smtps://ada:smtp-pass-1@smtp.example.com:465",
         imap="imaps://ada:imap-pass-2@imap.example.com:993/Replies",
@@ -86,8 +52,8 @@ async def test_secrets_are_encrypted_at_rest_and_decrypted_on_load(session_facto
     assert len(dump) == 2
     assert not any("smtp-pass-1" in row or "imap-pass-2" in row for row in dump)
 
-    smtp = await smtp_connection(session_factory, SETTINGS, acct.id)
-    imap = await imap_connection(session_factory, SETTINGS, acct.id)
+    smtp = await smtp_connection(session_factory, SETTINGS, acct_id)
+    imap = await imap_connection(session_factory, SETTINGS, acct_id)
     assert smtp is not None and imap is not None
     assert (smtp.host, smtp.port, smtp.implicit_tls, smtp.username, smtp.password) == (
         "smtp.example.com",
@@ -104,7 +70,7 @@ async def test_secrets_are_encrypted_at_rest_and_decrypted_on_load(session_facto
         "Replies",
     )
     assert "imap-pass-2" not in repr(imap)
-    assert await mailbox_sender_ids(session_factory) == [acct.id]
+    assert await mailbox_sender_ids(session_factory) == [acct_id]
 
 
 async def test_oauth_connection_keeps_refresh_token_and_client_secret_encrypted(
@@ -145,16 +111,16 @@ async def test_oauth_connection_keeps_refresh_token_and_client_secret_encrypted(
 
 
 async def test_missing_or_wrong_key_names_the_sender(session_factory: SessionFactory) -> None:
-    acct = await _add(session_factory, imap="imaps://ada:pw@imap.example.com")
+    acct_id = await _add(session_factory, imap="imaps://ada:pw@imap.example.com")
     with pytest.raises(
-        ConnectionConfigError, match=rf"sender {acct.id} \(ada@example.com\) imap.*SECRETS_KEY is not set"
+        ConnectionConfigError, match=rf"sender {acct_id} \(ada@example.com\) imap.*SECRETS_KEY is not set"
     ):
-        await imap_connection(session_factory, Settings(secrets_key=SecretStr("")), acct.id)
-    with pytest.raises(ConnectionConfigError, match=rf"sender {acct.id} \(ada@example.com\) imap.*not the key"):
-        await imap_connection(session_factory, Settings(secrets_key=SecretStr(generate_key())), acct.id)
+        await imap_connection(session_factory, Settings(secrets_key=SecretStr("")), acct_id)
+    with pytest.raises(ConnectionConfigError, match=rf"sender {acct_id} \(ada@example.com\) imap.*not the key"):
+        await imap_connection(session_factory, Settings(secrets_key=SecretStr(generate_key())), acct_id)
     # rotation: a new first key with the old one after it still opens the secret
     rotated = Settings(secrets_key=SecretStr(f"{generate_key()},{KEY}"))
-    conn = await imap_connection(session_factory, rotated, acct.id)
+    conn = await imap_connection(session_factory, rotated, acct_id)
     assert conn is not None and conn.password == "pw"
 
 
@@ -165,17 +131,17 @@ async def test_adding_without_a_key_writes_nothing(session_factory: SessionFacto
 
 
 async def test_readding_keeps_replaces_and_removes_connections(session_factory: SessionFactory) -> None:
-    acct = await _add(session_factory, smtp="smtps://a:one@smtp.example.com", imap="imaps://a:two@imap.example.com")
+    acct_id = await _add(session_factory, smtp="smtps://a:one@smtp.example.com", imap="imaps://a:two@imap.example.com")
     await _add(session_factory)  # caps only: connections stay
-    smtp = await smtp_connection(session_factory, SETTINGS, acct.id)
+    smtp = await smtp_connection(session_factory, SETTINGS, acct_id)
     assert smtp is not None and smtp.password == "one"
     await _add(session_factory, smtp="smtp://a:three@127.0.0.1:2525")
-    smtp2 = await smtp_connection(session_factory, SETTINGS, acct.id)
+    smtp2 = await smtp_connection(session_factory, SETTINGS, acct_id)
     assert smtp2 is not None and (smtp2.port, smtp2.password, smtp2.implicit_tls) == (2525, "three", False)
     assert smtp2.id == smtp.id and smtp2.version != smtp.version
     await _add(session_factory, no_smtp=True)
-    assert await smtp_connection(session_factory, SETTINGS, acct.id) is None
-    assert await imap_connection(session_factory, SETTINGS, acct.id) is not None
+    assert await smtp_connection(session_factory, SETTINGS, acct_id) is None
+    assert await imap_connection(session_factory, SETTINGS, acct_id) is not None
 
 
 async def test_connections_only_for_email_senders(session_factory: SessionFactory) -> None:

@@ -27,23 +27,17 @@ from activities.channels.email import EmailChannel, SmtpPool
 from activities.channels.sender_smtp import SenderSmtpPools
 from db.session import SessionFactory
 from db.tables import Delivery, SenderConnection
-from services.mail_urls import connection_flags
+from devstack.factories import add_email_sender
 from services.secret_box import generate_key
 from services.sender_connections import token_cache
-from services.senders import add_sender
 from settings import Settings
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import SECRETS_KEY as KEY
-from tests.engine_harness import Wired, harness_settings, make_person, start_enrollment, store_version
-from tests.mail_servers import AuthSmtp, TlsPair, TokenEndpoint, auth_smtp, make_tls_pair, token_endpoint
+from tests.engine_harness import Wired, make_person, start_enrollment, store_version
+from tests.mail_servers import AuthSmtp, TlsPair, TokenEndpoint, auth_smtp, oauth_settings, settings_for, token_endpoint
 
 #: aiosmtpd cannot see that a Controller-level ssl_context is implicit TLS.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsPair:
-    return make_tls_pair(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -64,41 +58,6 @@ def server_b(tls: TlsPair) -> Iterator[AuthSmtp]:
     """smtp + STARTTLS, XOAUTH2 only, for bob@b.example.org with the access token of refresh-B."""
     with auth_smtp(tokens={b"bob@b.example.org": b"access-B-1"}, tls=tls) as rec:
         yield rec
-
-
-def oauth_settings(tokens: TokenEndpoint | None = None) -> dict[str, Any]:
-    """OAUTH_* settings for the token endpoint `tokens` (none: no OAuth client)."""
-    return {
-        "oauth_token_url": tokens.url if tokens else "",
-        "oauth_client_id": "client-1" if tokens else "",
-        "oauth_client_secret": SecretStr("client-secret-1" if tokens else ""),
-    }
-
-
-def settings_for(tokens: TokenEndpoint | None = None) -> Settings:
-    """The harness settings (its SECRETS_KEY) with the OAuth client of `tokens`."""
-    return harness_settings(None, None, None, **oauth_settings(tokens))
-
-
-async def add_email_sender(
-    sf: SessionFactory, settings: Settings, address: str, env: dict[str, str] | None = None, **flags: Any
-) -> int:
-    parsed = connection_flags(env or {}, **flags)
-    acct = await add_sender(
-        sf,
-        channel="email",
-        address=address,
-        per_hour=1000,
-        per_day=10000,
-        spacing=0.0,
-        jitter=0.0,
-        smtp=parsed.smtp,
-        imap=parsed.imap,
-        oauth=parsed.oauth,
-        remove=parsed.remove,
-        settings=settings,
-    )
-    return int(acct.id)
 
 
 def _msg(sender: str, sender_id: int | None, to: str, key: str | None = None) -> OutboundMessage:

@@ -14,21 +14,17 @@ from collections.abc import Iterator
 import pytest
 
 from db.session import SessionFactory
+from devstack.factories import add_email_sender
 from services.mailbox_login import MailboxError, check_sender, open_imap
 from services.oauth import TokenCache
 from services.sender_connections import imap_connection
+from tests.cli_harness import cli
 from tests.conftest import SmtpRecorder
+from tests.engine_harness import SECRETS_KEY as KEY
 from tests.imap_harness import Mailbox
-from tests.mail_servers import AuthSmtp, TlsPair, auth_smtp, make_tls_pair, token_endpoint
-from tests.test_sender_connections import cli
-from tests.test_sender_smtp import KEY, add_email_sender, settings_for
+from tests.mail_servers import AuthSmtp, TlsPair, auth_smtp, settings_for, token_endpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsPair:
-    return make_tls_pair(tmp_path_factory.mktemp("tls-check"))
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ async def test_an_out_of_office_while_waiting_for_the_send_slot_moves_the_send(
 
 
 async def test_status_shows_unverified_replies(session_factory: SessionFactory, database_url: str) -> None:
-    from tests.test_cli import cli
+    from tests.cli_harness import cli
 
     pid = await make_person(session_factory, email="shown@lead.test")
     async with session_factory() as s, s.begin():
