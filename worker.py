@@ -218,7 +218,14 @@ def _mailbox_activities(client: Client, deps: WorkerDeps) -> MailboxActivities:
     """The watcher activity: the one inbound pipeline, fed from IMAP."""
     settings = deps.settings or get_settings()
     sf = deps.session_factory
-    pipeline = InboundPipeline(sf, client, get_classifier(), out_of_office_default=settings.out_of_office_default_delay)
+    pipeline = InboundPipeline(
+        sf,
+        client,
+        get_classifier(),
+        out_of_office_default=settings.out_of_office_default_delay,
+        trust_thread_only=settings.inbound_trust_thread_only,
+        link_keys=settings.link_keys(),
+    )
 
     async def stored(sender_id: int) -> MailConnection | None:
         return await imap_connection(sf, settings, sender_id)

@@ -14,7 +14,10 @@ Pure (no I/O), so every rule can be tested on bytes alone. In order:
 4. An auto-responder by header (RFC 3834 `Auto-Submitted` other than `no`, `X-Autoreply`,
    `X-Autorespond`, `Precedence: auto_reply`, or `Precedence: bulk/junk/list` with an
    auto-reply subject) is `auto_reply` (out-of-office handling, never a reply).
-5. Everything else is a `reply`, with its newest part only: quoted history and
+5. A request sent through our List-Unsubscribe `mailto:` (UNSUBSCRIBE_MAILTO, subject
+   `unsubscribe-<token>`) is a `reply` carrying the token in `detail["unsubscribe_token"]`:
+   the pipeline reads the token and unsubscribes that person, whatever the body says.
+6. Everything else is a `reply`, with its newest part only: quoted history and
    signatures stripped (mail-parser-reply) before the pipeline classifies the text.
 """
 
@@ -42,6 +45,8 @@ AUTO_SUBJECT = re.compile(
     r"r[ée]ponse automatique|respuesta autom[aá]tica|risposta automatica|vacation|on leave)",
     re.IGNORECASE,
 )
+#: The subject our List-Unsubscribe mailto: asks for (activities/delivery.py writes it).
+UNSUBSCRIBE_SUBJECT = re.compile(r"^\s*unsubscribe-([A-Za-z0-9_.=-]{8,2000})\s*$", re.IGNORECASE)
 _FATAL_DEFECTS = ("StartBoundaryNotFoundDefect", "MultipartInvariantViolationDefect", "NoBoundaryInMultipartDefect")
 _reply_parser = EmailReplyParser(languages=REPLY_LANGUAGES)
 
@@ -323,6 +328,11 @@ def read_mail(raw: bytes, *, mailbox: MailboxRef | None = None, received_at: dat
                 type="unknown", detail={"reason": f"report of type {kind}, nothing to act on"}, **common
             )
         text = body_text(msg)
+        request = UNSUBSCRIBE_SUBJECT.match(common["subject"] or "")
+        if request is not None:
+            return InboundEvent(
+                type="reply", text=newest_part(text)[:100_000], detail={"unsubscribe_token": request.group(1)}, **common
+            )
         why = auto_reply_reason(msg)
         if why is not None:
             return InboundEvent(type="auto_reply", text=text[:100_000], detail={"auto_reply": why}, **common)

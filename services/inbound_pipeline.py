@@ -63,6 +63,7 @@ from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, S
 from models.inbound import InboundEvent
 from services.classify import ReplyClassifier
 from services.identities import lookup_value
+from services.tokens import TokenError, read_token
 
 log = logging.getLogger("sequencer.inbound")
 
@@ -146,12 +147,15 @@ class InboundPipeline:
         *,
         out_of_office_default: str = "7d",
         trust_thread_only: bool = False,
+        link_keys: Sequence[str] = (),
     ) -> None:
         self.session_factory = session_factory
         self.client = client
         self.classifier = classifier
         self.ooo_default = parse_duration(out_of_office_default)
         self.trust_thread_only = trust_thread_only
+        #: LINK_SECRET's keys: they read the token of a List-Unsubscribe mailto request.
+        self.link_keys = list(link_keys)
 
     async def process(self, event: InboundEvent) -> InboundResult:
         """Handle one event (idempotent per channel and event id)."""
@@ -168,7 +172,8 @@ class InboundPipeline:
             log.info("inbound %s/%s recorded as %s: %s", channel, event.event_id, status, event.detail.get("reason"))
             return InboundResult(status=status)
 
-        who = await self._resolve(event)
+        requested = self._unsubscribe_request(event)
+        who = Resolved(requested) if requested is not None else await self._resolve(event)
         person_id = who.person_id
         if person_id is None:
             await self._mark(row_id, "unknown_sender", None, None)
@@ -182,6 +187,8 @@ class InboundPipeline:
             label, return_date = verdict.label, verdict.return_date
         if event.type == "auto_reply":
             label = "out_of_office"  # an auto-responder is never a reply, whatever its text says
+        if event.detail.get("unsubscribe_token"):
+            label = "unsubscribe"  # sent through our List-Unsubscribe mailto: a stop, whatever the body says
         active = await self._active_enrollments(person_id)
         signal_id = f"{channel}:{event.event_id}"
 
@@ -192,8 +199,11 @@ class InboundPipeline:
             status = "unverified"
         elif event.type == "complaint" or label == "unsubscribe":
             reason = "complaint" if event.type == "complaint" else "unsubscribe reply"
+            via = None
+            if event.detail.get("unsubscribe_token"):
+                reason, via = "unsubscribe", "mailto"  # the List-Unsubscribe mailto, as the link: "unsubscribe"
             await self.unsubscribe(
-                person_id, reason=reason, source=signal_id, event_key=signal_id, channel=channel, active=active
+                person_id, reason=reason, source=signal_id, event_key=signal_id, via=via, channel=channel, active=active
             )
             status = "unsubscribed"
         elif event.type == "bounce" and not event.permanent:
@@ -293,6 +303,22 @@ class InboundPipeline:
         return True
 
     # ------------------------------------------------------------------ helpers
+    def _unsubscribe_request(self, event: InboundEvent) -> int | None:
+        """The person named by the token of a List-Unsubscribe mailto request (None: no valid token).
+
+        The token is the one the unsubscribe link carries (encrypted and authenticated with
+        LINK_SECRET): it names the person whatever address the request comes from. Without
+        a valid one the mail is matched by its From like any reply, and still unsubscribes.
+        """
+        token = event.detail.get("unsubscribe_token")
+        if not token or not self.link_keys:
+            return None
+        try:
+            return int(read_token(self.link_keys, "unsubscribe", str(token))["p"])
+        except (TokenError, KeyError, TypeError, ValueError) as err:
+            log.info("inbound %s/%s: unsubscribe token not valid (%s)", event.channel, event.event_id, err)
+            return None
+
     async def _claim(self, event: InboundEvent) -> int | None:
         """The event's `inbound_events` row id, or None when it was already handled.
 

@@ -89,6 +89,7 @@ def _pipeline(cfg: Settings, sf: SessionFactory, client: Client | None) -> Inbou
         get_classifier(),
         out_of_office_default=cfg.out_of_office_default_delay,
         trust_thread_only=cfg.inbound_trust_thread_only,
+        link_keys=cfg.link_keys(),
     )
 
 
