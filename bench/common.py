@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -53,6 +54,45 @@ async def seed_people(sf: SessionFactory, n: int, segment: str, *, tag: str) -> 
 async def add_sender(sf: SessionFactory, address: str, per_hour: int, per_day: int, spacing: float = 0.0) -> None:
     """An email sender account."""
     await factories.make_sender(sf, "email", address, per_hour=per_hour, per_day=per_day, spacing=spacing)
+
+
+async def scalar(sf: SessionFactory, sql: str, **params: Any) -> Any:
+    """One value from one SQL query."""
+    async with sf() as session:
+        return (await session.execute(text(sql), params)).scalar()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int:
+    """A live process's resident set size, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def wait_for_pollers(client: Client, queue: str, n: int, *, activities: bool = False, limit: float = 120) -> None:
+    """Until `n` distinct workers poll `queue` (its workflow tasks, or its activity tasks)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    kind = TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY if activities else TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW
+    tq = TaskQueue(name=queue)
+    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=tq, task_queue_type=kind)
+    deadline = time.monotonic() + limit
+    while True:
+        pollers = (await client.workflow_service.describe_task_queue(request)).pollers
+        if len({p.identity for p in pollers}) >= n:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(pollers)} of {n} workers poll {queue} after {limit:.0f} s (see their logs)")
+        await asyncio.sleep(0.2)  # start-up poll
 
 
 def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:

@@ -36,6 +36,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from sqlalchemy import text
 
+from bench.common import scalar
 from db.session import SessionFactory
 from devstack.postgres import free_port
 
@@ -141,11 +142,6 @@ class WorkerProcess:
                 self.kill()
 
 
-async def _scalar(sf: SessionFactory, sql: str, **params: Any) -> Any:
-    async with sf() as session:
-        return (await session.execute(text(sql), params)).scalar()
-
-
 async def run_fault_campaign(
     *,
     session_factory: SessionFactory,
@@ -228,7 +224,7 @@ async def run_fault_campaign(
         while time.monotonic() < deadline:
             if not worker.alive():  # it may exit on its own while the server is away
                 worker.start()
-            done = await _scalar(
+            done = await scalar(
                 session_factory,
                 "SELECT count(*) FROM enrollments e JOIN sequences s ON s.id = e.sequence_id "
                 "WHERE s.name = :n AND e.finished_at IS NOT NULL",

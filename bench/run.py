@@ -26,6 +26,9 @@ Benchmarks:
   20/s with 2,000 waiting leads vs the signed webhook in the same run; target p99 < 1 s, <= 1.5x.
 - provider_batch: 1,000 signed SendGrid events in one POST (target < 1 s) vs the same
   number posted one event per request; and the replay of the batch.
+- workers: the send bench with 1, 2 and 4 `python worker.py` processes on one dev server and
+  one PostgreSQL, caps off (emails/s) and with the default caps (slots/s); no Message-ID twice
+  at the sink, the ledger matching it, no sender or person cap exceeded across processes.
 - fault: a two-email campaign (--fault-leads, 300) while the real worker process is SIGKILLed
   30 times and restarted, SMTP answers 451 to 20% of messages and the Temporal dev server
   restarts once (its own servers, bench/fault.py); targets: 0 duplicates, 0 unrecorded
@@ -41,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import enroll, fault, governed, imap, provider_batch, reaction, send, webhook
+from bench import enroll, fault, governed, imap, provider_batch, reaction, send, webhook, workers
 from bench.common import RESULTS, record
 from bench.stack import Stack, bench_stack
 
@@ -57,6 +60,7 @@ BENCHMARKS: dict[str, Runner] = {
     "provider_batch": lambda stack, args, tmp: provider_batch.bench_provider_batch(stack, 1000),
     "fault": lambda stack, args, tmp: fault.bench_fault(args, tmp),
     "imap": lambda stack, args, tmp: imap.bench_imap(stack, args.leads, min(200, args.leads // 4), tmp),
+    "workers": lambda stack, args, tmp: workers.bench_workers(stack, 1000, tmp),
 }
 #: Benchmarks that `make bench` runs when no --only is given.
 DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch", "fault", "imap"]
