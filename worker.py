@@ -123,7 +123,7 @@ _WORKFLOW_ONLY = frozenset(
 class Workers:
     """The Temporal workers of one process, run together.
 
-    `async with` starts every one and stops every one (each lets its running activities
+    `async with` starts every one and stops them together (each lets its running activities
     finish for its graceful shutdown timeout); `task_queues` names what they poll.
     """
 
@@ -145,8 +145,12 @@ class Workers:
 
     async def __aexit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        if stack is None:
+            return
+        # every worker stops polling at once (one by one, the others would keep taking
+        # new sends while the first waits for its own to finish), then each is closed
+        await asyncio.gather(*(w.shutdown() for w in self.workers))
+        await stack.aclose()
 
 
 def build_worker(

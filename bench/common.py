@@ -76,6 +76,20 @@ def process_rss_bytes(pid: int) -> int:
     return 0
 
 
+def child_pid(match: str) -> int | None:
+    """The pid of a child process of this one whose command line contains `match` (e.g. the dev server)."""
+    me = os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == me and match in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
 async def wait_for_pollers(client: Client, queue: str, n: int, *, activities: bool = False, limit: float = 120) -> None:
     """Until `n` distinct workers poll `queue` (its workflow tasks, or its activity tasks)."""
     from temporalio.api.enums.v1 import TaskQueueType

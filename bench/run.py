@@ -29,6 +29,8 @@ Benchmarks:
 - workers: the send bench with 1, 2 and 4 `python worker.py` processes on one dev server and
   one PostgreSQL, caps off (emails/s) and with the default caps (slots/s); no Message-ID twice
   at the sink, the ledger matching it, no sender or person cap exceeded across processes.
+- memory: worker RSS with 1,000 and 50,000 sleeping enrollments (cache 1,000) vs every one
+  cached (10,000), the dev server's start rate, RSS and SQLite size, per-enrollment costs.
 - fault: a two-email campaign (--fault-leads, 300) while the real worker process is SIGKILLed
   30 times and restarted, SMTP answers 451 to 20% of messages and the Temporal dev server
   restarts once (its own servers, bench/fault.py); targets: 0 duplicates, 0 unrecorded
@@ -44,7 +46,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import enroll, fault, governed, imap, provider_batch, reaction, send, webhook, workers
+from bench import enroll, fault, governed, imap, memory, provider_batch, reaction, send, webhook, workers
 from bench.common import RESULTS, record
 from bench.stack import Stack, bench_stack
 
@@ -61,6 +63,7 @@ BENCHMARKS: dict[str, Runner] = {
     "fault": lambda stack, args, tmp: fault.bench_fault(args, tmp),
     "imap": lambda stack, args, tmp: imap.bench_imap(stack, args.leads, min(200, args.leads // 4), tmp),
     "workers": lambda stack, args, tmp: workers.bench_workers(stack, 1000, tmp),
+    "memory": lambda stack, args, tmp: memory.bench_memory(tmp),
 }
 #: Benchmarks that `make bench` runs when no --only is given.
 DEFAULT = ["enroll", "reaction", "send", "governed", "webhook", "provider_batch", "fault", "imap"]

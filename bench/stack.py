@@ -58,6 +58,8 @@ class Stack:
     session_factory: SessionFactory
     sink: Sink
     cluster: Cluster
+    #: The dev server's SQLite file (with `temporal_file`; None in memory).
+    temporal_db: Path | None = None
 
 
 @asynccontextmanager
@@ -100,7 +102,7 @@ async def bench_stack(*, temporal_file: bool = False) -> AsyncIterator[Stack]:
         ),
     )
     try:
-        yield Stack(env, make_session_factory(engine), sink, cluster)
+        yield Stack(env, make_session_factory(engine), sink, cluster, tmp / "temporal.db" if temporal_file else None)
     finally:
         await env.shutdown()
         controller.stop()
