@@ -100,13 +100,9 @@ async def _sleeping(stack: Stack, name: str) -> int:
 
 
 async def _started(stack: Stack, name: str) -> int:
-    return int(
-        await scalar(
-            stack.session_factory,
-            "SELECT count(*) FROM enrollments e JOIN sequences s ON s.id = e.sequence_id WHERE s.name = :n",
-            n=name,
-        )
-    )
+    """Enrollment workflows of `name` the dev server has started (its visibility store)."""
+    q = f"WorkflowType = 'EnrollmentWorkflow' AND TaskQueue = '{name}-q'"
+    return (await stack.env.client.count_workflows(q)).count
 
 
 async def _enroll(stack: Stack, probe: Probe, settings: Any, name: str, segment: str, total: int) -> Phase:
@@ -186,62 +182,84 @@ async def _campaign(stack: Stack, tmp: Path, sizes: list[int]) -> tuple[str, lis
     return name, segments
 
 
-async def _run_worker(
-    stack: Stack, tmp: Path, cache: int, sizes: list[int]
-) -> tuple[str, int, list[Phase], tuple[int, int], int]:
-    """One worker process with `cache`, enrolling `sizes` in turn; (name, idle RSS, phases, history, pg seeded)."""
+@dataclass
+class WorkerRun:
+    """One worker process enrolling phase after phase."""
+
+    cache: int
+    idle_rss: int = 0
+    sqlite_before: int = 0
+    pg_before: int = 0
+    phases: list[Phase] = field(default_factory=list)
+    history: tuple[int, int] = (0, 0)
+
+
+async def _run_worker(stack: Stack, tmp: Path, cache: int, sizes: list[int]) -> WorkerRun:
+    """One worker process with `cache`, enrolling `sizes` in turn (each into the same sequence)."""
     from settings import Settings
 
     name, segments = await _campaign(stack, tmp, sizes)
     queue = f"{name}-q"
     worker = _worker(stack, tmp, queue, cache)
     probe = Probe(stack, worker)
-    pg_seeded = await probe.pg_bytes()
+    run = WorkerRun(cache, sqlite_before=probe.sqlite_bytes(), pg_before=await probe.pg_bytes())
     worker.start()
     try:
         await wait_for_pollers(stack.env.client, queue, 1)
-        idle = probe.worker_rss()
-        settings = Settings(
-            temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=queue
-        )
-        phases = []
+        run.idle_rss = probe.worker_rss()
+        address = stack.env.client.service_client.config.target_host
+        settings = Settings(temporal_address=address, temporal_task_queue=queue)
         total = 0
         for segment, n in zip(segments, sizes, strict=True):
             total += n
-            phases.append(await _enroll(stack, probe, settings, name, segment, total))
-            print(f"    cache {cache}: {total} sleeping, worker RSS {phases[-1].worker_rss / MIB:.0f} MiB", flush=True)
-        history = await _history_bytes(stack, name)
+            run.phases.append(await _enroll(stack, probe, settings, name, segment, total))
+            print(
+                f"    cache {cache}: {total} sleeping, worker RSS {run.phases[-1].worker_rss / MIB:.0f} MiB", flush=True
+            )
+        run.history = await _history_bytes(stack, name)
     finally:
         worker.stop()
-    return name, idle, phases, history, pg_seeded
+    return run
 
 
 async def bench_memory(tmp: Path, *, small: int = 1000, large: int = 50_000, cached: int = 10_000) -> dict[str, Any]:
     """Worker RSS at `small` and `large` sleeping enrollments (cache 1,000), and `cached` all cached."""
     async with bench_stack(temporal_file=True) as stack:
-        _, idle, (one, many), (events, hist), pg_seeded = await _run_worker(stack, tmp, 1000, [small, large - small])
-        _, idle_big, (c_small, c_all), _, _ = await _run_worker(stack, tmp, cached * 5, [small, cached - small])
-        probe_server = child_pid("start-dev")
+        bounded = await _run_worker(stack, tmp, 1000, [small, large - small])
+        every = await _run_worker(stack, tmp, cached * 5, [small, cached - small])
+    one, many = bounded.phases
+    c_small, c_all = every.phases
     per_cached = (c_all.worker_rss - c_small.worker_rss) / (cached - small)
-    sqlite_per = many.sqlite_bytes / large
-    pg_per = (many.pg_bytes - pg_seeded) / large
-    rates = _rates(many.samples)
+    sqlite_per = (many.sqlite_bytes - bounded.sqlite_before) / large
+    pg_per = (many.pg_bytes - bounded.pg_before) / large
+    events, hist = bounded.history
     peak_worker = max(s.worker_rss for s in many.samples)
     peak_server = max(s.server_rss for s in [*one.samples, *many.samples])
     line = (
-        f"memory: sleeping enrollments (WAIT 30d), one worker process. Cache 1,000: idle {idle / MIB:.0f} MiB, "
-        f"{small:,} sleeping {one.worker_rss / MIB:.0f} MiB, {large:,} sleeping {many.worker_rss / MIB:.0f} MiB "
-        f"(peak while enrolling {peak_worker / MIB:.0f} MiB). Cache {cached * 5:,} (every one cached): idle "
-        f"{idle_big / MIB:.0f} MiB, {small:,} {c_small.worker_rss / MIB:.0f} MiB, {cached:,} "
+        f"memory: sleeping enrollments (WAIT 30d), one worker process. Cache 1,000: idle "
+        f"{bounded.idle_rss / MIB:.0f} MiB, {small:,} sleeping {one.worker_rss / MIB:.0f} MiB, {large:,} sleeping "
+        f"{many.worker_rss / MIB:.0f} MiB (peak while enrolling {peak_worker / MIB:.0f} MiB; by enrollments "
+        f"started: {_trajectory(many.samples)}). Cache {every.cache:,} (every one cached): idle "
+        f"{every.idle_rss / MIB:.0f} MiB, {small:,} {c_small.worker_rss / MIB:.0f} MiB, {cached:,} "
         f"{c_all.worker_rss / MIB:.0f} MiB = {per_cached / 1024:.0f} KiB per cached enrollment. Dev server "
-        f"(pid {probe_server}, SQLite WAL file): enrolled {one.rate:.0f}/s for the first {small:,}, "
-        f"{many.rate:.0f}/s for the next {large - small:,} (per 2 s sample: {rates}); its RSS "
+        f"(SQLite file, WAL): enrolled {one.rate:.0f}/s for the first {small:,}, {many.rate:.0f}/s for the next "
+        f"{large - small:,} (until every one sleeps; starts per 2 s sample: {_rates(many.samples)}); its RSS "
         f"{many.server_rss / MIB:.0f} MiB at {large:,} (peak {peak_server / MIB:.0f} MiB); SQLite "
-        f"{many.sqlite_bytes / MIB:.0f} MiB = {sqlite_per / 1024:.1f} KiB per enrollment; one sleeping "
-        f"enrollment's history {events} events, {hist:,} bytes; PostgreSQL {pg_per / 1024:.1f} KiB per "
+        f"{many.sqlite_bytes / MIB:.0f} MiB (+{sqlite_per / 1024:.1f} KiB per enrollment); one sleeping "
+        f"enrollment's history {events} events, {hist:,} bytes; PostgreSQL +{pg_per / 1024:.1f} KiB per "
         "enrollment (row, first event, indexes; the person and identity rows seeded before are not counted)"
     )
     return {"name": "memory", "line": line}
+
+
+def _trajectory(samples: list[Sample]) -> str:
+    """Worker RSS at a few points of the run (the first sample at or past each)."""
+    if not samples:
+        return "n/a"
+    top = samples[-1].started
+    marks = sorted({top * k // 5 for k in range(1, 6)})
+    points = [next((s for s in samples if s.started >= m), samples[-1]) for m in marks]
+    return ", ".join(f"{p.started:,} {p.worker_rss / MIB:.0f} MiB" for p in points)
 
 
 def _rates(samples: list[Sample]) -> str:
