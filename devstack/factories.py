@@ -66,7 +66,7 @@ async def make_person(
         return int(person.id)
 
 
-async def make_sender(
+async def make_sender_row(
     sf: SessionFactory,
     channel: str,
     address: str,
@@ -76,8 +76,8 @@ async def make_sender(
     spacing: float = 0.0,
     jitter: float = 0.0,
     **columns: Any,
-) -> int:
-    """Insert a sender account (generous caps unless given); its id. `columns`: other SenderAccount fields."""
+) -> SenderAccount:
+    """Insert a sender account (generous caps unless given); the row. `columns`: other SenderAccount fields."""
     async with sf() as s, s.begin():
         acct = SenderAccount(
             channel=channel,
@@ -90,7 +90,12 @@ async def make_sender(
         )
         s.add(acct)
         await s.flush()
-        return int(acct.id)
+    return acct
+
+
+async def make_sender(sf: SessionFactory, channel: str, address: str, **options: Any) -> int:
+    """Insert a sender account (`make_sender_row`'s options); its id."""
+    return int((await make_sender_row(sf, channel, address, **options)).id)
 
 
 async def add_email_sender(

@@ -18,8 +18,8 @@ import ipaddress
 import json
 import ssl
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
+from activities.channels.email import EmailChannel, SmtpPool
+from activities.channels.sender_smtp import SenderSmtpPools
+from db.session import SessionFactory
+from devstack.factories import add_email_sender
 from devstack.postgres import free_port
 from settings import Settings
 from tests.engine_harness import harness_settings
@@ -259,3 +263,41 @@ def settings_for(tokens: TokenEndpoint | None = None) -> Settings:
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsPair:
     """A self-signed certificate for 127.0.0.1 (servers' side) and the client context trusting it."""
     return make_tls_pair(tmp_path_factory.mktemp("tls"))
+
+
+async def add_oauth_sender(
+    sf: SessionFactory,
+    settings: Settings,
+    server: AuthSmtp,
+    refresh_token: str,
+    *,
+    address: str = "bob@b.example.org",
+    **flags: Any,
+) -> int:
+    """An email sender logging in to `server` (STARTTLS) with XOAUTH2 and this refresh token; its id."""
+    return await add_email_sender(
+        sf,
+        settings,
+        address,
+        env={"RT": refresh_token},
+        smtp=f"smtp://{address}@127.0.0.1:{server.port}?starttls=true",
+        oauth_refresh_token_env="RT",
+        **flags,
+    )
+
+
+@asynccontextmanager
+async def sender_channel(
+    sf: SessionFactory, settings: Settings, relay: Any, tls: TlsPair | None, **pools: Any
+) -> AsyncIterator[EmailChannel]:
+    """The email channel: senders' own SMTP (trusting `tls`) first, else the `relay` server; closed after."""
+    options: dict[str, Any] = {"size": 1, "timeout": 5, **pools}
+    if tls is not None:
+        options["tls_context"] = tls.client_context()
+    channel = EmailChannel(
+        SmtpPool(relay.host, relay.port, size=1, timeout=5), senders=SenderSmtpPools(sf, settings, **options)
+    )
+    try:
+        yield channel
+    finally:
+        await channel.aclose()

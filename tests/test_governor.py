@@ -24,6 +24,7 @@ from sqlalchemy import select
 from activities.governor import Reservation, SendGovernor
 from db.session import SessionFactory, make_engine, make_session_factory
 from db.tables import SenderAccount, SendSlot
+from devstack.factories import make_sender_row
 from tests.engine_harness import make_person
 
 T0 = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)  # a Monday
@@ -63,22 +64,20 @@ async def add_account(
     active: bool = True,
 ) -> SenderAccount:
     """Insert a sender account with every governor setting explicit."""
-    async with sf() as s, s.begin():
-        acct = SenderAccount(
-            channel=channel,
-            address=address,
-            per_hour=per_hour,
-            per_day=per_day,
-            min_spacing_seconds=spacing,
-            jitter_seconds=jitter,
-            timezone=timezone,
-            warmup_start_per_day=warmup_start,
-            warmup_days=warmup_days,
-            created_at=created_at,
-            active=active,
-        )
-        s.add(acct)
-    return acct
+    return await make_sender_row(
+        sf,
+        channel,
+        address,
+        per_hour=per_hour,
+        per_day=per_day,
+        spacing=spacing,
+        jitter=jitter,
+        timezone=timezone,
+        warmup_start_per_day=warmup_start,
+        warmup_days=warmup_days,
+        created_at=created_at,
+        active=active,
+    )
 
 
 async def slots(sf: SessionFactory, sender_id: int | None = None) -> list[SendSlot]:

@@ -29,10 +29,9 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
-from db.tables import SenderAccount
 from models.enrollment import EnrollmentStatus
 from tests.conftest import SmtpRecorder
-from tests.engine_harness import make_person, start_enrollment, store_version
+from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
 
 NY = ZoneInfo("America/New_York")
 WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
@@ -76,19 +75,9 @@ class Campaign:
     emails: dict[int, str] = field(default_factory=dict)
 
     async def sender(self, timezone: str = "UTC", per_day: int = PER_DAY, per_hour: int = PER_HOUR) -> int:
-        async with self.sf() as s, s.begin():
-            acct = SenderAccount(
-                channel="email",
-                address="sales@acme.test",
-                per_hour=per_hour,
-                per_day=per_day,
-                min_spacing_seconds=SPACING,
-                jitter_seconds=0.0,
-                timezone=timezone,
-            )
-            s.add(acct)
-            await s.flush()
-            return int(acct.id)
+        return await make_sender(
+            self.sf, "email", "sales@acme.test", per_hour=per_hour, per_day=per_day, spacing=SPACING, timezone=timezone
+        )
 
     async def monday(self, at: time = time(6, 0)) -> datetime:
         """Skip the server's clock to the next Monday at `at` in New York; return that instant."""

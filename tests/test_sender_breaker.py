@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from temporalio.client import Client, WorkflowHandle
 
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SenderAccount
-from models.enrollment import EnrollmentStatus
+from models.enrollment import EnrollmentStatus, SequenceRef
+from models.sequence import SequenceDefinition
 from services import sender_breaker
 from services.sender_breaker import BreakerConfig
 from tests.engine_harness import (
@@ -61,9 +63,24 @@ def one_email() -> dict[str, Any]:
     }
 
 
-async def until(predicate: Any, what: str) -> None:
-    """Poll (bounded) until `predicate()` holds: readiness, not a wait for a timer."""
-    await eventually(predicate, what)
+async def until_paused(sf: SessionFactory, sender_id: int) -> SenderAccount:
+    """The sender's row once the breaker has paused it (the activity writes it: `eventually`)."""
+
+    async def paused() -> SenderAccount | None:
+        row = await sender_row(sf, sender_id)
+        return row if row.paused_at is not None else None
+
+    row = await eventually(paused, f"sender {sender_id} to be paused")
+    assert row is not None  # eventually() returns only a truthy value
+    return row
+
+
+async def enroll_lead(
+    client: Client, task_queue: str, sf: SessionFactory, ref: SequenceRef, defn: SequenceDefinition, prefix: str
+) -> WorkflowHandle[Any, Any]:
+    """A new lead with a fresh address starting `<prefix>-`, enrolled in the version."""
+    pid = await make_person(sf, email=f"{prefix}-{uuid.uuid4().hex[:6]}@lead.test")
+    return await start_enrollment(client, task_queue, sf, ref, defn, pid)
 
 
 async def sender_row(sf: SessionFactory, sender_id: int) -> SenderAccount:
@@ -84,10 +101,7 @@ async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
             pid = await make_person(session_factory, email=f"l{i}-{uuid.uuid4().hex[:6]}@lead.test")
             handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
 
-        async def paused() -> bool:
-            return (await sender_row(session_factory, sender_id)).paused_at is not None
-
-        await until(paused, "the sender is paused")
+        await until_paused(session_factory, sender_id)
         acct = await sender_row(session_factory, sender_id)
         assert acct.paused_kind == "auth" and "535" in (acct.paused_reason or "")
         views = [await h.query(EnrollmentWorkflow.status) for h in handles]
@@ -112,13 +126,9 @@ async def test_after_the_cool_down_a_successful_probe_closes_the_breaker(
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     ref, defn = await store_version(session_factory, one_email())
     async with stale_login():
-        pid = await make_person(session_factory, email=f"p-{uuid.uuid4().hex[:6]}@lead.test")
-        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        handle = await enroll_lead(temporal_env.client, task_queue, session_factory, ref, defn, "p")
 
-        async def paused() -> bool:
-            return (await sender_row(session_factory, sender_id)).paused_at is not None
-
-        await until(paused, "the sender is paused")
+        await until_paused(session_factory, sender_id)
         auth_smtp.accept("sales", "stale")  # fixed, nobody resumed: the cool-down's probe finds out
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
@@ -154,8 +164,7 @@ async def test_every_sender_paused_the_lead_waits_for_resume(
     await sender_breaker.set_paused(session_factory, held, "by hand", datetime.now(UTC))
     ref, defn = await store_version(session_factory, one_email())
     async with stale_login():
-        pid = await make_person(session_factory, email=f"w-{uuid.uuid4().hex[:6]}@lead.test")
-        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        handle = await enroll_lead(temporal_env.client, task_queue, session_factory, ref, defn, "w")
 
         async def asked() -> bool:
             described = await handle.describe()
@@ -165,7 +174,7 @@ async def test_every_sender_paused_the_lead_waits_for_resume(
                 for p in raw.pending_activities
             )
 
-        await until(asked, "the reservation waits for the paused sender")
+        await eventually(asked, "the reservation waits for the paused sender")
         assert auth_smtp.messages == []
         await sender_breaker.resume(session_factory, held, datetime.now(UTC))
         result = await handle.result()
@@ -222,8 +231,7 @@ async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
     smtp_server.fail_codes.extend(["421 4.7.0 Too many messages, slow down"] * 5)
     ref, defn = await store_version(session_factory, one_email())
     async with wired():
-        pid = await make_person(session_factory, email=f"t-{uuid.uuid4().hex[:6]}@lead.test")
-        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        handle = await enroll_lead(temporal_env.client, task_queue, session_factory, ref, defn, "t")
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(smtp_server.messages) == 1
@@ -242,13 +250,9 @@ async def test_a_lead_waits_past_deliver_retries_while_its_sender_stays_paused(
     sender_id = await make_sender(session_factory, "email", "sales@acme.test")
     ref, defn = await store_version(session_factory, one_email())
     async with stale_login():
-        pid = await make_person(session_factory, email=f"s-{uuid.uuid4().hex[:6]}@lead.test")
-        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+        handle = await enroll_lead(temporal_env.client, task_queue, session_factory, ref, defn, "s")
 
-        async def paused() -> bool:
-            return (await sender_row(session_factory, sender_id)).paused_at is not None
-
-        await until(paused, "the sender is paused")
+        await until_paused(session_factory, sender_id)
         # Far longer than deliver's 30 attempts at the 10-minute cool-down: the login stays refused.
         await temporal_env.sleep(timedelta(hours=8))
         view = await handle.query(EnrollmentWorkflow.status)

@@ -34,7 +34,17 @@ from settings import Settings
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import SECRETS_KEY as KEY
 from tests.engine_harness import Wired, make_person, start_enrollment, store_version
-from tests.mail_servers import AuthSmtp, TlsPair, TokenEndpoint, auth_smtp, oauth_settings, settings_for, token_endpoint
+from tests.mail_servers import (
+    AuthSmtp,
+    TlsPair,
+    TokenEndpoint,
+    add_oauth_sender,
+    auth_smtp,
+    oauth_settings,
+    sender_channel,
+    settings_for,
+    token_endpoint,
+)
 
 #: aiosmtpd cannot see that a Controller-level ssl_context is implicit TLS.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -216,13 +226,9 @@ async def test_a_wrong_or_missing_key_is_a_transient_error_naming_the_sender(
         (Settings(secrets_key=SecretStr("")), "SECRETS_KEY is not set"),
         (Settings(secrets_key=SecretStr(generate_key())), "not the key it was stored with"),
     ):
-        pools = SenderSmtpPools(session_factory, settings, size=1, timeout=5)
-        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
-        try:
+        async with sender_channel(session_factory, settings, smtp_server, None) as channel:
             with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("ada@a.example.com", ada, "lead@x.test"))
-        finally:
-            await channel.aclose()
         assert caught.value.code == "sender_config"
         assert f"sender {ada} (ada@a.example.com) smtp password" in str(caught.value) and reason in str(caught.value)
     assert server_a.logins == [] and smtp_server.messages == []  # nothing went anywhere else
@@ -233,21 +239,10 @@ async def test_oauth_refused_by_the_token_endpoint_sends_nothing_and_says_why(
 ) -> None:
     with token_endpoint({}) as endpoint:  # knows no refresh token: invalid_grant
         settings = settings_for(endpoint)
-        bob = await add_email_sender(
-            session_factory,
-            settings,
-            "bob@b.example.org",
-            env={"RT": "revoked"},
-            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server_b.port}?starttls=true",
-            oauth_refresh_token_env="RT",
-        )
-        pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
-        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
-        try:
+        bob = await add_oauth_sender(session_factory, settings, server_b, "revoked")
+        async with sender_channel(session_factory, settings, smtp_server, tls) as channel:
             with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
-        finally:
-            await channel.aclose()
     text = str(caught.value)
     assert caught.value.code == "auth"  # the delivery pauses the sender: not retried at once
     assert "token endpoint refused the refresh token: 400 invalid_grant: Token has been revoked." in text
@@ -265,24 +260,13 @@ async def test_a_stale_access_token_refused_by_the_server_is_not_reused(
         auth_smtp(tokens={b"bob@b.example.org": b"the-valid-token"}, tls=tls) as server,
     ):
         settings = settings_for(endpoint)
-        bob = await add_email_sender(
-            session_factory,
-            settings,
-            "bob@b.example.org",
-            env={"RT": "rt"},
-            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
-            oauth_refresh_token_env="RT",
-        )
-        pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
-        channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
-        try:
+        bob = await add_oauth_sender(session_factory, settings, server, "rt")
+        async with sender_channel(session_factory, settings, smtp_server, tls) as channel:
             with pytest.raises(SenderConfigError) as caught:
                 await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
             # The next attempt asks the endpoint again instead of reusing the refused token.
             endpoint.grants["rt"] = "the-valid-token"
             await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
-        finally:
-            await channel.aclose()
     assert caught.value.code == "auth"  # the delivery pauses the sender (services/sender_breaker.py)
     assert "SMTP login of bob@b.example.org at 127.0.0.1" in str(caught.value) and "535" in str(caught.value)
     assert server.refused == [("XOAUTH2", _xoauth2("bob@b.example.org", "expired-token"))]
@@ -299,14 +283,7 @@ async def test_rotated_refresh_token_is_stored_encrypted(
         auth_smtp(tokens={b"bob@b.example.org": b"at-1"}, tls=tls) as server,
     ):
         settings = settings_for(endpoint)
-        bob = await add_email_sender(
-            session_factory,
-            settings,
-            "bob@b.example.org",
-            env={"RT": "rt-1"},
-            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
-            oauth_refresh_token_env="RT",
-        )
+        bob = await add_oauth_sender(session_factory, settings, server, "rt-1")
         tokens = token_cache(session_factory, settings)  # what the worker uses: stores rotations
         pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), tokens=tokens, size=1)
         channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
@@ -344,21 +321,10 @@ async def test_unreachable_token_endpoint_is_a_connect_error(
     settings = Settings(
         secrets_key=SecretStr(KEY), oauth_token_url=f"http://127.0.0.1:{free_port()}/token", oauth_client_id="c"
     )
-    bob = await add_email_sender(
-        session_factory,
-        settings,
-        "bob@b.example.org",
-        env={"RT": "rt"},
-        smtp=f"smtp://bob@b.example.org@127.0.0.1:{server_b.port}?starttls=true",
-        oauth_refresh_token_env="RT",
-    )
-    pools = SenderSmtpPools(session_factory, settings, tls_context=tls.client_context(), size=1, timeout=5)
-    channel = EmailChannel(SmtpPool(smtp_server.host, smtp_server.port, size=1, timeout=5), senders=pools)
-    try:
+    bob = await add_oauth_sender(session_factory, settings, server_b, "rt")
+    async with sender_channel(session_factory, settings, smtp_server, tls) as channel:
         with pytest.raises(TransientChannelError) as caught:
             await channel.send(_msg("bob@b.example.org", bob, "lead@x.test"))
-    finally:
-        await channel.aclose()
     assert (
         caught.value.code == "connect" and "token endpoint" in str(caught.value) and "unreachable" in str(caught.value)
     )

@@ -22,7 +22,7 @@ from tests.cli_harness import cli
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import SECRETS_KEY as KEY
 from tests.imap_harness import Mailbox
-from tests.mail_servers import AuthSmtp, TlsPair, auth_smtp, settings_for, token_endpoint
+from tests.mail_servers import AuthSmtp, TlsPair, add_oauth_sender, auth_smtp, settings_for, token_endpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
@@ -158,15 +158,7 @@ async def test_oauth_smtp_login_through_the_token_endpoint(
         auth_smtp(tokens={b"bob@b.example.org": b"at-ok"}, tls=tls) as server,
     ):
         settings = settings_for(endpoint)
-        sender = await add_email_sender(
-            session_factory,
-            settings,
-            "bob@b.example.org",
-            env={"RT": "rt-ok"},
-            smtp=f"smtp://bob@b.example.org@127.0.0.1:{server.port}?starttls=true",
-            imap=imap_url(mailbox),
-            oauth_refresh_token_env="RT",
-        )
+        sender = await add_oauth_sender(session_factory, settings, server, "rt-ok", imap=imap_url(mailbox))
         results = await check_sender(session_factory, settings, sender, tls_context=tls.client_context())
         by_name = {r.name: r for r in results}
         assert by_name["smtp login"].ok, by_name["smtp login"].detail

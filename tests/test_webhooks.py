@@ -23,15 +23,11 @@ import pytest
 from sqlalchemy import select
 from temporalio.testing import WorkflowEnvironment
 
-from db.tables import InboundEvent, SenderAccount
+from db.tables import InboundEvent
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from services.tokens import make_token
-from tests.engine_harness import (
-    LINK_SECRET,
-    events_of,
-    wait_for_status,
-)
+from tests.engine_harness import LINK_SECRET, events_of, make_sender, wait_for_status
 from tests.webhook_harness import (
     WEBHOOK_SECRET,
     Hook,
@@ -468,11 +464,7 @@ async def test_healthz_shows_a_paused_sender_with_its_reason(hook: Hook) -> None
 
     from services.sender_breaker import set_paused
 
-    async with hook.sf() as s, s.begin():
-        acct = SenderAccount(channel="email", address="tired@acme.test", per_hour=5, per_day=10)
-        s.add(acct)
-        await s.flush()
-        sender_id = acct.id
+    sender_id = await make_sender(hook.sf, "email", "tired@acme.test", per_hour=5, per_day=10)
     await set_paused(hook.sf, sender_id, "DNS being fixed", datetime.now(UTC))
     resp = await hook.http.get("/healthz")
     assert resp.status_code == 200, "a paused sender is shown, the app itself is healthy"
