@@ -544,9 +544,10 @@ def status(person: int = typer.Option(..., "--person")) -> None:
         from sqlalchemy import func, select
 
         from db.tables import Event
+        from models.outcomes import EventType
 
         async with sf() as session:
-            query = select(func.count()).where(Event.person_id == person, Event.type == "reply_unverified")
+            query = select(func.count()).where(Event.person_id == person, Event.type == EventType.REPLY_UNVERIFIED)
             unverified = int((await session.execute(query)).scalar_one())
         return await person_status(sf, get_settings(), person), unverified
 

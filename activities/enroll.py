@@ -24,6 +24,7 @@ from db.session import SessionFactory
 from db.tables import Enrollment, Event, Person
 from models.activities import EnrollPageInput, EnrollPageOutput
 from models.enrollment import EnrollmentInput, SequenceRef
+from models.outcomes import LIVE_ENROLLMENT, EnrollmentStatus, EventType
 from models.sequence import SequenceDefinition, Step
 from services.segments import segment_page, segment_size
 from services.sequence_store import get_version
@@ -175,7 +176,7 @@ class EnrollActivities:
                 busy = await session.execute(
                     select(Enrollment.person_id, Enrollment.workflow_id).where(
                         Enrollment.person_id.in_([p.id for p in people]),
-                        Enrollment.status.in_(["active", "paused"]),
+                        Enrollment.status.in_(LIVE_ENROLLMENT),
                         Enrollment.sequence_id != ref.sequence_id,
                     )
                 )
@@ -221,7 +222,7 @@ class EnrollActivities:
                                 "sequence_version_id": ref.version_id,
                                 "person_id": pid,
                                 "workflow_id": wid,
-                                "status": "active",
+                                "status": EnrollmentStatus.ACTIVE,
                                 "current_step": first.id,
                             }
                             for pid, wid in workflow_ids.items()
@@ -240,7 +241,7 @@ class EnrollActivities:
                         )
                     )
                 ).scalars():
-                    resumable = row.status in ("active", "paused") and row.sequence_version_id == ref.version_id
+                    resumable = row.status in LIVE_ENROLLMENT and row.sequence_version_id == ref.version_id
                     result[row.person_id] = (row.id if resumable else None, False)
             if inserted:
                 common = {
@@ -252,11 +253,11 @@ class EnrollActivities:
                     [
                         {
                             **common,
-                            "type": "enrolled",
+                            "type": EventType.ENROLLED,
                             "person_id": pid,
                             "enrollment_id": eid,
                             "step_id": None,
-                            "dedup_key": f"{eid}:enrolled",
+                            "dedup_key": f"{eid}:{EventType.ENROLLED}",
                             "data": {"workflow_id": workflow_ids[pid]},
                         }
                         for pid, eid in inserted.items()
@@ -264,11 +265,11 @@ class EnrollActivities:
                     + [
                         {
                             **common,
-                            "type": "step_started",
+                            "type": EventType.STEP_STARTED,
                             "person_id": pid,
                             "enrollment_id": eid,
                             "step_id": first.id,
-                            "dedup_key": f"{eid}:step_started:{first.id}:1",
+                            "dedup_key": f"{eid}:{EventType.STEP_STARTED}:{first.id}:1",
                             "data": {"action": str(first.action), "visit": 1},
                         }
                         for pid, eid in inserted.items()

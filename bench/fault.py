@@ -39,6 +39,7 @@ from sqlalchemy import text
 from bench.common import scalar
 from db.session import SessionFactory
 from devstack.postgres import free_port
+from models.outcomes import DeliveryStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
@@ -271,16 +272,16 @@ async def _judge(sf: SessionFactory, name: str, smtp: FlakySmtp, report: FaultRe
                 {"n": name},
             )
         ).scalar_one()
-    recorded = {"uncertain", "failed", "bounced"}
-    report.uncertain = sum(1 for status, _ in rows if status == "uncertain")
-    report.failed = sum(1 for status, _ in rows if status in ("failed", "bounced"))
+    recorded = {DeliveryStatus.UNCERTAIN, DeliveryStatus.FAILED, DeliveryStatus.BOUNCED}
+    report.uncertain = sum(1 for status, _ in rows if status == DeliveryStatus.UNCERTAIN)
+    report.failed = sum(1 for status, _ in rows if status in (DeliveryStatus.FAILED, DeliveryStatus.BOUNCED))
     at_server = set(counts)
     for status, message_id in rows:
         there = message_id is not None and message_id.encode() in at_server
-        if status == "sent" and not there:
+        if status == DeliveryStatus.SENT and not there:
             report.unrecorded += 1
             report.problems.append(f"ledger says sent, server never accepted {message_id}")
-        elif status not in recorded and status != "sent":
+        elif status not in recorded and status != DeliveryStatus.SENT:
             report.unrecorded += 1
             report.problems.append(f"delivery left {status} ({message_id})")
     missing_rows = report.messages_expected - len(rows)

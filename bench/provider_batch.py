@@ -30,6 +30,7 @@ from bench.stack import Stack
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Person, Sequence, SequenceVersion
 from devstack.postgres import free_port
+from models.outcomes import DeliveryStatus, EnrollmentStatus
 
 
 async def seed_sent(sf: SessionFactory, n: int, tag: str) -> list[str]:
@@ -65,7 +66,7 @@ async def seed_sent(sf: SessionFactory, n: int, tag: str) -> list[str]:
                                 "sequence_version_id": version.id,
                                 "person_id": p,
                                 "workflow_id": f"bench-{tag}-{p}",
-                                "status": "active",
+                                "status": EnrollmentStatus.ACTIVE,
                             }
                             for p in people
                         ]
@@ -87,7 +88,7 @@ async def seed_sent(sf: SessionFactory, n: int, tag: str) -> list[str]:
                         "attempt": 1,
                         "channel": "email",
                         "action": "SEND_EMAIL",
-                        "status": "sent",
+                        "status": DeliveryStatus.SENT,
                         "message_id": mid,
                     }
                     for e, mid in zip(enrollments, ids, strict=True)

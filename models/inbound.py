@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from models.outcomes import InboundStatus
+
 #: What a source says happened. `auto_reply` is an auto-responder recognised by its
 #: headers (handled as out-of-office, never as a reply); `unknown` is mail that is none
 #: of the others and could not be read as a reply (recorded, never an error).
@@ -80,7 +82,7 @@ class InboundEvent(BaseModel):
 class InboundOutcome(BaseModel):
     """What the pipeline did with one event."""
 
-    status: str
+    status: InboundStatus
     person_id: int | None = None
     enrollments: int = 0
     classification: str | None = None

@@ -22,6 +22,7 @@ from temporalio.service import RPCError
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Sequence, SequenceVersion
 from models.enrollment import ControlSignal, StatusView
+from models.outcomes import LIVE_ENROLLMENT
 from settings import Settings
 from temporal_client import connect
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
@@ -46,7 +47,7 @@ async def live_enrollment_ids(session_factory: SessionFactory, sequence: str) ->
         rows = await session.execute(
             select(Enrollment.workflow_id)
             .join(Sequence, Sequence.id == Enrollment.sequence_id)
-            .where(Sequence.name == sequence, Enrollment.status.in_(["active", "paused"]))
+            .where(Sequence.name == sequence, Enrollment.status.in_(LIVE_ENROLLMENT))
         )
         return list(rows.scalars())
 

@@ -19,6 +19,7 @@ from db.session import SessionFactory
 from db.tables import Enrollment, Identity, Suppression
 from models.activities import EnrollPageOutput
 from models.enrollment import AudienceInput, AudienceProgress
+from models.outcomes import LIVE_ENROLLMENT
 from models.schedule import choose_variant
 from models.sequence import ACTION_CHANNEL, MESSAGE_ACTIONS, Channel, SequenceDefinition, Step
 from services.segments import segment_page
@@ -222,7 +223,7 @@ async def dry_run(session_factory: SessionFactory, sequence: str, segment: str) 
                     await session.execute(
                         select(Enrollment.person_id, Enrollment.workflow_id).where(
                             Enrollment.person_id.in_(ids),
-                            Enrollment.status.in_(["active", "paused"]),
+                            Enrollment.status.in_(LIVE_ENROLLMENT),
                             Enrollment.sequence_id != version.sequence_id,
                         )
                     )

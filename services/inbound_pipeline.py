@@ -61,6 +61,7 @@ from models.activities import EnrollmentRef
 from models.durations import parse_duration
 from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
 from models.inbound import InboundEvent
+from models.outcomes import LIVE_ENROLLMENT, DeliveryStatus, EnrollmentStatus, EventType, InboundStatus
 from services.classify import ReplyClassifier
 from services.identities import lookup_value
 from services.tokens import TokenError, read_token
@@ -103,7 +104,7 @@ def _not_found(err: RPCError) -> bool:
 class InboundResult:
     """What processing did (returned as the webhook's JSON)."""
 
-    status: str
+    status: InboundStatus
     person_id: int | None = None
     enrollments: int = 0
     classification: str | None = None
@@ -164,10 +165,10 @@ class InboundPipeline:
         received = datetime.now(UTC)
         row_id = await self._claim(event)
         if row_id is None:
-            return InboundResult(status="duplicate")
+            return InboundResult(status=InboundStatus.DUPLICATE)
         channel = event.channel
         if event.type == "unknown":
-            status = "malformed" if event.detail.get("malformed") else "unrecognized"
+            status = InboundStatus.MALFORMED if event.detail.get("malformed") else InboundStatus.UNRECOGNIZED
             await self._mark(row_id, status, None, None)
             log.info("inbound %s/%s recorded as %s: %s", channel, event.event_id, status, event.detail.get("reason"))
             return InboundResult(status=status)
@@ -176,9 +177,9 @@ class InboundPipeline:
         who = Resolved(requested) if requested is not None else await self._resolve(event)
         person_id = who.person_id
         if person_id is None:
-            await self._mark(row_id, "unknown_sender", None, None)
+            await self._mark(row_id, InboundStatus.UNKNOWN_SENDER, None, None)
             log.info("inbound %s/%s from unknown sender %r", channel, event.event_id, event.sender)
-            return InboundResult(status="unknown_sender")
+            return InboundResult(status=InboundStatus.UNKNOWN_SENDER)
 
         label: str | None = None
         return_date = None
@@ -195,8 +196,8 @@ class InboundPipeline:
         if who.by_thread and event.type != "bounce" and not self.trust_thread_only:
             # Matched by our Message-ID only, From is not this person: shown, never acted on.
             data = {"type": event.type, "classification": label, "why": "matched by thread only; From is not theirs"}
-            await self._log(active, person_id, "reply_unverified", channel, signal_id, data)
-            status = "unverified"
+            await self._log(active, person_id, EventType.REPLY_UNVERIFIED, channel, signal_id, data)
+            status = InboundStatus.UNVERIFIED
         elif event.type == "complaint" or label == "unsubscribe":
             reason = "complaint" if event.type == "complaint" else "unsubscribe reply"
             via = None
@@ -205,29 +206,29 @@ class InboundPipeline:
             await self.unsubscribe(
                 person_id, reason=reason, source=signal_id, event_key=signal_id, via=via, channel=channel, active=active
             )
-            status = "unsubscribed"
+            status = InboundStatus.UNSUBSCRIBED
         elif event.type == "bounce" and not event.permanent:
             await self._log(
                 active,
                 person_id,
-                "soft_bounced",
+                EventType.SOFT_BOUNCED,
                 channel,
                 signal_id,
                 {"via": event.source, "delivery_id": who.delivery_id, **_diagnostic(event)},
             )
-            status = "soft_bounce"
+            status = InboundStatus.SOFT_BOUNCE
         elif event.type == "bounce":
             await self._mark_delivery_bounced(who.delivery_id, event)
             await self._suppress_identity(who.identity_id, person_id, signal_id)
             await self._log(
                 active,
                 person_id,
-                "bounced",
+                EventType.BOUNCED,
                 channel,
                 signal_id,
                 {"via": event.source, "delivery_id": who.delivery_id, **_diagnostic(event)},
             )
-            status = "suppressed_identity"
+            status = InboundStatus.SUPPRESSED_IDENTITY
         elif label == "out_of_office":
             until = await self._return_time(person_id, return_date) if return_date else None
             sig = OutOfOfficeSignal(
@@ -239,12 +240,12 @@ class InboundPipeline:
             await self._log(
                 active,
                 person_id,
-                "out_of_office",
+                EventType.OUT_OF_OFFICE,
                 channel,
                 signal_id,
                 {"until": until.isoformat() if until else None},
             )
-            status = "rescheduled"
+            status = InboundStatus.RESCHEDULED
         else:
             kind = SIGNAL_FOR[event.type]
             sig_in = InboundSignal(
@@ -255,13 +256,13 @@ class InboundPipeline:
                 inbound_event_id=row_id,
             )
             await self._signal_all(active, kind, sig_in)
-            event_type = "replied" if event.type in ("reply", "replied_to_note") else event.type
+            event_type = EventType.REPLIED if event.type in ("reply", "replied_to_note") else EventType(event.type)
             await self._log(active, person_id, event_type, channel, signal_id, {"classification": label})
             if label == "positive":
-                await self._log(active, person_id, "positive_reply", channel, signal_id, {})
+                await self._log(active, person_id, EventType.POSITIVE_REPLY, channel, signal_id, {})
             if event.type == "reply":
                 await self._hold_company(person_id, active)
-            status = "signalled"
+            status = InboundStatus.SIGNALLED
         await self._mark(row_id, status, person_id, label)
         return InboundResult(status=status, person_id=person_id, enrollments=len(active), classification=label)
 
@@ -298,7 +299,13 @@ class InboundPipeline:
         signal = ControlSignal(reason=signal_reason or reason, source=channel or source)
         await self._signal_all(active, "unsubscribe", signal, best_effort=best_effort)
         await self._log(
-            active, person_id, "unsubscribed", channel, event_key, {"via": via or reason}, person_key=person_event_key
+            active,
+            person_id,
+            EventType.UNSUBSCRIBED,
+            channel,
+            event_key,
+            {"via": via or reason},
+            person_key=person_event_key,
         )
         return True
 
@@ -337,7 +344,7 @@ class InboundPipeline:
                         type=event.type,
                         from_value=event.sender[:512],
                         payload=event.model_dump(mode="json", exclude_defaults=True),
-                        status="received",
+                        status=InboundStatus.RECEIVED,
                     )
                     .on_conflict_do_nothing(constraint="uq_inbound_events_provider_id")
                     .returning(InboundEventRow.id)
@@ -353,7 +360,7 @@ class InboundPipeline:
                     )
                 )
             ).one()
-        return int(earlier.id) if earlier.status == "received" else None
+        return int(earlier.id) if earlier.status == InboundStatus.RECEIVED else None
 
     async def _resolve(self, event: InboundEvent) -> Resolved:
         """Who the event is about, or an empty `Resolved` for an unknown sender.
@@ -442,8 +449,8 @@ class InboundPipeline:
         async with self.session_factory() as session, session.begin():
             await session.execute(
                 update(Delivery)
-                .where(Delivery.id == delivery_id, Delivery.status == "sent")
-                .values(status="bounced", error=reason[:2000])
+                .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENT)
+                .values(status=DeliveryStatus.BOUNCED, error=reason[:2000])
             )
 
     async def _return_time(self, person_id: int, day: date) -> datetime:
@@ -462,7 +469,7 @@ class InboundPipeline:
                 await session.execute(
                     select(Enrollment, SequenceVersion)
                     .join(SequenceVersion, SequenceVersion.id == Enrollment.sequence_version_id)
-                    .where(Enrollment.person_id == person_id, Enrollment.status.in_(["active", "paused"]))
+                    .where(Enrollment.person_id == person_id, Enrollment.status.in_(LIVE_ENROLLMENT))
                 )
             ).all()
             out = []
@@ -533,7 +540,7 @@ class InboundPipeline:
         self,
         active: list[ActiveEnrollment],
         person_id: int,
-        type_: str,
+        type_: EventType,
         channel: str | None,
         event_key: str,
         data: dict[str, Any],
@@ -562,7 +569,7 @@ class InboundPipeline:
                     data=data,
                 )
 
-    async def _mark(self, row_id: int, status: str, person_id: int | None, label: str | None) -> None:
+    async def _mark(self, row_id: int, status: InboundStatus, person_id: int | None, label: str | None) -> None:
         async with self.session_factory() as session, session.begin():
             await session.execute(
                 update(InboundEventRow)
@@ -603,7 +610,7 @@ class InboundPipeline:
                     .where(
                         Person.company == person.company,
                         Person.id != person_id,
-                        Enrollment.status == "active",
+                        Enrollment.status == EnrollmentStatus.ACTIVE,
                         Enrollment.sequence_id.in_([a.ref.sequence.sequence_id for a in holding]),
                     )
                 )

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Identity, SenderAccount
+from models.outcomes import DeliveryStatus
 from services.mailbox_login import MailboxError, open_imap
 from services.sender_connections import imap_connection, token_cache
 from settings import Settings
@@ -67,7 +68,7 @@ async def append_reply(session_factory: SessionFactory, settings: Settings, pers
                     Enrollment.person_id == person_id,
                     Delivery.channel == "email",
                     Delivery.message_id.is_not(None),
-                    Delivery.status.in_(["sent", "uncertain"]),
+                    Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNCERTAIN]),
                 )
                 .order_by(Delivery.id.desc())
                 .limit(1)

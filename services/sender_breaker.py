@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.session import SessionFactory
 from db.tables import Delivery, Event, SenderAccount
+from models.outcomes import DeliveryStatus, EventType
 
 KINDS = ("manual", "auth", "bounce_rate", "throttle")
 
@@ -71,7 +72,7 @@ async def pause(
     if channel is not None:  # the audit trail: who paused which sender, why, until when
         session.add(
             Event(
-                type="sender_paused",
+                type=EventType.SENDER_PAUSED,
                 occurred_at=now,
                 channel=channel,
                 data={
@@ -141,12 +142,13 @@ async def check_bounce_rate(session: AsyncSession, sender_id: int, config: Break
     if acct is None or acct.paused_at is not None:
         return False
     query = select(Delivery.status).where(
-        Delivery.sender_id == sender_id, Delivery.status.in_(("sent", "bounced", "uncertain"))
+        Delivery.sender_id == sender_id,
+        Delivery.status.in_((DeliveryStatus.SENT, DeliveryStatus.BOUNCED, DeliveryStatus.UNCERTAIN)),
     )
     if acct.breaker_since is not None:
         query = query.where(Delivery.updated_at >= acct.breaker_since)
     recent = list((await session.execute(query.order_by(Delivery.id.desc()).limit(config.bounce_window))).scalars())
-    bounced = sum(1 for s in recent if s == "bounced")
+    bounced = sum(1 for s in recent if s == DeliveryStatus.BOUNCED)
     if len(recent) < config.bounce_min_sends or bounced / len(recent) <= config.bounce_rate_threshold:
         return False
     await pause(

@@ -15,25 +15,28 @@ from sqlalchemy import func, select
 
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Sequence, SequenceVersion
+from models.outcomes import DELIVERY_IN_FLIGHT, LIVE_ENROLLMENT, DeliveryStatus, EventType
 
 #: Funnel columns, in display order, and the event types that feed them.
-FUNNEL: dict[str, tuple[str, ...]] = {
-    "enrolled": ("enrolled",),
-    "sent": ("sent",),
+FUNNEL: dict[str, tuple[EventType, ...]] = {
+    "enrolled": (EventType.ENROLLED,),
+    "sent": (EventType.SENT,),
     # Provider delivery reports when there are any; otherwise sent minus the bounces
     # reported after acceptance (see below).
-    "delivered": ("delivered",),
-    "opened": ("opened",),
-    "clicked": ("clicked",),
-    "replied": ("replied",),
-    "positive": ("positive_reply",),
-    "bounced": ("bounced",),
-    "unsubscribed": ("unsubscribed",),
-    "failed": ("failed",),
-    "uncertain": ("uncertain",),
-    "suppressed": ("suppressed",),
-    "completed": ("completed",),
+    "delivered": (EventType.DELIVERED,),
+    "opened": (EventType.OPENED,),
+    "clicked": (EventType.CLICKED,),
+    "replied": (EventType.REPLIED,),
+    "positive": (EventType.POSITIVE_REPLY,),
+    "bounced": (EventType.BOUNCED,),
+    "unsubscribed": (EventType.UNSUBSCRIBED,),
+    "failed": (EventType.FAILED,),
+    "uncertain": (EventType.UNCERTAIN,),
+    "suppressed": (EventType.SUPPRESSED,),
+    "completed": (EventType.COMPLETED,),
 }
+#: Columns that count events (a step sent twice counts twice); the others count enrollments.
+EVENT_COUNTED = frozenset({"sent", "delivered", "opened", "bounced", "failed", "uncertain"})
 
 
 class FunnelRow(BaseModel):
@@ -95,7 +98,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             .where(Event.sequence_id == seq.id)
             .group_by(Event.sequence_version_id, Event.step_id, Event.variant, Event.type, late)
         )
-        type_to_col = {t: col for col, types in FUNNEL.items() for t in types}
+        type_to_col: dict[str, str] = {t.value: col for col, types in FUNNEL.items() for t in types}
         cells: dict[tuple[int, str | None, str | None], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FUNNEL, 0))
         totals = dict.fromkeys(FUNNEL, 0)
         # A bounce with a delivery id is the provider refusing the send itself (never counted as
@@ -107,7 +110,7 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
             if col is None:
                 continue
             key = (versions.get(version_id or 0, 0), None if col == "enrolled" else step, variant)
-            value = count if col in ("sent", "delivered", "opened", "bounced", "failed", "uncertain") else enrollments
+            value = count if col in EVENT_COUNTED else enrollments
             cells[key][col] += value
             totals[col] += value
             if col == "bounced" and is_late:
@@ -142,12 +145,12 @@ async def sequence_stats(session_factory: SessionFactory, name: str) -> Sequence
         )
     campaign = CampaignCounters(
         total=sum(statuses.values()),
-        pending=statuses.get("active", 0) + statuses.get("paused", 0),
-        queued=delivery_counts.get("claimed", 0) + delivery_counts.get("sending", 0),
-        sent=delivery_counts.get("sent", 0),
-        failed=delivery_counts.get("failed", 0),
-        bounced=delivery_counts.get("bounced", 0),
-        uncertain=delivery_counts.get("uncertain", 0),
+        pending=sum(statuses.get(s, 0) for s in LIVE_ENROLLMENT),
+        queued=sum(delivery_counts.get(s, 0) for s in DELIVERY_IN_FLIGHT),
+        sent=delivery_counts.get(DeliveryStatus.SENT, 0),
+        failed=delivery_counts.get(DeliveryStatus.FAILED, 0),
+        bounced=delivery_counts.get(DeliveryStatus.BOUNCED, 0),
+        uncertain=delivery_counts.get(DeliveryStatus.UNCERTAIN, 0),
         by_status=statuses,
     )
     return SequenceStats(sequence=name, rows=rows, totals=totals, campaign=campaign)

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event
+from models.outcomes import EventType
 from services.click_tracking import trackable
 from services.tokens import TokenError, read_token
 from webhooks.providers.ingest import click_dedup_key
@@ -47,7 +48,7 @@ async def record_click(sf: SessionFactory, key: str, url: str) -> bool:
         inserted = await session.execute(
             insert(Event)
             .values(
-                type="clicked",
+                type=EventType.CLICKED,
                 person_id=enrollment.person_id,
                 enrollment_id=enrollment.id,
                 sequence_id=enrollment.sequence_id,

@@ -37,6 +37,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, SequenceVersion
 from models.enrollment import ControlSignal
 from models.inbound import InboundEvent as PipelineEvent
+from models.outcomes import DeliveryStatus, EventType, InboundStatus
 from services.identities import lookup_value
 from services.inbound_pipeline import InboundPipeline, InboundResult
 from webhooks.providers.base import ProviderEvent
@@ -46,7 +47,12 @@ log = logging.getLogger("sequencer.providers")
 #: Kinds written as records in the batch transaction (soft bounces too, see `_record_kind`).
 RECORD_KINDS = {"delivered", "open", "click", "deferred", "ignored"}
 #: The event-log type each record kind becomes.
-EVENT_TYPE = {"delivered": "delivered", "open": "opened", "click": "clicked", "deferred": "deferred"}
+EVENT_TYPE = {
+    "delivered": EventType.DELIVERED,
+    "open": EventType.OPENED,
+    "click": EventType.CLICKED,
+    "deferred": EventType.DEFERRED,
+}
 #: Consequences (bounces, complaints, replies) of one batch applied at once.
 CONSEQUENCE_CONCURRENCY = 8
 
@@ -58,7 +64,7 @@ async def to_pipeline(processor: InboundPipeline, event: PipelineEvent) -> Inbou
 
 def click_dedup_key(delivery_id: int, url: str) -> str:
     """One `clicked` event per delivery and link, whoever reports it (provider or /c/)."""
-    return f"clicked:{delivery_id}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    return f"{EventType.CLICKED}:{delivery_id}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -148,14 +154,14 @@ class ProviderIngest:
         # not take a round trip per event in a row); each is marked finished on its own.
         gate = asyncio.Semaphore(CONSEQUENCE_CONCURRENCY)
 
-        async def apply(event: ProviderEvent) -> str:
+        async def apply(event: ProviderEvent) -> InboundStatus:
             async with gate:
                 status = await self._consequence(event, matches.get(event.event_id))
                 async with self.sf() as session, session.begin():
                     await session.execute(
                         update(InboundEvent)
                         .where(InboundEvent.channel == provider, InboundEvent.provider_event_id == event.event_id)
-                        .values(status=status[:24])
+                        .values(status=status)
                     )
                 return status
 
@@ -178,7 +184,7 @@ class ProviderIngest:
                     "type": e.kind if e.kind != "bounce" else f"bounce_{e.bounce}",
                     "from_value": (e.recipient or e.sender or "")[:512],
                     "payload": e.model_dump(mode="json", exclude_none=True),
-                    "status": "received",
+                    "status": InboundStatus.RECEIVED,
                 }
                 for e in events
             ]
@@ -190,7 +196,7 @@ class ProviderIngest:
                 select(InboundEvent.provider_event_id).where(
                     InboundEvent.channel == provider,
                     InboundEvent.provider_event_id == any_(_texts(list(by_id))),
-                    InboundEvent.status == "received",
+                    InboundEvent.status == InboundStatus.RECEIVED,
                 )
             )
             pending = set(found.scalars())
@@ -268,28 +274,28 @@ class ProviderIngest:
     ) -> None:
         """Events and statuses for a whole batch in one transaction (all or nothing)."""
         rows: list[dict[str, Any]] = []
-        status: dict[str, str] = {}
+        status: dict[str, InboundStatus] = {}
         now = datetime.now(UTC)
         for event in events:
             match = matches.get(event.event_id)
             if event.kind == "ignored":
-                status[event.event_id] = "ignored"
+                status[event.event_id] = InboundStatus.IGNORED
                 summary.ignored += 1
                 continue
             if match is None:
-                status[event.event_id] = "unknown_message"
+                status[event.event_id] = InboundStatus.UNKNOWN_MESSAGE
                 summary.unknown_message += 1
                 continue
-            status[event.event_id] = "recorded"
+            status[event.event_id] = InboundStatus.RECORDED
             summary.recorded += 1
             if event.kind == "bounce":
-                type_, dedup = "soft_bounced", f"soft_bounced:{provider}:{event.event_id}"
+                type_, dedup = EventType.SOFT_BOUNCED, f"{EventType.SOFT_BOUNCED}:{provider}:{event.event_id}"
             elif event.kind == "open":
-                type_, dedup = "opened", f"opened:{match.delivery_id}"
+                type_, dedup = EventType.OPENED, f"{EventType.OPENED}:{match.delivery_id}"
             elif event.kind == "click":
-                type_, dedup = "clicked", click_dedup_key(match.delivery_id, event.url or "")
+                type_, dedup = EventType.CLICKED, click_dedup_key(match.delivery_id, event.url or "")
             elif event.kind == "delivered":
-                type_, dedup = "delivered", f"delivered:{match.delivery_id}"
+                type_, dedup = EventType.DELIVERED, f"{EventType.DELIVERED}:{match.delivery_id}"
             else:
                 type_, dedup = EVENT_TYPE[event.kind], f"{event.kind}:{provider}:{event.event_id}"
             data = {"provider": provider, "provider_event_id": event.event_id}
@@ -316,7 +322,7 @@ class ProviderIngest:
         async with self.sf() as session, session.begin():
             if rows:
                 await session.execute(insert(Event).on_conflict_do_nothing(index_elements=["dedup_key"]), rows)
-            for value in ("recorded", "unknown_message", "ignored"):
+            for value in (InboundStatus.RECORDED, InboundStatus.UNKNOWN_MESSAGE, InboundStatus.IGNORED):
                 ids = [k for k, v in status.items() if v == value]
                 if ids:
                     await session.execute(
@@ -326,7 +332,7 @@ class ProviderIngest:
                     )
 
     # ------------------------------------------------------------------ consequences
-    async def _consequence(self, event: ProviderEvent, match: _Match | None) -> str:
+    async def _consequence(self, event: ProviderEvent, match: _Match | None) -> InboundStatus:
         assert self.processor is not None
         if event.kind == "unsubscribe":
             return await self._unsubscribe(event, match)
@@ -337,7 +343,7 @@ class ProviderIngest:
         }
         if event.kind in ("reply", "followed_back"):
             if not event.sender:
-                return "unknown_sender"
+                return InboundStatus.UNKNOWN_SENDER
             inbound = PipelineEvent(
                 channel=event.channel,
                 type="reply" if event.kind == "reply" else "followed_back",
@@ -371,8 +377,10 @@ class ProviderIngest:
         async with self.sf() as session, session.begin():
             await session.execute(
                 update(Delivery)
-                .where(Delivery.id == match.delivery_id, Delivery.status == "sent")
-                .values(status="bounced", error=f"{event.provider}: {event.reason or 'hard bounce'}"[:2000])
+                .where(Delivery.id == match.delivery_id, Delivery.status == DeliveryStatus.SENT)
+                .values(
+                    status=DeliveryStatus.BOUNCED, error=f"{event.provider}: {event.reason or 'hard bounce'}"[:2000]
+                )
             )
         await self._signal(
             [match.workflow_id],
@@ -380,7 +388,7 @@ class ProviderIngest:
             ControlSignal(reason=f"bounced: hard bounce reported by {event.provider}", source=event.provider),
         )
 
-    async def _unsubscribe(self, event: ProviderEvent, match: _Match | None) -> str:
+    async def _unsubscribe(self, event: ProviderEvent, match: _Match | None) -> InboundStatus:
         """A provider-side unsubscribe: suppress the person and stop every sequence."""
         person_id = match.person_id if match else None
         if person_id is None and event.recipient:
@@ -396,7 +404,7 @@ class ProviderIngest:
                         )
                     ).scalar_one_or_none()
         if person_id is None:
-            return "unknown_sender"
+            return InboundStatus.UNKNOWN_SENDER
         assert self.processor is not None
         key = f"{event.provider}:{event.event_id}"[:200]
         await self.processor.unsubscribe(
@@ -408,7 +416,7 @@ class ProviderIngest:
             via=event.provider,
             channel="email",
         )
-        return "unsubscribed"
+        return InboundStatus.UNSUBSCRIBED
 
     async def _signal(self, workflow_ids: list[str], name: str, arg: ControlSignal) -> None:
         if self.client is None:
