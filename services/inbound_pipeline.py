@@ -309,6 +309,20 @@ class InboundPipeline:
         )
         return True
 
+    async def unsubscribe_by_link(self, person_id: int) -> bool:
+        """The unsubscribe link or RFC 8058 one-click POST: the suppression holds even when
+        the signals cannot be delivered now (each send checks it); one event per person."""
+        return await self.unsubscribe(
+            person_id,
+            reason="unsubscribe",
+            source="link",
+            event_key="link",
+            signal_reason="unsubscribe link",
+            via="link",
+            best_effort=True,
+            person_event_key=f"{EventType.UNSUBSCRIBED}:link:{person_id}",
+        )
+
     # ------------------------------------------------------------------ helpers
     def _unsubscribe_request(self, event: InboundEvent) -> int | None:
         """The person named by the token of a List-Unsubscribe mailto request (None: no valid token).

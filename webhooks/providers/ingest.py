@@ -22,7 +22,6 @@ then our own Message-ID. An event that matches nothing is recorded as
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, Seque
 from models.enrollment import ControlSignal
 from models.inbound import InboundEvent as PipelineEvent
 from models.outcomes import DeliveryStatus, EventType, InboundStatus
+from services.engagement import click_dedup_key, open_dedup_key
 from services.identities import lookup_value
 from services.inbound_pipeline import InboundPipeline, InboundResult
 from webhooks.providers.base import ProviderEvent
@@ -60,11 +60,6 @@ CONSEQUENCE_CONCURRENCY = 8
 async def to_pipeline(processor: InboundPipeline, event: PipelineEvent) -> InboundResult:
     """The one place where provider events enter the inbound pipeline."""
     return await processor.process(event)
-
-
-def click_dedup_key(delivery_id: int, url: str) -> str:
-    """One `clicked` event per delivery and link, whoever reports it (provider or /c/)."""
-    return f"{EventType.CLICKED}:{delivery_id}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -291,7 +286,7 @@ class ProviderIngest:
             if event.kind == "bounce":
                 type_, dedup = EventType.SOFT_BOUNCED, f"{EventType.SOFT_BOUNCED}:{provider}:{event.event_id}"
             elif event.kind == "open":
-                type_, dedup = EventType.OPENED, f"{EventType.OPENED}:{match.delivery_id}"
+                type_, dedup = EventType.OPENED, open_dedup_key(match.delivery_id)
             elif event.kind == "click":
                 type_, dedup = EventType.CLICKED, click_dedup_key(match.delivery_id, event.url or "")
             elif event.kind == "delivered":

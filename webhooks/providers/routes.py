@@ -31,11 +31,13 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
+from db.session import SessionFactory
 from db.tables import InboundEvent, WebhookToken
-from settings import Settings
+from webhooks.deps import SettingsDep, WebhookDeps, WebhookDepsDep
 from webhooks.providers import mailgun, postmark, sendgrid, ses, standard, x_activity
 from webhooks.providers.base import ProviderAuthError, ProviderEvent, ProviderFormatError, basic_auth_ok
 from webhooks.providers.ingest import PipelineUnavailable, ProviderIngest
+from webhooks.refusal import read_body
 
 log = logging.getLogger("sequencer.providers")
 router = APIRouter()
@@ -44,26 +46,6 @@ PROVIDERS = ("sendgrid", "sendgrid-inbound", "postmark", "mailgun", "ses", "rese
 
 def _secrets(values: list[SecretStr]) -> list[str]:
     return [v.get_secret_value() for v in values if v.get_secret_value()]
-
-
-def _certs(request: Request, cfg: Settings) -> ses.CertificateCache:
-    cache = getattr(request.app.state, "sns_certs", None)
-    if cache is None:
-        cache = ses.CertificateCache(cfg.sns_cert_host_pattern, ca_file=cfg.sns_ca_file or None)
-        request.app.state.sns_certs = cache
-    return cache
-
-
-async def _body(request: Request, limit: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return body
 
 
 def form_fields(content_type: str, body: bytes) -> dict[str, str]:
@@ -85,14 +67,13 @@ def form_fields(content_type: str, body: bytes) -> dict[str, str]:
 
 
 async def _remember_token(
-    request: Request, provider: str, token: str, event_ids: list[str], *, keep_seconds: int
+    sf: SessionFactory, provider: str, token: str, event_ids: list[str], *, keep_seconds: int
 ) -> None:
     """Accept a signature token once: again only for a retry of the very same event.
 
     Tokens older than `keep_seconds` are forgotten: their timestamps are outside the
     replay window by then, so they are refused before this table is consulted.
     """
-    sf = request.app.state.deps.session_factory
     marker = ",".join(event_ids)[:200] or "-"
     async with sf() as session, session.begin():
         await session.execute(
@@ -122,9 +103,8 @@ async def _remember_token(
 
 
 @router.get("/webhooks/providers/x")
-async def x_crc(request: Request, crc_token: str | None = None) -> Response:
+async def x_crc(cfg: SettingsDep, crc_token: str | None = None) -> Response:
     """X's challenge-response check, answered from memory (X allows ~3 seconds)."""
-    cfg: Settings = request.app.state.deps.settings
     secrets = _secrets(cfg.x_consumer_secrets)
     if not secrets:
         return JSONResponse({"error": "no X consumer secret is configured (X_CONSUMER_SECRETS)"}, status_code=401)
@@ -134,20 +114,17 @@ async def x_crc(request: Request, crc_token: str | None = None) -> Response:
 
 
 @router.post("/webhooks/providers/{provider}")
-async def provider_webhook(provider: str, request: Request) -> Response:
-    """One provider delivery: verify, parse, ingest."""
-    deps = request.app.state.deps
-    cfg: Settings = deps.settings
+async def provider_webhook(provider: str, request: Request, deps: WebhookDepsDep) -> Response:
+    """One provider delivery: verify, parse, ingest (Temporal is reached only after verifying)."""
+    cfg = deps.settings
     if provider not in PROVIDERS:
         return JSONResponse({"error": f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}"}, 404)
-    body = await _body(request, cfg.provider_max_body_bytes)
-    if body is None:
-        return JSONResponse({"error": f"body larger than {cfg.provider_max_body_bytes} bytes"}, status_code=413)
+    body = await read_body(request, cfg.provider_max_body_bytes)
     headers = {k.lower(): v for k, v in request.headers.items()}
     now = time.time()
     window = cfg.provider_replay_window_seconds
     try:
-        events, extra = await _verify_and_parse(request, provider, cfg, headers, body, now, window)
+        events, extra = await _verify_and_parse(deps, provider, headers, body, now, window)
     except ProviderAuthError as err:
         return JSONResponse({"error": f"authentication: {err}"}, status_code=401)
     except ProviderFormatError as err:
@@ -171,8 +148,9 @@ async def provider_webhook(provider: str, request: Request) -> Response:
 
 
 async def _verify_and_parse(
-    request: Request, provider: str, cfg: Settings, headers: dict[str, str], body: bytes, now: float, window: int
+    deps: WebhookDeps, provider: str, headers: dict[str, str], body: bytes, now: float, window: int
 ) -> tuple[list[ProviderEvent], Response | None]:
+    cfg = deps.settings
     if provider == "sendgrid":
         sendgrid.verify(cfg.sendgrid_webhook_public_keys, headers, body, now=now, window_seconds=window)
         return sendgrid.parse_events(body), None
@@ -189,11 +167,11 @@ async def _verify_and_parse(
         token = mailgun.verify(_secrets(cfg.mailgun_signing_keys), data, now=now, window_seconds=window)
         events = mailgun.parse(data)
         keep = 2 * window + 600  # well past the window (clock skew both ways)
-        await _remember_token(request, provider, token, [e.event_id for e in events], keep_seconds=keep)
+        await _remember_token(deps.session_factory, provider, token, [e.event_id for e in events], keep_seconds=keep)
         return events, None
     if provider == "ses":
         msg = ses.load(body)
-        certs = _certs(request, cfg)
+        certs = deps.certificates()
         await ses.verify(msg, certs, cfg.ses_topic_arns, now=now, max_age_seconds=cfg.sns_max_age_seconds)
         if msg["Type"] == "SubscriptionConfirmation":
             try:
