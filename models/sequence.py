@@ -9,7 +9,6 @@ never depends on the database copy of its version.
 
 from __future__ import annotations
 
-import re
 import zoneinfo
 from datetime import datetime, time
 from enum import StrEnum
@@ -17,6 +16,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.durations import Duration
+from models.time_fields import ClockTime, TimeZone, clock, to_zone
 
 
 class Action(StrEnum):
@@ -107,7 +107,6 @@ ALLOWED_TRIGGERS: dict[Action, frozenset[Trigger]] = {
 }
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
 class _Model(BaseModel):
@@ -155,11 +154,14 @@ class Step(_Model):
 
 
 class SendWindow(_Model):
-    """Days and local hours (in the person's time zone) when actions may run."""
+    """Days and local hours (in the person's time zone) when actions may run.
+
+    `start` and `end` are times of day, written "HH:MM" in files and in saved histories.
+    """
 
     days: list[str] = Field(default_factory=lambda: list(_DAYS[:5]))
-    start: str = "09:00"
-    end: str = "17:30"
+    start: ClockTime = time(9, 0)
+    end: ClockTime = time(17, 30)
 
     @field_validator("days")
     @classmethod
@@ -172,24 +174,21 @@ class SendWindow(_Model):
             raise ValueError("send window has no days")
         return days
 
-    @field_validator("start", "end")
-    @classmethod
-    def _hhmm(cls, value: str) -> str:
-        if not _HHMM.match(value):
-            raise ValueError(f"time {value!r} is not HH:MM (24-hour)")
-        return value
-
     def weekday_numbers(self) -> set[int]:
         """Days as `datetime.weekday()` numbers."""
         return {_DAYS.index(d) for d in self.days}
 
     def start_time(self) -> time:
         """The window's opening time of day."""
-        return time.fromisoformat(self.start)
+        return self.start
 
     def end_time(self) -> time:
         """The window's closing time of day."""
-        return time.fromisoformat(self.end)
+        return self.end
+
+    def hours(self) -> str:
+        """The hours as written, e.g. "09:00-17:30"."""
+        return f"{clock(self.start)}-{clock(self.end)}"
 
 
 class Timeline(_Model):
@@ -204,7 +203,8 @@ class SequenceDefinition(_Model):
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     description: str | None = None
-    timezone: str = "UTC"
+    #: The zone of people without one of their own (a name in files, a ZoneInfo here).
+    timezone: TimeZone = zoneinfo.ZoneInfo("UTC")
     timezone_field: str = "timezone"
     send_window: SendWindow | None = None
     timeline: Timeline | None = None
@@ -237,13 +237,13 @@ def aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=zoneinfo.ZoneInfo("UTC"))
 
 
-def zone(name: str | None, fallback: str = "UTC") -> zoneinfo.ZoneInfo:
+def zone(name: str | None, fallback: str | zoneinfo.ZoneInfo = "UTC") -> zoneinfo.ZoneInfo:
     """A ZoneInfo for a person's zone name, falling back when it is missing or unknown."""
     for candidate in (name, fallback, "UTC"):
         if candidate:
             try:
-                return zoneinfo.ZoneInfo(candidate)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                return to_zone(candidate)
+            except ValueError:
                 continue
     return zoneinfo.ZoneInfo("UTC")
 
@@ -251,8 +251,8 @@ def zone(name: str | None, fallback: str = "UTC") -> zoneinfo.ZoneInfo:
 def is_timezone(name: str) -> bool:
     """True when `name` is a known IANA zone."""
     try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        to_zone(name)
+    except ValueError:
         return False
     return True
 

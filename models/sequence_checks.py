@@ -8,7 +8,6 @@ reading so that one broken step does not hide the others.
 
 from __future__ import annotations
 
-import zoneinfo
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +27,9 @@ from models.sequence import (
     Trigger,
     Variant,
     aware,
+    zone,
 )
+from models.time_fields import clock
 
 __all__ = [
     "SequenceIssue",
@@ -78,7 +79,9 @@ def _pydantic_issues(raw: dict[str, Any], err: ValidationError) -> list[Sequence
             "extra_forbidden": "unknown-field",
             "missing": "required-field",
         }.get(e["type"], "invalid-field")
-        if field.endswith("action") and e["type"] == "enum":
+        if field == "timezone":
+            rule = "unknown-timezone"
+        elif field.endswith("action") and e["type"] == "enum":
             rule = "unknown-action"
         elif field.endswith("trigger") and e["type"] == "enum":
             rule = "unknown-trigger"
@@ -165,7 +168,7 @@ def check_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition | None, li
         for issue in graph_issues(lenient):
             if issue.step in placeholders and issue.rule not in _STRUCTURAL:
                 continue
-            if issue.step is None and issue.rule not in ("unknown-timezone", "send-window", "timeline"):
+            if issue.step is None and issue.rule not in ("send-window", "timeline"):
                 continue
             if (issue.step, issue.rule, issue.message) not in seen:
                 issues.append(issue)
@@ -228,10 +231,9 @@ def lenient_definition(raw: dict[str, Any]) -> tuple[SequenceDefinition, set[str
         except ValidationError:
             return None
 
-    tz = raw.get("timezone")
     definition = SequenceDefinition.model_construct(
         name=str(raw.get("name") or "?"),
-        timezone=tz if isinstance(tz, str) else "UTC",
+        timezone=zone(raw.get("timezone") if isinstance(raw.get("timezone"), str) else None),
         send_window=part(SendWindow, raw.get("send_window")),
         timeline=part(Timeline, raw.get("timeline")),
         steps=steps,
@@ -286,17 +288,13 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
     def add(step: str | None, rule: str, message: str) -> None:
         issues.append(SequenceIssue(step=step, rule=rule, message=message))
 
-    try:
-        zoneinfo.ZoneInfo(d.timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        add(None, "unknown-timezone", f"timezone {d.timezone!r} is not an IANA time zone")
     if d.send_window is not None:
         w = d.send_window
         if w.start_time() >= w.end_time():
             add(
                 None,
                 "send-window",
-                f"send window is empty or inverted: start {w.start} is not before end {w.end}",
+                f"send window is empty or inverted: start {clock(w.start)} is not before end {clock(w.end)}",
             )
     if d.timeline and d.timeline.start and d.timeline.end:
         if aware(d.timeline.start) >= aware(d.timeline.end):

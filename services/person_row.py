@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from models.identity_kinds import FIELD_KIND
-from models.sequence import is_timezone
+from models.time_fields import ZoneName
 from services.identities import normalize
 
 __all__ = ["MAX_LENGTH", "PERSON_COLUMNS", "PersonRow", "RowProblems"]
@@ -28,7 +28,7 @@ class RowProblems(ValueError):
 
 Name = Annotated[str | None, StringConstraints(max_length=MAX_LENGTH["first_name"])]
 Company = Annotated[str | None, StringConstraints(max_length=MAX_LENGTH["company"])]
-Zone = Annotated[str | None, StringConstraints(max_length=MAX_LENGTH["timezone"])]
+Zone = Annotated[ZoneName, StringConstraints(max_length=MAX_LENGTH["timezone"])] | None
 
 
 class PersonRow(BaseModel):
@@ -44,13 +44,6 @@ class PersonRow(BaseModel):
     identities: dict[str, str] = Field(default_factory=dict)
     #: other columns, by their own name
     custom: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is not None and not is_timezone(value):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Paris)")
-        return value
 
     @classmethod
     def from_cells(cls, row: dict[str, str]) -> PersonRow:
