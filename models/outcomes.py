@@ -92,13 +92,13 @@ class EventType(StrEnum):
     STEP_STARTED = "step_started"
     COMPLETED = "completed"
     ENDED = "ended"  # any other terminal status (data.status says which)
-    # the send path (the ledger's final states are logged under their own name)
-    SENT = "sent"
-    FAILED = "failed"
-    BOUNCED = "bounced"
-    UNCERTAIN = "uncertain"
-    SUPPRESSED = "suppressed"
-    SKIPPED = "skipped"
+    # the send path: a ledger row's final state is logged under its own name
+    SENT = DeliveryStatus.SENT.value
+    FAILED = DeliveryStatus.FAILED.value
+    BOUNCED = DeliveryStatus.BOUNCED.value
+    UNCERTAIN = DeliveryStatus.UNCERTAIN.value
+    SUPPRESSED = DeliveryStatus.SUPPRESSED.value
+    SKIPPED = DeliveryStatus.SKIPPED.value
     RESCHEDULED = "rescheduled"  # the moment-of-send gate sent it back to the governor
     DEFERRED_UNTIL = "deferred_until"  # no slot today: the governor's answer, with why
     IDENTITY_RESOLVED = "identity_resolved"

@@ -8,6 +8,8 @@ the dedup keys below are shared with the provider ingest for that reason.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,25 +36,23 @@ def open_dedup_key(delivery_id: int) -> str:
 
 async def record_open(sf: SessionFactory, key: str) -> bool:
     """Append the `opened` event of the delivery with this idempotency key (False if known or unknown)."""
-    async with sf() as session, session.begin():
-        found = await _delivery(session, key)
-        if found is None:
-            return False
-        delivery, ref = found
-        return await append_event(
-            session,
-            type_=EventType.OPENED,
-            ref=ref,
-            step_id=delivery.step_id,
-            variant=delivery.variant,
-            channel=delivery.channel,
-            delivery_id=delivery.id,
-            dedup_key=open_dedup_key(delivery.id),
-        )
+    return await _append(sf, key, EventType.OPENED, open_dedup_key, {})
 
 
 async def record_click(sf: SessionFactory, key: str, url: str) -> bool:
     """Append the `clicked` event for this delivery and link (False if already recorded or unknown)."""
+    return await _append(
+        sf,
+        key,
+        EventType.CLICKED,
+        lambda delivery_id: click_dedup_key(delivery_id, url),
+        {"url": url[:2000], "via": "link"},
+    )
+
+
+async def _append(
+    sf: SessionFactory, key: str, type_: EventType, dedup_key: Callable[[int], str], data: dict[str, Any]
+) -> bool:
     async with sf() as session, session.begin():
         found = await _delivery(session, key)
         if found is None:
@@ -60,14 +60,14 @@ async def record_click(sf: SessionFactory, key: str, url: str) -> bool:
         delivery, ref = found
         return await append_event(
             session,
-            type_=EventType.CLICKED,
+            type_=type_,
             ref=ref,
             step_id=delivery.step_id,
             variant=delivery.variant,
             channel=delivery.channel,
             delivery_id=delivery.id,
-            dedup_key=click_dedup_key(delivery.id, url),
-            data={"url": url[:2000], "via": "link"},
+            dedup_key=dedup_key(delivery.id),
+            data=data,
         )
 
 

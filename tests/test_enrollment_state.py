@@ -26,5 +26,6 @@ def test_a_new_state_begins_and_keeps_its_stage_across_a_round_trip() -> None:
 
 
 def test_phases_read_as_the_strings_users_already_match() -> None:
-    assert Phase.WAITING == "waiting" and Phase.WAITING_FOR_SLOT == "waiting for send slot"
+    assert Phase.WAITING.value == "waiting" and Phase.WAITING_FOR_SLOT.value == "waiting for send slot"
+    assert f"{Phase.WAITING}" == "waiting" and str(Phase.WAITING_FOR_SLOT) == "waiting for send slot"
     assert Phase("scheduled") is Phase.SCHEDULED

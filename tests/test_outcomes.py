@@ -36,7 +36,7 @@ def test_members_are_their_strings_in_json_and_back() -> None:
         inbound: InboundStatus
 
     row = Row.model_validate({"status": "sent", "event": "step_started", "inbound": "unknown_sender"})
-    assert row.status is DeliveryStatus.SENT and row.status == "sent"
+    assert row.status is DeliveryStatus.SENT and isinstance(row.status, str) and str(row.status) == "sent"
     assert json.loads(row.model_dump_json()) == {"status": "sent", "event": "step_started", "inbound": "unknown_sender"}
     assert f"{EventType.POSITIVE_REPLY}" == "positive_reply"
 

@@ -540,3 +540,36 @@ async def test_healthz_names_temporal_when_it_is_down_and_recovers_when_it_comes
             assert retry.status_code == 202 and retry.json()["status"] == "unknown_sender"
         finally:
             forwarder.close()
+
+
+async def test_refusals_come_before_anything_waits_for_temporal(
+    temporal_env: WorkflowEnvironment, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routes' dependencies run in order (size, signature, channel, body, link token) and
+    only a request that passed them all makes the app try to reach a Temporal that is down."""
+    import webhooks.deps
+
+    attempts: list[str] = []
+
+    async def unreachable(cfg: Settings) -> Any:
+        attempts.append(cfg.temporal_address)
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(webhooks.deps, "connect", unreachable)
+    app = create_app(app_settings(temporal_env, database_url, temporal_address=f"127.0.0.1:{free_port()}"))
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
+        good = json.dumps({"event_id": "order", "type": "reply", "from": "a@b.test"}).encode()
+        bad = json.dumps({"event_id": "order", "type": "fax", "from": "a@b.test"}).encode()
+        refused = [
+            (await http.post("/webhooks/email", content=b"x" * 5000, headers=signed(b"x" * 5000))).status_code,
+            (await http.post("/webhooks/email", content=good, headers={"X-Signature": "t=1,v2=00"})).status_code,
+            (await http.post("/webhooks/fax", content=good, headers=signed(good, channel="fax"))).status_code,
+            (await http.post("/webhooks/email", content=bad, headers=signed(bad))).status_code,
+            (await http.post("/u/not-a-token", content=b"List-Unsubscribe=One-Click")).status_code,
+            (await http.get("/u/not-a-token")).status_code,
+        ]
+        assert refused == [413, 401, 404, 400, 400, 400]
+        assert attempts == []
+        queued = await http.post("/webhooks/email", content=good, headers=signed(good))
+        assert queued.status_code == 503 and queued.json() == {"error": "Temporal is not reachable; retry later"}
+        assert len(attempts) == 1

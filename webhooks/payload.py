@@ -10,14 +10,15 @@ from pydantic import BaseModel, Field, field_validator
 
 from models.inbound import InboundEvent
 
-EventType = Literal["reply", "connection_accepted", "followed_back", "replied_to_note", "bounce", "complaint"]
+#: The kinds of `InboundType` a caller of the signed webhook may send (the rest are the mail reader's).
+WebhookType = Literal["reply", "connection_accepted", "followed_back", "replied_to_note", "bounce", "complaint"]
 
 
 class InboundPayload(BaseModel):
     """The body of `POST /webhooks/{channel}`."""
 
     event_id: str = Field(min_length=1, max_length=300)
-    type: EventType
+    type: WebhookType
     from_: str = Field(alias="from", min_length=1, max_length=512)
     text: str | None = Field(default=None, max_length=100_000)
     in_reply_to: str | None = Field(default=None, max_length=1000)
