@@ -27,6 +27,7 @@ from db.tables import InboundEvent
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from services.tokens import make_token
+from settings import Settings
 from tests.engine_harness import LINK_SECRET, events_of, make_sender, wait_for_status
 from tests.webhook_harness import (
     WEBHOOK_SECRET,
