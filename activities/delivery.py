@@ -61,7 +61,7 @@ from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
 from activities.records import write_event, write_finish
-from activities.send_gate import RESCHEDULE, activity_now, check_send_gate
+from activities.send_gate import activity_now, check_send_gate
 from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
@@ -69,12 +69,14 @@ from models.activities import (
     DeliverInput,
     DeliverOutput,
     FinishInput,
+    RecordEventInput,
     ReserveSlotInput,
     ReserveSlotOutput,
     SendStepInput,
     SendStepOutput,
 )
 from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
+from models.outcomes import DELIVERY_FINAL, DELIVERY_IN_FLIGHT, DeliveryStatus
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
 from services import sender_breaker
 from services.click_tracking import rewrite_html, rewrite_text
@@ -87,15 +89,18 @@ from services.tokens import make_token
 
 
 @dataclass
-class _Ending:
-    """The enrollment's end, to record with an outcome that ends the walk (`send_step`)."""
+class _Extras:
+    """What `send_step` writes with its send: the step's start (in the claim's transaction)
+    and the enrollment's end (in the outcome's, when the outcome ends the walk)."""
 
-    finish: FinishInput
-    recorded: bool = False
+    started: RecordEventInput | None = None
+    finish: FinishInput | None = None
+    started_done: bool = False
+    finish_done: bool = False
 
 
-#: Set by `send_step` for its own task: the end `_finalize` records in the outcome's transaction.
-_ENDING: ContextVar[_Ending | None] = ContextVar("send_step_ending", default=None)
+#: Set by `send_step` for its own task (each activity runs in a task of its own).
+_EXTRAS: ContextVar[_Extras | None] = ContextVar("send_step_extras", default=None)
 
 #: Monotonic time at which this task's `deliver` attempt began (see `_accepted_at`).
 _ATTEMPT_T0: ContextVar[float | None] = ContextVar("deliver_attempt_t0", default=None)
@@ -119,9 +124,8 @@ def _accepted_at() -> datetime:
     return started.astimezone(UTC) + timedelta(seconds=time.monotonic() - t0)
 
 
-FINAL = {"sent", "failed", "bounced", "uncertain", "suppressed", "skipped"}
 #: Outcomes after which a step whose only edge is END ends the enrollment as completed.
-ENDS_THE_WALK = {"sent", "uncertain", "skipped"}
+ENDS_THE_WALK = {"sent", DeliveryStatus.UNCERTAIN, DeliveryStatus.SKIPPED}
 #: `send_step` sends at once when its slot is at most this far off (it waits that long
 #: first); a later slot is the workflow's to wait for, on a durable timer.
 SEND_AT_ONCE = timedelta(seconds=2)
@@ -250,32 +254,40 @@ class DeliveryActivities:
         paused, no slot within a year, the database away) nothing is sent and the workflow
         asks through `reserve_send_slot`, whose retries wait as long as that takes.
         """
+        t0 = time.monotonic()
         async with _heartbeating():
             try:
-                if inp.started is not None:
-                    async with self.session_factory() as session, session.begin():
-                        await write_event(session, inp.started)
                 slot = await self._reserve(inp.reserve)
             except Exception as err:  # noqa: BLE001 - `reserve_send_slot` retries it as long as it takes
                 activity.logger.info("send_step %s: no slot now (%s); asking again", inp.reserve.step_id, err)
                 return SendStepOutput()
-            if slot.ended or slot.sender_id is None:
-                return SendStepOutput(slot=slot)
-            wait = (slot.slot_at - activity_now(inp.deliver.now)).total_seconds()
-            if wait > SEND_AT_ONCE.total_seconds():
+            extras = _Extras(inp.started, inp.finish)
+            # now on Temporal's clock: this attempt's start plus the time the reservation took
+            wait = (slot.slot_at - activity_now(inp.deliver.now)).total_seconds() - (time.monotonic() - t0)
+            if slot.ended or slot.sender_id is None or wait > SEND_AT_ONCE.total_seconds():
+                await self._write_extras(extras, None)
                 return SendStepOutput(slot=slot)
             if wait > 0:  # never before its slot
                 await asyncio.sleep(wait)
             request = inp.deliver.model_copy(update={"sender_id": slot.sender_id, "slot_at": slot.slot_at})
-            ending = _Ending(inp.finish) if inp.finish is not None else None
-            _ENDING.set(ending)  # `_finalize` records the end in the outcome's transaction
+            _EXTRAS.set(extras)  # the claim's and the outcome's transactions write them
             out = await self._deliver_step(request)
-            if ending is None or out.status not in ENDS_THE_WALK:
-                return SendStepOutput(slot=slot, delivered=out)
-            if not ending.recorded:  # an outcome recorded before (a retry): the end on its own
-                async with self.session_factory() as session, session.begin():
-                    await write_finish(session, ending.finish)
-            return SendStepOutput(slot=slot, delivered=out, finished=True)
+            await self._write_extras(extras, out.status)  # what those transactions did not
+            return SendStepOutput(slot=slot, delivered=out, finished=extras.finish_done)
+
+    async def _write_extras(self, extras: _Extras, status: str | None) -> None:
+        """The step's start if not written yet, and the end if `status` ends the walk and it is not."""
+        started = extras.started if not extras.started_done else None
+        finish = extras.finish if status in ENDS_THE_WALK and not extras.finish_done else None
+        if started is None and finish is None:
+            return
+        async with self.session_factory() as session, session.begin():
+            if started is not None:
+                await write_event(session, started)
+            if finish is not None:
+                await write_finish(session, finish)
+        extras.started_done = extras.started_done or started is not None
+        extras.finish_done = extras.finish_done or finish is not None
 
     # ------------------------------------------------------------------ deliver
     @activity.defn(name="deliver")
@@ -310,10 +322,14 @@ class DeliveryActivities:
         kind = Channel(channel)
         async with self.session_factory() as session, session.begin():
             delivery = await self._claim_in(session, inp, key, channel, me)
+            extras = _EXTRAS.get()
+            if extras is not None and extras.started is not None and not extras.started_done:
+                await write_event(session, extras.started)  # the step's start, with its claim
+                extras.started_done = True
             # what the send needs, read in the claim's transaction when this attempt owns the row
-            ours = delivery.status == "claimed" and delivery.owner == me.token
+            ours = delivery.status == DeliveryStatus.CLAIMED and delivery.owner == me.token
             found = await self._recipient(session, inp) if ours else None
-        if delivery.status in FINAL:
+        if delivery.status in DELIVERY_FINAL:
             return self._output(delivery, duplicate=True)
         if delivery.status == "sending":  # an earlier attempt may have written to the provider
             if delivery.owner_attempt > me.attempt:
@@ -321,9 +337,9 @@ class DeliveryActivities:
             return await self._finalize(
                 inp,
                 delivery,
-                "uncertain",
+                DeliveryStatus.UNCERTAIN,
                 error="the process stopped after calling the provider",
-                expect=("sending",),
+                expect=(DeliveryStatus.SENDING,),
                 owner=delivery.owner,
                 new_owner=me,
             )
@@ -333,21 +349,21 @@ class DeliveryActivities:
         assert found is not None  # read above: this attempt owns the row
         person, identities, sender, suppressions = found
         if person is None:
-            return await self._finalize(inp, delivery, "failed", error="unknown person")
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error="unknown person")
         target = next((i for i in identities if i.channel == target_kind(kind)), None)
         stand_in = stand_in_kind(kind)
         if target is None and stand_in:
             target = next((i for i in identities if i.channel == stand_in), None)
         if target is None:  # nothing to send to on this channel: the lead moves on
             wanted = " or ".join(kinds_for_channel(kind))
-            return await self._finalize(inp, delivery, "skipped", error=f"person has no {wanted} identity")
+            return await self._finalize(inp, delivery, DeliveryStatus.SKIPPED, error=f"person has no {wanted} identity")
         if sender is None:
-            return await self._finalize(inp, delivery, "failed", error="no sender account")
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error="no sender account")
 
         # The gate: right before the provider call (and before any lookup at the provider).
         blocked = _gate(person, target, suppressions)
         if blocked:
-            return await self._finalize(inp, delivery, "suppressed", error=blocked)
+            return await self._finalize(inp, delivery, DeliveryStatus.SUPPRESSED, error=blocked)
         if is_paused(sender, _now(inp)):  # the breaker holds it: the lead waits, nothing is sent
             raise await self._sender_paused(inp, delivery, me, sender.id, describe(sender))
         if stand_in and target.channel == stand_in:
@@ -360,7 +376,7 @@ class DeliveryActivities:
                 )
             blocked = _gate(person, resolved, more)
             if blocked:
-                return await self._finalize(inp, delivery, "suppressed", error=blocked)
+                return await self._finalize(inp, delivery, DeliveryStatus.SUPPRESSED, error=blocked)
             target = resolved
             identities.append(resolved)
             await self._hook("after_resolve")
@@ -368,7 +384,7 @@ class DeliveryActivities:
         try:
             content = render_step(step, inp.variant, person_context(person, identities))
         except Exception as err:  # a template problem is permanent: never half-send
-            return await self._finalize(inp, delivery, "failed", error=f"template: {err}")
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"template: {err}")
 
         clicks = await self._click_tracking(inp) if channel == "email" else None
         message = self._message(inp, key, channel, sender, target, content, clicks, message_id=delivery.message_id)
@@ -383,7 +399,7 @@ class DeliveryActivities:
         key, channel = delivery.idempotency_key, message.channel
         client = self.channels.get(channel)
         if client is None:
-            return await self._finalize(inp, delivery, "failed", error=f"no {channel} channel")
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"no {channel} channel")
         target_id = target.id
 
         async def mark_sending() -> None:
@@ -393,13 +409,17 @@ class DeliveryActivities:
                 won = await _transition(
                     session,
                     delivery.id,
-                    expect=("claimed", "sending"),  # `sending`: the pool's one reconnect calls it again
+                    expect=(
+                        DeliveryStatus.CLAIMED,
+                        DeliveryStatus.SENDING,
+                    ),  # `sending`: the pool's one reconnect calls it again
                     owner=me.token,
                     values={
-                        "status": "sending",
+                        "status": DeliveryStatus.SENDING,
                         "message_id": message.message_id,
                         "identity_id": target_id,
-                        "attempts_made": Delivery.attempts_made + (Delivery.status == "claimed").cast(Integer),
+                        "attempts_made": Delivery.attempts_made
+                        + (Delivery.status == DeliveryStatus.CLAIMED).cast(Integer),
                     },
                 )
             if not won:
@@ -416,9 +436,9 @@ class DeliveryActivities:
                 won = await _transition(
                     session,
                     delivery.id,
-                    expect=("claimed", "sending"),
+                    expect=DELIVERY_IN_FLIGHT,
                     owner=me.token,
-                    values={"status": "claimed", "error": str(err)},
+                    values={"status": DeliveryStatus.CLAIMED, "error": str(err)},
                 )
                 if won and err.code in THROTTLE_CODES and inp.sender_id is not None:
                     await sender_breaker.record_throttle(
@@ -432,14 +452,14 @@ class DeliveryActivities:
                 next_retry_delay=(timedelta(seconds=err.retry_after) if err.retry_after else None),
             ) from err
         except PermanentChannelError as err:
-            status = "bounced" if err.bounce else "failed"
+            status = DeliveryStatus.BOUNCED if err.bounce else DeliveryStatus.FAILED
             out = await self._finalize(
                 inp,
                 delivery,
                 status,
                 error=str(err),
                 bounce_identity=target if err.bounce else None,
-                expect=("claimed", "sending"),
+                expect=DELIVERY_IN_FLIGHT,
             )
             if err.bounce and inp.sender_id is not None:
                 async with self.session_factory() as session, session.begin():
@@ -447,11 +467,21 @@ class DeliveryActivities:
                         activity.logger.warning("sender %s paused: bounce rate over threshold", inp.sender_id)
             return out
         except UncertainChannelError as err:
-            return await self._finalize(inp, delivery, "uncertain", error=str(err), expect=("claimed", "sending"))
+            return await self._finalize(
+                inp,
+                delivery,
+                DeliveryStatus.UNCERTAIN,
+                error=str(err),
+                expect=DELIVERY_IN_FLIGHT,
+            )
         await self._hook("after_send")
         delivery.message_id = message.message_id
         return await self._finalize(
-            inp, delivery, "sent", provider_message_id=result.provider_message_id, expect=("sending",)
+            inp,
+            delivery,
+            DeliveryStatus.SENT,
+            provider_message_id=result.provider_message_id,
+            expect=(DeliveryStatus.SENDING,),
         )
 
     async def _sender_refused(
@@ -480,15 +510,21 @@ class DeliveryActivities:
         """
         gate = inp.slot_at is not None
         async with self.session_factory() as session, session.begin():
-            values: dict[str, Any] = {"status": "claimed", "error": f"sender {sender_id} {why}"}
+            values: dict[str, Any] = {"status": DeliveryStatus.CLAIMED, "error": f"sender {sender_id} {why}"}
             if gate:
                 values.update(owner=None, owner_attempt=0)
-            won = await _transition(session, delivery.id, expect=("claimed", "sending"), owner=me.token, values=values)
+            won = await _transition(
+                session,
+                delivery.id,
+                expect=DELIVERY_IN_FLIGHT,
+                owner=me.token,
+                values=values,
+            )
             sender = await session.get(SenderAccount, sender_id) if sender_id is not None else None
         if not won:
             raise _Lost("taken while the sender was paused")
         if gate:
-            return _Rescheduled(DeliverOutput(status=RESCHEDULE, error=f"sender {sender_id} {why}"))
+            return _Rescheduled(DeliverOutput(status=DeliveryStatus.RESCHEDULE, error=f"sender {sender_id} {why}"))
         now = _now(inp)
         wait = self.config.breaker.cooldown
         if sender is not None and sender.paused_until is not None:
@@ -550,7 +586,7 @@ class DeliveryActivities:
                 await session.execute(select(Delivery).where(Delivery.idempotency_key == key))
             ).scalar_one_or_none()
         activity.logger.info("delivery %s: attempt %s stood down (%s)", key, me.attempt, lost)
-        if delivery is not None and delivery.status in FINAL:
+        if delivery is not None and delivery.status in DELIVERY_FINAL:
             return self._output(delivery, duplicate=True)
         raise ApplicationError(
             f"delivery {key}: attempt {me.attempt} no longer owns the ledger row ({lost}); it sent nothing",
@@ -572,7 +608,7 @@ class DeliveryActivities:
             return await self._finalize(
                 inp,
                 delivery,
-                "failed",
+                DeliveryStatus.FAILED,
                 error=f"person has only the X handle @{handle.value} and the x channel cannot resolve handles",
             )
         try:
@@ -584,7 +620,7 @@ class DeliveryActivities:
                 won = await _transition(
                     session,
                     delivery.id,
-                    expect=("claimed",),
+                    expect=(DeliveryStatus.CLAIMED,),
                     owner=delivery.owner,
                     values={"error": f"resolving @{handle.value}: {err}"},
                 )
@@ -600,7 +636,7 @@ class DeliveryActivities:
             return await self._finalize(
                 inp,
                 delivery,
-                "bounced" if err.bounce else "failed",
+                DeliveryStatus.BOUNCED if err.bounce else DeliveryStatus.FAILED,
                 error=f"x handle @{handle.value} could not be resolved: {err}",
                 bounce_identity=handle if err.bounce else None,
             )
@@ -625,7 +661,7 @@ class DeliveryActivities:
             return await self._finalize(
                 inp,
                 delivery,
-                "failed",
+                DeliveryStatus.FAILED,
                 error=(
                     f"x handle @{handle.value} resolves to X user id {user_id}, which already belongs to "
                     f"person {err.owner_id}: the same X account is two people here; nothing was sent "
@@ -634,7 +670,7 @@ class DeliveryActivities:
             )
         except ValueError as err:  # not a user id: the resolver broke its contract
             return await self._finalize(
-                inp, delivery, "failed", error=f"x handle @{handle.value} resolved to a bad user id: {err}"
+                inp, delivery, DeliveryStatus.FAILED, error=f"x handle @{handle.value} resolved to a bad user id: {err}"
             )
         activity.logger.info("x handle @%s resolved to user id %s", handle.value, user_id)
         return identity
@@ -652,9 +688,9 @@ class DeliveryActivities:
         me = _Owner.current("give_up")
         for _ in range(10):
             delivery = await self._claim(inp, key, str(inp.step.channel), me, take_over=False)
-            if delivery.status in FINAL:
+            if delivery.status in DELIVERY_FINAL:
                 return self._output(delivery, duplicate=True)
-            status = "uncertain" if delivery.status == "sending" else "failed"
+            status = DeliveryStatus.UNCERTAIN if delivery.status == DeliveryStatus.SENDING else DeliveryStatus.FAILED
             try:
                 return await self._finalize(
                     inp,
@@ -697,7 +733,7 @@ class DeliveryActivities:
                     action=str(inp.step.action),
                     sender_id=inp.sender_id,
                     variant=inp.variant,
-                    status="claimed",
+                    status=DeliveryStatus.CLAIMED,
                     owner=me.token,
                     owner_attempt=me.attempt,
                 )
@@ -712,7 +748,7 @@ class DeliveryActivities:
         ).scalar_one()
         if (
             take_over
-            and delivery.status == "claimed"
+            and delivery.status == DeliveryStatus.CLAIMED
             and delivery.owner != me.token
             and (delivery.owner is None or delivery.owner_attempt < me.attempt)
         ):
@@ -879,7 +915,7 @@ class DeliveryActivities:
         error: str | None = None,
         provider_message_id: str | None = None,
         bounce_identity: Identity | None = None,
-        expect: tuple[str, ...] = ("claimed",),
+        expect: tuple[str, ...] = (DeliveryStatus.CLAIMED,),
         owner: str | None = None,
         new_owner: _Owner | None = None,
     ) -> DeliverOutput:
@@ -906,11 +942,11 @@ class DeliveryActivities:
             )
             if not won:
                 raise _Lost(f"could not record {status}: the row moved on")
-            ending = _ENDING.get()
-            if ending is not None and status in ENDS_THE_WALK:
-                await write_finish(session, ending.finish)
-                ending.recorded = True
-            if status == "sent" and inp.sender_id is not None:  # the breaker: a send went through
+            extras = _EXTRAS.get()
+            if extras is not None and extras.finish is not None and status in ENDS_THE_WALK:
+                await write_finish(session, extras.finish)
+                extras.finish_done = True
+            if status == DeliveryStatus.SENT and inp.sender_id is not None:  # the breaker: a send went through
                 if await sender_breaker.record_success(session, inp.sender_id, _now(inp)):
                     activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
             if bounce_identity is not None:
@@ -930,7 +966,7 @@ class DeliveryActivities:
                 channel=str(inp.step.channel),
                 delivery_id=delivery.id,
                 # `sent`: when the provider accepted it, not when the step was planned
-                occurred_at=now if status == "sent" else inp.now,
+                occurred_at=now if status == DeliveryStatus.SENT else inp.now,
                 dedup_key=f"{delivery.idempotency_key}:{status}",
                 data={
                     k: v

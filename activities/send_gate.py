@@ -22,10 +22,9 @@ from db.events import append_event
 from db.session import SessionFactory
 from db.tables import Delivery
 from models.activities import DeliverInput, DeliverOutput
+from models.outcomes import DeliveryStatus, EventType
 from models.schedule import send_gate
 from models.sequence import zone
-
-RESCHEDULE = "reschedule"
 
 
 def activity_now(floor: datetime) -> datetime:
@@ -61,7 +60,7 @@ async def check_send_gate(
         status = (
             await session.execute(select(Delivery.status).where(Delivery.idempotency_key == key).with_for_update())
         ).scalar_one_or_none()
-        if status not in (None, "claimed"):
+        if status not in (None, DeliveryStatus.CLAIMED):
             return None
         if status == "claimed":
             # Left by an earlier attempt (a transient error, or one that stalled and may still
@@ -69,12 +68,12 @@ async def check_send_gate(
             # compare-and-set to `sending` fails and the next round's `deliver` takes the row.
             await session.execute(
                 update(Delivery)
-                .where(Delivery.idempotency_key == key, Delivery.status == "claimed")
+                .where(Delivery.idempotency_key == key, Delivery.status == DeliveryStatus.CLAIMED)
                 .values(owner=None, owner_attempt=0)
             )
         await append_event(
             session,
-            type_="rescheduled",
+            type_=EventType.RESCHEDULED,
             ref=inp.ref,
             step_id=inp.step.id,
             channel=str(inp.step.channel) if inp.step.channel else None,
@@ -89,4 +88,4 @@ async def check_send_gate(
         )
     failed = activity.info().attempt - 1 if activity.in_activity() else 0
     activity.logger.info("delivery %s round %s: not sent now, %s: asking for a new slot", key, inp.round, why)
-    return DeliverOutput(status=RESCHEDULE, error=why, failed_attempts=max(failed, 0))
+    return DeliverOutput(status=DeliveryStatus.RESCHEDULE, error=why, failed_attempts=max(failed, 0))

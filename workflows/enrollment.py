@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         Stage,
         StatusView,
     )
+    from models.outcomes import EventType
     from models.schedule import as_aware, choose_variant
     from models.sequence import EVENT_TRIGGERS, Edge, Step, Trigger, zone
     from workflows import activity_calls as calls
@@ -259,7 +260,7 @@ class EnrollmentWorkflow(Sending):
         self.state.reached_via = via
         if visit == 1 and step.id == self.defn.first_step.id and self.inp.first_step_recorded:
             return  # the enrolling activity logged it with the enrollment, in bulk
-        started = self._event("step_started", step, action=str(step.action), visit=visit, via=via)
+        started = self._event(EventType.STEP_STARTED, step, action=str(step.action), visit=visit, via=via)
         if step.channel is not None and workflow.patched(calls.SEND_STEP_PATCH):
             self.started_event = started  # written by the send (or before the send waits)
             return

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         SendStepOutput,
     )
     from models.enrollment import EnrollmentStatus, Phase
+    from models.outcomes import DeliveryStatus, EventType
     from models.schedule import as_aware, earliest_action_time
     from models.sequence import Action, Channel, Step, Trigger
     from workflows import activity_calls as calls
@@ -33,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
 
 #: Deliver runs the moment-of-send gate and may answer `reschedule` (issue 11).
 SEND_GATE_PATCH = "send-gate-reschedule"
-RESCHEDULE = "reschedule"
 #: A send whose attempts keep failing across rescheduled rounds (an outage that does not end)
 #: ends as failed after this long, as `deliver`'s own retries would: rounds never loop forever.
 FAILING_ROUNDS_GIVE_UP = timedelta(hours=4)
@@ -71,7 +71,7 @@ class Sending(EnrollmentCore):
         while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
             slot, round_, sent = await self._book_slot(step, channel, desired, attempt, round_, replan)
             out = sent or await self._send(step, slot, attempt, round_)
-            if out.status != RESCHEDULE:
+            if out.status != DeliveryStatus.RESCHEDULE:
                 break
             failing_since = (failing_since or workflow.now()) if out.failed_attempts else None
             if failing_since is not None and workflow.now() - failing_since >= FAILING_ROUNDS_GIVE_UP:
@@ -91,13 +91,17 @@ class Sending(EnrollmentCore):
         self.last_delivery_status = out.status
         if self.state.path:
             self.state.path[-1].outcome = out.status
-        if out.status in ("sent", "uncertain") and out.message_id and step.action == Action.SEND_EMAIL:
+        if (
+            out.status in (DeliveryStatus.SENT, DeliveryStatus.UNCERTAIN)
+            and out.message_id
+            and step.action == Action.SEND_EMAIL
+        ):
             self.state.thread_message_ids.append(out.message_id)
-        if out.status == "suppressed":
+        if out.status == DeliveryStatus.SUPPRESSED:
             raise Terminal(EnrollmentStatus.SUPPRESSED, out.error or "suppressed")
-        if out.status in ("failed", "bounced"):
+        if out.status in (DeliveryStatus.FAILED, DeliveryStatus.BOUNCED):
             raise Terminal(EnrollmentStatus.FAILED, out.error or out.status)
-        self.state.skipped = out.status == "skipped"
+        self.state.skipped = out.status == DeliveryStatus.SKIPPED
 
     async def _book_slot(
         self, step: Step, channel: Channel, desired: datetime, attempt: int, round_: int, replan: bool
@@ -139,7 +143,7 @@ class Sending(EnrollmentCore):
             if slot.ended:
                 raise Terminal(EnrollmentStatus.EXPIRED, "campaign timeline ended before a send slot")
             if slot.sender_id is None:
-                await self._record("failed", step, error=f"no active {channel} sender account")
+                await self._record(EventType.FAILED, step, error=f"no active {channel} sender account")
                 raise Terminal(EnrollmentStatus.FAILED, f"no active {channel} sender account")
             self.state.senders[str(channel)] = slot.sender_id
             if not await self._sleep_until(slot.slot_at, Phase.WAITING_FOR_SLOT, step, replan=replan):
