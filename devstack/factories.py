@@ -48,8 +48,12 @@ async def make_person(
     company: str = "Acme",
     timezone: str = "UTC",
     fields: dict[str, Any] | None = None,
+    identities: Mapping[str, str] | None = None,
 ) -> int:
-    """Insert a person with an identity per channel given; the person's id."""
+    """Insert a person with an identity per channel given; the person's id.
+
+    `identities`: identities of other kinds (kind -> value), e.g. `{"x_handle": "ada_l"}`.
+    """
     async with sf() as s, s.begin():
         person = Person(
             first_name=first_name,
@@ -60,9 +64,10 @@ async def make_person(
         )
         s.add(person)
         await s.flush()
-        for channel, value in (("email", email), ("x", x), ("linkedin", linkedin), ("xmtp", xmtp)):
+        given = {"email": email, "x": x, "linkedin": linkedin, "xmtp": xmtp, **(identities or {})}
+        for kind, value in given.items():
             if value:
-                s.add(Identity(person_id=person.id, channel=channel, value=value))
+                s.add(Identity(person_id=person.id, channel=kind, value=value))
         return int(person.id)
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "Crash",
     "Sequencer",
     "all_senders",
+    "enroll",
     "events_of",
     "harness_settings",
     "make_person",
@@ -124,6 +125,14 @@ async def start_enrollment(
         start_signal=start_signal,
         start_signal_args=start_signal_args or [],
     )
+
+
+async def enroll(
+    client: Client, task_queue: str, sf: SessionFactory, raw: dict[str, Any] | str, person_id: int, **kw: Any
+) -> WorkflowHandle[Any, Any]:
+    """Store `raw` as a new version and enroll `person_id` in it (`kw`: `start_enrollment`'s options)."""
+    ref, defn = await store_version(sf, raw)
+    return await start_enrollment(client, task_queue, sf, ref, defn, person_id, **kw)
 
 
 async def wait_for_status(
@@ -331,9 +340,8 @@ class Sequencer:
 
     async def start(self, raw: dict[str, Any] | str, person: int | None = None, **kw: Any) -> WorkflowHandle[Any, Any]:
         """Store `raw` as a new version and enroll `person` (default: a new `lead()`)."""
-        ref, defn = await store_version(self.sf, raw)
         pid = person if person is not None else await self.lead()
-        return await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, pid, **kw)
+        return await enroll(self.env.client, self.task_queue, self.sf, raw, pid, **kw)
 
     async def start_many(self, raw: dict[str, Any], people: list[int]) -> list[WorkflowHandle[Any, Any]]:
         """One version of `raw`, every person in `people` enrolled in it."""

@@ -27,8 +27,9 @@ from services.people_import import import_people
 from tests.engine_harness import (
     Crash,
     all_senders,
+    enroll,
     events_of,
-    start_enrollment,
+    make_person,
     store_version,
     wait_for_status,
 )
@@ -39,16 +40,9 @@ X_SENDER = "900"  # the X sender account all_senders() creates
 
 
 async def _person(sf: SessionFactory, *, handle: str | None = None, x: str | None = None) -> int:
-    async with sf() as s, s.begin():
-        person = Person(first_name="Ada", last_name="Lovelace", company="Acme", timezone="UTC", fields={})
-        s.add(person)
-        await s.flush()
-        s.add(Identity(person_id=person.id, channel="email", value=f"{uuid.uuid4().hex[:8]}@lead.test"))
-        if handle:
-            s.add(Identity(person_id=person.id, channel="x_handle", value=handle))
-        if x:
-            s.add(Identity(person_id=person.id, channel="x", value=x))
-        return int(person.id)
+    """Ada with a fresh email address, an X handle and/or a numeric X id."""
+    email = f"{uuid.uuid4().hex[:8]}@lead.test"
+    return await make_person(sf, email=email, x=x, identities={"x_handle": handle} if handle else None)
 
 
 async def _identities(sf: SessionFactory, person_id: int) -> dict[str, str]:
@@ -84,11 +78,6 @@ def _follow_then_dm(name: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _enroll(env: Any, sf: SessionFactory, tq: str, raw: dict[str, Any], person_id: int) -> Any:
-    ref, defn = await store_version(sf, raw)
-    return await start_enrollment(env.client, tq, sf, ref, defn, person_id)
-
-
 async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_up_once(
     wired: Any,
     temporal_env: Any,
@@ -100,8 +89,8 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
     x_server.add_user("Ada_L", "777000111")
     pid = await _person(session_factory, handle="ada_l")
     async with wired():
-        handle = await _enroll(
-            temporal_env, session_factory, task_queue, _follow_then_dm(f"xh-{uuid.uuid4().hex[:6]}"), pid
+        handle = await enroll(
+            temporal_env.client, task_queue, session_factory, _follow_then_dm(f"xh-{uuid.uuid4().hex[:6]}"), pid
         )
         await wait_for_status(handle, lambda v: v.phase == "waiting")  # after the follow
         await temporal_env.sleep(timedelta(hours=1, minutes=5))  # skip past the 1 h NORMAL_EDGE
@@ -147,11 +136,15 @@ async def test_a_second_sequence_uses_the_cached_id_and_an_id_wins_over_a_handle
     grace = await _person(session_factory, handle="grace_h")
     both = await _person(session_factory, handle="both_h", x="424242")  # a stored id: never looked up
     async with wired():
-        first = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"a-{uuid.uuid4().hex[:6]}"), grace)
+        first = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"a-{uuid.uuid4().hex[:6]}"), grace
+        )
         assert (await first.result()).status == EnrollmentStatus.COMPLETED
         raw = dict(_dm_only(f"b-{uuid.uuid4().hex[:6]}"), allow_concurrent=True)
-        second = await _enroll(temporal_env, session_factory, task_queue, raw, grace)
-        third = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), both)
+        second = await enroll(temporal_env.client, task_queue, session_factory, raw, grace)
+        third = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), both
+        )
         assert (await second.result()).status == EnrollmentStatus.COMPLETED
         assert (await third.result()).status == EnrollmentStatus.COMPLETED
     assert x_server.lookups == ["grace_h"]
@@ -169,7 +162,9 @@ async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
     await all_senders(session_factory)
     pid = await _person(session_factory, handle="ghost_h")  # X answers "Could not find user"
     async with wired():
-        handle = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"u-{uuid.uuid4().hex[:6]}"), pid)
+        handle = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"u-{uuid.uuid4().hex[:6]}"), pid
+        )
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
     assert x_server.dms == [] and x_server.following == set()
@@ -202,7 +197,9 @@ async def test_429_on_the_lookup_is_retried_after_the_reset(
     x_server.fail_next(429, {"x-rate-limit-reset": str(int(time.time()) + 900)}, {"title": "Too Many Requests"})
     pid = await _person(session_factory, handle="busy_h")
     async with wired():
-        handle = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"r-{uuid.uuid4().hex[:6]}"), pid)
+        handle = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"r-{uuid.uuid4().hex[:6]}"), pid
+        )
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert x_server.lookups == ["busy_h", "busy_h"]
@@ -238,7 +235,9 @@ async def test_resolved_id_owned_by_another_person_is_reported_not_sent(
     twin = await _person(session_factory, handle="twin_h")
     x_server.add_user("twin_h", "5555")  # the same X account, imported as two people
     async with wired():
-        handle = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"o-{uuid.uuid4().hex[:6]}"), twin)
+        handle = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"o-{uuid.uuid4().hex[:6]}"), twin
+        )
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
     assert x_server.dms == [] and x_server.lookups == ["twin_h"]
@@ -277,7 +276,9 @@ async def test_crash_after_resolution_sends_once_without_a_second_lookup(
     pid = await _person(session_factory, handle="crash_h")
     crash = Crash("after_resolve")
     async with wired(fault=crash):
-        handle = await _enroll(temporal_env, session_factory, task_queue, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), pid)
+        handle = await enroll(
+            temporal_env.client, task_queue, session_factory, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), pid
+        )
         result = await handle.result()
     assert crash.fired == 1
     assert result.status == EnrollmentStatus.COMPLETED
