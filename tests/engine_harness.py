@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
@@ -45,6 +45,7 @@ from devstack.factories import all_senders, make_person, make_sender, seed_peopl
 from devstack.fake_relay import RELAY_SIGNING_KEY, RELAY_TOKEN
 from devstack.fake_x import X_TOKEN
 from models.enrollment import EnrollmentInput, SequenceRef, StatusView
+from models.outcomes import EventType
 from models.sequence import SequenceDefinition
 from services.secret_box import generate_key
 from settings import Settings
@@ -154,10 +155,10 @@ async def wait_for_status(
 
 
 _BUSY = {
-    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
-    EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-    EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+    HistoryEventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    HistoryEventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+    HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
 }
 
 
@@ -176,7 +177,7 @@ async def wait_until_settled(handle: WorkflowHandle[Any, Any], *, attempts: int 
     await eventually(settled, "the workflow to settle (a task stayed scheduled or running)", tries=attempts)
 
 
-async def events_of(sf: SessionFactory, type_: str | None = None) -> list[Event]:
+async def events_of(sf: SessionFactory, type_: EventType | None = None) -> list[Event]:
     """Every logged event (optionally of one type), in order."""
     async with sf() as s:
         q = select(Event).order_by(Event.id)
@@ -348,7 +349,7 @@ class Sequencer:
         ref, defn = await store_version(self.sf, raw)
         return [await start_enrollment(self.env.client, self.task_queue, self.sf, ref, defn, p) for p in people]
 
-    async def events(self, type_: str | None = None) -> list[Event]:
+    async def events(self, type_: EventType | None = None) -> list[Event]:
         return await events_of(self.sf, type_)
 
 

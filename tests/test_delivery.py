@@ -17,6 +17,7 @@ from sqlalchemy import select
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, SendSlot, Suppression
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from tests.engine_harness import (
     Crash,
     all_senders,
@@ -93,7 +94,7 @@ async def test_crash_after_provider_accepted_is_uncertain_never_resent(
     assert len(smtp_server.messages) == 1, "the retry must not send again"
     [delivery] = await _deliveries(session_factory)
     assert delivery.status == "uncertain"
-    assert [e.type for e in await events_of(session_factory, "uncertain")] == ["uncertain"]
+    assert [e.type for e in await events_of(session_factory, EventType.UNCERTAIN)] == ["uncertain"]
     assert result.path[0].outcome == "uncertain"
 
 
@@ -126,7 +127,7 @@ async def test_smtp_550_bounces_suppresses_and_dead_letters(
     async with session_factory() as s:
         sup = (await s.execute(select(Suppression))).scalars().all()
     assert [x.reason for x in sup] == ["bounce"] and sup[0].identity_id is not None
-    assert (await events_of(session_factory, "ended"))[0].data["status"] == "failed"
+    assert (await events_of(session_factory, EventType.ENDED))[0].data["status"] == "failed"
 
 
 async def test_x_429_honours_the_reset_header(
@@ -173,7 +174,7 @@ async def test_suppression_added_mid_sequence_stops_the_next_send(
     assert len(smtp_server.messages) == 1
     statuses = [d.status for d in await _deliveries(session_factory)]
     assert statuses == ["sent", "suppressed"]
-    assert (await events_of(session_factory, "suppressed"))[0].data["error"].startswith("suppressed (person)")
+    assert (await events_of(session_factory, EventType.SUPPRESSED))[0].data["error"].startswith("suppressed (person)")
 
 
 async def test_three_emails_thread_under_the_first(
@@ -215,12 +216,12 @@ async def test_governor_paces_sends_with_a_durable_timer(
         assert deferred.until is not None
         for h in handles:
             await h.result()
-    sent = sorted(e.occurred_at for e in await events_of(session_factory, "sent"))
+    sent = sorted(e.occurred_at for e in await events_of(session_factory, EventType.SENT))
     assert len(sent) == 3 and len(smtp_server.messages) == 3
     slots = await _slots(session_factory)
     assert all(b - a >= timedelta(hours=1) for a, b in zip(slots, slots[1:], strict=False))
     assert all(b - a >= timedelta(minutes=59) for a, b in zip(sent, sent[1:], strict=False))
-    assert len(await events_of(session_factory, "deferred_until")) == 2
+    assert len(await events_of(session_factory, EventType.DEFERRED_UNTIL)) == 2
 
 
 async def test_one_touch_per_person_per_day_across_sequences(
@@ -236,12 +237,12 @@ async def test_one_touch_per_person_per_day_across_sequences(
             handles.append(await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid))
         for h in handles:
             await h.result()
-    sent = sorted(e.occurred_at for e in await events_of(session_factory, "sent"))
+    sent = sorted(e.occurred_at for e in await events_of(session_factory, EventType.SENT))
     assert len(sent) == 2
     slots = await _slots(session_factory)
     assert slots[1] - slots[0] >= timedelta(hours=24)
     assert sent[1] - sent[0] >= timedelta(hours=23, minutes=59)
-    reasons = [e.data["reason"] for e in await events_of(session_factory, "deferred_until")]
+    reasons = [e.data["reason"] for e in await events_of(session_factory, EventType.DEFERRED_UNTIL)]
     assert reasons == ["person frequency cap"]
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from models.enrollment import ControlSignal, EnrollmentResult, EnrollmentStatus, InboundSignal
+from models.outcomes import EventType
 from models.sequence import ALLOWED_TRIGGERS, NEGATIVE_OF, Action, Trigger
 from tests.engine_harness import (
     Sequencer,
@@ -200,7 +201,7 @@ async def test_actions_reach_their_channels(sequencer: Sequencer) -> None:
     assert len(sequencer.x.dms) == 1 and sequencer.x.dms[0]["text"] == "Hi Ada"
     assert len(sequencer.relay.actions) == 2
     assert len(sequencer.smtp.messages) == 1
-    sent = await events_of(sequencer.sf, "sent")
+    sent = await events_of(sequencer.sf, EventType.SENT)
     assert [e.step_id for e in sent] == ["follow", "dm", "li", "xm", "mail", "unf"]
 
 
@@ -269,7 +270,7 @@ async def test_stop_ends_without_further_sends(sequencer: Sequencer) -> None:
     result = await handle.result()
     assert result.status == EnrollmentStatus.STOPPED
     assert sequencer.smtp.messages == []
-    ended = await events_of(sequencer.sf, "ended")
+    ended = await events_of(sequencer.sf, EventType.ENDED)
     assert ended[-1].data["status"] == "stopped"
 
 
@@ -357,7 +358,7 @@ async def test_send_window_skips_the_weekend_in_the_persons_zone(sequencer: Sequ
     handle = await sequencer.start(raw, person=pid, timezone="America/New_York")
     result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
-    sent = (await events_of(sequencer.sf, "sent"))[0].occurred_at.astimezone(tz)
+    sent = (await events_of(sequencer.sf, EventType.SENT))[0].occurred_at.astimezone(tz)
     monday_nine = (saturday_noon + timedelta(days=2)).replace(hour=9, minute=0)
     assert sent.weekday() == 0
     assert monday_nine <= sent < monday_nine + timedelta(minutes=1)
@@ -381,7 +382,7 @@ async def test_absolute_time_step(sequencer: Sequencer) -> None:
     )
     result = await (await sequencer.start(raw)).result()
     assert result.status == EnrollmentStatus.COMPLETED
-    sent = (await events_of(sequencer.sf, "sent"))[0].occurred_at
+    sent = (await events_of(sequencer.sf, EventType.SENT))[0].occurred_at
     assert at <= sent < at + timedelta(minutes=1)
 
 

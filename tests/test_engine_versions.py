@@ -26,6 +26,7 @@ from models.enrollment import (
     EnrollmentStatus,
     InboundSignal,
 )
+from models.outcomes import EventType
 from services.sequence_store import create_version
 from tests.engine_harness import (
     Sequencer,
@@ -146,7 +147,7 @@ async def test_new_version_does_not_touch_running_enrollments(sequencer: Sequenc
         assert [e.step for e in results[p].path] == ["intro", "nudge"]
         assert rows[p].sequence_version_id == v2.version_id
 
-    sent = await events_of(w.sf, "sent")
+    sent = await events_of(w.sf, EventType.SENT)
     by_person: dict[int, list[tuple[str | None, int | None]]] = {}
     for e in sent:
         assert e.person_id is not None
@@ -210,7 +211,7 @@ async def test_days_of_timers_are_skipped(sequencer: Sequencer) -> None:
         assert timedelta(days=days) - timedelta(minutes=1) <= timer <= timedelta(days=days)
     # the test server's clock moved the twelve days the history says, and the sends follow it
     assert await w.env.get_current_time() - began >= timedelta(days=12)
-    sent = [e.occurred_at for e in await events_of(w.sf, "sent")]
+    sent = [e.occurred_at for e in await events_of(w.sf, EventType.SENT)]
     assert len(sent) == 2 and len(w.smtp.messages) == 2
     assert sent[1] - sent[0] >= timedelta(days=9)
 

@@ -14,6 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.tables import Delivery, Identity, InboundEvent, Suppression
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from services.redact import redact
 from tests.engine_harness import events_of, wait_for_status
 from tests.history_text import history_bytes
@@ -56,13 +57,13 @@ async def test_a_forged_unsubscribe_reply_is_recorded_but_changes_nothing(hook: 
     assert await _suppressions(hook) == []
     for name in ("unsubscribe", "replied", "out_of_office"):
         assert await signals_in_history(handle, name) == 0, name
-    shown = await events_of(hook.sf, "reply_unverified")
+    shown = await events_of(hook.sf, EventType.REPLY_UNVERIFIED)
     assert [(e.person_id, e.data["type"]) for e in shown] == [
         (victim, "reply"),
         (victim, "complaint"),
         (victim, "reply"),
     ]
-    assert await events_of(hook.sf, "unsubscribed") == []
+    assert await events_of(hook.sf, EventType.UNSUBSCRIBED) == []
     async with hook.sf() as s:
         statuses = set((await s.execute(select(InboundEvent.status))).scalars())
     assert statuses == {"unverified"}

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from db.tables import InboundEvent, Suppression
 from models.enrollment import ControlSignal, EnrollmentStatus
+from models.outcomes import EventType
 from tests.engine_harness import events_of, wait_for_status
 from tests.webhook_harness import Hook, email_sequence, signals_in_history
 from workflows.enrollment import EnrollmentWorkflow
@@ -62,10 +63,10 @@ async def test_out_of_office_is_not_a_reply_and_moves_the_next_action_after_the_
     result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert [m["Subject"] for m in hook.smtp.parsed()] == ["Hello Ada", "Again"]
-    second = [e for e in await events_of(hook.sf, "sent") if e.step_id == "m1"]
+    second = [e for e in await events_of(hook.sf, EventType.SENT) if e.step_id == "m1"]
     assert len(second) == 1 and second[0].occurred_at >= expected
-    assert await events_of(hook.sf, "replied") == []
-    [ooo] = await events_of(hook.sf, "out_of_office")
+    assert await events_of(hook.sf, EventType.REPLIED) == []
+    [ooo] = await events_of(hook.sf, EventType.OUT_OF_OFFICE)
     assert ooo.data["until"] == expected.isoformat()
     row = await inbound_row(hook, "ooo-1")
     assert (row.status, row.classification, row.person_id) == ("rescheduled", "out_of_office", pid)
@@ -110,8 +111,8 @@ async def test_unsubscribe_intent_reply_suppresses_and_stops(hook: Hook) -> None
     async with hook.sf() as s:
         [sup] = (await s.execute(select(Suppression))).scalars().all()
     assert (sup.person_id, sup.reason) == (pid, "unsubscribe reply")
-    assert await events_of(hook.sf, "replied") == []  # not counted as a reply
-    assert len(await events_of(hook.sf, "unsubscribed")) == 1
+    assert await events_of(hook.sf, EventType.REPLIED) == []  # not counted as a reply
+    assert len(await events_of(hook.sf, EventType.UNSUBSCRIBED)) == 1
     assert await signals_in_history(handle, "replied") == 0
     assert await signals_in_history(handle, "unsubscribe") == 1
 
@@ -138,9 +139,9 @@ async def test_replies_are_classified_and_still_branch(
     )
     assert resp.json()["classification"] == label
     assert (await handle.result()).path[0].left_by == "REPLIED"
-    [replied] = await events_of(hook.sf, "replied")
+    [replied] = await events_of(hook.sf, EventType.REPLIED)
     assert replied.data["classification"] == label
-    assert len(await events_of(hook.sf, "positive_reply")) == positive_events
+    assert len(await events_of(hook.sf, EventType.POSITIVE_REPLY)) == positive_events
     assert (await inbound_row(hook, f"c-{label}")).classification == label
 
 
@@ -166,7 +167,7 @@ async def test_followed_back_on_x_takes_the_followed_back_edge(hook: Hook) -> No
     result = await handle.result()
     assert [(p.step, p.left_by) for p in result.path] == [("follow", "FOLLOWED_BACK"), ("dm", "END")]
     assert hook.smtp.messages == []
-    assert len(await events_of(hook.sf, "followed_back")) == 1
+    assert len(await events_of(hook.sf, EventType.FOLLOWED_BACK)) == 1
 
 
 async def test_connection_accepted_on_linkedin_by_profile_url(hook: Hook) -> None:
@@ -225,7 +226,7 @@ async def test_a_reply_for_a_finished_workflow_is_accepted(hook: Hook) -> None:
     await handle.terminate("gone")
     resp = await hook.post("email", {"event_id": "late-1", "type": "reply", "from": "late@lead.test", "text": "hi"})
     assert resp.status_code == 202 and resp.json()["status"] == "signalled"
-    assert len(await events_of(hook.sf, "replied")) == 1
+    assert len(await events_of(hook.sf, EventType.REPLIED)) == 1
 
 
 # --------------------------------------------------------------------------- company hold

@@ -21,13 +21,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text, update
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 
 from db.tables import Delivery, Identity, InboundEvent, MailboxState, Suppression
 from models.enrollment import ControlSignal, EnrollmentStatus
 from models.mailbox import mailbox_workflow_id
+from models.outcomes import EventType
 from operations.mailbox_watchers import start_watcher, stop_watcher
 from services.reply_mail import append_reply
 from tests import mail_samples as m
@@ -174,7 +175,7 @@ async def test_a_hard_bounce_marks_the_delivery_bounced_and_suppresses_that_addr
         "bounced",
         "bounce: 5.1.1 smtp; 550 5.1.1 <gone@lead.test>: Recipient address rejected: User unknown",
     )
-    [bounced] = await events_of(watch.hook.sf, "bounced")
+    [bounced] = await events_of(watch.hook.sf, EventType.BOUNCED)
     assert bounced.data["status"] == "5.1.1" and bounced.data["via"] == "imap"
 
 
@@ -193,9 +194,9 @@ async def test_a_soft_bounce_is_recorded_and_suppresses_nothing(watch: Watch) ->
         assert (await s.execute(select(Suppression))).scalars().all() == []
         delivery = (await s.execute(select(Delivery).where(Delivery.message_id == ours))).scalar_one()
     assert delivery.status == "sent"
-    [soft] = await events_of(watch.hook.sf, "soft_bounced")
+    [soft] = await events_of(watch.hook.sf, EventType.SOFT_BOUNCED)
     assert soft.data["status"] == "4.4.1"
-    assert await events_of(watch.hook.sf, "bounced") == []
+    assert await events_of(watch.hook.sf, EventType.BOUNCED) == []
     view = await watch.hook.waiting_at(handle)
     assert view.status == EnrollmentStatus.ACTIVE
 
@@ -269,7 +270,7 @@ async def test_mail_to_the_unsubscribe_mailto_unsubscribes_the_person_it_was_sen
                 async with hook.sf() as s:
                     [sup] = (await s.execute(select(Suppression))).scalars().all()
                 assert (sup.person_id, sup.reason) == (pid, "unsubscribe")
-                [event] = await events_of(hook.sf, "unsubscribed")
+                [event] = await events_of(hook.sf, EventType.UNSUBSCRIBED)
                 assert event.data == {"via": "mailto"}
                 assert await signals_in_history(handle, "unsubscribe") == 1
             finally:
@@ -297,7 +298,7 @@ async def test_an_auto_reply_by_header_is_not_a_reply(watch: Watch) -> None:
     assert view.path[-1].left_by is None and view.waiting_for == ["REPLIED", "NOT_REPLIED"]
     assert await signals_in_history(handle, "replied") == 0
     assert await signals_in_history(handle, "out_of_office") == 1
-    assert await events_of(watch.hook.sf, "replied") == []
+    assert await events_of(watch.hook.sf, EventType.REPLIED) == []
 
 
 async def test_a_reply_in_a_thread_that_is_not_ours_is_recorded_as_unknown(watch: Watch) -> None:
@@ -328,7 +329,7 @@ async def test_a_reply_in_a_thread_that_is_not_ours_is_recorded_as_unknown(watch
     later = mid("later")
     await watch.mailbox.append(m.reply(sender="x@else.test", to=SENDER, in_reply_to=None, text="Hi", message_id=later))
     assert (await watch.inbound(later)).status == "unknown_sender"
-    assert await events_of(watch.hook.sf, "replied") == []
+    assert await events_of(watch.hook.sf, EventType.REPLIED) == []
 
 
 async def test_a_connection_dropped_mid_idle_loses_nothing_and_doubles_nothing(
@@ -466,7 +467,7 @@ async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_dou
         state = await wait_state(hook.sf, w.sender_id, lambda s: s.status == "watching")
         assert state.last_uid == max(await mailbox.flags())
         history = await handle.fetch_history()
-        assert not [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT]
+        assert not [e for e in history.events if e.event_type == HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT]
         await end_watcher(hook, w.sender_id)
 
 
@@ -483,13 +484,13 @@ async def test_a_wrong_password_shows_why_and_backs_off_instead_of_looping(watch
     assert desc.status is not None and desc.status.name == "RUNNING"
 
     def counts(events: Any) -> tuple[int, int]:
-        scheduled = sum(1 for e in events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
-        timers = [e for e in events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+        scheduled = sum(1 for e in events if e.event_type == HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+        timers = [e for e in events if e.event_type == HistoryEventType.EVENT_TYPE_TIMER_STARTED]
         return scheduled, len(timers)
 
     history = await handle.fetch_history()
     assert counts(history.events) == (1, 1)  # one login attempt, then a timer: no crash loop
-    [timer] = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+    [timer] = [e for e in history.events if e.event_type == HistoryEventType.EVENT_TYPE_TIMER_STARTED]
     assert timer.timer_started_event_attributes.start_to_fire_timeout.ToSeconds() == 60
 
     # Fixed the password? `retry_now` ends the wait early: one more attempt, then a longer wait.
@@ -497,7 +498,7 @@ async def test_a_wrong_password_shows_why_and_backs_off_instead_of_looping(watch
     status = await watch.status_once(handle, lambda st: st.login_failures == 2, "a second login attempt")
     assert status.login_failures == 2
     history = await handle.fetch_history()
-    timers = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+    timers = [e for e in history.events if e.event_type == HistoryEventType.EVENT_TYPE_TIMER_STARTED]
     assert [t.timer_started_event_attributes.start_to_fire_timeout.ToSeconds() for t in timers] == [60, 120]
 
 

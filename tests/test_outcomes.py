@@ -14,6 +14,7 @@ from models.outcomes import (
     DELIVERY_IN_FLIGHT,
     LEDGER_STATES,
     DeliveryStatus,
+    EnrollmentStatus,
     EventType,
     InboundStatus,
 )
@@ -51,3 +52,23 @@ def test_values_are_unique_and_short_enough_for_their_columns() -> None:
         values = [m.value for m in enum]
         assert len(values) == len(set(values))
         assert max(map(len, values)) <= width, enum
+
+
+def test_the_stored_strings_never_change() -> None:
+    """Rows, events and saved histories hold these strings: renaming one is a migration, not a refactor."""
+    assert [s.value for s in DeliveryStatus] == [
+        "claimed", "sending", "sent", "failed", "bounced", "uncertain", "suppressed", "skipped", "reschedule",
+    ]  # fmt: skip
+    assert [s.value for s in InboundStatus] == [
+        "received", "duplicate", "malformed", "unrecognized", "unknown_sender", "unverified", "unsubscribed",
+        "soft_bounce", "suppressed_identity", "rescheduled", "signalled", "recorded", "unknown_message", "ignored",
+    ]  # fmt: skip
+    assert sorted(t.value for t in EventType) == sorted([
+        "enrolled", "step_started", "completed", "ended", "sent", "failed", "bounced", "uncertain", "suppressed",
+        "skipped", "rescheduled", "deferred_until", "identity_resolved", "sender_paused", "delivered", "deferred",
+        "opened", "clicked", "soft_bounced", "replied", "positive_reply", "reply_unverified", "out_of_office",
+        "connection_accepted", "followed_back", "unsubscribed",
+    ])  # fmt: skip
+    assert [s.value for s in EnrollmentStatus] == [
+        "active", "paused", "completed", "replied", "stopped", "unsubscribed", "suppressed", "failed", "expired",
+    ]  # fmt: skip

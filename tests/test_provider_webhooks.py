@@ -30,6 +30,7 @@ from activities.channels.relay_tags import RELAYS
 from bench.provider_batch import seed_sent, sendgrid_batch
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, Suppression, WebhookToken
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from services.stats import sequence_stats
 from services.tokens import make_token
 from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
@@ -182,11 +183,11 @@ async def test_sendgrid_batch_records_funnel_events_and_a_hard_bounce_ends_the_l
     summary = resp.json()
     assert (summary["received"], summary["recorded"], summary["unknown_message"], summary["ignored"]) == (8, 5, 1, 1)
     assert summary["pipeline"] == {"suppressed_identity": 1}
-    assert [e.type for e in await events_of(p.hook.sf, "delivered")] == ["delivered"]
-    assert len(await events_of(p.hook.sf, "opened")) == 1
-    [clicked] = await events_of(p.hook.sf, "clicked")
+    assert [e.type for e in await events_of(p.hook.sf, EventType.DELIVERED)] == ["delivered"]
+    assert len(await events_of(p.hook.sf, EventType.OPENED)) == 1
+    [clicked] = await events_of(p.hook.sf, EventType.CLICKED)
     assert (clicked.delivery_id, clicked.data["url"]) == (delivery.id, "https://acme.test/a")
-    assert len(await events_of(p.hook.sf, "deferred")) == 1
+    assert len(await events_of(p.hook.sf, EventType.DEFERRED)) == 1
     totals = (await sequence_stats(p.hook.sf, raw["name"])).totals
     assert (totals["sent"], totals["delivered"], totals["opened"], totals["clicked"]) == (1, 1, 1, 1)
     # The hard bounce: the identity is suppressed, the ledger row says bounced, the lead ends.
@@ -202,7 +203,7 @@ async def test_sendgrid_batch_records_funnel_events_and_a_hard_bounce_ends_the_l
     # A replay (same events, fresh signature) is a no-op.
     again = await p.post("sendgrid", body, p.sendgrid.headers(body))
     assert again.json()["duplicates"] == 8 and again.json()["recorded"] == 0
-    assert len(await events_of(p.hook.sf, "delivered")) == 1
+    assert len(await events_of(p.hook.sf, EventType.DELIVERED)) == 1
 
 
 async def test_sendgrid_refuses_bad_signatures_and_names_bad_fields(providers: Providers) -> None:
@@ -254,7 +255,7 @@ async def test_sendgrid_inbound_parse_reply_branches_the_sequence(providers: Pro
     assert resp.json()["pipeline"] == {"signalled": 1}
     result = await handle.result()
     assert [(s.step, s.left_by) for s in result.path] == [("m0", "REPLIED"), ("done", "END")]
-    [replied] = await events_of(p.hook.sf, "replied")
+    [replied] = await events_of(p.hook.sf, EventType.REPLIED)
     assert replied.data["classification"] == "positive"
 
 
@@ -281,7 +282,7 @@ async def test_postmark_soft_bounce_is_recorded_and_a_complaint_stops_everything
     assert (await p.post("postmark", body, basic(PM_USER, "wrong"))).status_code == 401
     resp = await p.post("postmark", body, basic(PM_USER, PM_PASS))
     assert resp.status_code == 200 and resp.json()["recorded"] == 1
-    [soft_event] = await events_of(p.hook.sf, "soft_bounced")
+    [soft_event] = await events_of(p.hook.sf, EventType.SOFT_BOUNCED)
     assert soft_event.delivery_id == delivery.id
     assert await p.suppressions() == []  # recorded only
     assert await p.enrollment_status(handle) == "active"
@@ -326,7 +327,7 @@ async def test_mailgun_temporary_is_a_deferral_permanent_a_bounce_and_tokens_are
     temporary = mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="temporary", **variables))
     resp = await p.post("mailgun", temporary, {"Content-Type": "application/json"})
     assert resp.status_code == 200 and resp.json()["recorded"] == 1
-    assert len(await events_of(p.hook.sf, "deferred")) == 1 and await p.suppressions() == []
+    assert len(await events_of(p.hook.sf, EventType.DEFERRED)) == 1 and await p.suppressions() == []
     # The same token on another body is a replayed signature.
     token = json.loads(temporary)["signature"]
     forged = json.loads(mailgun_body(MG_KEY, mailgun_event("failed", "mg@lead.test", severity="permanent")))
@@ -436,7 +437,7 @@ async def test_resend_reply_and_complaint(providers: Providers) -> None:
     assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
     result = await handle.result()
     assert result.path[0].left_by == "REPLIED"
-    [replied] = await events_of(p.hook.sf, "replied")
+    [replied] = await events_of(p.hook.sf, EventType.REPLIED)
     assert replied.data["classification"] == "negative"
     again = await p.post("resend", body, standard_headers(p.resend_secret, body, "msg_2Y0"))
     assert again.json()["duplicates"] == 1
@@ -551,7 +552,7 @@ async def test_relay_tags_and_relay_ids_match_events_when_the_message_id_is_rewr
         "Metadata": {"sequencer_key": key},
     }
     assert (await p.post("postmark", json.dumps(click).encode(), basic(PM_USER, PM_PASS))).json()["recorded"] == 1
-    for type_ in ("delivered", "opened", "clicked"):
+    for type_ in (EventType.DELIVERED, EventType.OPENED, EventType.CLICKED):
         [event_row] = await events_of(p.hook.sf, type_)
         assert (event_row.delivery_id, event_row.person_id) == (delivery.id, pid)
     await handle.terminate("test over")
@@ -598,7 +599,7 @@ async def test_click_tracking_rewrites_html_links_records_once_per_link_and_redi
         assert resp.status_code == 302 and resp.headers["location"] == "https://acme.test/pricing?a=1&b=2"
     resp = await p.hook.http.get(f"/c/{tokens[1]}", follow_redirects=False)
     assert resp.headers["location"] == "http://acme.test/blog"
-    clicks = await events_of(p.hook.sf, "clicked")
+    clicks = await events_of(p.hook.sf, EventType.CLICKED)
     assert sorted(c.data["url"] for c in clicks) == ["http://acme.test/blog", "https://acme.test/pricing?a=1&b=2"]
     assert {(c.delivery_id, c.person_id, c.step_id) for c in clicks} == {(delivery.id, pid, "m0")}
     # The provider reporting the same click adds nothing.
@@ -613,7 +614,7 @@ async def test_click_tracking_rewrites_html_links_records_once_per_link_and_redi
     ]
     body = json.dumps(sg).encode()
     assert (await p.post("sendgrid", body, p.sendgrid.headers(body))).status_code == 200
-    assert len(await events_of(p.hook.sf, "clicked")) == 2
+    assert len(await events_of(p.hook.sf, EventType.CLICKED)) == 2
     totals = (await sequence_stats(p.hook.sf, raw_seq["name"])).totals
     assert totals["clicked"] == 1  # one person clicked
     await handle.terminate("test over")
@@ -631,7 +632,7 @@ async def test_bad_click_tokens_are_a_404_page_and_never_redirect(providers: Pro
         resp = await p.hook.http.get(f"/c/{token}", follow_redirects=False)
         assert resp.status_code == 404 and "location" not in resp.headers
         assert "Link not found" in resp.text
-    assert await events_of(p.hook.sf, "clicked") == []
+    assert await events_of(p.hook.sf, EventType.CLICKED) == []
     # A valid token for an unknown delivery still takes the person where the link said.
     unknown = make_token(LINK_SECRET, "click", {"k": "no-such-delivery", "u": "https://acme.test/x"})
     resp = await p.hook.http.get(f"/c/{unknown}", follow_redirects=False)
@@ -699,14 +700,14 @@ async def test_a_batch_cut_short_by_an_outage_is_finished_by_the_retry(
     async with serve(cut_off) as base, httpx.AsyncClient(base_url=base, timeout=30) as http:
         first = await http.post("/webhooks/providers/sendgrid", content=body, headers=p.sendgrid.headers(body))
     assert first.status_code == 503
-    assert len(await events_of(p.hook.sf, "delivered")) == 1  # the records of the batch are kept
+    assert len(await events_of(p.hook.sf, EventType.DELIVERED)) == 1  # the records of the batch are kept
     assert await p.suppressions() == []  # the bounce is not half-applied
     rows = {r.provider_event_id: r.status for r in await p.inbound("sendgrid")}
     assert rows == {"sg_event_id_delivered_1": "recorded", "sg_event_id_bounce_2": "received"}
     retry = await p.post("sendgrid", body, p.sendgrid.headers(body))
     assert retry.status_code == 200
     assert (retry.json()["duplicates"], retry.json()["pipeline"]) == (1, {"suppressed_identity": 1})
-    assert len(await events_of(p.hook.sf, "delivered")) == 1
+    assert len(await events_of(p.hook.sf, EventType.DELIVERED)) == 1
     assert len(await p.suppressions()) == 1
     assert (await handle.result()).status == EnrollmentStatus.STOPPED
 
@@ -785,6 +786,6 @@ async def test_a_provider_side_unsubscribe_suppresses_the_person_and_stops_every
     assert (sup.person_id, sup.reason) == (pid, "unsubscribe")
     for handle in (email_lead, other):
         assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
-    assert len(await events_of(p.hook.sf, "unsubscribed")) == 2
+    assert len(await events_of(p.hook.sf, EventType.UNSUBSCRIBED)) == 2
     again = await p.post("mailgun", body, {})
     assert again.json()["duplicates"] == 1

@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SendSlot
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
 
 
@@ -106,7 +107,7 @@ async def test_two_steps_each_send_in_one_activity_and_log_each_start(
     row = await _enrollment(session_factory)
     counts = await _event_counts(session_factory, row.id)
     assert counts == Counter({"step_started": 2, "sent": 2, "completed": 1})
-    started = [e for e in await events_of(session_factory, "step_started") if e.enrollment_id == row.id]
+    started = [e for e in await events_of(session_factory, EventType.STEP_STARTED) if e.enrollment_id == row.id]
     assert [e.step_id for e in started] == ["m0", "m1"]
     # the second step started when the hour was over, not when its send was recorded
     assert started[1].occurred_at - started[0].occurred_at >= timedelta(hours=1)
@@ -129,6 +130,6 @@ async def test_a_later_slot_is_waited_for_on_a_timer_then_delivered(
         sent = [t for t in (await s.execute(select(Delivery.sent_at))).scalars() if t is not None]
     assert slots[1] - slots[0] >= timedelta(hours=1)
     assert len(sent) == 2 and max(sent) >= slots[1]  # not before its slot
-    ids = {e.enrollment_id for e in await events_of(session_factory, "completed")}
+    ids = {e.enrollment_id for e in await events_of(session_factory, EventType.COMPLETED)}
     assert len(ids) == 2  # each end recorded once, the second by the finish activity
-    assert len(await events_of(session_factory, "deferred_until")) == 1
+    assert len(await events_of(session_factory, EventType.DEFERRED_UNTIL)) == 1

@@ -30,6 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from tests.conftest import SmtpRecorder
 from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
 
@@ -284,11 +285,11 @@ async def test_a_response_to_the_persons_event_is_not_held_by_the_touch_cap(camp
     assert nine + HOUR <= sent[(leads[0], "dm")] < nine + HOUR + minute
     # the cold step: the person's cap holds it a day (and the send grace) after the request
     assert nine + DAY <= sent[(leads[1], "mail")] < nine + DAY + timedelta(seconds=GRACE) + minute
-    deferred = {e.person_id: e.data["reason"] for e in await _events(campaign.sf, "deferred_until")}
+    deferred = {e.person_id: e.data["reason"] for e in await _events(campaign.sf, EventType.DEFERRED_UNTIL)}
     assert deferred == {leads[1]: "person frequency cap"}
 
 
-async def _events(sf: SessionFactory, type_: str) -> list[Any]:
+async def _events(sf: SessionFactory, type_: EventType) -> list[Any]:
     from tests.engine_harness import events_of
 
     return await events_of(sf, type_)
@@ -342,7 +343,7 @@ async def test_resume_after_the_window_closed_waits_for_the_next_window_and_the_
     assert_paced(sent, EVERY_DAY, PER_HOUR)
     tuesday = [s.at.astimezone(NY) for s in sent[4:]]
     assert all(t.date() == (start + DAY).date() for t in tuesday), tuesday
-    rescheduled = await events_of(campaign.sf, "rescheduled")
+    rescheduled = await events_of(campaign.sf, EventType.RESCHEDULED)
     assert len(rescheduled) == 4 and all("outside the send window" in e.data["reason"] for e in rescheduled)
 
 
@@ -362,7 +363,7 @@ async def test_a_backlog_after_an_smtp_outage_keeps_the_hourly_cap_and_the_windo
     sent = campaign.sent()
     assert len(sent) == 6 and len({s.to for s in sent}) == 6  # one message each, none twice
     assert_paced(sent, EVERY_DAY, PER_HOUR)
-    rescheduled = await events_of(campaign.sf, "rescheduled")
+    rescheduled = await events_of(campaign.sf, EventType.RESCHEDULED)
     assert rescheduled and all("past its slot" in e.data["reason"] for e in rescheduled)
 
 
@@ -383,9 +384,9 @@ async def test_an_outage_that_does_not_end_fails_the_lead_instead_of_reschedulin
         statuses = await campaign.results()
     assert statuses == [EnrollmentStatus.FAILED]
     assert campaign.smtp.messages == []
-    rounds = await events_of(campaign.sf, "rescheduled")
+    rounds = await events_of(campaign.sf, EventType.RESCHEDULED)
     assert len(rounds) >= 2 and all(e.data["failed_attempts"] > 0 for e in rounds)
-    failed = (await events_of(campaign.sf, "failed"))[0]
+    failed = (await events_of(campaign.sf, EventType.FAILED))[0]
     assert timedelta(hours=4) <= failed.occurred_at - start.replace(hour=9) < timedelta(hours=6)
     async with campaign.sf() as s:
         ledger = (await s.execute(select(Delivery))).scalars().all()

@@ -21,6 +21,7 @@ from temporalio.client import Client, WorkflowHandle
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SenderAccount
 from models.enrollment import EnrollmentStatus, SequenceRef
+from models.outcomes import EventType
 from models.sequence import SequenceDefinition
 from services import sender_breaker
 from services.sender_breaker import BreakerConfig
@@ -116,7 +117,7 @@ async def test_smtp_535_pauses_the_sender_leads_wait_and_resume_lets_them_go_on(
     assert [r.status for r in results] == [EnrollmentStatus.COMPLETED] * 2
     assert len(auth_smtp.messages) == 2
     assert (await sender_row(session_factory, sender_id)).paused_at is None
-    [event, *_] = await events_of(session_factory, "sender_paused")
+    [event, *_] = await events_of(session_factory, EventType.SENDER_PAUSED)
     assert event.data["kind"] == "auth" and event.data["sender_id"] == sender_id
 
 
@@ -235,7 +236,7 @@ async def test_repeated_throttling_pauses_the_sender_then_the_probe_sends_once(
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(smtp_server.messages) == 1
-    [event] = await events_of(session_factory, "sender_paused")
+    [event] = await events_of(session_factory, EventType.SENDER_PAUSED)
     assert event.data["kind"] == "throttle" and event.data["sender_id"] == sender_id
     acct = await sender_row(session_factory, sender_id)
     assert acct.paused_at is None and acct.throttle_strikes == 0, "the probe closed the breaker"

@@ -22,6 +22,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, SendSlot, SuppressedIdentity, Suppression
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus, OutOfOfficeSignal
+from models.outcomes import EventType
 from services.inbound_pipeline import suppress_person
 from services.people_import import import_people
 from services.tokens import make_token
@@ -67,7 +68,7 @@ async def test_a_sent_event_carries_the_acceptance_time_not_the_planned_time(
     # the run's start, from its first history event (the test server's describe() cannot decode
     # an unset datetime search attribute)
     started = (await handle.fetch_history()).events[0].event_time.ToDatetime(tzinfo=UTC)
-    [sent] = await events_of(session_factory, "sent")
+    [sent] = await events_of(session_factory, EventType.SENT)
     assert sent.occurred_at - started >= timedelta(minutes=59), (started, sent.occurred_at)
     async with session_factory() as s:
         [delivery] = (await s.execute(select(Delivery))).scalars().all()
@@ -152,7 +153,7 @@ async def test_an_unsubscribe_committed_before_a_crash_still_gets_its_event(sess
         for _ in range(2):  # the person (or their mail client) uses the link again
             resp = await http.post(f"/u/{token}", content=b"List-Unsubscribe=One-Click")
             assert resp.status_code == 200
-    [event] = await events_of(session_factory, "unsubscribed")
+    [event] = await events_of(session_factory, EventType.UNSUBSCRIBED)
     assert event.person_id == pid and event.data["via"] == "link"
     async with session_factory() as s:
         assert len((await s.execute(select(Suppression))).scalars().all()) == 1
@@ -189,7 +190,7 @@ async def test_an_out_of_office_while_waiting_for_the_send_slot_moves_the_send(
         await h_first.result()
         result = await h_away.result()
     assert result.status == EnrollmentStatus.COMPLETED
-    sent = {e.person_id: e.occurred_at for e in await events_of(session_factory, "sent")}
+    sent = {e.person_id: e.occurred_at for e in await events_of(session_factory, EventType.SENT)}
     assert sent[away] >= back, (sent[away], back)  # not during the absence
     async with session_factory() as s:
         query = select(SendSlot.slot_at, SendSlot.released_at).where(SendSlot.person_id == away)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from db.tables import Enrollment, Identity, Suppression
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from services.tokens import make_legacy_token, make_token
 from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
 from tests.webhook_harness import Hook, email_sequence
@@ -46,7 +47,7 @@ async def test_get_shows_a_page_and_changes_nothing(hook: Hook) -> None:
         assert page.headers["content-type"].startswith("text/html")
         assert '<form method="post"' in page.text and 'name="List-Unsubscribe" value="One-Click"' in page.text
     assert await suppressions(hook) == []
-    assert await events_of(hook.sf, "unsubscribed") == []
+    assert await events_of(hook.sf, EventType.UNSUBSCRIBED) == []
     view = await handle.query(EnrollmentWorkflow.status)
     assert view.status == EnrollmentStatus.ACTIVE
     result = await handle.result()  # the lead goes on as if nothing happened
@@ -69,13 +70,13 @@ async def test_one_click_post_suppresses_and_stops_before_the_next_send(hook: Ho
     assert result.status == EnrollmentStatus.UNSUBSCRIBED
     assert [p.step for p in result.path] == ["m0"]
     assert len(hook.smtp.messages) == 1  # exactly the one sent before
-    [event] = await events_of(hook.sf, "unsubscribed")
+    [event] = await events_of(hook.sf, EventType.UNSUBSCRIBED)
     assert (event.person_id, event.step_id, event.data["via"]) == (pid, "m0", "link")
     # Pressing the button again is harmless: still one suppression, one event.
     again = await hook.http.post(f"/u/{token}", content=b"List-Unsubscribe=One-Click", headers=ONE_CLICK)
     assert again.status_code == 200
     assert len(await suppressions(hook)) == 1
-    assert len(await events_of(hook.sf, "unsubscribed")) == 1
+    assert len(await events_of(hook.sf, EventType.UNSUBSCRIBED)) == 1
 
 
 async def test_unsubscribe_holds_even_when_the_signal_cannot_stop_the_workflow(hook: Hook) -> None:
@@ -93,7 +94,7 @@ async def test_unsubscribe_holds_even_when_the_signal_cannot_stop_the_workflow(h
     result = await handle.result()
     assert result.status == EnrollmentStatus.SUPPRESSED  # the gate refused the second mail
     assert len(hook.smtp.messages) == 1
-    [event] = await events_of(hook.sf, "unsubscribed")
+    [event] = await events_of(hook.sf, EventType.UNSUBSCRIBED)
     assert event.person_id == pid and event.enrollment_id is None
 
 
@@ -129,7 +130,7 @@ async def test_forged_or_tampered_tokens_are_refused_with_a_page_and_write_nothi
         assert post.status_code == 400, bad
         assert "This link is not valid" in post.text
     assert await suppressions(hook) == []
-    assert await events_of(hook.sf, "unsubscribed") == []
+    assert await events_of(hook.sf, EventType.UNSUBSCRIBED) == []
     assert (await handle.query(EnrollmentWorkflow.status)).status == EnrollmentStatus.ACTIVE
     await handle.terminate("test over")
 
@@ -159,7 +160,7 @@ async def test_a_bounce_suppresses_the_identity_and_the_next_email_is_not_sent(h
     assert result.status == EnrollmentStatus.SUPPRESSED
     assert [(p.step, p.outcome) for p in result.path] == [("m0", "sent"), ("m1", "suppressed")]
     assert len(hook.smtp.messages) == 1
-    assert len(await events_of(hook.sf, "bounced")) == 2
+    assert len(await events_of(hook.sf, EventType.BOUNCED)) == 2
 
 
 async def test_a_bounce_report_from_the_mailer_daemon_matches_by_message_id(hook: Hook) -> None:
@@ -196,7 +197,7 @@ async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: 
     for h in (first, second):
         assert (await h.result()).status == EnrollmentStatus.UNSUBSCRIBED
     assert len(hook.smtp.messages) == 2  # the two first mails, nothing after the complaint
-    assert len(await events_of(hook.sf, "unsubscribed")) == 2
+    assert len(await events_of(hook.sf, EventType.UNSUBSCRIBED)) == 2
 
 
 async def test_unsubscribe_on_one_channel_stops_the_others(hook: Hook) -> None:

@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from db.tables import InboundEvent
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from services.tokens import make_token
 from settings import Settings
 from tests.engine_harness import LINK_SECRET, events_of, make_sender, wait_for_status
@@ -158,7 +159,7 @@ async def test_replayed_request_is_answered_as_a_duplicate_and_signals_once(hook
     result = await handle.result()
     assert [p.step for p in result.path] == ["m0", "done"]
     assert await signals_in_history(handle, "replied") == 1
-    assert len(await events_of(hook.sf, "replied")) == 1
+    assert len(await events_of(hook.sf, EventType.REPLIED)) == 1
     assert await hook.count(InboundEvent) == 1
     # After the window the very same request is refused before dedup is even consulted.
     stale = signed(body, at=int(time.time()) - 600)
@@ -178,8 +179,8 @@ async def test_duplicate_event_id_with_a_fresh_signature_signals_once(hook: Hook
     result = await handle.result()
     assert result.path[0].left_by == "REPLIED"
     assert await signals_in_history(handle, "replied") == 1
-    assert len(await events_of(hook.sf, "replied")) == 1
-    assert len(await events_of(hook.sf, "positive_reply")) == 1
+    assert len(await events_of(hook.sf, EventType.REPLIED)) == 1
+    assert len(await events_of(hook.sf, EventType.POSITIVE_REPLY)) == 1
     assert len(hook.smtp.messages) == 1
     # The same event id on another channel is another provider's event.
     other = await hook.post("x", {"event_id": "dup-1", "type": "reply", "from": "@nobody_here"})
@@ -337,7 +338,7 @@ async def test_a_reply_on_x_branches_the_email_sequence(hook: Hook) -> None:
     assert await bystander.result()  # the bystander's timer ran out: their follow-up did go
     assert [m["Subject"] for m in hook.mails_to("grace@lead.test")] == ["Hello Ada"]
     assert [m["Subject"] for m in hook.mails_to("bystander@lead.test")] == ["Hello Ada", "Again"]
-    [replied] = await events_of(hook.sf, "replied")
+    [replied] = await events_of(hook.sf, EventType.REPLIED)
     assert (replied.channel, replied.person_id, replied.step_id) == ("x", pid, "m0")
     # The numeric X user id resolves to the same person.
     by_id = await hook.post("x", {"event_id": "dm-78", "type": "reply", "from": "31337", "text": "again"})
@@ -384,7 +385,7 @@ async def test_an_email_reply_from_an_unknown_address_matches_by_in_reply_to(hoo
     assert resp.status_code == 202
     # Matched to the person, but From is not theirs: recorded, not acted on (tests/test_forged_replies.py).
     assert resp.json()["status"] == "unverified" and resp.json()["person_id"] == pid
-    [shown] = await events_of(hook.sf, "reply_unverified")
+    [shown] = await events_of(hook.sf, EventType.REPLY_UNVERIFIED)
     assert shown.person_id == pid and shown.enrollment_id is not None
     assert await signals_in_history(handle, "replied") == 0
     await handle.terminate("test over")
@@ -425,7 +426,7 @@ async def test_open_pixel_records_one_open_per_delivery(hook: Hook) -> None:
         assert resp.headers["content-type"] == "image/gif"
         assert resp.content == PIXEL and resp.content.startswith(b"GIF89a")
         assert "no-store" in resp.headers["cache-control"]
-    [opened] = await events_of(hook.sf, "opened")
+    [opened] = await events_of(hook.sf, EventType.OPENED)
     assert (opened.person_id, opened.step_id, opened.channel) == (pid, "m0", "email")
     assert opened.delivery_id is not None
     await handle.terminate("test over")

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from db.session import SessionFactory
 from db.tables import Delivery, Identity, Person, Suppression
 from models.enrollment import EnrollmentStatus
+from models.outcomes import EventType
 from operations.enrolling import dry_run
 from services.classify import get_classifier
 from services.identities import IdentityOwnedError, attach_identity, find_person_by_identity
@@ -115,7 +116,7 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
     async with session_factory() as s:
         owner = await find_person_by_identity(s, "x", "777000111")
     assert owner is not None and owner.id == pid
-    [resolved] = await events_of(session_factory, "identity_resolved")
+    [resolved] = await events_of(session_factory, EventType.IDENTITY_RESOLVED)
     assert resolved.data["x_handle"] == "ada_l" and resolved.data["x_user_id"] == "777000111"
     assert resolved.person_id == pid and resolved.step_id == "follow"
     assert [(d.step_id, d.status, d.attempts_made) for d in await _deliveries(session_factory)] == [
@@ -149,7 +150,7 @@ async def test_a_second_sequence_uses_the_cached_id_and_an_id_wins_over_a_handle
         assert (await third.result()).status == EnrollmentStatus.COMPLETED
     assert x_server.lookups == ["grace_h"]
     assert sorted(d["participant_id"] for d in x_server.dms) == ["4040", "4040", "424242"]
-    assert len(await events_of(session_factory, "identity_resolved")) == 1
+    assert len(await events_of(session_factory, EventType.IDENTITY_RESOLVED)) == 1
 
 
 async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
@@ -181,7 +182,7 @@ async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
         bounced = await s.get(Identity, sup.identity_id)
     assert sup.reason == "bounce" and bounced is not None
     assert (bounced.channel, bounced.value) == ("x_handle", "ghost_h")
-    [bounce_event] = await events_of(session_factory, "bounced")
+    [bounce_event] = await events_of(session_factory, EventType.BOUNCED)
     assert "Could not find user" in bounce_event.data["error"]
 
 
