@@ -282,109 +282,140 @@ def _step_waits(step: Step) -> bool:
 
 
 def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
-    """Every structural problem of a definition (empty when it is sound)."""
-    issues: list[SequenceIssue] = []
-
-    def add(step: str | None, rule: str, message: str) -> None:
-        issues.append(SequenceIssue(step=step, rule=rule, message=message))
-
-    if d.send_window is not None:
-        w = d.send_window
-        if w.start_time() >= w.end_time():
-            add(
-                None,
-                "send-window",
-                f"send window is empty or inverted: start {clock(w.start)} is not before end {clock(w.end)}",
-            )
-    if d.timeline and d.timeline.start and d.timeline.end:
-        if aware(d.timeline.start) >= aware(d.timeline.end):
-            add(None, "timeline", "timeline start is not before its end")
+    """Every structural problem of a definition (empty when it is sound), in a stable order:
+    the schedule, step ids, each step and its edges, reachability, ends, loops without a wait."""
+    issues = _schedule_issues(d)
     if not d.steps:
         return issues
-
     ids = [s.id for s in d.steps]
-    seen: set[str] = set()
-    for sid in ids:
-        if sid in seen:
-            add(sid, "duplicate-step", f"step id {sid!r} is used more than once")
-        seen.add(sid)
     known = set(ids)
-
+    issues += _duplicate_ids(ids)
     for step in d.steps:
-        issues.extend(_content_issues(step))
-        triggers = [e.trigger for e in step.edges]
-        for trig in sorted(set(triggers)):
-            if triggers.count(trig) > 1:
-                add(step.id, "duplicate-trigger", f"trigger {trig} appears more than once")
-        if Trigger.END in triggers and len(triggers) > 1:
-            add(step.id, "end-alone", "END cannot be combined with other edges")
-        if Trigger.NORMAL_EDGE in triggers and len(set(triggers)) > 1:
-            add(step.id, "normal-edge-alone", "NORMAL_EDGE cannot be combined with other triggers")
-        for edge in step.edges:
-            if edge.trigger not in ALLOWED_TRIGGERS[step.action]:
-                add(
-                    step.id,
-                    "trigger-fits-action",
-                    f"trigger {edge.trigger} cannot follow action {step.action}",
-                )
-            if edge.trigger == Trigger.END:
-                if edge.to:
-                    add(step.id, "end-has-no-target", "END leads nowhere; remove `to`")
-                continue
-            if not edge.to:
-                add(step.id, "edge-target", f"{edge.trigger} edge has no `to`")
-            elif edge.to not in known:
-                add(
-                    step.id,
-                    "edge-target",
-                    f"{edge.trigger} edge points to missing step {edge.to!r}",
-                )
-            if edge.trigger in NEGATIVE_OF and not edge.after:
-                add(
-                    step.id,
-                    "negative-needs-after",
-                    f"{edge.trigger} needs `after` (how long to wait for {NEGATIVE_OF[edge.trigger]}), longer than 0s",
-                )
-            if edge.trigger in EVENT_TRIGGERS and (edge.after or edge.at):
-                add(
-                    step.id,
-                    "event-has-no-timer",
-                    f"{edge.trigger} fires on the event; `after`/`at` belong on its negative twin",
-                )
-            if edge.after is not None and edge.at is not None:
-                add(step.id, "after-or-at", "an edge takes `after` or `at`, not both")
-        if step.edges and all(e.trigger in EVENT_TRIGGERS for e in step.edges):
-            add(
-                step.id,
-                "waits-forever",
-                "only event triggers leave this step: add a NOT_* edge with `after`",
-            )
-        if step.delay is not None and step.at is not None:
-            add(step.id, "delay-or-at", "a step takes `delay` or `at`, not both")
-
+        issues += _step_issues(step, known)
     # The graph checks ignore edges to missing steps (reported above) and count such an
     # edge as a possible end, so one typo does not cascade into a page of errors.
     graph: dict[str, list[str]] = {}
     for s in d.steps:
         graph.setdefault(s.id, []).extend(e.to for e in s.edges if e.to and e.to in known)
+    reach = _reachable(graph, ids[0])
+    issues += [
+        SequenceIssue(
+            step=sid, rule="unreachable", message=f"step {sid!r} cannot be reached from the first step {ids[0]!r}"
+        )
+        for sid in dict.fromkeys(ids)
+        if sid not in reach
+    ]
+    ends = _can_end(d, graph, known)
+    issues += [
+        SequenceIssue(step=sid, rule="never-ends", message=f"no path from step {sid!r} reaches an END")
+        for sid in dict.fromkeys(ids)
+        if sid in reach and sid not in ends
+    ]
+    return issues + _cycles_without_wait(d, ids, known)
+
+
+def _schedule_issues(d: SequenceDefinition) -> list[SequenceIssue]:
+    """An empty or inverted send window; a timeline that ends before it starts."""
+    issues: list[SequenceIssue] = []
+    w = d.send_window
+    if w is not None and w.start_time() >= w.end_time():
+        issues.append(
+            SequenceIssue(
+                step=None,
+                rule="send-window",
+                message=f"send window is empty or inverted: start {clock(w.start)} is not before end {clock(w.end)}",
+            )
+        )
+    if d.timeline and d.timeline.start and d.timeline.end and aware(d.timeline.start) >= aware(d.timeline.end):
+        issues.append(SequenceIssue(step=None, rule="timeline", message="timeline start is not before its end"))
+    return issues
+
+
+def _duplicate_ids(ids: list[str]) -> list[SequenceIssue]:
+    issues: list[SequenceIssue] = []
+    seen: set[str] = set()
+    for sid in ids:
+        if sid in seen:
+            issues.append(
+                SequenceIssue(step=sid, rule="duplicate-step", message=f"step id {sid!r} is used more than once")
+            )
+        seen.add(sid)
+    return issues
+
+
+def _step_issues(step: Step, known: set[str]) -> list[SequenceIssue]:
+    """One step: its content, how its triggers combine, each edge, and its own timing."""
+    issues = _content_issues(step)
+
+    def add(rule: str, message: str) -> None:
+        issues.append(SequenceIssue(step=step.id, rule=rule, message=message))
+
+    triggers = [e.trigger for e in step.edges]
+    for trig in sorted(set(triggers)):
+        if triggers.count(trig) > 1:
+            add("duplicate-trigger", f"trigger {trig} appears more than once")
+    if Trigger.END in triggers and len(triggers) > 1:
+        add("end-alone", "END cannot be combined with other edges")
+    if Trigger.NORMAL_EDGE in triggers and len(set(triggers)) > 1:
+        add("normal-edge-alone", "NORMAL_EDGE cannot be combined with other triggers")
+    for edge in step.edges:
+        for rule, message in _edge_problems(step, edge, known):
+            add(rule, message)
+    if step.edges and all(e.trigger in EVENT_TRIGGERS for e in step.edges):
+        add("waits-forever", "only event triggers leave this step: add a NOT_* edge with `after`")
+    if step.delay is not None and step.at is not None:
+        add("delay-or-at", "a step takes `delay` or `at`, not both")
+    return issues
+
+
+def _edge_problems(step: Step, edge: Edge, known: set[str]) -> list[tuple[str, str]]:
+    """(rule, message) for each thing wrong with one edge of `step`."""
+    problems: list[tuple[str, str]] = []
+    if edge.trigger not in ALLOWED_TRIGGERS[step.action]:
+        problems.append(("trigger-fits-action", f"trigger {edge.trigger} cannot follow action {step.action}"))
+    if edge.trigger == Trigger.END:
+        if edge.to:
+            problems.append(("end-has-no-target", "END leads nowhere; remove `to`"))
+        return problems
+    if not edge.to:
+        problems.append(("edge-target", f"{edge.trigger} edge has no `to`"))
+    elif edge.to not in known:
+        problems.append(("edge-target", f"{edge.trigger} edge points to missing step {edge.to!r}"))
+    if edge.trigger in NEGATIVE_OF and not edge.after:
+        problems.append(
+            (
+                "negative-needs-after",
+                f"{edge.trigger} needs `after` (how long to wait for {NEGATIVE_OF[edge.trigger]}), longer than 0s",
+            )
+        )
+    if edge.trigger in EVENT_TRIGGERS and (edge.after or edge.at):
+        problems.append(
+            ("event-has-no-timer", f"{edge.trigger} fires on the event; `after`/`at` belong on its negative twin")
+        )
+    if edge.after is not None and edge.at is not None:
+        problems.append(("after-or-at", "an edge takes `after` or `at`, not both"))
+    return problems
+
+
+def _reachable(graph: dict[str, list[str]], first: str) -> set[str]:
     reach: set[str] = set()
-    stack = [d.steps[0].id]
+    stack = [first]
     while stack:
         node = stack.pop()
         if node in reach:
             continue
         reach.add(node)
         stack.extend(graph[node])
-    for sid in dict.fromkeys(ids):
-        if sid not in reach:
-            add(sid, "unreachable", f"step {sid!r} cannot be reached from the first step {ids[0]!r}")
+    return reach
 
-    terminal = {
+
+def _can_end(d: SequenceDefinition, graph: dict[str, list[str]], known: set[str]) -> set[str]:
+    """Steps from which some path reaches an END (an edge to a missing step counts as one)."""
+    ends = {
         s.id
         for s in d.steps
         if not s.edges or any(e.trigger == Trigger.END or (e.to and e.to not in known) for e in s.edges)
     }
-    ends: set[str] = set(terminal)
     changed = True
     while changed:
         changed = False
@@ -392,10 +423,12 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
             if sid not in ends and any(t in ends for t in targets):
                 ends.add(sid)
                 changed = True
-    for sid in dict.fromkeys(ids):
-        if sid in reach and sid not in ends:
-            add(sid, "never-ends", f"no path from step {sid!r} reaches an END")
+    return ends
 
+
+def _cycles_without_wait(d: SequenceDefinition, ids: list[str], known: set[str]) -> list[SequenceIssue]:
+    """Each loop that could spin without a timer (reported once, at the step it closes on)."""
+    issues: list[SequenceIssue] = []
     by_id = {s.id: s for s in d.steps}
     instant: dict[str, list[str]] = {}
     for s in d.steps:
@@ -413,12 +446,14 @@ def graph_issues(d: SequenceDefinition) -> list[SequenceIssue]:
                 key = frozenset(cycle)
                 if key not in reported:
                     reported.add(key)
-                    add(
-                        nxt,
-                        "cycle-without-wait",
-                        "loop with no wait in it: "
-                        + " -> ".join(cycle)
-                        + " (give one of its edges an `after` or one of its steps a `delay`)",
+                    issues.append(
+                        SequenceIssue(
+                            step=nxt,
+                            rule="cycle-without-wait",
+                            message="loop with no wait in it: "
+                            + " -> ".join(cycle)
+                            + " (give one of its edges an `after` or one of its steps a `delay`)",
+                        )
                     )
             elif color.get(nxt) is None:
                 visit(nxt, trail + [nxt])
