@@ -111,6 +111,16 @@ class Providers:
     async def post(self, provider: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         return await self.hook.http.post(f"/webhooks/providers/{provider}", content=body, headers=headers)
 
+    async def post_sendgrid(self, events: list[dict[str, Any]]) -> httpx.Response:
+        """A SendGrid event batch, signed with the current key."""
+        body = json.dumps(events).encode()
+        return await self.post("sendgrid", body, self.sendgrid.headers(body))
+
+    async def post_x(self, payload: dict[str, Any], *, secret: str = X_SECRET) -> httpx.Response:
+        """An X Account Activity event, signed with the consumer secret `secret`."""
+        body = json.dumps(payload).encode()
+        return await self.post("x", body, {"x-twitter-webhooks-signature": x_signature(secret, body)})
+
     async def sent(self, handle: Any) -> Delivery:
         await self.hook.waiting_at(handle)
         async with self.hook.sf() as s:
@@ -177,8 +187,7 @@ async def test_sendgrid_batch_records_funnel_events_and_a_hard_bounce_ends_the_l
         sendgrid_event("bounce", "bounce@lead.test", 6, **{"smtp-id": mail_id}, type="bounce", reason="550 no user"),
         sendgrid_event("delivered", "nobody@else.test", 7, **{"smtp-id": "<not-ours@x>"}),
     ]
-    body = json.dumps(batch).encode()
-    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    resp = await p.post_sendgrid(batch)
     assert resp.status_code == 200, resp.text
     summary = resp.json()
     assert (summary["received"], summary["recorded"], summary["unknown_message"], summary["ignored"]) == (8, 5, 1, 1)
@@ -201,7 +210,7 @@ async def test_sendgrid_batch_records_funnel_events_and_a_hard_bounce_ends_the_l
     rows = {r.provider_event_id: r.status for r in await p.inbound("sendgrid")}
     assert rows["sg_event_id_delivered_7"] == "unknown_message"
     # A replay (same events, fresh signature) is a no-op.
-    again = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    again = await p.post_sendgrid(batch)
     assert again.json()["duplicates"] == 8 and again.json()["recorded"] == 0
     assert len(await events_of(p.hook.sf, EventType.DELIVERED)) == 1
 
@@ -487,19 +496,15 @@ async def test_x_crc_follow_back_and_dm_reply(providers: Providers) -> None:
     handle = await p.hook.enroll(raw, pid)
     await p.hook.waiting_at(handle, "follow")
 
-    def signed(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-        body = json.dumps(payload).encode()
-        return body, {"x-twitter-webhooks-signature": x_signature(X_SECRET, body)}
-
-    body, headers = signed(x_follow(OUR_X_ID, "5555", OUR_X_ID))
-    assert (await p.post("x", body, {"x-twitter-webhooks-signature": x_signature("nope", body)})).status_code == 401
-    resp = await p.post("x", body, headers)
+    follow = x_follow(OUR_X_ID, "5555", OUR_X_ID)
+    assert (await p.post_x(follow, secret="nope")).status_code == 401
+    resp = await p.post_x(follow)
     assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
     await wait_for_status(handle, lambda v: v.current_step == "dm" and v.phase == "waiting")
-    echo_body, echo_headers = signed(x_dm(OUR_X_ID, OUR_X_ID, "Thanks Ada", "dm-ours"))
-    assert (await p.post("x", echo_body, echo_headers)).json()["ignored"] == 1
-    body, headers = signed(x_dm(OUR_X_ID, "5555", "Sure, let's talk", "dm-theirs"))
-    assert (await p.post("x", body, headers)).json()["pipeline"] == {"signalled": 1}
+    assert (await p.post_x(x_dm(OUR_X_ID, OUR_X_ID, "Thanks Ada", "dm-ours"))).json()["ignored"] == 1
+    assert (await p.post_x(x_dm(OUR_X_ID, "5555", "Sure, let's talk", "dm-theirs"))).json()["pipeline"] == {
+        "signalled": 1
+    }
     result = await handle.result()
     assert [(s.step, s.left_by) for s in result.path] == [
         ("follow", "FOLLOWED_BACK"),
@@ -536,8 +541,7 @@ async def test_relay_tags_and_relay_ids_match_events_when_the_message_id_is_rewr
             sg_message_id="8kWqnSCeQZu5ZnMpTw3MTQ.filterdrecv-5645d9c87f-78xgx-1-5D0A3F5A-2.0",
         )
     ]
-    body = json.dumps(sg).encode()
-    assert (await p.post("sendgrid", body, p.sendgrid.headers(body))).json()["recorded"] == 1
+    assert (await p.post_sendgrid(sg)).json()["recorded"] == 1
     # Mailgun: only the variables it was given.
     event = mailgun_event("opened", "relay@lead.test", **{"user-variables": {"sequencer_key": key}})
     event["message"]["headers"]["message-id"] = "rewritten@mailgun.org"
@@ -612,8 +616,7 @@ async def test_click_tracking_rewrites_html_links_records_once_per_link_and_redi
             url="https://acme.test/pricing?a=1&b=2",
         )
     ]
-    body = json.dumps(sg).encode()
-    assert (await p.post("sendgrid", body, p.sendgrid.headers(body))).status_code == 200
+    assert (await p.post_sendgrid(sg)).status_code == 200
     assert len(await events_of(p.hook.sf, EventType.CLICKED)) == 2
     totals = (await sequence_stats(p.hook.sf, raw_seq["name"])).totals
     assert totals["clicked"] == 1  # one person clicked
@@ -660,8 +663,8 @@ async def test_a_batch_of_1000_sendgrid_events_is_recorded_in_one_pass_and_repla
 ) -> None:
     p = providers
     ids = await seed_sent(p.hook.sf, 1000, "t1k")
-    body = json.dumps(sendgrid_batch(ids, "t1k")).encode()
-    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    events = sendgrid_batch(ids, "t1k")
+    resp = await p.post_sendgrid(events)
     assert resp.status_code == 200, resp.text
     assert (resp.json()["received"], resp.json()["recorded"], resp.json()["unknown_message"]) == (1000, 1000, 0)
     async with p.hook.sf() as s:
@@ -669,7 +672,7 @@ async def test_a_batch_of_1000_sendgrid_events_is_recorded_in_one_pass_and_repla
         delivery_ids = (await s.execute(select(func.count(func.distinct(Event.delivery_id))))).scalar_one()
     assert by_type == {"delivered": 250, "opened": 250, "clicked": 250, "deferred": 250}
     assert delivery_ids == 1000  # each event matched its own delivery
-    again = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    again = await p.post_sendgrid(events)
     assert again.json()["duplicates"] == 1000 and again.json()["recorded"] == 0
     async with p.hook.sf() as s:
         assert (await s.execute(select(func.count()).select_from(Event))).scalar_one() == 1000
@@ -704,7 +707,7 @@ async def test_a_batch_cut_short_by_an_outage_is_finished_by_the_retry(
     assert await p.suppressions() == []  # the bounce is not half-applied
     rows = {r.provider_event_id: r.status for r in await p.inbound("sendgrid")}
     assert rows == {"sg_event_id_delivered_1": "recorded", "sg_event_id_bounce_2": "received"}
-    retry = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    retry = await p.post_sendgrid(batch)
     assert retry.status_code == 200
     assert (retry.json()["duplicates"], retry.json()["pipeline"]) == (1, {"suppressed_identity": 1})
     assert len(await events_of(p.hook.sf, EventType.DELIVERED)) == 1
@@ -731,8 +734,7 @@ async def test_x_activity_api_follow_is_followed_back(providers: Providers) -> N
     pid = await p.hook.person(email="xaa@lead.test", x="7777")
     handle = await p.hook.enroll(raw, pid)
     await p.hook.waiting_at(handle, "follow")
-    body = json.dumps(xaa_follow(OUR_X_ID, "7777", OUR_X_ID)).encode()
-    resp = await p.post("x", body, {"x-twitter-webhooks-signature": x_signature(X_SECRET, body)})
+    resp = await p.post_x(xaa_follow(OUR_X_ID, "7777", OUR_X_ID))
     assert resp.status_code == 200 and resp.json()["pipeline"] == {"signalled": 1}
     path = [(s.step, s.left_by) for s in (await handle.result()).path]
     assert path == [("follow", "FOLLOWED_BACK"), ("done", "END")]
@@ -760,8 +762,7 @@ async def test_one_batch_with_consequences_for_several_leads_applies_each_once(p
         )
         for i in range(3)
     ] + [sendgrid_event("spamreport", "many3@lead.test", 20, **{"smtp-id": mid["many3@lead.test"]})]
-    body = json.dumps(batch).encode()
-    resp = await p.post("sendgrid", body, p.sendgrid.headers(body))
+    resp = await p.post_sendgrid(batch)
     assert resp.status_code == 200, resp.text
     assert resp.json()["pipeline"] == {"suppressed_identity": 3, "unsubscribed": 1}
     statuses = [(await h.result()).status for h in handles]
