@@ -1,23 +1,18 @@
 """The mailbox watcher wired like production, for tests and the bench.
 
-- `watcher_worker(...)`: the production worker (worker.py's `worker_deps` + `build_worker`)
-  on its own task queue with the harness settings, which decrypt stored connections; the
-  watcher workflow and activity run there, the enrollments keep running on the `hook` worker.
+- The watchers' worker is the harness's `wired(task_queue=...)`: its settings (SETTINGS here)
+  hold the SECRETS_KEY that decrypts the stored connections.
 - `connect_mailbox(...)`: store an IMAP connection on a sender the way `senders add --imap` does.
 - `wait_state(...)`: the stored watcher state once a predicate holds (`eventually`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import quote
 
 from sqlalchemy import select
-from temporalio.client import Client
 
-from activities.channels import aclose_channels
 from activities.mailbox import current_state
 from db.session import SessionFactory
 from db.tables import MailboxState, SenderAccount, SenderConnection
@@ -25,7 +20,6 @@ from services.mail_urls import parse_mail_url
 from services.sender_connections import save_connection
 from tests.engine_harness import SECRETS_KEY, harness_settings
 from tests.eventually import eventually
-from worker import Workers, build_worker, worker_deps
 
 KEY = SECRETS_KEY
 SETTINGS = harness_settings(None, None, None)
@@ -46,17 +40,6 @@ async def connect_mailbox(
         ).scalar_one()
         await save_connection(s, sender, parse_mail_url(url, kind="imap", flag="--imap"), settings=SETTINGS)
         return int(sender.id)
-
-
-@asynccontextmanager
-async def watcher_worker(client: Client, task_queue: str, sf: SessionFactory, **kwargs: Any) -> AsyncIterator[Workers]:
-    """The production worker on `task_queue`, able to decrypt the stored mailbox connections."""
-    deps = worker_deps(SETTINGS, sf)
-    try:
-        async with build_worker(client, task_queue, deps, **kwargs) as worker:
-            yield worker
-    finally:
-        await aclose_channels(dict(deps.channels))
 
 
 async def wait_state(

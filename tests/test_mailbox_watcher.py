@@ -32,10 +32,10 @@ from models.outcomes import EventType
 from operations.mailbox_watchers import start_watcher, stop_watcher
 from services.reply_mail import append_reply
 from tests import mail_samples as m
-from tests.engine_harness import events_of, wait_for_status
+from tests.engine_harness import Wired, events_of, wait_for_status
 from tests.eventually import eventually
 from tests.imap_harness import Mailbox, TcpProxy
-from tests.mailbox_harness import FAST, KEY, SETTINGS, connect_mailbox, connection_status, wait_state, watcher_worker
+from tests.mailbox_harness import FAST, KEY, SETTINGS, connect_mailbox, connection_status, wait_state
 from tests.webhook_harness import Hook, StartHook, email_sequence, signals_in_history, temporal_address
 from workflows.mailbox import MailboxWatcherWorkflow
 
@@ -112,10 +112,10 @@ class Watch:
 
 
 @pytest.fixture
-async def watch(hook: Hook, mailbox: Mailbox, task_queue: str) -> Any:
+async def watch(hook: Hook, mailbox: Mailbox, task_queue: str, wired: Wired) -> Any:
     queue = f"{task_queue}-mail"
     w = Watch(hook, mailbox, queue)
-    async with watcher_worker(hook.env.client, queue, hook.sf):
+    async with wired(task_queue=queue):  # the watchers' own worker; the enrollments run on the hook's
         try:
             yield w
         finally:
@@ -221,11 +221,12 @@ async def test_mail_to_the_unsubscribe_mailto_unsubscribes_the_person_it_was_sen
     start_hook: StartHook,
     mailbox: Mailbox,
     task_queue: str,
+    wired: Wired,
 ) -> None:
     """The List-Unsubscribe mailto of our mail, used by a mail client, stops that person through the pipeline."""
     async with start_hook(worker={"unsubscribe_mailto": "unsubscribe@acme.test"}) as hook:
         watch = Watch(hook, mailbox, f"{task_queue}-mail")
-        async with watcher_worker(hook.env.client, watch.queue, hook.sf):
+        async with wired(task_queue=watch.queue):
             try:
                 pid, handle, _ = await watch.lead("leaving@lead.test")
                 [sent] = hook.mails_to("leaving@lead.test")
@@ -423,6 +424,7 @@ async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_dou
     hook: Hook,
     mailbox: Mailbox,
     task_queue: str,
+    wired: Wired,
     database_url: str,
 ) -> None:
     queue = f"{task_queue}-mail"
@@ -456,7 +458,7 @@ async def test_the_watchers_worker_killed_another_takes_over_nothing_lost_or_dou
         await mailbox.append(
             m.reply(sender=f"k{i}@lead.test", to=SENDER, in_reply_to=leads[i][2], text="Yes", message_id=message_id)
         )
-    async with watcher_worker(hook.env.client, queue, hook.sf):
+    async with wired(task_queue=queue):
         await hook.env.sleep(FAST["heartbeat_timeout_seconds"] + 1)  # the server notices the silence
         for message_id in later:
             assert (await w.inbound(message_id)).status == "signalled"
