@@ -12,21 +12,18 @@ from __future__ import annotations
 import base64
 import hmac
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+from models.provider_events import EventKind, ProviderEvent
 
-EventKind = Literal[
-    "delivered",
-    "bounce",
-    "deferred",
-    "complaint",
-    "unsubscribe",
-    "open",
-    "click",
-    "reply",
-    "followed_back",
-    "ignored",
+__all__ = [
+    "DELIVERY_KEY_ARG",
+    "EventKind",
+    "ProviderAuthError",
+    "ProviderEvent",
+    "ProviderFormatError",
+    "basic_auth_ok",
+    "require",
 ]
 
 #: The custom-data key every relay tag carries: the deliveries ledger's idempotency key.
@@ -44,32 +41,6 @@ class ProviderFormatError(Exception):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
-
-
-class ProviderEvent(BaseModel):
-    """One provider event in the shape the inbound pipeline understands.
-
-    `event_id` is the provider's own event id (deduplication key, unique per provider);
-    `delivery_key`, `message_ids` and `recipient` are what the event can be matched to a
-    ledger row by, in that order of trust.
-    """
-
-    provider: str
-    event_id: str = Field(min_length=1, max_length=280)
-    kind: EventKind
-    channel: Literal["email", "x"] = "email"
-    bounce: Literal["hard", "soft"] | None = None
-    recipient: str | None = None
-    sender: str | None = None
-    message_ids: list[str] = Field(default_factory=list)
-    delivery_key: str | None = None
-    occurred_at: datetime | None = None
-    url: str | None = None
-    text: str | None = None
-    in_reply_to: str | None = None
-    references: list[str] = Field(default_factory=list)
-    reason: str | None = None
-    custom: dict[str, str] = Field(default_factory=dict)
 
 
 def require(obj: Any, key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:

@@ -33,10 +33,10 @@ from sqlalchemy.dialects.postgresql import insert
 
 from db.session import SessionFactory
 from db.tables import InboundEvent, WebhookToken
+from operations.provider_ingest import PipelineUnavailable, ProviderIngest
 from webhooks.deps import SettingsDep, WebhookDeps, WebhookDepsDep
 from webhooks.providers import mailgun, postmark, sendgrid, ses, standard, x_activity
 from webhooks.providers.base import ProviderAuthError, ProviderEvent, ProviderFormatError, basic_auth_ok
-from webhooks.providers.ingest import PipelineUnavailable, ProviderIngest
 from webhooks.refusal import read_body
 
 log = logging.getLogger("sequencer.providers")

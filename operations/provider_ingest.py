@@ -37,10 +37,10 @@ from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, Seque
 from models.enrollment import ControlSignal
 from models.inbound import InboundEvent as PipelineEvent
 from models.outcomes import DeliveryStatus, EventType, InboundStatus
+from models.provider_events import ProviderEvent
 from services.engagement import click_dedup_key, open_dedup_key
 from services.identities import lookup_value
 from services.inbound_pipeline import InboundPipeline, InboundResult
-from webhooks.providers.base import ProviderEvent
 
 log = logging.getLogger("sequencer.providers")
 
