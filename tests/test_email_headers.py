@@ -231,6 +231,7 @@ def test_production_needs_an_https_public_base_url(url: str) -> None:
     assert settings_problems(Settings(sequencer_env="dev", public_base_url=url)) == []
 
 
+@pytest.mark.integration  # starts the real process
 def test_the_cli_refuses_to_start_in_production_with_an_http_public_base_url() -> None:
     root = Path(__file__).resolve().parent.parent
     closed = free_port()

@@ -73,6 +73,7 @@ def _production_env(**extra: str) -> dict[str, str]:
         ),
     ],
 )
+@pytest.mark.integration  # starts the real process
 def test_each_process_refuses_to_start_in_production_with_the_defaults(argv: list[str]) -> None:
     done = subprocess.run(argv, cwd=ROOT, env=_production_env(), capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
@@ -83,6 +84,7 @@ def test_each_process_refuses_to_start_in_production_with_the_defaults(argv: lis
     assert "dev-webhook-secret-change-me" not in out  # names the variable, never prints the secret
 
 
+@pytest.mark.integration  # starts the real process
 def test_the_cli_refuses_a_short_secret_naming_it() -> None:
     env = _production_env(
         WEBHOOK_SECRET="short",
