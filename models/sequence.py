@@ -12,6 +12,7 @@ from __future__ import annotations
 import zoneinfo
 from datetime import datetime, time
 from enum import StrEnum
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -106,7 +107,9 @@ ALLOWED_TRIGGERS: dict[Action, frozenset[Trigger]] = {
     Action.WAIT: frozenset(_ALWAYS),
 }
 
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: A day of the week as sequence files write it (longer names such as "Monday" are accepted).
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_DAYS: tuple[Weekday, ...] = get_args(Weekday)
 
 
 class _Model(BaseModel):
@@ -159,20 +162,21 @@ class SendWindow(_Model):
     `start` and `end` are times of day, written "HH:MM" in files and in saved histories.
     """
 
-    days: list[str] = Field(default_factory=lambda: list(_DAYS[:5]))
+    days: list[Weekday] = Field(default_factory=lambda: list(_DAYS[:5]))
     start: ClockTime = time(9, 0)
     end: ClockTime = time(17, 30)
 
-    @field_validator("days")
+    @field_validator("days", mode="before")
     @classmethod
-    def _days(cls, value: list[str]) -> list[str]:
-        days = [d.strip().lower()[:3] for d in value]
-        bad = [d for d in value if d.strip().lower()[:3] not in _DAYS]
+    def _days(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value  # pydantic names the type it expected
+        bad = [d for d in value if not isinstance(d, str) or d.strip().lower()[:3] not in _DAYS]
         if bad:
             raise ValueError(f"unknown day(s) {bad}: use mon, tue, wed, thu, fri, sat, sun")
-        if not days:
+        if not value:
             raise ValueError("send window has no days")
-        return days
+        return [d.strip().lower()[:3] for d in value]
 
     def weekday_numbers(self) -> set[int]:
         """Days as `datetime.weekday()` numbers."""
@@ -265,6 +269,7 @@ __all__ = [
     "Step",
     "Variant",
     "SendWindow",
+    "Weekday",
     "Timeline",
     "SequenceDefinition",
     "is_timezone",

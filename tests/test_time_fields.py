@@ -89,3 +89,11 @@ def test_person_rows_check_their_zone() -> None:
     assert PersonRow.model_validate({"timezone": "America/New_York"}).timezone == "America/New_York"
     with pytest.raises(ValidationError, match="unknown time zone 'Moon/Base'"):
         PersonRow.model_validate({"timezone": "Moon/Base"})
+
+
+def test_days_are_weekdays_written_short() -> None:
+    window = SendWindow.model_validate({"days": ["Monday", " FRI "], "start": "09:00", "end": "10:00"})
+    assert window.days == ["mon", "fri"] and window.weekday_numbers() == {0, 4}
+    assert json.loads(window.model_dump_json())["days"] == ["mon", "fri"]
+    _, issues = check_definition({**DOC, "send_window": {"days": ["mon", "funday", 3]}})
+    assert "send_window.days" in issues[0].message and "'funday'" in issues[0].message and "3" in issues[0].message
