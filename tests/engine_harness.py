@@ -40,7 +40,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.channels import ChannelClient, aclose_channels
 from activities.delivery import DeliveryConfig
 from db.session import SessionFactory
-from db.tables import Enrollment, Event
+from db.tables import Delivery, Enrollment, Event
 from devstack.factories import all_senders, make_person, make_sender, seed_people, sequence_file, store_version
 from devstack.fake_relay import RELAY_SIGNING_KEY, RELAY_TOKEN
 from devstack.fake_x import X_TOKEN
@@ -61,6 +61,7 @@ __all__ = [
     "Crash",
     "Sequencer",
     "all_senders",
+    "deliveries_of",
     "enroll",
     "events_of",
     "harness_settings",
@@ -184,6 +185,12 @@ async def events_of(sf: SessionFactory, type_: EventType | None = None) -> list[
         if type_:
             q = q.where(Event.type == type_)
         return list((await s.execute(q)).scalars())
+
+
+async def deliveries_of(sf: SessionFactory) -> list[Delivery]:
+    """Every row of the deliveries ledger, in order."""
+    async with sf() as s:
+        return list((await s.execute(select(Delivery).order_by(Delivery.id))).scalars())
 
 
 class _Server(Protocol):

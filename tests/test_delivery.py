@@ -15,12 +15,13 @@ import pytest
 from sqlalchemy import select
 
 from db.session import SessionFactory
-from db.tables import Delivery, Identity, SendSlot, Suppression
+from db.tables import Identity, SendSlot, Suppression
 from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from tests.engine_harness import (
     Crash,
     all_senders,
+    deliveries_of,
     events_of,
     make_person,
     make_sender,
@@ -62,11 +63,6 @@ async def _slots(sf: SessionFactory) -> list[Any]:
         return sorted((await s.execute(select(SendSlot.slot_at))).scalars())
 
 
-async def _deliveries(sf: SessionFactory) -> list[Delivery]:
-    async with sf() as s:
-        return list((await s.execute(select(Delivery).order_by(Delivery.id))).scalars())
-
-
 async def test_crash_between_claim_and_provider_call_sends_once(
     wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
 ) -> None:
@@ -78,7 +74,7 @@ async def test_crash_between_claim_and_provider_call_sends_once(
     assert crash.fired == 1
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(smtp_server.messages) == 1
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "sent" and delivery.attempts_made == 1
 
 
@@ -92,7 +88,7 @@ async def test_crash_after_provider_accepted_is_uncertain_never_resent(
         result = await handle.result()
     assert crash.fired == 1
     assert len(smtp_server.messages) == 1, "the retry must not send again"
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "uncertain"
     assert [e.type for e in await events_of(session_factory, EventType.UNCERTAIN)] == ["uncertain"]
     assert result.path[0].outcome == "uncertain"
@@ -108,7 +104,7 @@ async def test_smtp_transient_then_accept_sends_once(
         result = await (await _enroll(temporal_env, session_factory, task_queue, email_sequence(1))).result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert len(smtp_server.messages) == 1
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "sent" and delivery.attempts_made == 2
 
 
@@ -122,7 +118,7 @@ async def test_smtp_550_bounces_suppresses_and_dead_letters(
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
     assert smtp_server.messages == []
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "bounced"
     async with session_factory() as s:
         sup = (await s.execute(select(Suppression))).scalars().all()
@@ -156,7 +152,7 @@ async def test_x_429_honours_the_reset_header(
     assert attempts == 2
     started = [e for e in history.events if e.HasField("activity_task_completed_event_attributes")]
     assert started  # the DM activity completed after waiting for the reset
-    [delivery] = [d for d in await _deliveries(session_factory) if d.step_id == "dm"]
+    [delivery] = [d for d in await deliveries_of(session_factory) if d.step_id == "dm"]
     assert delivery.status == "sent"
 
 
@@ -172,7 +168,7 @@ async def test_suppression_added_mid_sequence_stops_the_next_send(
         result = await handle.result()
     assert result.status == EnrollmentStatus.SUPPRESSED
     assert len(smtp_server.messages) == 1
-    statuses = [d.status for d in await _deliveries(session_factory)]
+    statuses = [d.status for d in await deliveries_of(session_factory)]
     assert statuses == ["sent", "suppressed"]
     assert (await events_of(session_factory, EventType.SUPPRESSED))[0].data["error"].startswith("suppressed (person)")
 
@@ -197,7 +193,7 @@ async def test_three_emails_thread_under_the_first(
         assert kinds == ["text/html", "text/plain"]
         plain = next(p for p in m.walk() if p.get_content_type() == "text/plain").get_content()
         assert "Acme Inc, 1 Test Street, Springfield" in plain and "https://links.acme.test/u/" in plain
-    ledger = await _deliveries(session_factory)
+    ledger = await deliveries_of(session_factory)
     assert [d.message_id for d in ledger] == ids
 
 
@@ -308,7 +304,7 @@ async def test_text_only_email_with_open_tracking_carries_the_pixel_and_the_ledg
     assert '<img src="https://links.acme.test/o/' in html
     plain = next(p for p in message.walk() if p.get_content_type() == "text/plain").get_content()
     assert "/o/" not in plain
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     async with session_factory() as s:
         address = (await s.execute(select(Identity.value).where(Identity.id == delivery.identity_id))).scalar_one()
     assert address == "pixel@lead.test"
@@ -331,7 +327,7 @@ async def test_x_dm_answered_503_is_uncertain_and_never_sent_again(
         result = await (await _enroll(temporal_env, session_factory, task_queue, raw, x="424242")).result()
     assert result.status == EnrollmentStatus.COMPLETED
     assert [r.method for r in x_server.requests] == ["POST"], "the DM is never posted a second time"
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "uncertain" and "503" in (delivery.error or "")
 
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from db.session import SessionFactory
-from db.tables import Delivery, Identity, Person, Suppression
+from db.tables import Identity, Person, Suppression
 from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from operations.enrolling import dry_run
@@ -28,6 +28,7 @@ from services.people_import import import_people
 from tests.engine_harness import (
     Crash,
     all_senders,
+    deliveries_of,
     enroll,
     events_of,
     make_person,
@@ -50,11 +51,6 @@ async def _identities(sf: SessionFactory, person_id: int) -> dict[str, str]:
     async with sf() as s:
         rows = (await s.execute(select(Identity.channel, Identity.value).where(Identity.person_id == person_id))).all()
     return {c: v for c, v in rows}
-
-
-async def _deliveries(sf: SessionFactory) -> list[Delivery]:
-    async with sf() as s:
-        return list((await s.execute(select(Delivery).order_by(Delivery.id))).scalars())
 
 
 def _dm_only(name: str) -> dict[str, Any]:
@@ -119,7 +115,7 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
     [resolved] = await events_of(session_factory, EventType.IDENTITY_RESOLVED)
     assert resolved.data["x_handle"] == "ada_l" and resolved.data["x_user_id"] == "777000111"
     assert resolved.person_id == pid and resolved.step_id == "follow"
-    assert [(d.step_id, d.status, d.attempts_made) for d in await _deliveries(session_factory)] == [
+    assert [(d.step_id, d.status, d.attempts_made) for d in await deliveries_of(session_factory)] == [
         ("follow", "sent", 1),
         ("dm", "sent", 1),
     ]
@@ -170,7 +166,7 @@ async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
     assert result.status == EnrollmentStatus.FAILED
     assert x_server.dms == [] and x_server.following == set()
     assert x_server.lookups == ["ghost_h"], "a permanent answer is not retried"
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "bounced" and delivery.attempts_made == 0
     assert delivery.error is not None
     assert "@ghost_h" in delivery.error and "invalid recipient" in delivery.error
@@ -205,7 +201,7 @@ async def test_429_on_the_lookup_is_retried_after_the_reset(
     assert result.status == EnrollmentStatus.COMPLETED
     assert x_server.lookups == ["busy_h", "busy_h"]
     assert [d["participant_id"] for d in x_server.dms] == ["8080"]
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "sent" and delivery.attempts_made == 1
     history = await handle.fetch_history()
     sends = ("deliver", "send_step")  # send_step: the slot and the send in one activity (patch send-step)
@@ -242,7 +238,7 @@ async def test_resolved_id_owned_by_another_person_is_reported_not_sent(
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
     assert x_server.dms == [] and x_server.lookups == ["twin_h"]
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "failed" and delivery.error is not None
     assert f"@twin_h resolves to X user id 5555, which already belongs to person {owner}" in delivery.error
     assert "nothing was sent" in delivery.error
@@ -285,7 +281,7 @@ async def test_crash_after_resolution_sends_once_without_a_second_lookup(
     assert result.status == EnrollmentStatus.COMPLETED
     assert x_server.lookups == ["crash_h"]
     assert [d["participant_id"] for d in x_server.dms] == ["6060"]
-    [delivery] = await _deliveries(session_factory)
+    [delivery] = await deliveries_of(session_factory)
     assert delivery.status == "sent" and delivery.attempts_made == 1
 
 
