@@ -129,6 +129,8 @@ ENDS_THE_WALK = {"sent", DeliveryStatus.UNCERTAIN, DeliveryStatus.SKIPPED}
 #: `send_step` sends at once when its slot is at most this far off (it waits that long
 #: first); a later slot is the workflow's to wait for, on a durable timer.
 SEND_AT_ONCE = timedelta(seconds=2)
+#: When a heartbeating send first beats (seconds after it starts).
+FIRST_BEAT = 1.0
 
 
 @dataclass
@@ -262,8 +264,11 @@ class DeliveryActivities:
                 activity.logger.info("send_step %s: no slot now (%s); asking again", inp.reserve.step_id, err)
                 return SendStepOutput()
             extras = _Extras(inp.started, inp.finish)
-            # now on Temporal's clock: this attempt's start plus the time the reservation took
-            wait = (slot.slot_at - activity_now(inp.deliver.now)).total_seconds() - (time.monotonic() - t0)
+            # now: this attempt's start on Temporal's clock plus the time since, or this worker's
+            # clock if later (the governor's slot is never earlier than the later of the two)
+            elapsed = timedelta(seconds=time.monotonic() - t0)
+            now = max(activity_now(inp.deliver.now) + elapsed, datetime.now(UTC))
+            wait = (slot.slot_at - now).total_seconds()
             if slot.ended or slot.sender_id is None or wait > SEND_AT_ONCE.total_seconds():
                 await self._write_extras(extras, None)
                 return SendStepOutput(slot=slot)
@@ -1019,7 +1024,11 @@ async def _heartbeating() -> AsyncIterator[None]:
         return
 
     async def beat() -> None:
+        # The server's clock for the timeout starts with the attempt, so a first beat at once
+        # would only cost a round trip to the server: a send that is done within a second
+        # (most are) never beats; a longer one beats from then on, a few times per timeout.
         every = max(timeout.total_seconds() / 4, 0.2)
+        await asyncio.sleep(min(FIRST_BEAT, every))
         while True:
             activity.heartbeat()
             await asyncio.sleep(every)

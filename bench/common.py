@@ -127,15 +127,12 @@ def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:
             person_daily_touch_cap=0,
         ),
     )
-    return build_worker(
-        stack.env.client,
-        task_queue,
-        deps,
-        max_concurrent_activities=200,
-        max_concurrent_workflow_tasks=200,
-        max_cached_workflows=settings.worker_max_cached_workflows,  # as worker.py runs it
-        **kw,
-    )
+    options: dict[str, Any] = {
+        "max_concurrent_activities": 200,
+        "max_concurrent_workflow_tasks": 200,
+        "max_cached_workflows": settings.worker_max_cached_workflows,  # as worker.py runs it
+    }
+    return build_worker(stack.env.client, task_queue, deps, **(options | kw))
 
 
 # ---------------------------------------------------------------- benchmarks
