@@ -97,14 +97,17 @@ def channel_task_queue(channel: Channel | str | None) -> dict[str, Any]:
 SEND_STEP_PATCH = "send-step"
 
 
-async def record_event(inp: RecordEventInput) -> None:
-    """Append one event to the log (deduplicated by its key); a local activity since patch `send-step`."""
+async def _bookkeeping(name: str, inp: RecordEventInput | FinishInput) -> None:
+    """A short idempotent write: a local activity since patch `send-step` (no server round trip)."""
     if workflow.patched(SEND_STEP_PATCH):
-        await workflow.execute_local_activity(
-            "record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
-        )
+        await workflow.execute_local_activity(name, inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
         return
-    await workflow.execute_activity("record_event", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
+    await workflow.execute_activity(name, inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
+
+
+async def record_event(inp: RecordEventInput) -> None:
+    """Append one event to the log (deduplicated by its key)."""
+    await _bookkeeping("record_event", inp)
 
 
 async def reserve_send_slot(inp: ReserveSlotInput) -> ReserveSlotOutput:
@@ -155,12 +158,5 @@ async def give_up_delivery(inp: DeliverInput) -> DeliverOutput:
 
 
 async def finish_enrollment(inp: FinishInput) -> None:
-    """Record the end in the enrollments table and the event log; a local activity since patch `send-step`."""
-    if workflow.patched(SEND_STEP_PATCH):
-        await workflow.execute_local_activity(
-            "finish_enrollment", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
-        )
-        return
-    await workflow.execute_activity(
-        "finish_enrollment", inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK
-    )
+    """Record the end in the enrollments table and the event log."""
+    await _bookkeeping("finish_enrollment", inp)
