@@ -1,0 +1,48 @@
+"""The engine's connection check: a dead pooled connection is replaced, transactions stay whole.
+
+The check on checkout (`db/session.py`) opens the transaction the session then uses, so
+what a session commits must be there, what it rolls back must not, and a connection the
+server dropped while it sat in the pool must be replaced before anyone uses it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from db.session import make_engine, make_session_factory
+
+
+async def test_a_connection_dropped_in_the_pool_is_replaced_on_checkout(database_url: str) -> None:
+    engine, other = make_engine(database_url, pool_size=1), make_engine(database_url, pool_size=1)
+    sf = make_session_factory(engine)
+    try:
+        async with sf() as s:
+            first = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with other.connect() as c:  # the server drops it (a restart, an idle timeout)
+            assert (await c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first})).scalar_one()
+        async with sf() as s:
+            second = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert second != first
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+async def test_commits_stay_and_rollbacks_go_on_checked_connections(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    sf = make_session_factory(engine)
+    try:
+        async with sf() as s, s.begin():
+            await s.execute(text("CREATE TABLE probe (v int)"))
+            await s.execute(text("INSERT INTO probe VALUES (1)"))
+        with pytest.raises(RuntimeError):
+            async with sf() as s, s.begin():
+                await s.execute(text("INSERT INTO probe VALUES (2)"))
+                raise RuntimeError("changed my mind")
+        async with sf() as s:  # read-only: closed without a commit
+            assert (await s.execute(text("SELECT count(*) FROM probe"))).scalar_one() == 1
+        async with engine.connect() as c:  # a plain connection sees the same
+            assert list((await c.execute(text("SELECT v FROM probe"))).scalars()) == [1]
+    finally:
+        await engine.dispose()
