@@ -14,7 +14,8 @@ Fixtures (registered for every module by tests/conftest.py, nothing to import):
   `temporal_client` fixture, i.e. the module's time-skipping server, and the test's queue),
   and Worker keyword arguments.
 - `sequencer`: the worker already running with one sender per channel (`all_senders`), as a
-  `Sequencer` that makes people (`person`, `lead`), enrolls them (`start`) and reads events.
+  `Sequencer` that makes people (`person`, `lead`), enrolls them (`start`) and reads events;
+  `sequencer_stack`: the same before the worker starts, for `async with stack.worker(**options):`.
 
 Factories (people, senders, sequence versions, segments) are devstack/factories.py, shared
 with the benchmarks; they are re-exported here for the tests that import them from here.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -325,6 +326,13 @@ class Sequencer:
     smtp: Any
     x: Any
     relay: Any
+    #: The `wired` fixture, for `worker()`.
+    wired: Wired | None = field(default=None, kw_only=True)
+
+    def worker(self, **options: Any) -> AbstractAsyncContextManager[Workers]:
+        """`async with stack.worker(**options):` the production worker (the `wired` options)."""
+        assert self.wired is not None, "made without the `wired` fixture"
+        return self.wired(**{"client": self.env.client, **options})
 
     @property
     def client(self) -> Client:
@@ -361,7 +369,7 @@ class Sequencer:
 
 
 @pytest.fixture
-async def sequencer(
+async def sequencer_stack(
     temporal_env: WorkflowEnvironment,
     wired: Wired,
     session_factory: SessionFactory,
@@ -369,8 +377,14 @@ async def sequencer(
     smtp_server: Any,
     x_server: Any,
     relay_server: Any,
-) -> AsyncIterator[Sequencer]:
-    """The production worker running on the module's Temporal server, with `all_senders`."""
+) -> Sequencer:
+    """`sequencer` before its worker starts (one sender per channel): `async with stack.worker(**options):`."""
     await all_senders(session_factory)
-    async with wired(client=temporal_env.client):
-        yield Sequencer(temporal_env, session_factory, task_queue, smtp_server, x_server, relay_server)
+    return Sequencer(temporal_env, session_factory, task_queue, smtp_server, x_server, relay_server, wired=wired)
+
+
+@pytest.fixture
+async def sequencer(sequencer_stack: Sequencer) -> AsyncIterator[Sequencer]:
+    """The production worker running on the module's Temporal server, with `all_senders`."""
+    async with sequencer_stack.worker():
+        yield sequencer_stack

@@ -27,15 +27,13 @@ from services.inbound_pipeline import InboundPipeline
 from services.people_import import import_people
 from tests.engine_harness import (
     Crash,
-    all_senders,
+    Sequencer,
     deliveries_of,
-    enroll,
     events_of,
     make_person,
     store_version,
     wait_for_status,
 )
-from tests.fakes import FakeX
 from webhooks.payload import InboundPayload
 
 X_SENDER = "900"  # the X sender account all_senders() creates
@@ -76,24 +74,17 @@ def _follow_then_dm(name: str) -> dict[str, Any]:
 
 
 async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_up_once(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
+    sequencer_stack: Sequencer,
 ) -> None:
-    await all_senders(session_factory)
-    x_server.add_user("Ada_L", "777000111")
-    pid = await _person(session_factory, handle="ada_l")
-    async with wired():
-        handle = await enroll(
-            temporal_env.client, task_queue, session_factory, _follow_then_dm(f"xh-{uuid.uuid4().hex[:6]}"), pid
-        )
+    sequencer_stack.x.add_user("Ada_L", "777000111")
+    pid = await _person(sequencer_stack.sf, handle="ada_l")
+    async with sequencer_stack.worker():
+        handle = await sequencer_stack.start(_follow_then_dm(f"xh-{uuid.uuid4().hex[:6]}"), pid)
         await wait_for_status(handle, lambda v: v.phase == "waiting")  # after the follow
-        await temporal_env.sleep(timedelta(hours=1, minutes=5))  # skip past the 1 h NORMAL_EDGE
+        await sequencer_stack.env.sleep(timedelta(hours=1, minutes=5))  # skip past the 1 h NORMAL_EDGE
         await wait_for_status(handle, lambda v: v.current_step == "dm" and v.phase == "waiting")
         # An inbound reply from the numeric id (as X webhooks send it) now reaches the person.
-        processor = InboundPipeline(session_factory, temporal_env.client, get_classifier())
+        processor = InboundPipeline(sequencer_stack.sf, sequencer_stack.env.client, get_classifier())
         inbound = await processor.process(
             InboundPayload.model_validate(
                 {"event_id": f"x-{uuid.uuid4().hex}", "type": "reply", "from": "777000111", "text": "Sure, let's talk"}
@@ -103,105 +94,78 @@ async def test_handle_only_person_is_followed_and_dmd_at_the_resolved_id_looked_
     assert (inbound.status, inbound.person_id) == ("signalled", pid)
     assert result.status == EnrollmentStatus.COMPLETED
     assert [(p.step, p.left_by) for p in result.path] == [("follow", "NORMAL_EDGE"), ("dm", "REPLIED"), ("done", "END")]
-    assert x_server.following == {(X_SENDER, "777000111")}
-    assert [(d["participant_id"], d["text"]) for d in x_server.dms] == [("777000111", "Hi Ada, thanks!")]
-    assert x_server.lookups == ["ada_l"], "two X steps, one lookup: the id is cached in PostgreSQL"
-    stored = await _identities(session_factory, pid)
+    assert sequencer_stack.x.following == {(X_SENDER, "777000111")}
+    assert [(d["participant_id"], d["text"]) for d in sequencer_stack.x.dms] == [("777000111", "Hi Ada, thanks!")]
+    assert sequencer_stack.x.lookups == ["ada_l"], "two X steps, one lookup: the id is cached in PostgreSQL"
+    stored = await _identities(sequencer_stack.sf, pid)
     assert sorted(stored) == ["email", "x", "x_handle"]
     assert (stored["x"], stored["x_handle"]) == ("777000111", "ada_l")
-    async with session_factory() as s:
+    async with sequencer_stack.sf() as s:
         owner = await find_person_by_identity(s, "x", "777000111")
     assert owner is not None and owner.id == pid
-    [resolved] = await events_of(session_factory, EventType.IDENTITY_RESOLVED)
+    [resolved] = await events_of(sequencer_stack.sf, EventType.IDENTITY_RESOLVED)
     assert resolved.data["x_handle"] == "ada_l" and resolved.data["x_user_id"] == "777000111"
     assert resolved.person_id == pid and resolved.step_id == "follow"
-    assert [(d.step_id, d.status, d.attempts_made) for d in await deliveries_of(session_factory)] == [
+    assert [(d.step_id, d.status, d.attempts_made) for d in await deliveries_of(sequencer_stack.sf)] == [
         ("follow", "sent", 1),
         ("dm", "sent", 1),
     ]
 
 
-async def test_a_second_sequence_uses_the_cached_id_and_an_id_wins_over_a_handle(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
-) -> None:
-    await all_senders(session_factory)
-    x_server.add_user("grace_h", "4040")
-    grace = await _person(session_factory, handle="grace_h")
-    both = await _person(session_factory, handle="both_h", x="424242")  # a stored id: never looked up
-    async with wired():
-        first = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"a-{uuid.uuid4().hex[:6]}"), grace
-        )
+async def test_a_second_sequence_uses_the_cached_id_and_an_id_wins_over_a_handle(sequencer_stack: Sequencer) -> None:
+    sequencer_stack.x.add_user("grace_h", "4040")
+    grace = await _person(sequencer_stack.sf, handle="grace_h")
+    both = await _person(sequencer_stack.sf, handle="both_h", x="424242")  # a stored id: never looked up
+    async with sequencer_stack.worker():
+        first = await sequencer_stack.start(_dm_only(f"a-{uuid.uuid4().hex[:6]}"), grace)
         assert (await first.result()).status == EnrollmentStatus.COMPLETED
         raw = dict(_dm_only(f"b-{uuid.uuid4().hex[:6]}"), allow_concurrent=True)
-        second = await enroll(temporal_env.client, task_queue, session_factory, raw, grace)
-        third = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), both
-        )
+        second = await sequencer_stack.start(raw, grace)
+        third = await sequencer_stack.start(_dm_only(f"c-{uuid.uuid4().hex[:6]}"), both)
         assert (await second.result()).status == EnrollmentStatus.COMPLETED
         assert (await third.result()).status == EnrollmentStatus.COMPLETED
-    assert x_server.lookups == ["grace_h"]
-    assert sorted(d["participant_id"] for d in x_server.dms) == ["4040", "4040", "424242"]
-    assert len(await events_of(session_factory, EventType.IDENTITY_RESOLVED)) == 1
+    assert sequencer_stack.x.lookups == ["grace_h"]
+    assert sorted(d["participant_id"] for d in sequencer_stack.x.dms) == ["4040", "4040", "424242"]
+    assert len(await events_of(sequencer_stack.sf, EventType.IDENTITY_RESOLVED)) == 1
 
 
-async def test_unknown_handle_fails_the_step_permanently_without_a_dm(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
-) -> None:
-    await all_senders(session_factory)
-    pid = await _person(session_factory, handle="ghost_h")  # X answers "Could not find user"
-    async with wired():
-        handle = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"u-{uuid.uuid4().hex[:6]}"), pid
-        )
+async def test_unknown_handle_fails_the_step_permanently_without_a_dm(sequencer_stack: Sequencer) -> None:
+    pid = await _person(sequencer_stack.sf, handle="ghost_h")  # X answers "Could not find user"
+    async with sequencer_stack.worker():
+        handle = await sequencer_stack.start(_dm_only(f"u-{uuid.uuid4().hex[:6]}"), pid)
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
-    assert x_server.dms == [] and x_server.following == set()
-    assert x_server.lookups == ["ghost_h"], "a permanent answer is not retried"
-    [delivery] = await deliveries_of(session_factory)
+    assert sequencer_stack.x.dms == [] and sequencer_stack.x.following == set()
+    assert sequencer_stack.x.lookups == ["ghost_h"], "a permanent answer is not retried"
+    [delivery] = await deliveries_of(sequencer_stack.sf)
     assert delivery.status == "bounced" and delivery.attempts_made == 0
     assert delivery.error is not None
     assert "@ghost_h" in delivery.error and "invalid recipient" in delivery.error
     assert "Could not find user with username: [ghost_h]" in delivery.error
     assert result.path[0].outcome == "bounced"
-    assert "x" not in await _identities(session_factory, pid)
-    async with session_factory() as s:
+    assert "x" not in await _identities(sequencer_stack.sf, pid)
+    async with sequencer_stack.sf() as s:
         [sup] = (await s.execute(select(Suppression))).scalars().all()
         bounced = await s.get(Identity, sup.identity_id)
     assert sup.reason == "bounce" and bounced is not None
     assert (bounced.channel, bounced.value) == ("x_handle", "ghost_h")
-    [bounce_event] = await events_of(session_factory, EventType.BOUNCED)
+    [bounce_event] = await events_of(sequencer_stack.sf, EventType.BOUNCED)
     assert "Could not find user" in bounce_event.data["error"]
 
 
-async def test_429_on_the_lookup_is_retried_after_the_reset(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
-) -> None:
-    await all_senders(session_factory)
-    x_server.add_user("busy_h", "8080")
-    x_server.fail_next(429, {"x-rate-limit-reset": str(int(time.time()) + 900)}, {"title": "Too Many Requests"})
-    pid = await _person(session_factory, handle="busy_h")
-    async with wired():
-        handle = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"r-{uuid.uuid4().hex[:6]}"), pid
-        )
+async def test_429_on_the_lookup_is_retried_after_the_reset(sequencer_stack: Sequencer) -> None:
+    sequencer_stack.x.add_user("busy_h", "8080")
+    sequencer_stack.x.fail_next(
+        429, {"x-rate-limit-reset": str(int(time.time()) + 900)}, {"title": "Too Many Requests"}
+    )
+    pid = await _person(sequencer_stack.sf, handle="busy_h")
+    async with sequencer_stack.worker():
+        handle = await sequencer_stack.start(_dm_only(f"r-{uuid.uuid4().hex[:6]}"), pid)
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED
-    assert x_server.lookups == ["busy_h", "busy_h"]
-    assert [d["participant_id"] for d in x_server.dms] == ["8080"]
-    [delivery] = await deliveries_of(session_factory)
+    assert sequencer_stack.x.lookups == ["busy_h", "busy_h"]
+    assert [d["participant_id"] for d in sequencer_stack.x.dms] == ["8080"]
+    [delivery] = await deliveries_of(sequencer_stack.sf)
     assert delivery.status == "sent" and delivery.attempts_made == 1
     history = await handle.fetch_history()
     sends = ("deliver", "send_step")  # send_step: the slot and the send in one activity (patch send-step)
@@ -220,31 +184,22 @@ async def test_429_on_the_lookup_is_retried_after_the_reset(
     assert waited >= timedelta(minutes=10)
 
 
-async def test_resolved_id_owned_by_another_person_is_reported_not_sent(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
-) -> None:
-    await all_senders(session_factory)
-    owner = await _person(session_factory, x="5555")
-    twin = await _person(session_factory, handle="twin_h")
-    x_server.add_user("twin_h", "5555")  # the same X account, imported as two people
-    async with wired():
-        handle = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"o-{uuid.uuid4().hex[:6]}"), twin
-        )
+async def test_resolved_id_owned_by_another_person_is_reported_not_sent(sequencer_stack: Sequencer) -> None:
+    owner = await _person(sequencer_stack.sf, x="5555")
+    twin = await _person(sequencer_stack.sf, handle="twin_h")
+    sequencer_stack.x.add_user("twin_h", "5555")  # the same X account, imported as two people
+    async with sequencer_stack.worker():
+        handle = await sequencer_stack.start(_dm_only(f"o-{uuid.uuid4().hex[:6]}"), twin)
         result = await handle.result()
     assert result.status == EnrollmentStatus.FAILED
-    assert x_server.dms == [] and x_server.lookups == ["twin_h"]
-    [delivery] = await deliveries_of(session_factory)
+    assert sequencer_stack.x.dms == [] and sequencer_stack.x.lookups == ["twin_h"]
+    [delivery] = await deliveries_of(sequencer_stack.sf)
     assert delivery.status == "failed" and delivery.error is not None
     assert f"@twin_h resolves to X user id 5555, which already belongs to person {owner}" in delivery.error
     assert "nothing was sent" in delivery.error
-    assert "x" not in await _identities(session_factory, twin)
-    assert (await _identities(session_factory, owner))["x"] == "5555"
-    async with session_factory() as s:
+    assert "x" not in await _identities(sequencer_stack.sf, twin)
+    assert (await _identities(sequencer_stack.sf, owner))["x"] == "5555"
+    async with sequencer_stack.sf() as s:
         assert (await s.execute(select(Suppression))).scalars().all() == []
 
 
@@ -261,27 +216,18 @@ async def test_attach_identity_is_idempotent_and_names_the_owner(session_factory
     assert "x" not in await _identities(session_factory, bob)
 
 
-async def test_crash_after_resolution_sends_once_without_a_second_lookup(
-    wired: Any,
-    temporal_env: Any,
-    session_factory: SessionFactory,
-    task_queue: str,
-    x_server: FakeX,
-) -> None:
-    await all_senders(session_factory)
-    x_server.add_user("crash_h", "6060")
-    pid = await _person(session_factory, handle="crash_h")
+async def test_crash_after_resolution_sends_once_without_a_second_lookup(sequencer_stack: Sequencer) -> None:
+    sequencer_stack.x.add_user("crash_h", "6060")
+    pid = await _person(sequencer_stack.sf, handle="crash_h")
     crash = Crash("after_resolve")
-    async with wired(fault=crash):
-        handle = await enroll(
-            temporal_env.client, task_queue, session_factory, _dm_only(f"c-{uuid.uuid4().hex[:6]}"), pid
-        )
+    async with sequencer_stack.worker(fault=crash):
+        handle = await sequencer_stack.start(_dm_only(f"c-{uuid.uuid4().hex[:6]}"), pid)
         result = await handle.result()
     assert crash.fired == 1
     assert result.status == EnrollmentStatus.COMPLETED
-    assert x_server.lookups == ["crash_h"]
-    assert [d["participant_id"] for d in x_server.dms] == ["6060"]
-    [delivery] = await deliveries_of(session_factory)
+    assert sequencer_stack.x.lookups == ["crash_h"]
+    assert [d["participant_id"] for d in sequencer_stack.x.dms] == ["6060"]
+    [delivery] = await deliveries_of(sequencer_stack.sf)
     assert delivery.status == "sent" and delivery.attempts_made == 1
 
 
