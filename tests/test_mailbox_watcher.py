@@ -400,6 +400,48 @@ async def test_mail_that_arrives_while_the_watcher_handles_a_message_is_read_wit
     assert state.last_uid == last
 
 
+async def test_a_message_the_pipeline_fails_on_holds_the_mark_and_is_read_again_the_others_once(
+    watch: Watch,
+) -> None:
+    """The mark never passes a message that did not go through; the ones after it count once."""
+    (_, failing_lead, ours_a), (_, other_lead, ours_b) = [await watch.lead(f"{n}@lead.test") for n in ("fail", "fine")]
+    await watch.connect()
+    await watch.start()
+    await watch.watching()
+    failing, fine = mid("failing"), mid("fine")
+    # PostgreSQL refuses the first message's claim until the trigger goes (a database fault).
+    async with watch.hook.sf() as s, s.begin():
+        await s.execute(
+            text(
+                "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.provider_event_id = '{failing}' THEN RAISE EXCEPTION 'refused for the test'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        await s.execute(
+            text("CREATE TRIGGER refuse_one BEFORE INSERT ON inbound_events FOR EACH ROW EXECUTE FUNCTION refuse_one()")
+        )
+    uid_a, uid_b = await watch.mailbox.append(
+        [
+            m.reply(sender="fail@lead.test", to=SENDER, in_reply_to=ours_a, text="Yes", message_id=failing),
+            m.reply(sender="fine@lead.test", to=SENDER, in_reply_to=ours_b, text="Sure", message_id=fine),
+        ]
+    )
+    assert (await watch.inbound(fine)).status == "signalled"
+    # Handled after the failing one, but the stored mark stays before it.
+    state = await wait_state(watch.hook.sf, watch.sender_id, lambda s: s.messages >= 1)
+    assert state.last_uid == uid_a - 1
+    async with watch.hook.sf() as s, s.begin():
+        await s.execute(text("DROP TRIGGER refuse_one ON inbound_events"))
+    assert (await watch.inbound(failing)).status == "signalled"
+    state = await wait_state(watch.hook.sf, watch.sender_id, lambda s: s.last_uid >= uid_b)
+    assert state.last_uid == uid_b
+    for handle in (failing_lead, other_lead):
+        await wait_for_status(handle, lambda v: bool(v.path) and v.path[0].left_by == "REPLIED")
+        assert await signals_in_history(handle, "replied") == 1
+    assert sorted(r.provider_event_id for r in await watch.inbound_rows()) == sorted([failing, fine])
+
+
 async def wait_blocked_on(watch: Watch, statement: str) -> None:
     """Until a session of the test database waits for a lock in `statement` (bounded polling)."""
 
