@@ -1,12 +1,17 @@
 """IMAP: reply appended to the sender's mailbox to workflow branched (p50/p99), vs the signed webhook, same run.
 
-2,000 leads wait on REPLIED after an email; replies from 200 of them are APPENDed to a
+2,000 leads wait on REPLIED; replies from 200 of them are APPENDed to a
 real IMAP server (pymap, in-memory backend: new mail is pushed to IDLE at once) at 20 per
 second while the mailbox watcher holds IDLE; then 200 others reply through the signed
 webhook at 20 per second, on the same stack, the same worker and the same leads' sequence.
 Latency is the workflow's own clock at the task that took the REPLIED edge minus the time
 the reply was handed to the server (APPEND sent / POST sent). Targets (issue 13): IMAP p99
 under 1 s and at most 1.5x the webhook path.
+
+The leads wait at a CHECK_FOR_REPLY step (`after_email=False`, the default): both paths
+find the person by the reply's From, the pipeline's first lookup, and the setup does not
+depend on 2,000 emails going out first on a loaded machine. `after_email=True` mails each
+lead first and threads the replies under that email (In-Reply-To / References).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ async def _branched_at(client: Any, wid: str) -> float:
     return next(p.started_at for p in view.path if p.step == "done").timestamp()
 
 
-async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path) -> dict[str, Any]:
+async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path, *, after_email: bool = False) -> dict[str, Any]:
     """Replies by IMAP APPEND and by signed webhook, 20/s each, to leads waiting among `leads`."""
     import aioimaplib
     import httpx
@@ -103,7 +108,7 @@ async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path) -> dict[
         )
         mail_q = f"{q}-mail"
         async with engine_worker(stack, q), build_worker(client, mail_q, watcher_deps):
-            name, ids = await waiting_leads(stack, tmp, q, leads, with_email=True)
+            name, ids = await waiting_leads(stack, tmp, q, leads, with_email=after_email)
             wids = {i: workflow_id_for(name, i) for i in ids}
             await wait_phase(client, list(wids.values()))
             await start_watcher(client, sender_id, mail_q)
@@ -124,6 +129,7 @@ async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path) -> dict[
                     )
                 ).all()
             ours = {int(r.person_id): str(r.message_id) for r in rows}
+            threads = {pid: f"In-Reply-To: {mid}\r\nReferences: {mid}\r\n" for pid, mid in ours.items()}
             by_imap = ids[:replies]
             by_hook = ids[replies : 2 * replies]
             print(f"  {len(wids)} leads waiting; {replies} replies by IMAP, then {replies} by webhook, at 20/s")
@@ -143,7 +149,7 @@ async def bench_imap(stack: Stack, leads: int, replies: int, tmp: Path) -> dict[
                 raw = (
                     f"From: <{name}-{pid}@leads.bench>\r\nTo: <{address}>\r\nSubject: Re: Hi\r\n"
                     f"Message-ID: {mids[pid]}\r\n"
-                    f"In-Reply-To: {ours[pid]}\r\nReferences: {ours[pid]}\r\n\r\nSounds good, let's talk\r\n"
+                    f"{threads.get(pid, '')}\r\nSounds good, let's talk\r\n"
                 ).encode()
                 appended_at[pid] = time.time()
                 await appender.append(raw, mailbox="INBOX")
