@@ -105,6 +105,9 @@ def worker_deps(settings: Settings, session_factory: SessionFactory, **overrides
 
 
 #: Worker options that only a workflow worker takes (the channel workers run activities only).
+#: The longest the SDK holds back a heartbeat (sends beat a few times per 10 s timeout).
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
+
 _WORKFLOW_ONLY = frozenset(
     {
         "max_cached_workflows",
@@ -175,6 +178,9 @@ def build_worker(
     )
     delivery = DeliveryActivities(deps.session_factory, governor, deps.channels, deps.delivery, fault=deps.fault)
     sends: list[Callable[..., Any]] = [delivery.deliver, delivery.send_step]
+    # Sends heartbeat every few seconds against a 10 s timeout; the SDK would hold all but the
+    # first for 8 s (80% of the timeout), leaving a loaded server 2 s to take the next one.
+    worker_kwargs = {"max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE} | worker_kwargs
     activity_kwargs = {k: v for k, v in worker_kwargs.items() if k not in _WORKFLOW_ONLY}
     workers = []
     for role in parse_roles(list(roles)):
