@@ -28,7 +28,7 @@ from models.enrollment import EnrollmentStatus
 from services.secret_box import SecretBox, generate_key
 from services.sender_dkim import DkimConfigError, clear_sender_dkim, sender_dkim_record, set_sender_dkim
 from tests.cli_harness import cli
-from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
+from tests.engine_harness import Wired, make_person, make_sender, start_enrollment, store_version
 from tests.eventually import eventually
 
 REQUIRED = {"from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post"}
@@ -114,7 +114,7 @@ def _other_key() -> str:
 
 
 async def test_the_worker_signs_and_the_signature_verifies_over_the_received_bytes(
-    wired: Any,
+    wired: Wired,
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,
@@ -231,7 +231,7 @@ async def test_cli_stores_the_key_and_prints_the_dns_record(
 
 
 async def test_a_key_the_worker_cannot_open_pauses_the_sender_and_sends_nothing(
-    wired: Any,
+    wired: Wired,
     temporal_env: Any,
     session_factory: SessionFactory,
     task_queue: str,

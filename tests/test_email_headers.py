@@ -28,7 +28,7 @@ from db.session import SessionFactory
 from devstack.postgres import free_port
 from models.enrollment import EnrollmentStatus
 from settings import Settings, settings_problems
-from tests.engine_harness import all_senders, make_person, start_enrollment, store_version
+from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
 
 if TYPE_CHECKING:
     from tests.conftest import SmtpRecorder
@@ -186,7 +186,7 @@ def test_the_longest_url_that_fits_is_still_written_on_one_line() -> None:
 
 
 async def test_the_worker_sends_raw_list_unsubscribe_with_a_production_length_url(
-    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: SmtpRecorder
+    wired: Wired, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: SmtpRecorder
 ) -> None:
     """End to end: the URL the delivery activity builds (over 77 characters) arrives unencoded."""
     await all_senders(session_factory)

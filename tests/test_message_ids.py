@@ -21,7 +21,7 @@ from activities.delivery import DeliveryConfig
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment
 from models.enrollment import EnrollmentStatus
-from tests.engine_harness import all_senders, make_person, start_enrollment, store_version
+from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
 
 PUBLIC_DEFAULT = "dev-webhook-secret-change-me"
 
@@ -57,7 +57,7 @@ def test_without_a_secret_the_id_is_random() -> None:
 
 
 async def test_a_retry_keeps_the_ledgers_message_id_even_after_the_secret_rotated(
-    wired: Any, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+    wired: Wired, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
 ) -> None:
     await all_senders(session_factory)
     raw = {

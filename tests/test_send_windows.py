@@ -32,7 +32,7 @@ from db.session import SessionFactory
 from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from tests.conftest import SmtpRecorder
-from tests.engine_harness import make_person, make_sender, start_enrollment, store_version
+from tests.engine_harness import Wired, make_person, make_sender, start_enrollment, store_version
 
 NY = ZoneInfo("America/New_York")
 WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
@@ -71,7 +71,7 @@ class Campaign:
     sf: SessionFactory
     task_queue: str
     smtp: SmtpRecorder
-    wired: Callable[..., Any]
+    wired: Wired
     handles: list[WorkflowHandle[Any, Any]] = field(default_factory=list)
     emails: dict[int, str] = field(default_factory=dict)
 
@@ -115,7 +115,7 @@ async def campaign(
     session_factory: SessionFactory,
     task_queue: str,
     smtp_server: SmtpRecorder,
-    wired: Callable[..., Any],
+    wired: Wired,
     x_server: Any,
     relay_server: Any,
 ) -> AsyncIterator[Campaign]:

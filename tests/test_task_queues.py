@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowHandle
-from temporalio.testing import WorkflowEnvironment
 
 from activities.channels.x import XChannel, make_x_client
 from db.session import SessionFactory
@@ -25,7 +24,7 @@ from db.tables import Delivery
 from models.enrollment import EnrollmentStatus
 from models.task_queues import ALL_ROLES, channel_queue, parse_roles, role_queue
 from settings import Settings
-from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
+from tests.engine_harness import Sequencer, make_person
 from tests.eventually import eventually
 from tests.fakes import X_TOKEN, FakeX
 from worker import main
@@ -86,57 +85,41 @@ def slow_x(x_server: FakeX) -> XChannel:
     return XChannel(make_x_client(x_server.base_url, X_TOKEN, timeout=300))
 
 
-async def _enroll(env: WorkflowEnvironment, sf: SessionFactory, q: str, raw: dict[str, Any], **person: Any) -> Any:
-    ref, defn = await store_version(sf, raw)
-    handles = []
-    for p in person["people"]:
-        handles.append(await start_enrollment(env.client, q, sf, ref, defn, p))
-    return handles
-
-
 async def _ledger(sf: SessionFactory, channel: str) -> list[str]:
     async with sf() as s:
         return list((await s.execute(select(Delivery.status).where(Delivery.channel == channel))).scalars())
 
 
-async def test_a_hanging_x_api_does_not_hold_back_email(
-    temporal_env: WorkflowEnvironment,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,
-    slow_x: XChannel,
-    wired: Wired,
-) -> None:
-    sf = session_factory
-    await all_senders(sf)
+async def test_a_hanging_x_api_does_not_hold_back_email(sequencer_stack: Sequencer, slow_x: XChannel) -> None:
+    stack = sequencer_stack
+    sf = stack.sf
     # Two activity slots per worker: on one shared queue the two stuck X follows would take
     # both, and no email could go out until the X API answers.
-    x_server.hang_next(times=3)
+    stack.x.hang_next(times=3)
     x_people = [await make_person(sf, x=str(1000 + i)) for i in range(3)]
     email_people = [await make_person(sf, email=f"lead{i}-{uuid.uuid4().hex[:6]}@lead.test") for i in range(4)]
-    async with wired(channels={"x": slow_x}, touch_cap=1, max_concurrent_activities=2):
-        x_handles = await _enroll(temporal_env, sf, task_queue, _one_step("FOLLOW_ON_TWITTER"), people=x_people)
-        await eventually(lambda: len(x_server.requests) >= 2, "two X follows to hang at the X API")
+    async with stack.worker(channels={"x": slow_x}, touch_cap=1, max_concurrent_activities=2):
+        x_handles = await stack.start_many(_one_step("FOLLOW_ON_TWITTER"), x_people)
+        await eventually(lambda: len(stack.x.requests) >= 2, "two X follows to hang at the X API")
         emails = _one_step("SEND_EMAIL", subject="Hi {{ first_name }}", body="Hello")
-        email_handles = await _enroll(temporal_env, sf, task_queue, emails, people=email_people)
+        email_handles = await stack.start_many(emails, email_people)
 
         def all_mail_in() -> bool:
-            return len(smtp_server.messages) >= len(email_people)
+            return len(stack.smtp.messages) >= len(email_people)
 
         await eventually(all_mail_in, "every email lead's message at the SMTP server while X hangs")
         # X is still stuck: its follows are in flight or waiting for a slot, none answered
         assert "sent" not in await _ledger(sf, "x")
-        assert len(x_server.requests) == 2  # the X queue's two slots, both held
+        assert len(stack.x.requests) == 2  # the X queue's two slots, both held
         # (the results are awaited once X is released: waiting on a result lets the test
         # server skip time, which would time out the hung follows)
-        recipients = sorted(r for _, rcpts, _ in smtp_server.messages for r in rcpts)
+        recipients = sorted(r for _, rcpts, _ in stack.smtp.messages for r in rcpts)
         addresses = []
         for p in email_people:
             addresses += await _identity_values(sf, p)
         assert recipients == sorted(addresses)  # each lead once, nobody twice
 
-        x_server.release()  # the hung follows answer 429 (not performed); their retries go through
+        stack.x.release()  # the hung follows answer 429 (not performed); their retries go through
         for h in [*email_handles, *x_handles]:
             assert (await h.result()).status == EnrollmentStatus.COMPLETED
     assert sorted(await _ledger(sf, "x")) == ["sent"] * 3
@@ -159,28 +142,23 @@ async def _pending_deliver(handle: WorkflowHandle[Any, Any]) -> Any:
 
 
 async def test_a_worker_serves_only_its_queues(
-    temporal_env: WorkflowEnvironment,
-    session_factory: SessionFactory,
-    task_queue: str,
-    smtp_server: Any,
-    x_server: Any,
-    wired: Wired,
+    sequencer_stack: Sequencer,
 ) -> None:
-    sf = session_factory
-    await all_senders(sf)
+    stack = sequencer_stack
+    sf = stack.sf
     x_lead = await make_person(sf, x="4242")
     email_lead = await make_person(sf, email=f"only-{uuid.uuid4().hex[:6]}@lead.test")
-    async with wired(touch_cap=1, roles=("workflows", "email")):
-        (x_handle,) = await _enroll(temporal_env, sf, task_queue, _one_step("FOLLOW_ON_TWITTER"), people=[x_lead])
+    async with stack.worker(touch_cap=1, roles=("workflows", "email")):
+        (x_handle,) = await stack.start_many(_one_step("FOLLOW_ON_TWITTER"), [x_lead])
         emails = _one_step("SEND_EMAIL", subject="Hi", body="Hello")
-        (email_handle,) = await _enroll(temporal_env, sf, task_queue, emails, people=[email_lead])
+        (email_handle,) = await stack.start_many(emails, [email_lead])
         assert (await email_handle.result()).status == EnrollmentStatus.COMPLETED
         pending = await eventually(lambda: _pending_deliver(x_handle), "the X follow to be scheduled")
         # scheduled on the X queue, which nobody here polls: never picked up
         assert pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
-        assert x_server.requests == []
-        assert len(smtp_server.messages) == 1
-        async with wired(roles=("x",)):
+        assert stack.x.requests == []
+        assert len(stack.smtp.messages) == 1
+        async with stack.worker(roles=("x",)):
             assert (await x_handle.result()).status == EnrollmentStatus.COMPLETED
-    assert [r.path for r in x_server.requests] == ["/2/users/900/following"]
+    assert [r.path for r in stack.x.requests] == ["/2/users/900/following"]
     assert await _ledger(sf, "x") == ["sent"]
