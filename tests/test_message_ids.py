@@ -12,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from typing import Any
 
 from sqlalchemy import select
 
 from activities.channels.base import make_message_id
 from activities.delivery import DeliveryConfig
-from db.session import SessionFactory
 from db.tables import Delivery, Enrollment
 from models.enrollment import EnrollmentStatus
-from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
+from tests.engine_harness import Sequencer, make_person, start_enrollment, store_version
 
 PUBLIC_DEFAULT = "dev-webhook-secret-change-me"
 
@@ -56,17 +54,15 @@ def test_without_a_secret_the_id_is_random() -> None:
     assert a != b and a.endswith(".seq@acme.test>")
 
 
-async def test_a_retry_keeps_the_ledgers_message_id_even_after_the_secret_rotated(
-    wired: Wired, temporal_env: Any, session_factory: SessionFactory, task_queue: str, smtp_server: Any
-) -> None:
-    await all_senders(session_factory)
+async def test_a_retry_keeps_the_ledgers_message_id_even_after_the_secret_rotated(sequencer_stack: Sequencer) -> None:
+    stack = sequencer_stack
     raw = {
         "name": f"mid-{uuid.uuid4().hex[:8]}",
         "steps": [{"id": "m0", "action": "SEND_EMAIL", "subject": "Hi", "body": "B", "edges": [{"trigger": "END"}]}],
     }
-    ref, defn = await store_version(session_factory, raw)
-    pid = await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test")
-    smtp_server.fail_codes.append("451 4.7.1 Greylisted")  # the first attempt's DATA is refused
+    ref, defn = await store_version(stack.sf, raw)
+    pid = await make_person(stack.sf, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    stack.smtp.fail_codes.append("451 4.7.1 Greylisted")  # the first attempt's DATA is refused
     config = DeliveryConfig(
         public_base_url="https://links.acme.test", link_secret="first-secret", postal_address="1 Test St"
     )
@@ -79,12 +75,12 @@ async def test_a_retry_keeps_the_ledgers_message_id_even_after_the_secret_rotate
             if claims == 2:  # the retry: LINK_SECRET was rotated meanwhile
                 config.link_secret = "rotated-secret"
 
-    async with wired(fault=rotate_before_the_retry, delivery=config):
-        handle = await start_enrollment(temporal_env.client, task_queue, session_factory, ref, defn, pid)
+    async with stack.worker(fault=rotate_before_the_retry, delivery=config):
+        handle = await start_enrollment(stack.env.client, stack.task_queue, stack.sf, ref, defn, pid)
         assert (await handle.result()).status == EnrollmentStatus.COMPLETED
     assert claims == 2
-    [message] = smtp_server.parsed()
-    async with session_factory() as s:
+    [message] = stack.smtp.parsed()
+    async with stack.sf() as s:
         mine = select(Enrollment.id).where(Enrollment.person_id == pid)
         [sent] = (await s.execute(select(Delivery).where(Delivery.enrollment_id.in_(mine)))).scalars()
     assert sent.status == "sent" and sent.attempts_made == 2 and sent.message_id is not None
