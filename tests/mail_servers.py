@@ -1,5 +1,7 @@
-"""Local servers for the sender-connection tests: SMTP with AUTH (and XOAUTH2), a token endpoint.
+"""Local mail servers for tests: the SMTP sink, SMTP with AUTH (and XOAUTH2), a token endpoint.
 
+- `smtp_server` (fixture, per test): an aiosmtpd sink on loopback that records what it
+  accepts (`SmtpRecorder`) and can be told to answer with failures first.
 - `AuthSmtp`: an aiosmtpd server that requires AUTH, records the raw credentials each
   login carried (PLAIN/LOGIN pairs, the decoded XOAUTH2 initial response) and the raw
   bytes of every message; implicit TLS, STARTTLS or plain on loopback.
@@ -21,6 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,64 @@ from devstack.factories import add_email_sender
 from devstack.postgres import free_port
 from settings import Settings
 from tests.engine_harness import harness_settings
+
+
+@dataclass
+class SmtpRecorder:
+    """What the test SMTP server received, and how it should answer."""
+
+    host: str
+    port: int
+    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    fail_codes: list[str] = field(default_factory=list)
+    reject_rcpt: dict[str, str] = field(default_factory=dict)
+    connections: int = 0
+    #: The final reply to an accepted message (an ESP relay names its own message id here).
+    accept_reply: str = "250 Message accepted for delivery"
+
+    def parsed(self) -> list[Message]:
+        """Every accepted message, parsed."""
+        return [message_from_bytes(raw, policy=policy.default) for _, _, raw in self.messages]
+
+
+class _Handler:
+    def __init__(self, rec: SmtpRecorder) -> None:
+        self.rec = rec
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address in self.rec.reject_rcpt:
+            return self.rec.reject_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.rec.fail_codes:
+            return self.rec.fail_codes.pop(0)
+        self.rec.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return self.rec.accept_reply
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpRecorder]:
+    """A real aiosmtpd server on 127.0.0.1 that records what it accepts."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
+
+    rec = SmtpRecorder(host="127.0.0.1", port=free_port())
+
+    class CountingSMTP(SMTP):
+        def connection_made(self, transport):
+            rec.connections += 1
+            super().connection_made(transport)
+
+    class CountingController(Controller):
+        def factory(self):
+            return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+    ctl = CountingController(_Handler(rec), hostname=rec.host, port=rec.port)
+    ctl.start()
+    yield rec
+    ctl.stop()
 
 
 @dataclass(frozen=True)

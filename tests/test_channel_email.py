@@ -41,7 +41,7 @@ from devstack.postgres import free_port
 from settings import Settings
 
 if TYPE_CHECKING:
-    from tests.conftest import SmtpRecorder
+    from tests.mail_servers import SmtpRecorder
 
 UNSUB = "https://links.example.com/u/tok123"
 FOOTER = "Acme Inc., 1 Example Street, Springfield"

@@ -21,8 +21,8 @@ from operations.enrolling import dry_run
 from services.people_import import import_people
 from services.sequence_store import create_version, get_version
 from tests.cli_harness import ROOT, cli
-from tests.conftest import SmtpRecorder
 from tests.engine_harness import store_version
+from tests.mail_servers import SmtpRecorder
 from workflows.enrollment import workflow_id_for
 
 BAD_SEQUENCE = """\

@@ -31,7 +31,7 @@ from settings import Settings, settings_problems
 from tests.engine_harness import Wired, all_senders, make_person, start_enrollment, store_version
 
 if TYPE_CHECKING:
-    from tests.conftest import SmtpRecorder
+    from tests.mail_servers import SmtpRecorder
 
 BASE = "https://links.example.com/u/"
 LENGTHS = [40, 76, 77, 78, 79, 100, 200, 450, 700, 899, 900, *range(41, 900, 37)]

@@ -31,8 +31,8 @@ from temporalio.testing import WorkflowEnvironment
 from db.session import SessionFactory
 from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
-from tests.conftest import SmtpRecorder
 from tests.engine_harness import Wired, make_person, make_sender, start_enrollment, store_version
+from tests.mail_servers import SmtpRecorder
 
 NY = ZoneInfo("America/New_York")
 WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]

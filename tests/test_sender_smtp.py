@@ -31,11 +31,11 @@ from devstack.factories import add_email_sender
 from services.secret_box import generate_key
 from services.sender_connections import token_cache
 from settings import Settings
-from tests.conftest import SmtpRecorder
 from tests.engine_harness import SECRETS_KEY as KEY
 from tests.engine_harness import Wired, make_person, start_enrollment, store_version
 from tests.mail_servers import (
     AuthSmtp,
+    SmtpRecorder,
     TlsPair,
     TokenEndpoint,
     add_oauth_sender,

@@ -19,10 +19,17 @@ from services.mailbox_login import MailboxError, check_sender, open_imap
 from services.oauth import TokenCache
 from services.sender_connections import imap_connection
 from tests.cli_harness import cli
-from tests.conftest import SmtpRecorder
 from tests.engine_harness import SECRETS_KEY as KEY
 from tests.imap_harness import Mailbox
-from tests.mail_servers import AuthSmtp, TlsPair, add_oauth_sender, auth_smtp, settings_for, token_endpoint
+from tests.mail_servers import (
+    AuthSmtp,
+    SmtpRecorder,
+    TlsPair,
+    add_oauth_sender,
+    auth_smtp,
+    settings_for,
+    token_endpoint,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
