@@ -569,8 +569,10 @@ async def test_refusals_come_before_anything_waits_for_temporal(
             (await http.post("/webhooks/email", content=bad, headers=signed(bad))).status_code,
             (await http.post("/u/not-a-token", content=b"List-Unsubscribe=One-Click")).status_code,
             (await http.get("/u/not-a-token")).status_code,
+            (await http.post("/webhooks/providers/sendgrid", content=b"[]")).status_code,
+            (await http.post("/webhooks/providers/nobody", content=b"[]")).status_code,
         ]
-        assert refused == [413, 401, 404, 400, 400, 400]
+        assert refused == [413, 401, 404, 400, 400, 400, 401, 404]
         assert attempts == []
         queued = await http.post("/webhooks/email", content=good, headers=signed(good))
         assert queued.status_code == 503 and queued.json() == {"error": "Temporal is not reachable; retry later"}
