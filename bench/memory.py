@@ -75,7 +75,8 @@ class Probe:
     def __init__(self, stack: Stack, worker: WorkerProcess) -> None:
         self.stack = stack
         self.worker = worker
-        self.server_pid = child_pid("start-dev")
+        # the dev server on this stack's SQLite file (run.py's own stack has another one)
+        self.server_pid = child_pid(str(stack.temporal_db)) if stack.temporal_db else None
 
     def worker_rss(self) -> int:
         return process_rss_bytes(self.worker.proc.pid) if self.worker.proc else 0
@@ -101,7 +102,7 @@ async def _sleeping(stack: Stack, name: str) -> int:
 
 async def _started(stack: Stack, name: str) -> int:
     """Enrollment workflows of `name` the dev server has started (its visibility store)."""
-    q = f"WorkflowType = 'EnrollmentWorkflow' AND TaskQueue = '{name}-q'"
+    q = f"WorkflowType = 'Enrollment' AND TaskQueue = '{name}-q'"  # the workflow's registered name
     return (await stack.env.client.count_workflows(q)).count
 
 
