@@ -8,7 +8,8 @@ Fixtures (registered for every module by tests/conftest.py, nothing to import):
 
 - `wired`: a factory of async context managers, `async with wired(**options) as worker:` runs
   the production worker until the block ends. Options: `settings={...}` (Settings overrides,
-  e.g. another SMTP server), `touch_cap`, `delivery={...}` (DeliveryConfig overrides) or a
+  e.g. another SMTP server), `touch_cap` (default: Settings' 1, what users get; a test that
+  needs it off passes `touch_cap=0` with its reason), `delivery={...}` (DeliveryConfig overrides) or a
   whole `DeliveryConfig`, `channels={...}` (a channel client configured otherwise than
   settings can say, e.g. a longer timeout), `fault` (the crash hook), `client` / `task_queue` (default: the
   `temporal_client` fixture, i.e. the module's time-skipping server, and the test's queue),
@@ -206,8 +207,8 @@ class _Http(Protocol):
 def harness_settings(smtp: _Server | None, x: _Http | None, relay: _Http | None, **overrides: Any) -> Settings:
     """Settings pointing every channel at the test's local servers (`overrides`: any other field).
 
-    The worker is built from these exactly as `worker.py` builds it in production. The
-    person touch cap is 0 (off) unless a test asks for the default of 1 (`touch_cap=1`).
+    The worker is built from these exactly as `worker.py` builds it in production, with the
+    limits users get (person touch cap 1): a test that switches one off says so and why.
     """
     values: dict[str, Any] = {
         "sequencer_env": "dev",
@@ -227,7 +228,6 @@ def harness_settings(smtp: _Server | None, x: _Http | None, relay: _Http | None,
         "webhook_secret": SecretStr("test-webhook-secret"),
         "public_base_url": "https://links.acme.test",
         "postal_address": "Acme Inc, 1 Test Street, Springfield",
-        "person_daily_touch_cap": 0,
         "secrets_key": SecretStr(SECRETS_KEY),
         "unsubscribe_mailto": "",
     }
@@ -257,7 +257,7 @@ class Wired(Protocol):
         client: Client | None = ...,
         task_queue: str | None = ...,
         settings: dict[str, Any] | None = ...,
-        touch_cap: int = ...,
+        touch_cap: int | None = ...,
         fault: Callable[[str], None] | None = ...,
         delivery: dict[str, Any] | DeliveryConfig | None = ...,
         channels: Mapping[str, ChannelClient] | None = ...,
@@ -289,13 +289,15 @@ def wired(
         client: Client | None = None,
         task_queue: str | None = None,
         settings: dict[str, Any] | None = None,
-        touch_cap: int = 0,
+        touch_cap: int | None = None,
         fault: Callable[[str], None] | None = None,
         delivery: dict[str, Any] | DeliveryConfig | None = None,
         channels: Mapping[str, ChannelClient] | None = None,
         **worker_kwargs: Any,
     ) -> AsyncIterator[Workers]:
-        overrides = {"person_daily_touch_cap": touch_cap, **(settings or {})}
+        overrides = dict(settings or {})
+        if touch_cap is not None:  # default: Settings' (1), what users get
+            overrides.setdefault("person_daily_touch_cap", touch_cap)
         deps = worker_deps(
             harness_settings(smtp_server, x_server, relay_server, **overrides), session_factory, fault=fault
         )

@@ -96,11 +96,14 @@ async def test_a_one_step_email_is_one_activity_with_its_events_once(
 
 
 async def test_two_steps_each_send_in_one_activity_and_log_each_start(
-    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+    wired: Wired, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
 ) -> None:
     await make_sender(session_factory, "email", "sales@acme.test")
-    handle = await _start(temporal_env, session_factory, task_queue, _emails("1h"))
-    result = await handle.result()
+    # touch cap off: two emails to one person an hour apart (with the cap of 1 the second waits
+    # a day and is booked, then delivered: test_a_later_slot_is_waited_for_on_a_timer_then_delivered's path)
+    async with wired(client=temporal_env.client, touch_cap=0):
+        handle = await _start(temporal_env, session_factory, task_queue, _emails("1h"))
+        result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED and [p.step for p in result.path] == ["m0", "m1"]
     assert await _activities(handle) == ["send_step", "send_step"]
     assert len(smtp_server.messages) == 2 and smtp_server.messages[0][1] == smtp_server.messages[1][1]
