@@ -62,6 +62,16 @@ async def scalar(sf: SessionFactory, sql: str, **params: Any) -> Any:
         return (await session.execute(text(sql), params)).scalar()
 
 
+async def ledger_of(sf: SessionFactory, sequence: str) -> list[tuple[str, str | None]]:
+    """(status, Message-ID) of every ledger row of `sequence`'s enrollments."""
+    async with sf() as session:
+        sql = text(
+            "SELECT d.status, d.message_id FROM deliveries d JOIN enrollments e ON e.id = d.enrollment_id "
+            "JOIN sequences s ON s.id = e.sequence_id WHERE s.name = :n"
+        )
+        return [(status, mid) for status, mid in (await session.execute(sql, {"n": sequence})).all()]
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a live process has used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -36,7 +36,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from sqlalchemy import text
 
-from bench.common import scalar
+from bench.common import ledger_of, scalar
 from db.session import SessionFactory
 from devstack.postgres import free_port
 from models.outcomes import DeliveryStatus
@@ -253,16 +253,8 @@ async def _judge(sf: SessionFactory, name: str, smtp: FlakySmtp, report: FaultRe
     counts = smtp.message_ids()
     report.accepted = sum(counts.values())
     report.duplicates = sum(n - 1 for n in counts.values() if n > 1)
+    rows = await ledger_of(sf, name)
     async with sf() as session:
-        rows = (
-            await session.execute(
-                text(
-                    "SELECT d.status, d.message_id FROM deliveries d JOIN enrollments e ON e.id = d.enrollment_id "
-                    "JOIN sequences s ON s.id = e.sequence_id WHERE s.name = :n"
-                ),
-                {"n": name},
-            )
-        ).all()
         report.unfinished = (
             await session.execute(
                 text(

@@ -34,7 +34,15 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from sqlalchemy import text
 
-from bench.common import add_sender, process_cpu_seconds, scalar, seed_people, sequence_file, wait_for_pollers
+from bench.common import (
+    add_sender,
+    ledger_of,
+    process_cpu_seconds,
+    scalar,
+    seed_people,
+    sequence_file,
+    wait_for_pollers,
+)
 from bench.fault import FlakySmtp, WorkerProcess
 from bench.stack import Stack
 from db.session import SessionFactory
@@ -175,16 +183,7 @@ async def _judge(sf: SessionFactory, name: str, sink: FlakySmtp, run: Run) -> No
     at_sink = sink.message_ids()
     run.accepted = sum(at_sink.values())
     run.duplicates = sum(k - 1 for k in at_sink.values() if k > 1)
-    async with sf() as session:
-        rows = (
-            await session.execute(
-                text(
-                    "SELECT d.status, d.message_id FROM deliveries d JOIN enrollments e ON e.id = d.enrollment_id "
-                    "JOIN sequences s ON s.id = e.sequence_id WHERE s.name = :n"
-                ),
-                {"n": name},
-            )
-        ).all()
+    rows = await ledger_of(sf, name)
     statuses = Counter(status for status, _ in rows)
     sent = {mid.encode() for status, mid in rows if status == "sent" and mid}
     if statuses["sent"] != len(sent):
