@@ -76,7 +76,7 @@ from models.activities import (
     SendStepOutput,
 )
 from models.identity_kinds import kinds_for_channel, stand_in_kind, target_kind
-from models.outcomes import DELIVERY_FINAL, DELIVERY_IN_FLIGHT, DeliveryStatus
+from models.outcomes import DELIVERY_FINAL, DELIVERY_IN_FLIGHT, DeliveryStatus, EventType
 from models.sequence import MESSAGE_ACTIONS, Action, Channel
 from services import sender_breaker
 from services.click_tracking import rewrite_html, rewrite_text
@@ -125,7 +125,7 @@ def _accepted_at() -> datetime:
 
 
 #: Outcomes after which a step whose only edge is END ends the enrollment as completed.
-ENDS_THE_WALK = {"sent", DeliveryStatus.UNCERTAIN, DeliveryStatus.SKIPPED}
+ENDS_THE_WALK = {DeliveryStatus.SENT, DeliveryStatus.UNCERTAIN, DeliveryStatus.SKIPPED}
 #: `send_step` sends at once when its slot is at most this far off (it waits that long
 #: first); a later slot is the workflow's to wait for, on a durable timer.
 SEND_AT_ONCE = timedelta(seconds=2)
@@ -228,7 +228,7 @@ class DeliveryActivities:
             async with self.session_factory() as session, session.begin():
                 await append_event(
                     session,
-                    type_="deferred_until",
+                    type_=EventType.DEFERRED_UNTIL,
                     ref=inp.ref,
                     step_id=inp.step_id,
                     channel=inp.channel,
@@ -280,7 +280,7 @@ class DeliveryActivities:
             await self._write_extras(extras, out.status)  # what those transactions did not
             return SendStepOutput(slot=slot, delivered=out, finished=extras.finish_done)
 
-    async def _write_extras(self, extras: _Extras, status: str | None) -> None:
+    async def _write_extras(self, extras: _Extras, status: DeliveryStatus | None) -> None:
         """The step's start if not written yet, and the end if `status` ends the walk and it is not."""
         started = extras.started if not extras.started_done else None
         finish = extras.finish if status in ENDS_THE_WALK and not extras.finish_done else None
@@ -336,7 +336,7 @@ class DeliveryActivities:
             found = await self._recipient(session, inp) if ours else None
         if delivery.status in DELIVERY_FINAL:
             return self._output(delivery, duplicate=True)
-        if delivery.status == "sending":  # an earlier attempt may have written to the provider
+        if delivery.status == DeliveryStatus.SENDING:  # an earlier attempt may have written to the provider
             if delivery.owner_attempt > me.attempt:
                 raise _Lost(f"the newer attempt {delivery.owner_attempt} is sending it")
             return await self._finalize(
@@ -653,7 +653,7 @@ class DeliveryActivities:
                 if created:
                     await append_event(
                         session,
-                        type_="identity_resolved",
+                        type_=EventType.IDENTITY_RESOLVED,
                         ref=inp.ref,
                         step_id=inp.step.id,
                         channel=str(Channel.X),
@@ -702,7 +702,7 @@ class DeliveryActivities:
                     delivery,
                     status,
                     error=f"gave up after retries: {delivery.error or ''}".strip(),
-                    expect=(delivery.status,),
+                    expect=(DeliveryStatus(delivery.status),),
                     owner=delivery.owner,
                     new_owner=me,
                 )
@@ -915,12 +915,12 @@ class DeliveryActivities:
         self,
         inp: DeliverInput,
         delivery: Delivery,
-        status: str,
+        status: DeliveryStatus,
         *,
         error: str | None = None,
         provider_message_id: str | None = None,
         bounce_identity: Identity | None = None,
-        expect: tuple[str, ...] = (DeliveryStatus.CLAIMED,),
+        expect: tuple[DeliveryStatus, ...] = (DeliveryStatus.CLAIMED,),
         owner: str | None = None,
         new_owner: _Owner | None = None,
     ) -> DeliverOutput:
@@ -933,7 +933,7 @@ class DeliveryActivities:
             values: dict[str, Any] = {"status": status, "error": error}
             if provider_message_id:
                 values["provider_message_id"] = provider_message_id
-            if status == "sent":
+            if status == DeliveryStatus.SENT:
                 now = _accepted_at()
                 values["sent_at"] = now
             if new_owner is not None:
@@ -964,7 +964,7 @@ class DeliveryActivities:
                 )
             await append_event(
                 session,
-                type_=status,
+                type_=EventType(status),
                 ref=inp.ref,
                 step_id=inp.step.id,
                 variant=inp.variant,

@@ -22,6 +22,7 @@ from models.activities import (
     RecordEventInput,
     RecordEventOutput,
 )
+from models.outcomes import EnrollmentStatus, EventType
 
 
 async def write_event(session: AsyncSession, inp: RecordEventInput) -> bool:
@@ -56,7 +57,7 @@ async def write_finish(session: AsyncSession, inp: FinishInput) -> None:
     )
     await append_event(
         session,
-        type_="completed" if inp.status == "completed" else "ended",
+        type_=EventType.COMPLETED if inp.status == EnrollmentStatus.COMPLETED else EventType.ENDED,
         ref=inp.ref,
         step_id=inp.last_step,
         dedup_key=f"{inp.ref.enrollment_id}:finished",

@@ -62,7 +62,7 @@ async def check_send_gate(
         ).scalar_one_or_none()
         if status not in (None, DeliveryStatus.CLAIMED):
             return None
-        if status == "claimed":
+        if status == DeliveryStatus.CLAIMED:
             # Left by an earlier attempt (a transient error, or one that stalled and may still
             # wake up): fence it off. The row stays `claimed` with no owner, so that attempt's
             # compare-and-set to `sending` fails and the next round's `deliver` takes the row.

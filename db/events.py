@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.tables import Event
 from models.activities import EnrollmentRef
+from models.outcomes import EventType
 
 __all__ = ["append_event"]
 
@@ -22,7 +23,7 @@ __all__ = ["append_event"]
 async def append_event(
     session: AsyncSession,
     *,
-    type_: str,
+    type_: EventType,
     ref: EnrollmentRef | None = None,
     person_id: int | None = None,
     step_id: str | None = None,

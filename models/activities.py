@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from models.enrollment import SequenceRef
+from models.outcomes import DeliveryStatus, EnrollmentStatus, EventType
 from models.sequence import SendWindow, Step, Timeline
 
 
@@ -24,14 +25,14 @@ class RecordEventInput(BaseModel):
     """Append one event to the log."""
 
     ref: EnrollmentRef
-    type: str
+    type: EventType
     step_id: str | None = None
     variant: str | None = None
     channel: str | None = None
     occurred_at: datetime | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     dedup_key: str | None = None
-    enrollment_status: str | None = None
+    enrollment_status: EnrollmentStatus | None = None
     current_step: str | None = None
 
 
@@ -100,7 +101,7 @@ class DeliverOutput(BaseModel):
     """What happened: sent, suppressed, failed, bounced, uncertain, skipped; or `reschedule`:
     nothing was sent nor recorded in the ledger, the send asks the governor for a new slot."""
 
-    status: str
+    status: DeliveryStatus
     delivery_id: int | None = None
     message_id: str | None = None
     provider_message_id: str | None = None
@@ -114,7 +115,7 @@ class FinishInput(BaseModel):
     """Mark the enrollment row finished."""
 
     ref: EnrollmentRef
-    status: str
+    status: EnrollmentStatus
     last_step: str | None = None
     reason: str | None = None
 

@@ -126,7 +126,7 @@ async def test_an_identity_added_to_a_suppressed_person_is_remembered(session_fa
 async def test_events_cannot_be_truncated_updated_or_deleted(session_factory: SessionFactory) -> None:
     pid = await make_person(session_factory, email="log@lead.test")
     async with session_factory() as s, s.begin():
-        await append_event(s, type_="note", person_id=pid, data={"x": 1})
+        await append_event(s, type_=EventType.OPENED, person_id=pid, data={"x": 1})
     for statement in (
         "TRUNCATE events",
         "TRUNCATE events CASCADE",
@@ -206,7 +206,7 @@ async def test_status_shows_unverified_replies(session_factory: SessionFactory, 
 
     pid = await make_person(session_factory, email="shown@lead.test")
     async with session_factory() as s, s.begin():
-        await append_event(s, type_="reply_unverified", person_id=pid, dedup_key="ru-1", data={"type": "reply"})
+        await append_event(s, type_=EventType.REPLY_UNVERIFIED, person_id=pid, dedup_key="ru-1", data={"type": "reply"})
     result = await cli(database_url, "status", "--person", str(pid))
     assert result.code == 0, result
     assert f"1 reply matched to person {pid} only by thread headers" in result.out

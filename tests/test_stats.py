@@ -34,6 +34,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Sequence, SequenceVersion, Suppression
 from models.activities import EnrollmentRef
 from models.enrollment import AudienceInput, EnrollmentResult, EnrollmentStatus, SequenceRef
+from models.outcomes import EventType
 from models.schedule import choose_variant
 from models.sequence import SequenceDefinition
 from services.classify import get_classifier
@@ -387,11 +388,11 @@ async def test_ledger_counters_and_late_bounces(session_factory: SessionFactory)
             return EnrollmentRef(enrollment_id=e.id, person_id=e.person_id, sequence=seq_ref, workflow_id=e.workflow_id)
 
         for e in enrollments:
-            await append_event(s, type_="enrolled", ref=eref(e), dedup_key=f"{e.id}:enrolled")
+            await append_event(s, type_=EventType.ENROLLED, ref=eref(e), dedup_key=f"{e.id}:enrolled")
         for key, e in (("k2", enrollments[2]), ("k3", enrollments[3])):
             await append_event(
                 s,
-                type_="sent",
+                type_=EventType.SENT,
                 ref=eref(e),
                 step_id="intro",
                 variant="A",
@@ -402,7 +403,7 @@ async def test_ledger_counters_and_late_bounces(session_factory: SessionFactory)
         # a synchronous SMTP rejection: bounced without ever being sent
         await append_event(
             s,
-            type_="bounced",
+            type_=EventType.BOUNCED,
             ref=eref(enrollments[4]),
             step_id="intro",
             variant="A",
@@ -413,7 +414,7 @@ async def test_ledger_counters_and_late_bounces(session_factory: SessionFactory)
         # a bounce notification by webhook after k3 had been accepted (no delivery id, as the inbound pipeline logs it)
         await append_event(
             s,
-            type_="bounced",
+            type_=EventType.BOUNCED,
             ref=eref(enrollments[3]),
             step_id="intro",
             variant="A",
@@ -431,7 +432,7 @@ async def test_ledger_counters_and_late_bounces(session_factory: SessionFactory)
         other_ref = SequenceRef(sequence_id=other.id, sequence_name="other", version_id=other_version.id, version=1)
         await append_event(
             s,
-            type_="sent",
+            type_=EventType.SENT,
             ref=EnrollmentRef(enrollment_id=999, person_id=people[0], sequence=other_ref, workflow_id="x"),
             step_id="intro",
             dedup_key="other:sent",
