@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from db.tables import SenderAccount
 from models.enrollment import ControlSignal, EnrollmentResult, EnrollmentStatus, InboundSignal
 from models.outcomes import EventType
 from models.sequence import ALLOWED_TRIGGERS, NEGATIVE_OF, Action, Trigger
+from services.senders import CHANNEL_DEFAULTS
 from tests.engine_harness import (
     Sequencer,
+    deliveries_of,
     events_of,
     start_enrollment,
     store_version,
@@ -467,3 +472,35 @@ async def test_stop_on_reply_ends_before_the_next_send(sequencer: Sequencer) -> 
     result = await handle.result()
     assert result.status == EnrollmentStatus.REPLIED
     assert len(sequencer.smtp.messages) == 1
+
+
+async def test_a_reply_branch_and_a_follow_up_with_the_sender_caps_users_get(sequencer_stack: Sequencer) -> None:
+    """Three leads, the email sender at `senders add`'s default caps, the default touch cap."""
+    async with sequencer_stack.sf() as s, s.begin():
+        d = CHANNEL_DEFAULTS["email"]
+        await s.execute(
+            update(SenderAccount)
+            .where(SenderAccount.channel == "email")
+            .values(per_hour=d.per_hour, per_day=d.per_day, min_spacing_seconds=d.spacing, jitter_seconds=d.jitter)
+        )
+    edges = [{"trigger": "REPLIED", "to": "yes"}, {"trigger": "NOT_REPLIED", "after": "2d", "to": "m1"}]
+    raw = _seq(
+        f"defaults-{uuid.uuid4().hex[:6]}",
+        [
+            {"id": "m0", "action": "SEND_EMAIL", **CONTENT[Action.SEND_EMAIL], "edges": edges},
+            {"id": "yes", "action": "WAIT", "edges": [{"trigger": "END"}]},
+            {"id": "m1", "action": "SEND_EMAIL", "subject": "Again", "body": "B", "edges": [{"trigger": "END"}]},
+        ],
+        stop_on_reply=False,
+    )
+    async with sequencer_stack.worker():
+        handles = await sequencer_stack.start_many(raw, [await sequencer_stack.lead() for _ in range(3)])
+        await wait_for_status(handles[0], lambda v: v.phase == "waiting")
+        await handles[0].signal("replied", InboundSignal(event_id=f"e-{uuid.uuid4()}", channel="email"))
+        results = [await h.result() for h in handles]
+    assert [_steps(r) for r in results] == [["m0", "yes"], ["m0", "m1"], ["m0", "m1"]]
+    assert len(sequencer_stack.smtp.messages) == 5
+    sent = sorted(d.sent_at for d in await deliveries_of(sequencer_stack.sf) if d.sent_at is not None)
+    assert len(sent) == 5
+    # the sender's spacing held between every two sends
+    assert all(b - a >= timedelta(seconds=CHANNEL_DEFAULTS["email"].spacing) for a, b in pairwise(sent))
