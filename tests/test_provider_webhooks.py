@@ -49,7 +49,7 @@ from tests.provider_samples import (
     x_signature,
     xaa_follow,
 )
-from tests.webhook_harness import Hook, StartHook, app_settings, email_sequence, serve
+from tests.webhook_harness import TOUCH_CAP_OFF, Hook, StartHook, app_settings, email_sequence, serve
 from webhooks.app import create_app
 from webhooks.providers import ses
 
@@ -143,7 +143,7 @@ class Providers:
 
 
 @pytest.fixture
-async def providers(start_hook: StartHook, sns: SnsServer) -> AsyncIterator[Providers]:
+async def providers(start_hook: StartHook, sns: SnsServer, request: pytest.FixtureRequest) -> AsyncIterator[Providers]:
     signer = SendGridSigner()
     resend_secret = new_whsec()
     app = {
@@ -158,7 +158,8 @@ async def providers(start_hook: StartHook, sns: SnsServer) -> AsyncIterator[Prov
         "x_consumer_secrets": [SecretStr(X_SECRET)],
     }
     # every relay's custom-data header, as EMAIL_RELAY_TAGS does
-    async with start_hook(app=app, worker={"email_relay_tags": list(RELAYS)}) as hook:
+    worker = {"email_relay_tags": list(RELAYS), **getattr(request, "param", {})}  # indirect param: more settings
+    async with start_hook(app=app, worker=worker) as hook:
         yield Providers(hook, signer, resend_secret, sns)
 
 
@@ -771,6 +772,8 @@ async def test_one_batch_with_consequences_for_several_leads_applies_each_once(p
     assert [m["Subject"] for m in p.hook.smtp.parsed()] == ["Hello Ada"] * 4  # no follow-up to anyone
 
 
+# touch cap off: one person in two sequences, both first emails at once
+@pytest.mark.parametrize("providers", [TOUCH_CAP_OFF], indirect=True, ids=["touch-cap-off"])
 async def test_a_provider_side_unsubscribe_suppresses_the_person_and_stops_every_sequence(
     providers: Providers,
 ) -> None:

@@ -11,6 +11,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from db.tables import Enrollment, Identity, Suppression
@@ -18,7 +19,7 @@ from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from services.tokens import make_legacy_token, make_token
 from tests.engine_harness import LINK_SECRET, events_of, wait_for_status
-from tests.webhook_harness import Hook, email_sequence
+from tests.webhook_harness import TOUCH_CAP_OFF, Hook, email_sequence
 from workflows.enrollment import EnrollmentWorkflow
 
 ONE_CLICK = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -184,6 +185,8 @@ async def test_a_bounce_report_from_the_mailer_daemon_matches_by_message_id(hook
     assert len(hook.smtp.messages) == 1
 
 
+# touch cap off: one person in two sequences, both first emails at once
+@pytest.mark.parametrize("hook", [TOUCH_CAP_OFF], indirect=True, ids=["touch-cap-off"])
 async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: Hook) -> None:
     pid = await hook.person(email="angry@lead.test", x="777")
     first = await hook.enroll(email_sequence(gap="1d", allow_concurrent=True), pid)

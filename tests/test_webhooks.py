@@ -31,6 +31,7 @@ from services.tokens import make_token
 from settings import Settings
 from tests.engine_harness import LINK_SECRET, events_of, make_sender, wait_for_status
 from tests.webhook_harness import (
+    TOUCH_CAP_OFF,
     WEBHOOK_SECRET,
     Hook,
     app_settings,
@@ -345,6 +346,8 @@ async def test_a_reply_on_x_branches_the_email_sequence(hook: Hook) -> None:
     assert by_id.json()["person_id"] == pid
 
 
+# touch cap off: one person in two sequences, both first emails at once
+@pytest.mark.parametrize("hook", [TOUCH_CAP_OFF], indirect=True, ids=["touch-cap-off"])
 async def test_a_reply_reaches_every_active_enrollment_of_the_person(hook: Hook) -> None:
     pid = await hook.person(email="multi@lead.test")
     first = await hook.enroll(email_sequence(allow_concurrent=True), pid)

@@ -195,10 +195,15 @@ def start_hook(
     return run
 
 
+#: Worker settings for a test that needs the person touch cap off, e.g. one person in two
+#: sequences whose emails both go out at once: `@pytest.mark.parametrize("hook", [TOUCH_CAP_OFF], indirect=True)`.
+TOUCH_CAP_OFF: dict[str, Any] = {"person_daily_touch_cap": 0}
+
+
 @pytest.fixture
-async def hook(start_hook: StartHook) -> AsyncIterator[Hook]:
-    """The webhook app plus the production worker, with the test defaults."""
-    async with start_hook() as running:
+async def hook(start_hook: StartHook, request: pytest.FixtureRequest) -> AsyncIterator[Hook]:
+    """The webhook app plus the production worker, with the defaults users get (indirect param: worker settings)."""
+    async with start_hook(worker=getattr(request, "param", None)) as running:
         yield running
 
 
