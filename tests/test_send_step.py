@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, time, timedelta
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SendSlot
 from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
+from services.senders import CHANNEL_DEFAULTS
 from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
 
 
@@ -47,6 +48,9 @@ def _emails(*after: str) -> dict[str, Any]:
             }
         )
     return {"name": f"send-step-{uuid.uuid4().hex[:6]}", "steps": steps}
+
+
+WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
 
 
 async def _start(env: WorkflowEnvironment, sf: SessionFactory, task_queue: str, raw: dict[str, Any]) -> Any:
@@ -136,3 +140,40 @@ async def test_a_later_slot_is_waited_for_on_a_timer_then_delivered(
     ids = {e.enrollment_id for e in await events_of(session_factory, EventType.COMPLETED)}
     assert len(ids) == 2  # each end recorded once, the second by the finish activity
     assert len(await events_of(session_factory, EventType.DEFERRED_UNTIL)) == 1
+
+
+async def test_two_steps_with_the_limits_users_get_send_once_each_inside_the_window(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """The two-step sequence with the defaults: touch cap 1, a send window, `senders add`'s caps.
+
+    The second email is held by the person cap for 24 hours, then waits for the window: it is
+    booked, waited for on a timer and delivered (not sent at once), each event written once.
+    """
+    d = CHANNEL_DEFAULTS["email"]
+    await make_sender(
+        session_factory,
+        "email",
+        "sales@acme.test",
+        per_hour=d.per_hour,
+        per_day=d.per_day,
+        spacing=d.spacing,
+        jitter=d.jitter,
+    )
+    raw = _emails("1h") | {"timezone": "UTC", "send_window": {"days": WEEKDAYS, "start": "09:00", "end": "17:30"}}
+    handle = await _start(temporal_env, session_factory, task_queue, raw)
+    result = await handle.result()
+    assert result.status == EnrollmentStatus.COMPLETED and [p.step for p in result.path] == ["m0", "m1"]
+    activities = await _activities(handle)
+    assert activities[0] == "send_step" and activities[-1] == "deliver"  # the second one booked, then delivered
+    assert len(smtp_server.messages) == 2
+    async with session_factory() as s:
+        sent = sorted(t for t in (await s.execute(select(Delivery.sent_at))).scalars() if t is not None)
+    assert len(sent) == 2
+    assert sent[1] - sent[0] >= timedelta(hours=24)  # the person cap: one touch in any 24 hours
+    for at in sent:  # both inside the window, in the sequence's zone (UTC)
+        local = at.astimezone(UTC)
+        assert local.weekday() < 5 and time(9, 0) <= local.time() <= time(17, 30), local
+    row = await _enrollment(session_factory)
+    counts = await _event_counts(session_factory, row.id)
+    assert counts[EventType.STEP_STARTED] == 2 and counts[EventType.SENT] == 2 and counts[EventType.COMPLETED] == 1
