@@ -30,6 +30,7 @@ from services.segments import segment_page, segment_size
 from services.sequence_store import get_version
 from services.templating import check_audience
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
+from workflows.patches import BASELINE
 
 START_CONCURRENCY = 128
 
@@ -304,6 +305,7 @@ class EnrollActivities:
                     sequence=ref,
                     definition=defn,
                     first_step_recorded=True,
+                    patch_baseline=BASELINE,
                 ),
                 id=workflow_id_for(ref.sequence_name, person.id),
                 task_queue=self.target.task_queue,

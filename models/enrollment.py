@@ -132,6 +132,9 @@ class EnrollmentInput(BaseModel):
     state: EnrollmentState | None = None
     max_steps_per_run: int = 500
     first_step_recorded: bool = False
+    patch_baseline: int = 0
+    """How many of the workflow's patches (workflows/patches.py) the code that started this run
+    already had: those take their newer path without a marker. 0 for runs from before."""
 
 
 class EnrollmentResult(BaseModel):

@@ -54,6 +54,7 @@ from settings import Settings
 from tests.eventually import eventually
 from worker import Workers, build_worker, worker_deps
 from workflows.enrollment import EnrollmentWorkflow, workflow_id_for
+from workflows.patches import BASELINE
 from workflows.search_attributes import PERSON_ID, SEQUENCE_NAME, SEQUENCE_VERSION
 
 __all__ = [
@@ -95,8 +96,10 @@ async def start_enrollment(
     max_steps_per_run: int = 500,
     start_signal: str | None = None,
     start_signal_args: list[Any] | None = None,
+    patch_baseline: int = BASELINE,
 ) -> WorkflowHandle[Any, Any]:
-    """Insert the enrollment row and start its workflow."""
+    """Insert the enrollment row and start its workflow (with this code's patch baseline, as
+    activities/enroll.py starts it; 0 starts it as runs from before the baseline were)."""
     async with sf() as s, s.begin():
         row = Enrollment(
             sequence_id=ref.sequence_id,
@@ -116,6 +119,7 @@ async def start_enrollment(
             sequence=ref,
             definition=defn,
             max_steps_per_run=max_steps_per_run,
+            patch_baseline=patch_baseline,
         ),
         id=workflow_id_for(ref.sequence_name, person_id),
         task_queue=task_queue,

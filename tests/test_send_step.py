@@ -7,6 +7,7 @@ server with real PostgreSQL and SMTP.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from services.senders import CHANNEL_DEFAULTS
 from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
+from workflows.patches import BASELINE, PATCHES
 
 
 @pytest.fixture
@@ -97,6 +99,50 @@ async def test_a_one_step_email_is_one_activity_with_its_events_once(
         [slot] = list((await s.execute(select(SendSlot))).scalars())
     assert delivery.status == "sent" and delivery.attempts_made == 1
     assert delivery.sent_at is not None and delivery.sent_at >= slot.slot_at  # never before its slot
+
+
+async def _patch_history(handle: WorkflowHandle[Any, Any]) -> tuple[list[str], int]:
+    """The patch ids whose markers the run recorded, and its TemporalChangeVersion upserts."""
+    patches, upserts = [], 0
+    for e in (await handle.fetch_history()).events:
+        if e.HasField("marker_recorded_event_attributes"):
+            marker = e.marker_recorded_event_attributes
+            if marker.marker_name == "core_patch":
+                patches.append(json.loads(marker.details["patch-data"].payloads[0].data)["id"])
+        if e.HasField("upsert_workflow_search_attributes_event_attributes"):
+            fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+            upserts += "TemporalChangeVersion" in fields
+    return patches, upserts
+
+
+async def test_a_new_enrollment_records_no_patch_markers_an_old_style_run_does(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """Started with this code's patch baseline (as `enroll_page` starts leads), the send path's
+    patches cost no marker and no visibility write; a run started without it (as every run
+    before the baseline) takes the same path through `workflow.patched`'s markers."""
+    await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, _emails())
+    new, old = [
+        await start_enrollment(
+            temporal_env.client,
+            task_queue,
+            session_factory,
+            ref,
+            defn,
+            await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test"),
+            patch_baseline=baseline,
+        )
+        for baseline in (BASELINE, 0)
+    ]
+    for handle in (new, old):
+        assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+        assert await _activities(handle) == ["send_step"]
+    assert await _patch_history(new) == ([], 0)
+    patches, upserts = await _patch_history(old)
+    assert set(patches) == {"send-step", "deliver-channel-queue", "send-gate-reschedule", "ooo-replans-send"}
+    assert set(patches) <= set(PATCHES) and upserts == len(patches)
+    assert len(smtp_server.messages) == 2
 
 
 async def test_two_steps_each_send_in_one_activity_and_log_each_start(

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.sequence import Channel
     from models.task_queues import channel_queue
+    from workflows.patches import patched
 
 __all__ = [
     "DELIVER_HEARTBEAT_TIMEOUT",
@@ -70,7 +71,7 @@ DELIVER_TIMEOUT = timedelta(minutes=2)
 
 def _deliver_options() -> dict[str, Any]:
     """`deliver`'s heartbeat and retry options (the old ones for histories before the patch)."""
-    if workflow.patched("deliver-heartbeat-retry"):
+    if patched("deliver-heartbeat-retry"):
         return {"heartbeat_timeout": DELIVER_HEARTBEAT_TIMEOUT, "retry_policy": SEND_RETRY_FAST}
     return {"retry_policy": SEND_RETRY}
 
@@ -86,7 +87,7 @@ def channel_task_queue(channel: Channel | str | None) -> dict[str, Any]:
     Histories from before patch `deliver-channel-queue` keep scheduling on the workflow's
     queue, whose worker still serves every activity.
     """
-    if channel is None or not workflow.patched(CHANNEL_QUEUE_PATCH):
+    if channel is None or not patched(CHANNEL_QUEUE_PATCH):
         return {}
     return {"task_queue": channel_queue(workflow.info().task_queue, channel)}
 
@@ -99,7 +100,7 @@ SEND_STEP_PATCH = "send-step"
 
 async def _bookkeeping(name: str, inp: RecordEventInput | FinishInput) -> None:
     """A short idempotent write: a local activity since patch `send-step` (no server round trip)."""
-    if workflow.patched(SEND_STEP_PATCH):
+    if patched(SEND_STEP_PATCH):
         await workflow.execute_local_activity(name, inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)
         return
     await workflow.execute_activity(name, inp, start_to_close_timeout=BOOKKEEPING_TIMEOUT, retry_policy=QUICK)

@@ -59,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from models.sequence import EVENT_TRIGGERS, Edge, Step, Trigger, zone
     from workflows import activity_calls as calls
     from workflows.enrollment_core import Terminal
+    from workflows.patches import BASELINE, patched
     from workflows.sending import Sending
 
 #: Signal kind for each event trigger.
@@ -88,6 +89,7 @@ class EnrollmentWorkflow(Sending):
     @workflow.init
     def __init__(self, inp: EnrollmentInput) -> None:
         self.inp = inp
+        self.patch_baseline = inp.patch_baseline  # read by workflows/patches.py
         self.defn = inp.definition
         self.state = inp.state or EnrollmentState(current_step=inp.definition.first_step.id)
         self.terminal: Terminal | None = None
@@ -239,6 +241,7 @@ class EnrollmentWorkflow(Sending):
                             definition=inp.definition,
                             state=self.state,
                             max_steps_per_run=inp.max_steps_per_run,
+                            patch_baseline=BASELINE,  # the next run starts on this code
                         )
                     )
         except Terminal as end:
@@ -261,7 +264,7 @@ class EnrollmentWorkflow(Sending):
         if visit == 1 and step.id == self.defn.first_step.id and self.inp.first_step_recorded:
             return  # the enrolling activity logged it with the enrollment, in bulk
         started = self._event(EventType.STEP_STARTED, step, action=str(step.action), visit=visit, via=via)
-        if step.channel is not None and workflow.patched(calls.SEND_STEP_PATCH):
+        if step.channel is not None and patched(calls.SEND_STEP_PATCH):
             self.started_event = started  # written by the send (or before the send waits)
             return
         await calls.record_event(started)

@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from models.sequence import Action, Channel, Step, Trigger
     from workflows import activity_calls as calls
     from workflows.enrollment_core import EnrollmentCore, Terminal
+    from workflows.patches import patched
 
 #: Deliver runs the moment-of-send gate and may answer `reschedule` (issue 11).
 SEND_GATE_PATCH = "send-gate-reschedule"
@@ -65,7 +66,7 @@ class Sending(EnrollmentCore):
         round_ = 0
         # Since this patch an out-of-office that arrives while the send waits (for its time or
         # for its slot) moves it past the return date: the wait wakes and the send is planned again.
-        replan = workflow.patched("ooo-replans-send")
+        replan = patched("ooo-replans-send")
         failing_since: datetime | None = None
         failing_rounds = 0
         while True:  # a `reschedule` from the moment-of-send gate comes back here for a new slot
@@ -109,7 +110,7 @@ class Sending(EnrollmentCore):
         """Wait for the send's time, reserve a slot and wait for it; the slot, its round and,
         when `send_step` sent at once (patch `send-step`), the outcome."""
         response = self.state.reached_via is not None
-        at_once = workflow.patched(calls.SEND_STEP_PATCH)
+        at_once = patched(calls.SEND_STEP_PATCH)
         while True:
             if replan and self.state.not_before is not None:
                 desired = max(desired, self.state.not_before)
@@ -205,7 +206,7 @@ class Sending(EnrollmentCore):
             track_opens=self.defn.track_opens,
             now=workflow.now(),
         )
-        if workflow.patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
+        if patched(SEND_GATE_PATCH):  # histories from before the gate send as they did
             request.slot_at = slot_at
             request.send_window = self.defn.send_window
             request.timeline = self.defn.timeline
@@ -241,7 +242,7 @@ class Sending(EnrollmentCore):
                 return await calls.deliver(request)
             except ActivityError as err:
                 paused = isinstance(err.cause, ApplicationError) and err.cause.type == "SenderPaused"
-                if paused and workflow.patched("sender-paused-waits"):
+                if paused and patched("sender-paused-waits"):
                     recheck = workflow.now() + SENDER_PAUSED_RECHECK
                     await self._sleep_until(recheck, Phase.WAITING_FOR_PAUSED_SENDER, step)
                     self.phase = Phase.SENDING

@@ -49,6 +49,7 @@ from models.sequence_checks import validate_definition
 from models.task_queues import channel_queue
 from workflows.audience import AudienceWorkflow
 from workflows.enrollment import EnrollmentWorkflow
+from workflows.patches import BASELINE
 from workflows.search_attributes import register_search_attributes
 
 HERE = Path(__file__).parent
@@ -150,8 +151,11 @@ TWO_EMAILS = {
 }
 
 
-def _input(person: int, max_steps: int = 500, sequence: dict[str, Any] = SEQUENCE) -> EnrollmentInput:
+def _input(
+    person: int, max_steps: int = 500, sequence: dict[str, Any] = SEQUENCE, baseline: int = 0
+) -> EnrollmentInput:
     return EnrollmentInput(
+        patch_baseline=baseline,
         enrollment_id=person,
         person_id=person,
         person_timezone="Europe/Berlin",
@@ -294,6 +298,20 @@ async def main(only: set[str] | None = None) -> None:
         )
         await h.result()
         save("enrollment_send_step_two_emails", (await h.fetch_history()).to_json())
+        # 13. since the patch baseline (workflows/patches.py): a lead started with every patch
+        #     records no patch marker: the demo (X follow and DM sent at once, the email's slot
+        #     later), continuing as new after each step (the first run's history)
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run,
+            _input(13, max_steps=2, baseline=BASELINE),
+            id="replay-send-step-13",
+            task_queue="replay",
+        )
+        await _until(env, h, "follow")
+        await h.signal(EnrollmentWorkflow.followed_back, InboundSignal(event_id="fb-13", channel="x"))
+        await h.result()
+        first = env.client.get_workflow_handle("replay-send-step-13", run_id=h.first_execution_run_id)
+        save("enrollment_patch_baseline", (await first.fetch_history()).to_json())
     await env.shutdown()
 
 
