@@ -32,17 +32,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import SecretStr
-from sqlalchemy import Integer, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import FromClause, Integer, Row, Select, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.dml import Update
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -60,10 +62,11 @@ from activities.channels.base import (
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
-from activities.records import write_event, write_finish
+from activities.records import event_writes, finish_writes, write_event, write_finish
 from activities.send_gate import activity_now, check_send_gate
-from db.events import append_event
-from db.session import SessionFactory
+from db.events import append_event, event_insert
+from db.session import SessionFactory, autocommit
+from db.statements import insert_if, table_of
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
 from models.activities import (
     DeliverInput,
@@ -160,6 +163,41 @@ def _gate(person: Person, target: Identity, suppressions: list[Suppression]) -> 
     if target.consent == "denied":
         return f"consent denied for {target.value}"
     return None
+
+
+class _Recipient(NamedTuple):
+    """What a send needs from the database, read with its claim."""
+
+    person: Person | None
+    identities: list[Identity]
+    sender: SenderAccount | None
+    suppressions: list[Suppression]
+
+    @classmethod
+    def of(cls, rows: Sequence[Row[Any]]) -> _Recipient:
+        """From `_recipient_query`'s rows (their last four columns): one per identity and suppression."""
+        found = [tuple(r)[-4:] for r in rows]
+        person, sender = (found[0][0], found[0][1]) if found else (None, None)
+        identities = list(dict.fromkeys(r[2] for r in found if r[2] is not None))
+        suppressions = list(dict.fromkeys(r[3] for r in found if r[3] is not None))
+        return cls(person, identities, sender, suppressions)
+
+
+def _recipient_query(inp: DeliverInput, base: FromClause, *first: Any) -> Select[Any]:
+    """One read of the person, their identities, the sender and the suppressions, joined to `base`.
+
+    `base` is the claim (no row: nothing read) or a one-row subquery; `first` entities come
+    before the four. A suppression applies if it names the person or one of their identities.
+    """
+    return (
+        select(*first, Person, SenderAccount, Identity, Suppression)
+        .select_from(base)
+        .outerjoin(Person, Person.id == inp.ref.person_id)
+        .outerjoin(SenderAccount, SenderAccount.id == inp.sender_id)
+        .outerjoin(Identity, Identity.person_id == Person.id)
+        .outerjoin(Suppression, or_(Suppression.person_id == Person.id, Suppression.identity_id == Identity.id))
+        .order_by(Identity.id, Suppression.id)
+    )
 
 
 def delivery_key(enrollment_id: int, step_id: str, attempt: int) -> str:
@@ -325,15 +363,7 @@ class DeliveryActivities:
     async def _deliver(self, inp: DeliverInput, key: str, channel: str, me: _Owner) -> DeliverOutput:
         step = inp.step
         kind = Channel(channel)
-        async with self.session_factory() as session, session.begin():
-            delivery = await self._claim_in(session, inp, key, channel, me)
-            extras = _EXTRAS.get()
-            if extras is not None and extras.started is not None and not extras.started_done:
-                await write_event(session, extras.started)  # the step's start, with its claim
-                extras.started_done = True
-            # what the send needs, read in the claim's transaction when this attempt owns the row
-            ours = delivery.status == DeliveryStatus.CLAIMED and delivery.owner == me.token
-            found = await self._recipient(session, inp) if ours else None
+        delivery, found = await self._claim_and_read(inp, key, channel, me)
         if delivery.status in DELIVERY_FINAL:
             return self._output(delivery, duplicate=True)
         if delivery.status == DeliveryStatus.SENDING:  # an earlier attempt may have written to the provider
@@ -410,7 +440,8 @@ class DeliveryActivities:
         async def mark_sending() -> None:
             """claimed → sending, by this attempt only, right before the irreversible write."""
             await self._hook("before_write")
-            async with self.session_factory() as session, session.begin():
+            ledger = table_of(Delivery)
+            async with autocommit(self.session_factory) as session:  # one statement: no transaction
                 won = await _transition(
                     session,
                     delivery.id,
@@ -423,8 +454,8 @@ class DeliveryActivities:
                         "status": DeliveryStatus.SENDING,
                         "message_id": message.message_id,
                         "identity_id": target_id,
-                        "attempts_made": Delivery.attempts_made
-                        + (Delivery.status == DeliveryStatus.CLAIMED).cast(Integer),
+                        "attempts_made": ledger.c.attempts_made
+                        + (ledger.c.status == DeliveryStatus.CLAIMED).cast(Integer),
                     },
                 )
             if not won:
@@ -722,30 +753,62 @@ class DeliveryActivities:
         async with self.session_factory() as session, session.begin():
             return await self._claim_in(session, inp, key, channel, me, take_over=take_over)
 
+    async def _claim_and_read(
+        self, inp: DeliverInput, key: str, channel: str, me: _Owner
+    ) -> tuple[Delivery, _Recipient | None]:
+        """The claim, the step's start and what the send needs, read when this attempt owns the row.
+
+        A new row (the usual case) costs one statement, committed on its own: the claim's
+        INSERT, the step's `step_started` (idempotent by its key) and the reads of the person,
+        their identities, the sender and the suppressions, in one round trip. A row that is
+        there already (a retry, a takeover) is read and maybe taken over in a transaction.
+        """
+        extras = _EXTRAS.get()
+        started = extras.started if extras is not None and not extras.started_done else None
+        claimed = self._claim_insert(inp, key, channel, me).returning(*table_of(Delivery).c).cte("claimed")
+        row = aliased(Delivery, claimed)
+        stmt = _recipient_query(inp, claimed, row)
+        for i, write in enumerate(event_writes(started) if started is not None else []):
+            stmt = stmt.add_cte(write.cte(f"started_{i}"))
+        async with autocommit(self.session_factory) as session:
+            rows = (await session.execute(stmt)).all()
+        if extras is not None and started is not None:
+            extras.started_done = True  # the step's start, with its claim
+        if rows:  # new: claimed by `me`
+            return rows[0][0], _Recipient.of(rows)
+        async with self.session_factory() as session, session.begin():
+            delivery = await self._claim_in(session, inp, key, channel, me)
+            ours = delivery.status == DeliveryStatus.CLAIMED and delivery.owner == me.token
+            found = await self._recipient(session, inp) if ours else None
+        return delivery, found
+
+    @staticmethod
+    def _claim_insert(inp: DeliverInput, key: str, channel: str, me: _Owner) -> Insert:
+        """The ledger row `claimed` by `me`, unless the key has one already."""
+        return (
+            insert(table_of(Delivery))
+            .values(
+                idempotency_key=key,
+                enrollment_id=inp.ref.enrollment_id,
+                step_id=inp.step.id,
+                attempt=inp.attempt,
+                channel=channel,
+                action=str(inp.step.action),
+                sender_id=inp.sender_id,
+                variant=inp.variant,
+                status=DeliveryStatus.CLAIMED,
+                owner=me.token,
+                owner_attempt=me.attempt,
+            )
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        )
+
     async def _claim_in(
         self, session: AsyncSession, inp: DeliverInput, key: str, channel: str, me: _Owner, *, take_over: bool = True
     ) -> Delivery:
         """`_claim` inside the caller's transaction (a new row costs one statement: its INSERT returns it)."""
-        inserted = (
-            await session.execute(
-                insert(Delivery)
-                .values(
-                    idempotency_key=key,
-                    enrollment_id=inp.ref.enrollment_id,
-                    step_id=inp.step.id,
-                    attempt=inp.attempt,
-                    channel=channel,
-                    action=str(inp.step.action),
-                    sender_id=inp.sender_id,
-                    variant=inp.variant,
-                    status=DeliveryStatus.CLAIMED,
-                    owner=me.token,
-                    owner_attempt=me.attempt,
-                )
-                .on_conflict_do_nothing(index_elements=["idempotency_key"])
-                .returning(Delivery)
-            )
-        ).scalar_one_or_none()
+        claimed = self._claim_insert(inp, key, channel, me).returning(*table_of(Delivery).c).cte("claimed")
+        inserted = (await session.execute(select(aliased(Delivery, claimed)))).scalar_one_or_none()
         if inserted is not None:  # new: claimed by `me`
             return inserted
         delivery = (
@@ -766,26 +829,9 @@ class DeliveryActivities:
         return delivery
 
     @staticmethod
-    async def _recipient(
-        session: AsyncSession, inp: DeliverInput
-    ) -> tuple[Person | None, list[Identity], SenderAccount | None, list[Suppression]]:
+    async def _recipient(session: AsyncSession, inp: DeliverInput) -> _Recipient:
         """The person, their identities, the sender account and the suppressions that apply."""
-        person = await session.get(Person, inp.ref.person_id)
-        identities = list(
-            (await session.execute(select(Identity).where(Identity.person_id == inp.ref.person_id))).scalars()
-        )
-        sender = await session.get(SenderAccount, inp.sender_id) if inp.sender_id else None
-        suppressions = list(
-            (
-                await session.execute(
-                    select(Suppression).where(
-                        (Suppression.person_id == inp.ref.person_id)
-                        | Suppression.identity_id.in_([i.id for i in identities] or [-1])
-                    )
-                )
-            ).scalars()
-        )
-        return person, identities, sender, suppressions
+        return _Recipient.of((await session.execute(_recipient_query(inp, select(literal(1)).subquery()))).all())
 
     def _message(
         self,
@@ -929,41 +975,36 @@ class DeliveryActivities:
         Raises `_Lost` (recording nothing: no status, no event, no suppression) otherwise.
         """
         now = datetime.now(UTC)
-        async with self.session_factory() as session, session.begin():
-            values: dict[str, Any] = {"status": status, "error": error}
-            if provider_message_id:
-                values["provider_message_id"] = provider_message_id
-            if status == DeliveryStatus.SENT:
-                now = _accepted_at()
-                values["sent_at"] = now
-            if new_owner is not None:
-                values["owner"] = new_owner.token
-            won = await _transition(
-                session,
-                delivery.id,
-                expect=expect,
-                owner=delivery.owner if owner is None and new_owner is None else owner,
-                values=values,
-            )
-            if not won:
-                raise _Lost(f"could not record {status}: the row moved on")
-            extras = _EXTRAS.get()
-            if extras is not None and extras.finish is not None and status in ENDS_THE_WALK:
-                await write_finish(session, extras.finish)
-                extras.finish_done = True
-            if status == DeliveryStatus.SENT and inp.sender_id is not None:  # the breaker: a send went through
-                if await sender_breaker.record_success(session, inp.sender_id, _now(inp)):
-                    activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
-            if bounce_identity is not None:
-                session.add(
-                    Suppression(
-                        identity_id=bounce_identity.id,
-                        reason="bounce",
-                        source=f"delivery {delivery.id}",
-                    )
-                )
-            await append_event(
-                session,
+        values: dict[str, Any] = {"status": status, "error": error}
+        if provider_message_id:
+            values["provider_message_id"] = provider_message_id
+        if status == DeliveryStatus.SENT:
+            now = _accepted_at()
+            values["sent_at"] = now
+        if new_owner is not None:
+            values["owner"] = new_owner.token
+        moved = _cas(
+            delivery.id,
+            expect=expect,
+            owner=delivery.owner if owner is None and new_owner is None else owner,
+            values=values,
+        ).cte("moved")
+        # every other write of the outcome runs only if `moved` won: one statement, all or nothing
+        writes: list[Any] = []
+        extras = _EXTRAS.get()
+        finish = extras.finish if extras is not None and status in ENDS_THE_WALK else None
+        if finish is not None:
+            writes += finish_writes(finish, after=moved)
+        closed: Any = literal(0)
+        if status == DeliveryStatus.SENT and inp.sender_id is not None:  # the breaker: a send went through
+            closes, resets = sender_breaker.success_writes(inp.sender_id, _now(inp), after=moved)
+            closed = select(func.count()).select_from(closes.cte("closes")).scalar_subquery()
+            writes.append(resets)
+        if bounce_identity is not None:
+            suppression = {"identity_id": bounce_identity.id, "reason": "bounce", "source": f"delivery {delivery.id}"}
+            writes.append(insert_if(Suppression, suppression, moved))
+        writes.append(
+            event_insert(
                 type_=EventType(status),
                 ref=inp.ref,
                 step_id=inp.step.id,
@@ -983,7 +1024,20 @@ class DeliveryActivities:
                     }.items()
                     if v
                 },
+                after=moved,
             )
+        )
+        stmt = select(select(func.count()).select_from(moved).scalar_subquery(), closed)
+        for i, write in enumerate(writes):
+            stmt = stmt.add_cte(write.cte(f"write_{i}"))
+        async with autocommit(self.session_factory) as session:
+            won, probe_closed = (await session.execute(stmt)).one()
+        if not won:
+            raise _Lost(f"could not record {status}: the row moved on")
+        if finish is not None and extras is not None:
+            extras.finish_done = True
+        if probe_closed:
+            activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
         delivery.status = status
         delivery.error = error
         delivery.provider_message_id = provider_message_id or delivery.provider_message_id
@@ -1078,11 +1132,17 @@ async def _transition(
     session: AsyncSession, delivery_id: int, *, expect: tuple[str, ...], owner: str | None, values: dict[str, Any]
 ) -> bool:
     """One compare-and-set on a ledger row: apply `values` only if its status and owner are as expected."""
-    owned = Delivery.owner.is_(None) if owner is None else Delivery.owner == owner
-    result = await session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery_id, Delivery.status.in_(expect), owned)
-        .values(**values)
-        .returning(Delivery.id)
-    )
+    result = await session.execute(_cas(delivery_id, expect=expect, owner=owner, values=values))
     return result.first() is not None
+
+
+def _cas(delivery_id: int, *, expect: tuple[str, ...], owner: str | None, values: dict[str, Any]) -> Update:
+    """The compare-and-set UPDATE (RETURNING the id when it won), on the table: no ORM bookkeeping."""
+    ledger = table_of(Delivery)
+    owned = ledger.c.owner.is_(None) if owner is None else ledger.c.owner == owner
+    return (
+        update(ledger)
+        .where(ledger.c.id == delivery_id, ledger.c.status.in_(expect), owned)
+        .values(**values)
+        .returning(ledger.c.id)
+    )

@@ -8,20 +8,42 @@ TRUNCATE) and each write is an INSERT deduplicated by a key so that retries log 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import CTE
+from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.statements import insert_if
 from db.tables import Event
 from models.activities import EnrollmentRef
 from models.outcomes import EventType
 
-__all__ = ["append_event"]
+__all__ = ["append_event", "event_insert"]
 
 
-async def append_event(
-    session: AsyncSession,
+class EventFields(TypedDict, total=False):
+    """One event's fields (`ref` fills the person, enrollment and sequence; `occurred_at` defaults to now)."""
+
+    type_: Required[EventType]
+    ref: EnrollmentRef | None
+    person_id: int | None
+    step_id: str | None
+    variant: str | None
+    channel: str | None
+    delivery_id: int | None
+    occurred_at: datetime | None
+    dedup_key: str | None
+    data: dict[str, Any] | None
+
+
+async def append_event(session: AsyncSession, **fields: Unpack[EventFields]) -> bool:
+    """Insert one event in the caller's transaction; False when the dedup key exists."""
+    result = await session.execute(event_insert(**fields).returning(Event.id))
+    return result.scalar_one_or_none() is not None
+
+
+def event_insert(
     *,
     type_: EventType,
     ref: EnrollmentRef | None = None,
@@ -33,8 +55,12 @@ async def append_event(
     occurred_at: datetime | None = None,
     dedup_key: str | None = None,
     data: dict[str, Any] | None = None,
-) -> bool:
-    """Insert one event in the caller's transaction; False when the dedup key exists."""
+    after: CTE | None = None,
+) -> Insert:
+    """`append_event`'s INSERT (deduplicated by `dedup_key`), for a statement of several writes.
+
+    `after`: only if that part of the statement returned its row (`db/statements.py`).
+    """
     values: dict[str, Any] = {
         "type": type_,
         "person_id": ref.person_id if ref else person_id,
@@ -49,8 +75,5 @@ async def append_event(
         "dedup_key": dedup_key,
         "data": data or {},
     }
-    stmt = insert(Event).values(**values)
-    if dedup_key:
-        stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
-    result = await session.execute(stmt.returning(Event.id))
-    return result.scalar_one_or_none() is not None
+    stmt = insert_if(Event, values, after)
+    return stmt.on_conflict_do_nothing(index_elements=["dedup_key"]) if dedup_key else stmt

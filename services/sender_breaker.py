@@ -21,10 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CTE, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import Update
 
 from db.session import SessionFactory
+from db.statements import table_of, update_if
 from db.tables import Delivery, Event, SenderAccount
 from models.outcomes import DeliveryStatus, EventType
 
@@ -88,26 +90,41 @@ async def pause(
 async def record_success(session: AsyncSession, sender_id: int, now: datetime) -> bool:
     """A send went through: reset the throttle count; a probe after the cool-down closes the breaker.
 
-    Returns whether the breaker was closed. Touches the row only when there is something to
-    reset, so ordinary sends do not contend with the governor's sender locks.
+    Returns whether the breaker was closed. One statement (`success_writes`).
     """
-    await session.execute(
-        update(SenderAccount)
-        .where(SenderAccount.id == sender_id, SenderAccount.throttle_strikes > 0)
-        .values(throttle_strikes=0)
-    )
-    closed = await session.execute(
-        update(SenderAccount)
-        .where(
-            SenderAccount.id == sender_id,
-            SenderAccount.paused_at.is_not(None),
-            SenderAccount.paused_until.is_not(None),
-            SenderAccount.paused_until <= now,
+    closes, resets = success_writes(sender_id, now)
+    closed = closes.cte("closes")
+    stmt = select(func.count()).select_from(closed).add_cte(resets.cte("resets"))
+    return bool((await session.execute(stmt)).scalar_one())
+
+
+def success_writes(sender_id: int, now: datetime, after: CTE | None = None) -> tuple[Update, Update]:
+    """`record_success`'s two UPDATEs, for one statement: the close (RETURNING the id) and the reset.
+
+    A probe after the cool-down closes the breaker and clears the throttle count; any other
+    sender with a count gets it cleared. The two never match the same row (one statement may
+    not change a row twice), and a sender with nothing to reset is not touched at all, so
+    ordinary sends do not contend with the governor's sender locks. `after`: only if that part
+    of the statement returned its row (`db/statements.py`).
+    """
+    senders = table_of(SenderAccount)
+    mine = senders.c.id == sender_id
+    probe = and_(senders.c.paused_at.is_not(None), senders.c.paused_until.is_not(None), senders.c.paused_until <= now)
+    closes = (
+        update(senders)
+        .where(mine, probe)
+        .values(
+            paused_at=None,
+            paused_kind=None,
+            paused_reason=None,
+            paused_until=None,
+            breaker_since=now,
+            throttle_strikes=0,
         )
-        .values(paused_at=None, paused_kind=None, paused_reason=None, paused_until=None, breaker_since=now)
-        .returning(SenderAccount.id)
+        .returning(senders.c.id)
     )
-    return closed.first() is not None
+    resets = update(senders).where(mine, ~probe, senders.c.throttle_strikes > 0).values(throttle_strikes=0)
+    return update_if(closes, after), update_if(resets, after)
 
 
 async def record_throttle(

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from db.session import make_engine, make_session_factory
+from db.session import FRESH_SECONDS, make_engine, make_session_factory
+from tests.pg_round_trips import pg_writes
 
 
 async def test_a_connection_dropped_in_the_pool_is_replaced_on_checkout(database_url: str) -> None:
-    engine, other = make_engine(database_url, pool_size=1), make_engine(database_url, pool_size=1)
+    # checked however recently it was given back (by default, only after a second in the pool)
+    engine = make_engine(database_url, pool_size=1, fresh_seconds=0)
+    other = make_engine(database_url, pool_size=1)
     sf = make_session_factory(engine)
     try:
         async with sf() as s:
@@ -46,3 +50,47 @@ async def test_commits_stay_and_rollbacks_go_on_checked_connections(database_url
             assert list((await c.execute(text("SELECT v FROM probe"))).scalars()) == [1]
     finally:
         await engine.dispose()
+
+
+async def test_a_connection_dropped_within_its_fresh_second_fails_once_then_is_replaced(database_url: str) -> None:
+    """Unchecked (given back a moment ago): the next use fails like a restart mid-transaction,
+    writes nothing, and the pool discards the connection, so the retry gets a new one."""
+    engine, other = make_engine(database_url, pool_size=1), make_engine(database_url, pool_size=1)
+    sf = make_session_factory(engine)
+    try:
+        async with sf() as s, s.begin():
+            await s.execute(text("CREATE TABLE probe (v int)"))
+            first = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with other.connect() as c:
+            assert (await c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first})).scalar_one()
+        with pytest.raises(DBAPIError) as failed:
+            async with sf() as s, s.begin():
+                await s.execute(text("INSERT INTO probe VALUES (1)"))
+        assert failed.value.connection_invalidated
+        async with sf() as s, s.begin():  # the retry
+            second = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await s.execute(text("INSERT INTO probe VALUES (2)"))
+        assert second != first
+        async with sf() as s:
+            assert list((await s.execute(text("SELECT v FROM probe"))).scalars()) == [2]
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+async def test_a_connection_given_back_a_moment_ago_is_not_checked(database_url: str) -> None:
+    """The check is a round trip: a busy worker's connections (given back within the second) skip it."""
+    costs = []
+    for fresh in (FRESH_SECONDS, 0):
+        engine = make_engine(database_url, pool_size=1, fresh_seconds=fresh)
+        sf = make_session_factory(engine)
+        try:
+            for _ in range(3):  # the last one is counted: everything prepared and cached by then
+                with pg_writes() as writes:
+                    async with sf() as s:
+                        assert (await s.execute(text("SELECT 2"))).scalar_one() == 2
+            costs.append(len(writes))
+        finally:
+            await engine.dispose()
+    unchecked, checked = costs
+    assert checked == unchecked + 1
