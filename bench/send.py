@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -21,21 +22,68 @@ from temporalio.client import Client
 
 from bench.common import (
     add_sender,
+    child_pid,
     engine_worker,
     gather_bounded,
+    process_cpu_seconds,
     seed_people,
     sequence_file,
 )
 from bench.stack import Stack
 
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by the three parties of a send: this process (the worker and the SMTP
+    sink), the dev server and PostgreSQL (the postmaster and its backends).
+
+    On 2 cores every side is CPU bound, so CPU per email says where a rate goes.
+    """
+
+    stack: Stack
+
+    def read(self) -> tuple[float, float, float]:
+        server = child_pid("start-dev")
+        return (
+            time.process_time(),
+            process_cpu_seconds(server) if server else 0.0,
+            self._postgres(),
+        )
+
+    def _postgres(self) -> float:
+        try:
+            root = int((self.stack.cluster.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if pid == root or ppid == root:
+                    total += process_cpu_seconds(pid)
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+        return total
+
+    @staticmethod
+    def per_email(before: tuple[float, float, float], after: tuple[float, float, float], emails: int) -> str:
+        parts = zip(("worker process", "dev server", "PostgreSQL"), before, after, strict=True)
+        costs = [f"{name} {(b - a) * 1000 / max(emails, 1):.1f}" for name, a, b in parts]
+        total = sum(b - a for a, b in zip(before, after, strict=True)) * 1000 / max(emails, 1)
+        return f"CPU ms per email: {', '.join(costs)}; total {total:.1f}"
+
+
 #: Activity slots on both sides: what `python worker.py` gives the email queue by default.
 SLOTS = 100
+#: Emails each side sends before the measured runs (not counted).
+WARM_UP = 100
 #: Workflows whose histories are counted for the round trips per email.
 SAMPLE = 50
 
 
-async def hand_written(stack: Stack, n: int) -> tuple[float, str]:
-    """Emails per second through the hand-written one-activity Temporal sender, and its round trips."""
+async def hand_written(stack: Stack, n: int) -> tuple[float, str, str]:
+    """Emails per second through the hand-written one-activity Temporal sender, its round trips
+    and its CPU per email."""
     from temporalio import activity
     from temporalio.worker import Worker
 
@@ -66,6 +114,8 @@ async def hand_written(stack: Stack, n: int) -> tuple[float, str]:
         max_concurrent_workflow_tasks=200,
     ):
         before = stack.sink.count
+        meter = CpuMeter(stack)
+        cpu0 = meter.read()
         t0 = time.perf_counter()
         handles = await gather_bounded(
             n,
@@ -76,10 +126,11 @@ async def hand_written(stack: Stack, n: int) -> tuple[float, str]:
         )
         await gather_bounded(len(handles), 64, lambda i: handles[i].result())
         elapsed = time.perf_counter() - t0
+        cpu = meter.per_email(cpu0, meter.read(), n)
         assert stack.sink.count - before == n
         costs = await round_trips(client, [h.id for h in handles[:SAMPLE]], 1)
     await pool.aclose()
-    return n / elapsed, costs
+    return n / elapsed, costs, cpu
 
 
 async def round_trips(client: Client, workflow_ids: list[str], emails: int) -> str:
@@ -101,9 +152,9 @@ async def round_trips(client: Client, workflow_ids: list[str], emails: int) -> s
     return ", ".join(f"{v / per:.1f} {k}" for k, v in totals.items())
 
 
-async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> tuple[float, str]:
+async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> tuple[float, str, str]:
     """Emails per second through the engine, `steps` emails per lead (a 1-second wait between),
-    and its round trips per email."""
+    its round trips and its CPU per email."""
     from operations.enrolling import start_audience
     from services.sequence_store import create_version
     from settings import Settings
@@ -130,16 +181,19 @@ async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> tuple[f
     settings = Settings(temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=q)
     async with engine_worker(stack, q, max_concurrent_activities=SLOTS):
         before = stack.sink.count
+        meter = CpuMeter(stack)
+        cpu0 = meter.read()
         t0 = time.perf_counter()
         await start_audience(stack.session_factory, settings, name, name, page_size=500)
         while stack.sink.count - before < n * steps:
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - t0
+        cpu = meter.per_email(cpu0, meter.read(), n * steps)
         await asyncio.sleep(2)  # a duplicate would arrive after the last expected message
         assert stack.sink.count - before == n * steps, f"{stack.sink.count - before - n * steps} sent twice"
         wids = [workflow_id_for(name, p) for p in people[:SAMPLE]]
         costs = await round_trips(stack.env.client, wids, steps)
-    return n * steps / elapsed, costs
+    return n * steps / elapsed, costs, cpu
 
 
 async def bench_send(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
@@ -160,10 +214,13 @@ async def bench_send(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
     raw_rate = n / (time.perf_counter() - t0)
     await pool.aclose()
     assert stack.sink.count - before == n
-    hand_before, hand_costs = await hand_written(stack, n)
-    one, one_costs = await engine_rate(stack, n, tmp, steps=1)
-    two, two_costs = await engine_rate(stack, n // 2, tmp, steps=2)
-    hand_after, _ = await hand_written(stack, n)
+    # warm-up, not counted: both sides' first workflows, imports, pools and statement caches
+    await hand_written(stack, WARM_UP)
+    await engine_rate(stack, WARM_UP, tmp, steps=1)
+    hand_before, hand_costs, hand_cpu = await hand_written(stack, n)
+    one, one_costs, one_cpu = await engine_rate(stack, n, tmp, steps=1)
+    two, two_costs, two_cpu = await engine_rate(stack, n // 2, tmp, steps=2)
+    hand_after, _, hand_cpu_after = await hand_written(stack, n)
     hand = (hand_before + hand_after) / 2
     return {
         "name": "send",
@@ -172,5 +229,7 @@ async def bench_send(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
         f"after {hand_after:.1f}); engine one step {one:.1f}/s = {one / hand:.2f}x the hand-written sender "
         f"(target >= 0.8x); engine two steps ({n // 2} leads x 2 emails) {two:.1f}/s = {two / hand:.2f}x; "
         f"engine vs raw SMTP {one / raw_rate:.3f}x; per email (histories of {SAMPLE} workflows): hand-written "
-        f"{hand_costs}; engine one step {one_costs}; two steps {two_costs}",
+        f"{hand_costs}; engine one step {one_costs}; two steps {two_costs}; {WARM_UP} emails per side "
+        f"warmed up first, not counted. Hand-written before: {hand_cpu}. Engine one step: {one_cpu}. "
+        f"Two steps: {two_cpu}. Hand-written after: {hand_cpu_after}",
     }
