@@ -37,11 +37,11 @@ from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from pydantic import SecretStr
-from sqlalchemy import FromClause, Integer, Row, Select, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy import CTE, FromClause, Integer, Row, Select, bindparam, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.dml import Update
@@ -62,11 +62,19 @@ from activities.channels.base import (
 from activities.channels.email_compose import text_to_html
 from activities.channels.x import XUserResolver
 from activities.governor import NoSlotError, SendGovernor, TimelineEndedError
-from activities.records import event_writes, finish_writes, write_event, write_finish
+from activities.records import (
+    event_shape,
+    event_write_params,
+    event_writes,
+    finish_params,
+    finish_writes,
+    write_event,
+    write_finish,
+)
 from activities.send_gate import activity_now, check_send_gate
-from db.events import append_event, event_insert
+from db.events import append_event, event_insert, event_params
 from db.session import SessionFactory, autocommit
-from db.statements import insert_if, table_of
+from db.statements import insert_if, params, table_of
 from db.tables import Delivery, Identity, Person, SenderAccount, SequenceVersion, Suppression
 from models.activities import (
     DeliverInput,
@@ -183,21 +191,79 @@ class _Recipient(NamedTuple):
         return cls(person, identities, sender, suppressions)
 
 
-def _recipient_query(inp: DeliverInput, base: FromClause, *first: Any) -> Select[Any]:
+#: The ledger row's columns a claim sets (parameters `d_` + column).
+_CLAIM_COLUMNS = (
+    "idempotency_key",
+    "enrollment_id",
+    "step_id",
+    "attempt",
+    "channel",
+    "action",
+    "sender_id",
+    "variant",
+    "status",
+    "owner",
+    "owner_attempt",
+)
+
+
+def _claimed() -> CTE:
+    """The ledger row `claimed` (INSERT ... RETURNING it), unless the key has one already."""
+    claim = insert_if(Delivery, _CLAIM_COLUMNS, None, "d_").on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return claim.returning(*table_of(Delivery).c).cte("claimed")
+
+
+def _claim_params(inp: DeliverInput, key: str, channel: str, me: _Owner) -> dict[str, Any]:
+    values = {
+        "idempotency_key": key,
+        "enrollment_id": inp.ref.enrollment_id,
+        "step_id": inp.step.id,
+        "attempt": inp.attempt,
+        "channel": channel,
+        "action": str(inp.step.action),
+        "sender_id": inp.sender_id,
+        "variant": inp.variant,
+        "status": DeliveryStatus.CLAIMED,
+        "owner": me.token,
+        "owner_attempt": me.attempt,
+    }
+    return params("d_", values)
+
+
+def _recipient_query(base: FromClause, *first: Any) -> Select[Any]:
     """One read of the person, their identities, the sender and the suppressions, joined to `base`.
 
     `base` is the claim (no row: nothing read) or a one-row subquery; `first` entities come
     before the four. A suppression applies if it names the person or one of their identities.
+    Parameters: `_recipient_params`.
     """
     return (
         select(*first, Person, SenderAccount, Identity, Suppression)
         .select_from(base)
-        .outerjoin(Person, Person.id == inp.ref.person_id)
-        .outerjoin(SenderAccount, SenderAccount.id == inp.sender_id)
+        .outerjoin(Person, Person.id == bindparam("r_person"))
+        .outerjoin(SenderAccount, SenderAccount.id == bindparam("r_sender"))
         .outerjoin(Identity, Identity.person_id == Person.id)
         .outerjoin(Suppression, or_(Suppression.person_id == Person.id, Suppression.identity_id == Identity.id))
         .order_by(Identity.id, Suppression.id)
     )
+
+
+def _recipient_params(inp: DeliverInput) -> dict[str, Any]:
+    return {"r_person": inp.ref.person_id, "r_sender": inp.sender_id}
+
+
+@lru_cache(maxsize=8)
+def _claim_statement(started: tuple[bool, bool, bool] | None) -> Select[Any]:
+    """The claim with the reads, and the step's start of that shape (`event_shape`) if any."""
+    claimed = _claimed()
+    stmt = _recipient_query(claimed, aliased(Delivery, claimed))
+    for i, write in enumerate(event_writes(*started) if started is not None else []):
+        stmt = stmt.add_cte(write.cte(f"started_{i}"))
+    return stmt
+
+
+_CLAIM = select(aliased(Delivery, _claimed()))
+_RECIPIENT = _recipient_query(select(literal(1)).subquery())
 
 
 def delivery_key(enrollment_id: int, step_id: str, attempt: int) -> str:
@@ -440,7 +506,6 @@ class DeliveryActivities:
         async def mark_sending() -> None:
             """claimed → sending, by this attempt only, right before the irreversible write."""
             await self._hook("before_write")
-            ledger = table_of(Delivery)
             async with autocommit(self.session_factory) as session:  # one statement: no transaction
                 won = await _transition(
                     session,
@@ -454,9 +519,8 @@ class DeliveryActivities:
                         "status": DeliveryStatus.SENDING,
                         "message_id": message.message_id,
                         "identity_id": target_id,
-                        "attempts_made": ledger.c.attempts_made
-                        + (ledger.c.status == DeliveryStatus.CLAIMED).cast(Integer),
                     },
+                    count_attempt=True,
                 )
             if not won:
                 raise SendAborted(f"delivery {key}: another attempt owns it now; nothing written")
@@ -765,13 +829,12 @@ class DeliveryActivities:
         """
         extras = _EXTRAS.get()
         started = extras.started if extras is not None and not extras.started_done else None
-        claimed = self._claim_insert(inp, key, channel, me).returning(*table_of(Delivery).c).cte("claimed")
-        row = aliased(Delivery, claimed)
-        stmt = _recipient_query(inp, claimed, row)
-        for i, write in enumerate(event_writes(started) if started is not None else []):
-            stmt = stmt.add_cte(write.cte(f"started_{i}"))
+        values = {**_claim_params(inp, key, channel, me), **_recipient_params(inp)}
+        if started is not None:
+            values.update(event_write_params(started))
+        stmt = _claim_statement(event_shape(started) if started is not None else None)
         async with autocommit(self.session_factory) as session:
-            rows = (await session.execute(stmt)).all()
+            rows = (await session.execute(stmt, values)).all()
         if extras is not None and started is not None:
             extras.started_done = True  # the step's start, with its claim
         if rows:  # new: claimed by `me`
@@ -782,33 +845,11 @@ class DeliveryActivities:
             found = await self._recipient(session, inp) if ours else None
         return delivery, found
 
-    @staticmethod
-    def _claim_insert(inp: DeliverInput, key: str, channel: str, me: _Owner) -> Insert:
-        """The ledger row `claimed` by `me`, unless the key has one already."""
-        return (
-            insert(table_of(Delivery))
-            .values(
-                idempotency_key=key,
-                enrollment_id=inp.ref.enrollment_id,
-                step_id=inp.step.id,
-                attempt=inp.attempt,
-                channel=channel,
-                action=str(inp.step.action),
-                sender_id=inp.sender_id,
-                variant=inp.variant,
-                status=DeliveryStatus.CLAIMED,
-                owner=me.token,
-                owner_attempt=me.attempt,
-            )
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        )
-
     async def _claim_in(
         self, session: AsyncSession, inp: DeliverInput, key: str, channel: str, me: _Owner, *, take_over: bool = True
     ) -> Delivery:
         """`_claim` inside the caller's transaction (a new row costs one statement: its INSERT returns it)."""
-        claimed = self._claim_insert(inp, key, channel, me).returning(*table_of(Delivery).c).cte("claimed")
-        inserted = (await session.execute(select(aliased(Delivery, claimed)))).scalar_one_or_none()
+        inserted = (await session.execute(_CLAIM, _claim_params(inp, key, channel, me))).scalar_one_or_none()
         if inserted is not None:  # new: claimed by `me`
             return inserted
         delivery = (
@@ -831,7 +872,7 @@ class DeliveryActivities:
     @staticmethod
     async def _recipient(session: AsyncSession, inp: DeliverInput) -> _Recipient:
         """The person, their identities, the sender account and the suppressions that apply."""
-        return _Recipient.of((await session.execute(_recipient_query(inp, select(literal(1)).subquery()))).all())
+        return _Recipient.of((await session.execute(_RECIPIENT, _recipient_params(inp))).all())
 
     def _message(
         self,
@@ -983,60 +1024,54 @@ class DeliveryActivities:
             values["sent_at"] = now
         if new_owner is not None:
             values["owner"] = new_owner.token
-        moved = _cas(
-            delivery.id,
-            expect=expect,
-            owner=delivery.owner if owner is None and new_owner is None else owner,
-            values=values,
-        ).cte("moved")
-        # every other write of the outcome runs only if `moved` won: one statement, all or nothing
-        writes: list[Any] = []
         extras = _EXTRAS.get()
         finish = extras.finish if extras is not None and status in ENDS_THE_WALK else None
+        breaker = status == DeliveryStatus.SENT and inp.sender_id is not None  # a send went through
+        expected_owner = delivery.owner if owner is None and new_owner is None else owner
+        shape = _Outcome(
+            tuple(expect),
+            expected_owner is None,
+            tuple(values),
+            finish is not None,
+            breaker,
+            bounce_identity is not None,
+        )
+        event = event_params(
+            type_=EventType(status),
+            ref=inp.ref,
+            step_id=inp.step.id,
+            variant=inp.variant,
+            channel=str(inp.step.channel),
+            delivery_id=delivery.id,
+            # `sent`: when the provider accepted it, not when the step was planned
+            occurred_at=now if status == DeliveryStatus.SENT else inp.now,
+            dedup_key=f"{delivery.idempotency_key}:{status}",
+            data={
+                k: v
+                for k, v in {
+                    "error": error,
+                    "message_id": delivery.message_id,
+                    "provider_message_id": provider_message_id,
+                    "action": str(inp.step.action),
+                }.items()
+                if v
+            },
+        )
+        values = {**_cas_params(delivery.id, expected_owner, values), **event}
         if finish is not None:
-            writes += finish_writes(finish, after=moved)
-        closed: Any = literal(0)
-        if status == DeliveryStatus.SENT and inp.sender_id is not None:  # the breaker: a send went through
-            closes, resets = sender_breaker.success_writes(inp.sender_id, _now(inp), after=moved)
-            closed = select(func.count()).select_from(closes.cte("closes")).scalar_subquery()
-            writes.append(resets)
+            values.update(finish_params(finish))
+        if breaker and inp.sender_id is not None:
+            values.update(sender_breaker.success_params(inp.sender_id, _now(inp)))
         if bounce_identity is not None:
             suppression = {"identity_id": bounce_identity.id, "reason": "bounce", "source": f"delivery {delivery.id}"}
-            writes.append(insert_if(Suppression, suppression, moved))
-        writes.append(
-            event_insert(
-                type_=EventType(status),
-                ref=inp.ref,
-                step_id=inp.step.id,
-                variant=inp.variant,
-                channel=str(inp.step.channel),
-                delivery_id=delivery.id,
-                # `sent`: when the provider accepted it, not when the step was planned
-                occurred_at=now if status == DeliveryStatus.SENT else inp.now,
-                dedup_key=f"{delivery.idempotency_key}:{status}",
-                data={
-                    k: v
-                    for k, v in {
-                        "error": error,
-                        "message_id": delivery.message_id,
-                        "provider_message_id": provider_message_id,
-                        "action": str(inp.step.action),
-                    }.items()
-                    if v
-                },
-                after=moved,
-            )
-        )
-        stmt = select(select(func.count()).select_from(moved).scalar_subquery(), closed)
-        for i, write in enumerate(writes):
-            stmt = stmt.add_cte(write.cte(f"write_{i}"))
-        async with autocommit(self.session_factory) as session:
-            won, probe_closed = (await session.execute(stmt)).one()
+            values.update(params("x_", suppression))
+        async with autocommit(self.session_factory) as session:  # one statement: all or nothing
+            won, probe_closed = (await session.execute(_outcome_statement(shape), values)).one()
         if not won:
             raise _Lost(f"could not record {status}: the row moved on")
         if finish is not None and extras is not None:
             extras.finish_done = True
-        if probe_closed:
+        if probe_closed:  # the breaker's probe
             activity.logger.info("sender %s: the probe went through, the breaker is closed", inp.sender_id)
         delivery.status = status
         delivery.error = error
@@ -1129,20 +1164,76 @@ class _Owner:
 
 
 async def _transition(
-    session: AsyncSession, delivery_id: int, *, expect: tuple[str, ...], owner: str | None, values: dict[str, Any]
+    session: AsyncSession,
+    delivery_id: int,
+    *,
+    expect: tuple[str, ...],
+    owner: str | None,
+    values: dict[str, Any],
+    count_attempt: bool = False,
 ) -> bool:
-    """One compare-and-set on a ledger row: apply `values` only if its status and owner are as expected."""
-    result = await session.execute(_cas(delivery_id, expect=expect, owner=owner, values=values))
+    """One compare-and-set on a ledger row: apply `values` only if its status and owner are as expected.
+
+    `count_attempt`: `attempts_made` goes up by one if the row was `claimed` (a first write).
+    """
+    stmt = _cas(tuple(expect), owner is None, tuple(values), count_attempt)
+    result = await session.execute(stmt, _cas_params(delivery_id, owner, values))
     return result.first() is not None
 
 
-def _cas(delivery_id: int, *, expect: tuple[str, ...], owner: str | None, values: dict[str, Any]) -> Update:
-    """The compare-and-set UPDATE (RETURNING the id when it won), on the table: no ORM bookkeeping."""
+@lru_cache(maxsize=64)
+def _cas(expect: tuple[str, ...], unowned: bool, columns: tuple[str, ...], count_attempt: bool = False) -> Update:
+    """The compare-and-set UPDATE (RETURNING the id when it won), on the table: no ORM bookkeeping.
+
+    Parameters: `_cas_params`; `unowned`: the row must have no owner.
+    """
     ledger = table_of(Delivery)
-    owned = ledger.c.owner.is_(None) if owner is None else ledger.c.owner == owner
+    owned = ledger.c.owner.is_(None) if unowned else ledger.c.owner == bindparam("c_owner")
+    values: dict[str, Any] = {c: bindparam(f"v_{c}", type_=ledger.c[c].type) for c in columns}
+    if count_attempt:
+        values["attempts_made"] = ledger.c.attempts_made + (ledger.c.status == DeliveryStatus.CLAIMED).cast(Integer)
     return (
         update(ledger)
-        .where(ledger.c.id == delivery_id, ledger.c.status.in_(expect), owned)
+        .where(ledger.c.id == bindparam("c_id"), ledger.c.status.in_(expect), owned)
         .values(**values)
         .returning(ledger.c.id)
     )
+
+
+def _cas_params(delivery_id: int, owner: str | None, values: dict[str, Any]) -> dict[str, Any]:
+    return {"c_id": delivery_id, "c_owner": owner, **params("v_", values)}
+
+
+class _Outcome(NamedTuple):
+    """The shape of an outcome's statement (`_outcome_statement`)."""
+
+    expect: tuple[str, ...]
+    unowned: bool
+    columns: tuple[str, ...]
+    finish: bool
+    breaker: bool
+    bounce: bool
+
+
+@lru_cache(maxsize=64)
+def _outcome_statement(shape: _Outcome) -> Select[Any]:
+    """An outcome as one statement: the compare-and-set, and only if it won, the rest.
+
+    The rest: the enrollment's end (`finish`), the sender breaker's success (`breaker`), the
+    bounced identity's suppression (`bounce`, parameters `x_`), the outcome's event (`e_`).
+    Returns whether the compare-and-set won and whether a breaker's probe closed it.
+    """
+    moved = _cas(shape.expect, shape.unowned, shape.columns).cte("moved")
+    writes: list[Any] = finish_writes(after=moved) if shape.finish else []
+    closed: Any = literal(0)
+    if shape.breaker:
+        closes, resets = sender_breaker.success_writes(after=moved)
+        closed = select(func.count()).select_from(closes.cte("closes")).scalar_subquery()
+        writes.append(resets)
+    if shape.bounce:
+        writes.append(insert_if(Suppression, ("identity_id", "reason", "source"), moved, "x_"))
+    writes.append(event_insert(after=moved))
+    stmt = select(select(func.count()).select_from(moved).scalar_subquery(), closed)
+    for i, write in enumerate(writes):
+        stmt = stmt.add_cte(write.cte(f"write_{i}"))
+    return stmt

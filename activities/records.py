@@ -7,15 +7,16 @@ write here is an INSERT, deduplicated by a key so that activity retries log once
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import CTE, update
+from sqlalchemy import CTE, bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 
-from db.events import event_insert
+from db.events import event_insert, event_params
 from db.session import SessionFactory
-from db.statements import table_of, update_if
+from db.statements import params, table_of, update_if
 from db.tables import Enrollment, Event
 from models.activities import (
     FinishInput,
@@ -28,23 +29,56 @@ from models.outcomes import EnrollmentStatus, EventType
 
 async def write_event(session: AsyncSession, inp: RecordEventInput) -> bool:
     """Append the event (False when its dedup key was already logged) and mirror the current step."""
-    insert, *more = event_writes(inp)
-    recorded = (await session.execute(insert.returning(table_of(Event).c.id))).scalar_one_or_none() is not None
+    insert, *more = _write_event_statements(*event_shape(inp))
+    values = event_write_params(inp)
+    recorded = (await session.execute(insert, values)).scalar_one_or_none() is not None
     for stmt in more:
-        await session.execute(stmt)
+        await session.execute(stmt, values)
     return recorded
+
+
+@lru_cache(maxsize=8)
+def _write_event_statements(step: bool, status: bool, dedup: bool) -> list[Any]:
+    insert, *more = event_writes(step, status, dedup)
+    return [insert.returning(table_of(Event).c.id), *more]
 
 
 async def write_finish(session: AsyncSession, inp: FinishInput) -> None:
     """Mark the enrollment row finished and log how it ended (once: the event's key is the enrollment's)."""
-    for stmt in finish_writes(inp):
-        await session.execute(stmt)
+    values = finish_params(inp)
+    for stmt in _FINISH:
+        await session.execute(stmt, values)
 
 
-def event_writes(inp: RecordEventInput, after: CTE | None = None) -> list[Any]:
-    """`write_event`'s statements, the event's INSERT first (`after`: see `db/statements.py`)."""
-    writes: list[Any] = [
-        event_insert(
+def event_shape(inp: RecordEventInput) -> tuple[bool, bool, bool]:
+    """Which of `event_writes`' parts the event takes: the current step, the status, the dedup."""
+    return bool(inp.current_step), bool(inp.enrollment_status), bool(inp.dedup_key)
+
+
+def event_writes(step: bool, status: bool, dedup: bool, after: CTE | None = None, prefix: str = "s_") -> list[Any]:
+    """`write_event`'s statements, the event's INSERT first (shape: `event_shape`; parameters:
+    `event_write_params`; `after`: see `db/statements.py`)."""
+    writes: list[Any] = [event_insert(prefix + "e_", dedup=dedup, after=after)]
+    values: dict[str, Any] = {}
+    if step:
+        values["current_step"] = bindparam(prefix + "current_step")
+    if status:
+        values["status"] = bindparam(prefix + "status")
+    if values:
+        enrollments = table_of(Enrollment)
+        writes.append(
+            update_if(
+                update(enrollments).where(enrollments.c.id == bindparam(prefix + "enrollment")).values(**values), after
+            )
+        )
+    return writes
+
+
+def event_write_params(inp: RecordEventInput, prefix: str = "s_") -> dict[str, Any]:
+    """The parameters of `event_writes` for `inp`."""
+    return {
+        **event_params(
+            prefix + "e_",
             type_=inp.type,
             ref=inp.ref,
             step_id=inp.step_id,
@@ -53,41 +87,56 @@ def event_writes(inp: RecordEventInput, after: CTE | None = None) -> list[Any]:
             occurred_at=inp.occurred_at,
             dedup_key=inp.dedup_key,
             data=inp.data,
-            after=after,
-        )
-    ]
-    values: dict[str, Any] = {}
-    if inp.current_step:
-        values["current_step"] = inp.current_step
-    if inp.enrollment_status:
-        values["status"] = inp.enrollment_status
-    if values:
-        enrollments = table_of(Enrollment)
-        writes.append(
-            update_if(update(enrollments).where(enrollments.c.id == inp.ref.enrollment_id).values(**values), after)
-        )
-    return writes
+        ),
+        **params(
+            prefix,
+            {"current_step": inp.current_step, "status": inp.enrollment_status, "enrollment": inp.ref.enrollment_id},
+        ),
+    }
 
 
-def finish_writes(inp: FinishInput, after: CTE | None = None) -> list[Any]:
-    """`write_finish`'s statements (`after`: see `db/statements.py`)."""
+def finish_writes(after: CTE | None = None, prefix: str = "f_") -> list[Any]:
+    """`write_finish`'s statements (parameters: `finish_params`; `after`: see `db/statements.py`)."""
     enrollments = table_of(Enrollment)
     return [
         update_if(
             update(enrollments)
-            .where(enrollments.c.id == inp.ref.enrollment_id)
-            .values(status=inp.status, current_step=inp.last_step, finished_at=datetime.now(UTC)),
+            .where(enrollments.c.id == bindparam(prefix + "enrollment"))
+            .values(
+                status=bindparam(prefix + "status"),
+                current_step=bindparam(prefix + "last_step"),
+                finished_at=bindparam(prefix + "finished_at"),
+            ),
             after,
         ),
-        event_insert(
+        event_insert(prefix + "e_", after=after),
+    ]
+
+
+def finish_params(inp: FinishInput, prefix: str = "f_") -> dict[str, Any]:
+    """The parameters of `finish_writes` for `inp`."""
+    return {
+        **params(
+            prefix,
+            {
+                "enrollment": inp.ref.enrollment_id,
+                "status": inp.status,
+                "last_step": inp.last_step,
+                "finished_at": datetime.now(UTC),
+            },
+        ),
+        **event_params(
+            prefix + "e_",
             type_=EventType.COMPLETED if inp.status == EnrollmentStatus.COMPLETED else EventType.ENDED,
             ref=inp.ref,
             step_id=inp.last_step,
             dedup_key=f"{inp.ref.enrollment_id}:finished",
             data={"status": inp.status, "reason": inp.reason or ""},
-            after=after,
         ),
-    ]
+    }
+
+
+_FINISH = finish_writes()
 
 
 class RecordActivities:

@@ -14,12 +14,12 @@ from sqlalchemy import CTE
 from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.statements import insert_if
+from db.statements import insert_if, params
 from db.tables import Event
 from models.activities import EnrollmentRef
 from models.outcomes import EventType
 
-__all__ = ["append_event", "event_insert"]
+__all__ = ["EVENT_COLUMNS", "append_event", "event_insert", "event_params"]
 
 
 class EventFields(TypedDict, total=False):
@@ -37,43 +37,57 @@ class EventFields(TypedDict, total=False):
     data: dict[str, Any] | None
 
 
-async def append_event(session: AsyncSession, **fields: Unpack[EventFields]) -> bool:
-    """Insert one event in the caller's transaction; False when the dedup key exists."""
-    result = await session.execute(event_insert(**fields).returning(Event.id))
-    return result.scalar_one_or_none() is not None
+#: The event log's columns, each a parameter of `event_insert`.
+EVENT_COLUMNS = (
+    "type",
+    "person_id",
+    "enrollment_id",
+    "sequence_id",
+    "sequence_version_id",
+    "step_id",
+    "variant",
+    "channel",
+    "delivery_id",
+    "occurred_at",
+    "dedup_key",
+    "data",
+)
 
 
-def event_insert(
-    *,
-    type_: EventType,
-    ref: EnrollmentRef | None = None,
-    person_id: int | None = None,
-    step_id: str | None = None,
-    variant: str | None = None,
-    channel: str | None = None,
-    delivery_id: int | None = None,
-    occurred_at: datetime | None = None,
-    dedup_key: str | None = None,
-    data: dict[str, Any] | None = None,
-    after: CTE | None = None,
-) -> Insert:
-    """`append_event`'s INSERT (deduplicated by `dedup_key`), for a statement of several writes.
+def event_insert(prefix: str = "e_", *, dedup: bool = True, after: CTE | None = None) -> Insert:
+    """The INSERT of one event (parameters: `event_params` with the same `prefix`).
 
-    `after`: only if that part of the statement returned its row (`db/statements.py`).
+    `dedup`: nothing is inserted when the dedup key is logged already. `after`: only if that
+    part of the statement returned its row (`db/statements.py`).
     """
+    stmt = insert_if(Event, EVENT_COLUMNS, after, prefix)
+    return stmt.on_conflict_do_nothing(index_elements=["dedup_key"]) if dedup else stmt
+
+
+def event_params(prefix: str = "e_", **fields: Unpack[EventFields]) -> dict[str, Any]:
+    """The parameters of `event_insert(prefix)` for one event."""
+    ref = fields.get("ref")
     values: dict[str, Any] = {
-        "type": type_,
-        "person_id": ref.person_id if ref else person_id,
+        "type": fields["type_"],
+        "person_id": ref.person_id if ref else fields.get("person_id"),
         "enrollment_id": ref.enrollment_id if ref else None,
         "sequence_id": ref.sequence.sequence_id if ref else None,
         "sequence_version_id": ref.sequence.version_id if ref else None,
-        "step_id": step_id,
-        "variant": variant,
-        "channel": channel,
-        "delivery_id": delivery_id,
-        "occurred_at": occurred_at or datetime.now(UTC),
-        "dedup_key": dedup_key,
-        "data": data or {},
+        "step_id": fields.get("step_id"),
+        "variant": fields.get("variant"),
+        "channel": fields.get("channel"),
+        "delivery_id": fields.get("delivery_id"),
+        "occurred_at": fields.get("occurred_at") or datetime.now(UTC),
+        "dedup_key": fields.get("dedup_key"),
+        "data": fields.get("data") or {},
     }
-    stmt = insert_if(Event, values, after)
-    return stmt.on_conflict_do_nothing(index_elements=["dedup_key"]) if dedup_key else stmt
+    return params(prefix, values)
+
+
+_APPEND = {dedup: event_insert(dedup=dedup).returning(Event.id) for dedup in (False, True)}
+
+
+async def append_event(session: AsyncSession, **fields: Unpack[EventFields]) -> bool:
+    """Insert one event in the caller's transaction; False when the dedup key exists."""
+    result = await session.execute(_APPEND[bool(fields.get("dedup_key"))], event_params(**fields))
+    return result.scalar_one_or_none() is not None

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import CTE, and_, func, or_, select, update
+from sqlalchemy import CTE, Select, and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Update
 
 from db.session import SessionFactory
-from db.statements import table_of, update_if
+from db.statements import params, table_of, update_if
 from db.tables import Delivery, Event, SenderAccount
 from models.outcomes import DeliveryStatus, EventType
 
@@ -92,23 +93,22 @@ async def record_success(session: AsyncSession, sender_id: int, now: datetime) -
 
     Returns whether the breaker was closed. One statement (`success_writes`).
     """
-    closes, resets = success_writes(sender_id, now)
-    closed = closes.cte("closes")
-    stmt = select(func.count()).select_from(closed).add_cte(resets.cte("resets"))
-    return bool((await session.execute(stmt)).scalar_one())
+    return bool((await session.execute(_RECORD_SUCCESS, success_params(sender_id, now))).scalar_one())
 
 
-def success_writes(sender_id: int, now: datetime, after: CTE | None = None) -> tuple[Update, Update]:
+def success_writes(after: CTE | None = None, prefix: str = "b_") -> tuple[Update, Update]:
     """`record_success`'s two UPDATEs, for one statement: the close (RETURNING the id) and the reset.
 
     A probe after the cool-down closes the breaker and clears the throttle count; any other
     sender with a count gets it cleared. The two never match the same row (one statement may
     not change a row twice), and a sender with nothing to reset is not touched at all, so
-    ordinary sends do not contend with the governor's sender locks. `after`: only if that part
-    of the statement returned its row (`db/statements.py`).
+    ordinary sends do not contend with the governor's sender locks. Parameters:
+    `success_params`; `after`: only if that part of the statement returned its row
+    (`db/statements.py`).
     """
     senders = table_of(SenderAccount)
-    mine = senders.c.id == sender_id
+    mine = senders.c.id == bindparam(prefix + "sender")
+    now = bindparam(prefix + "now", type_=senders.c.paused_until.type)
     probe = and_(senders.c.paused_at.is_not(None), senders.c.paused_until.is_not(None), senders.c.paused_until <= now)
     closes = (
         update(senders)
@@ -125,6 +125,19 @@ def success_writes(sender_id: int, now: datetime, after: CTE | None = None) -> t
     )
     resets = update(senders).where(mine, ~probe, senders.c.throttle_strikes > 0).values(throttle_strikes=0)
     return update_if(closes, after), update_if(resets, after)
+
+
+def success_params(sender_id: int, now: datetime, prefix: str = "b_") -> dict[str, Any]:
+    """The parameters of `success_writes`."""
+    return params(prefix, {"sender": sender_id, "now": now})
+
+
+def _record_success() -> Select[Any]:
+    closes, resets = success_writes()
+    return select(func.count()).select_from(closes.cte("closes")).add_cte(resets.cte("resets"))
+
+
+_RECORD_SUCCESS = _record_success()
 
 
 async def record_throttle(
