@@ -120,23 +120,22 @@ async def wait_for_pollers(client: Client, queue: str, n: int, *, activities: bo
 
 
 def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:
-    """The production worker wired to the bench stack (email to the sink)."""
-    from activities.channels import make_channels
-    from activities.delivery import DeliveryConfig
+    """The production worker wired to the bench stack (email to the sink), built as `python
+    worker.py` builds it (`worker.worker_deps`: every sender's own SMTP pool looked up, the
+    breaker, the secrets box); caps are off for throughput (person touch cap 0)."""
     from settings import Settings
-    from worker import WorkerDeps, build_worker
+    from worker import build_worker, worker_deps
 
-    settings = Settings(smtp_host=stack.sink.host, smtp_port=stack.sink.port, smtp_pool_size=8)
-    deps = WorkerDeps(
-        session_factory=stack.session_factory,
-        channels=make_channels(settings),
-        delivery=DeliveryConfig(
-            public_base_url="https://links.bench.test",
-            link_secret="bench",
-            postal_address="Bench Inc, 1 Loop Road",
-            person_daily_touch_cap=0,
-        ),
+    settings = Settings(
+        sequencer_env="dev",
+        smtp_host=stack.sink.host,
+        smtp_port=stack.sink.port,
+        smtp_pool_size=8,
+        public_base_url="https://links.bench.test",
+        postal_address="Bench Inc, 1 Loop Road",
+        person_daily_touch_cap=0,
     )
+    deps = worker_deps(settings, stack.session_factory)
     options: dict[str, Any] = {
         "max_concurrent_activities": 200,
         "max_concurrent_workflow_tasks": 200,
