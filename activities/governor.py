@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from activities.slot_rules import Align, NoSlotError, SenderBook, TimelineEndedError, choose_slot
@@ -194,12 +194,6 @@ class SendGovernor:
 
     async def _reserve_batch(self, channel: str, batch: list[_Request]) -> list[Reservation | Exception]:
         async with self.session_factory() as session, session.begin():
-            keys = sorted({r.delivery_key for r in batch})
-            done = await self._existing(session, keys)
-            todo = [r for r in batch if r.delivery_key not in done]
-            if not todo:
-                return [done[r.delivery_key] for r in batch]
-
             active = list(
                 (
                     await session.execute(
@@ -209,7 +203,7 @@ class SendGovernor:
                     )
                 ).scalars()
             )
-            candidates = {id(r): _candidates(r, active) for r in todo}
+            candidates = {id(r): _candidates(r, active) for r in batch}
             wanted = sorted({a.id for accts in candidates.values() for a in accts})
             locked: dict[int, SenderAccount] = {}
             if wanted:
@@ -223,7 +217,7 @@ class SendGovernor:
                 locked = {a.id: a for a in rows.scalars()}
             # Every send that adds a touch locks its person, responses too (they count for later touches).
             people = sorted(
-                {r.person_id for r in todo if r.person_id is not None and r.counts_as_touch and r.person_daily_cap > 0}
+                {r.person_id for r in batch if r.person_id is not None and r.counts_as_touch and r.person_daily_cap > 0}
             )
             if people:
                 await session.execute(
@@ -233,9 +227,11 @@ class SendGovernor:
                     ),
                     {"ks": people},
                 )
-            # A concurrent retry of the same key in another worker may have won meanwhile.
-            done.update(await self._existing(session, [r.delivery_key for r in todo]))
-            released = sorted({k for r in todo if r.delivery_key not in done for k in r.releases})
+            # Which keys hold a slot already (retries, or a concurrent retry in another worker that
+            # won meanwhile): read once, under the locks (a read before them too would cost every
+            # new reservation a round trip).
+            done = await self._existing(session, sorted({r.delivery_key for r in batch}))
+            released = sorted({k for r in batch if r.delivery_key not in done for k in r.releases})
             if released:  # earlier rounds of these deliveries: free their capacity before deciding
                 await session.execute(
                     update(SendSlot)
@@ -243,12 +239,13 @@ class SendGovernor:
                     .values(released_at=func.now())
                 )
 
-            earliest = min(r.start for r in todo)
-            books = await self._books(session, list(locked.values()), earliest, self.margin)
-            touches = await self._touches(session, people, earliest)
+            earliest = min(r.start for r in batch)
+            books, touches = await self._read_slots(session, list(locked.values()), people, earliest, self.margin)
 
             outcomes: list[Reservation | Exception] = []
             granted: dict[str, Reservation] = {}
+            booked: list[tuple[int, int | None, str, datetime, bool]] = []  # the new slots' rows
+            latest: dict[int, datetime] = {}  # the senders' new `last_slot_at`
             for request in batch:
                 key = request.delivery_key
                 if key in done:
@@ -283,20 +280,27 @@ class SendGovernor:
                 if request.person_id is not None and request.counts_as_touch:
                     insort(touches[request.person_id], slot_at)
                 acct = locked[book.sender_id]
-                session.add(
-                    SendSlot(
-                        sender_id=acct.id,
-                        person_id=request.person_id,
-                        delivery_key=key,
-                        slot_at=slot_at,
-                        counts_as_touch=request.counts_as_touch,
-                    )
-                )
-                if acct.last_slot_at is None or slot_at > acct.last_slot_at:
-                    acct.last_slot_at = slot_at
+                booked.append((acct.id, request.person_id, key, slot_at, request.counts_as_touch))
+                last = latest.get(acct.id, acct.last_slot_at)
+                if last is None or slot_at > last:
+                    latest[acct.id] = slot_at
                 reservation = Reservation(acct.id, slot_at, why if slot_at > request.start else None)
                 granted[key] = reservation
                 outcomes.append(reservation)
+            if booked:
+                senders, persons, keys, times, touch = (list(column) for column in zip(*booked, strict=True))
+                await session.execute(
+                    _BOOK,
+                    {
+                        "senders": senders,
+                        "people": persons,
+                        "keys": keys,
+                        "times": times,
+                        "touch": touch,
+                        "latest_ids": list(latest),
+                        "latest_at": list(latest.values()),
+                    },
+                )
             return outcomes
 
     @staticmethod
@@ -309,9 +313,10 @@ class SendGovernor:
         return {key: Reservation(sender_id, slot_at, None) for key, sender_id, slot_at in rows}
 
     @staticmethod
-    async def _books(
-        session: AsyncSession, accounts: list[SenderAccount], earliest: datetime, margin: timedelta
-    ) -> dict[int, SenderBook]:
+    async def _read_slots(
+        session: AsyncSession, accounts: list[SenderAccount], people: list[int], earliest: datetime, margin: timedelta
+    ) -> tuple[dict[int, SenderBook], dict[int, list[datetime]]]:
+        """The senders' books and the people's touches: their live slots that can still matter, one read."""
         books = {
             a.id: SenderBook(
                 sender_id=a.id,
@@ -324,43 +329,45 @@ class SendGovernor:
             )
             for a in accounts
         }
-        if not books:
-            return books
+        touches: dict[int, list[datetime]] = defaultdict(list)
+        if not books and not people:
+            return books, touches
+        # a sender's book looks back at least as far as a person's touches (LOOKBACK)
         lookback = max(
             [LOOKBACK] + [timedelta(seconds=(a.min_spacing_seconds or 0) + (a.jitter_seconds or 0)) for a in accounts]
         )
+        touch_since = earliest - LOOKBACK
         rows = await session.execute(
-            select(SendSlot.sender_id, SendSlot.slot_at)
+            select(SendSlot.sender_id, SendSlot.person_id, SendSlot.counts_as_touch, SendSlot.slot_at)
             .where(
-                SendSlot.sender_id.in_(list(books)),
                 SendSlot.slot_at > earliest - lookback,
                 SendSlot.released_at.is_(None),
+                or_(
+                    SendSlot.sender_id.in_(list(books)),
+                    and_(SendSlot.person_id.in_(people), SendSlot.counts_as_touch.is_(True)),
+                ),
             )
             .order_by(SendSlot.slot_at)
         )
-        for sender_id, slot_at in rows:
-            books[sender_id].times.append(slot_at)
-        return books
-
-    @staticmethod
-    async def _touches(session: AsyncSession, people: list[int], earliest: datetime) -> dict[int, list[datetime]]:
-        touches: dict[int, list[datetime]] = defaultdict(list)
-        if not people:
-            return touches
-        rows = await session.execute(
-            select(SendSlot.person_id, SendSlot.slot_at)
-            .where(
-                SendSlot.person_id.in_(people),
-                SendSlot.counts_as_touch.is_(True),
-                SendSlot.slot_at > earliest - LOOKBACK,
-                SendSlot.released_at.is_(None),
-            )
-            .order_by(SendSlot.slot_at)
-        )
-        for person_id, slot_at in rows:
-            if person_id is not None:
+        wanted = set(people)
+        for sender_id, person_id, counts_as_touch, slot_at in rows:
+            if sender_id in books:
+                books[sender_id].times.append(slot_at)
+            if person_id in wanted and counts_as_touch and slot_at > touch_since:
                 touches[person_id].append(slot_at)
-        return touches
+        return books, touches
+
+
+#: The batch's new slots and the senders' latest slot, one statement (the slots' column arrays).
+_BOOK = text(
+    "WITH slots AS ("
+    " INSERT INTO send_slots (sender_id, person_id, delivery_key, slot_at, counts_as_touch)"
+    " SELECT * FROM unnest(CAST(:senders AS bigint[]), CAST(:people AS bigint[]), CAST(:keys AS varchar[]),"
+    " CAST(:times AS timestamptz[]), CAST(:touch AS boolean[])))"
+    " UPDATE sender_accounts AS s SET last_slot_at = latest.at"
+    " FROM unnest(CAST(:latest_ids AS bigint[]), CAST(:latest_at AS timestamptz[])) AS latest(id, at)"
+    " WHERE s.id = latest.id"
+)
 
 
 def _candidates(request: _Request, active: list[SenderAccount]) -> list[SenderAccount]:

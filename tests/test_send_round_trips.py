@@ -27,7 +27,7 @@ from activities.channels.email import EmailChannel, SmtpPool
 from activities.delivery import DeliveryActivities, DeliveryConfig
 from activities.governor import SendGovernor
 from db.session import SessionFactory, make_engine, make_session_factory
-from db.tables import Delivery, Enrollment, Event, SenderAccount
+from db.tables import Delivery, Enrollment, Event, SenderAccount, SendSlot
 from models.activities import (
     DeliverInput,
     DeliverOutput,
@@ -48,7 +48,7 @@ from tests.pg_round_trips import pg_writes
 #: and the reads), `sending`, the outcome (with its event, the enrollment's end, the breaker).
 DELIVER_ROUND_TRIPS = 3
 #: ... and of the governor's reservation before it in `send_step` (a batch of one).
-GOVERNOR_ROUND_TRIPS = 11
+GOVERNOR_ROUND_TRIPS = 8
 
 
 async def _new_lead(sf: SessionFactory, seq: Any) -> SendStepInput:
@@ -168,6 +168,10 @@ async def test_one_email_costs_few_round_trips(database_url: str, smtp_server: A
     assert delivery.status == "sent" and delivery.attempts_made == 1 and delivery.sent_at is not None
     assert events == Counter({"step_started": 1, "sent": 1, "completed": 1})
     assert enrollment is not None and enrollment.status == "completed" and enrollment.finished_at is not None
+    async with r.sf() as s:  # the governor's booking: the slots and the sender's latest, with the slots
+        slots = list((await s.execute(select(SendSlot.slot_at))).scalars())
+        sender = await s.get(SenderAccount, r.sender_id)
+    assert len(slots) == 3 and sender is not None and sender.last_slot_at == max(slots)
     # the pins: every round trip more is a choice to make here, not a drift
     assert len(deliver_writes) == DELIVER_ROUND_TRIPS, deliver_writes
     assert "Q" not in deliver_writes, "no BEGIN/COMMIT: each of the three is one statement"
