@@ -46,6 +46,7 @@ from db.tables import Delivery, Enrollment, Event
 from devstack.factories import all_senders, make_person, make_sender, seed_people, sequence_file, store_version
 from devstack.fake_relay import RELAY_SIGNING_KEY, RELAY_TOKEN
 from devstack.fake_x import X_TOKEN
+from models.activities import EnrollmentRef
 from models.enrollment import EnrollmentInput, SequenceRef, StatusView
 from models.outcomes import EventType
 from models.sequence import SequenceDefinition
@@ -66,6 +67,7 @@ __all__ = [
     "all_senders",
     "deliveries_of",
     "enroll",
+    "enrollment_ref",
     "events_of",
     "harness_settings",
     "make_person",
@@ -394,3 +396,18 @@ async def sequencer(sequencer_stack: Sequencer) -> AsyncIterator[Sequencer]:
     """The production worker running on the module's Temporal server, with `all_senders`."""
     async with sequencer_stack.worker():
         yield sequencer_stack
+
+
+async def enrollment_ref(sf: SessionFactory, ref: SequenceRef, person_id: int) -> EnrollmentRef:
+    """An enrollment row of `person_id` in `ref`, without a workflow (for activities run directly)."""
+    async with sf() as s, s.begin():
+        row = Enrollment(
+            sequence_id=ref.sequence_id,
+            sequence_version_id=ref.version_id,
+            person_id=person_id,
+            workflow_id=f"w-{person_id}",
+        )
+        s.add(row)
+        await s.flush()
+        enrollment_id = int(row.id)
+    return EnrollmentRef(enrollment_id=enrollment_id, person_id=person_id, sequence=ref, workflow_id=f"w-{person_id}")

@@ -24,9 +24,9 @@ from activities.channels.email import EmailChannel, SmtpPool
 from activities.delivery import DeliveryActivities, DeliveryConfig
 from activities.governor import SendGovernor
 from db.session import SessionFactory
-from db.tables import Delivery, Enrollment, Event
-from models.activities import DeliverInput, DeliverOutput, EnrollmentRef
-from tests.engine_harness import make_person, make_sender, store_version
+from db.tables import Delivery, Event
+from models.activities import DeliverInput, DeliverOutput
+from tests.engine_harness import enrollment_ref, make_person, make_sender, store_version
 
 
 class Gates:
@@ -69,15 +69,8 @@ async def delivery_setup(sf: SessionFactory, smtp: Any, gates: Gates) -> AsyncIt
         },
     )
     pid = await make_person(sf, email=f"{uuid.uuid4().hex[:8]}@lead.test")
-    async with sf() as s, s.begin():
-        row = Enrollment(
-            sequence_id=ref.sequence_id, sequence_version_id=ref.version_id, person_id=pid, workflow_id=f"w-{pid}"
-        )
-        s.add(row)
-        await s.flush()
-        enrollment_id = int(row.id)
     inp = DeliverInput(
-        ref=EnrollmentRef(enrollment_id=enrollment_id, person_id=pid, sequence=ref, workflow_id=f"w-{pid}"),
+        ref=await enrollment_ref(sf, ref, pid),
         step=defn.first_step,
         attempt=1,
         sender_id=sender_id,

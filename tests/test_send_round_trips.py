@@ -31,7 +31,6 @@ from db.tables import Delivery, Enrollment, Event, SenderAccount, SendSlot
 from models.activities import (
     DeliverInput,
     DeliverOutput,
-    EnrollmentRef,
     FinishInput,
     RecordEventInput,
     ReserveSlotInput,
@@ -41,7 +40,7 @@ from models.enrollment import SequenceRef
 from models.outcomes import EnrollmentStatus, EventType
 from models.sequence import SequenceDefinition
 from services import sender_breaker
-from tests.engine_harness import make_person, make_sender, store_version
+from tests.engine_harness import enrollment_ref, make_person, make_sender, store_version
 from tests.pg_round_trips import pg_writes
 
 #: The pinned cost of one happy-path email's `deliver` part: the claim (with the step's start
@@ -55,14 +54,8 @@ async def _new_lead(sf: SessionFactory, seq: Any) -> SendStepInput:
     """A new person and enrollment, and `send_step`'s input for its one step, as the workflow asks it."""
     ref, defn = seq
     pid = await make_person(sf, email=f"{uuid.uuid4().hex[:8]}@lead.test")
-    async with sf() as s, s.begin():
-        row = Enrollment(
-            sequence_id=ref.sequence_id, sequence_version_id=ref.version_id, person_id=pid, workflow_id=f"w-{pid}"
-        )
-        s.add(row)
-        await s.flush()
-        enrollment_id = int(row.id)
-    eref = EnrollmentRef(enrollment_id=enrollment_id, person_id=pid, sequence=ref, workflow_id=f"w-{pid}")
+    eref = await enrollment_ref(sf, ref, pid)
+    enrollment_id = eref.enrollment_id
     now = datetime.now(UTC)
     step = defn.first_step
     inp = SendStepInput(
