@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from db.session import FRESH_SECONDS, make_engine, make_session_factory
+from db.session import FRESH_SECONDS, autocommit, make_engine, make_session_factory
 from tests.pg_round_trips import pg_writes
 
 
@@ -94,3 +94,24 @@ async def test_a_connection_given_back_a_moment_ago_is_not_checked(database_url:
             await engine.dispose()
     unchecked, checked = costs
     assert checked == unchecked + 1
+
+
+async def test_a_connection_used_in_autocommit_goes_back_to_transactions(database_url: str) -> None:
+    """`autocommit` sets the isolation level for its own session only: the pool's next user
+    (the same connection) gets a transaction again, whose rollback undoes its writes."""
+    engine = make_engine(database_url, pool_size=1)
+    sf = make_session_factory(engine)
+    try:
+        async with autocommit(sf) as s:
+            await s.execute(text("CREATE TABLE probe (v int)"))
+            await s.execute(text("INSERT INTO probe VALUES (1)"))  # committed by itself
+            pid = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        with pytest.raises(RuntimeError):
+            async with sf() as s, s.begin():
+                assert (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
+                await s.execute(text("INSERT INTO probe VALUES (2)"))
+                raise RuntimeError("changed my mind")
+        async with sf() as s:
+            assert list((await s.execute(text("SELECT v FROM probe"))).scalars()) == [1]
+    finally:
+        await engine.dispose()
