@@ -126,6 +126,33 @@ async def test_a_hanging_x_api_does_not_hold_back_email(sequencer_stack: Sequenc
     assert sorted(await _ledger(sf, "email")) == ["sent"] * 4
 
 
+async def _scheduled_queues(handle: WorkflowHandle[Any, Any]) -> list[tuple[str, str]]:
+    history = await handle.fetch_history()
+    return [
+        (
+            e.activity_task_scheduled_event_attributes.activity_type.name,
+            e.activity_task_scheduled_event_attributes.task_queue.name,
+        )
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+
+
+async def test_email_sends_run_beside_their_workflow_x_on_its_own_queue(sequencer_stack: Sequencer) -> None:
+    """Email on the workflows' queue (eager dispatch: models/task_queues.py), X on `<queue>-x`."""
+    stack = sequencer_stack
+    email_lead = await make_person(stack.sf, email=f"beside-{uuid.uuid4().hex[:6]}@lead.test")
+    x_lead = await make_person(stack.sf, x="5151")
+    async with stack.worker(touch_cap=1):
+        (email_handle,) = await stack.start_many(_one_step("SEND_EMAIL", subject="Hi", body="Hello"), [email_lead])
+        (x_handle,) = await stack.start_many(_one_step("FOLLOW_ON_TWITTER"), [x_lead])
+        for handle in (email_handle, x_handle):
+            assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+    assert await _scheduled_queues(email_handle) == [("send_step", stack.task_queue)]
+    assert await _scheduled_queues(x_handle) == [("send_step", channel_queue(stack.task_queue, "x"))]
+    assert len(stack.smtp.messages) == 1 and len(stack.x.requests) == 1
+
+
 async def _identity_values(sf: SessionFactory, person_id: int) -> list[str]:
     from db.tables import Identity
 

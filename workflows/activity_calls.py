@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
         SendStepOutput,
     )
     from models.sequence import Channel
-    from models.task_queues import channel_queue
+    from models.task_queues import BESIDE_WORKFLOWS, channel_queue
     from workflows.patches import patched
 
 __all__ = [
@@ -85,9 +85,11 @@ def channel_task_queue(channel: Channel | str | None) -> dict[str, Any]:
     """`task_queue=` for a send activity of `channel` (nothing: the workflow's own queue).
 
     Histories from before patch `deliver-channel-queue` keep scheduling on the workflow's
-    queue, whose worker still serves every activity.
+    queue, whose worker still serves every activity. Email sends run there too (models/
+    task_queues.py: eager dispatch); a replay does not compare an activity's task queue, so
+    runs that sent email on `<queue>-email` before replay unchanged (the patch call stays).
     """
-    if channel is None or not patched(CHANNEL_QUEUE_PATCH):
+    if channel is None or not patched(CHANNEL_QUEUE_PATCH) or Channel(channel) in BESIDE_WORKFLOWS:
         return {}
     return {"task_queue": channel_queue(workflow.info().task_queue, channel)}
 

@@ -187,7 +187,15 @@ async def main(only: set[str] | None = None) -> None:
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
     )
     await register_search_attributes(env.client)
-    acts: list[Any] = [record_event, finish_enrollment, reserve_send_slot, deliver, give_up_delivery, enroll_page]
+    acts: list[Any] = [
+        record_event,
+        finish_enrollment,
+        reserve_send_slot,
+        deliver,
+        send_step,
+        give_up_delivery,
+        enroll_page,
+    ]
     # since patch deliver-channel-queue each channel's sends run on their own queue
     sends = [
         Worker(env.client, task_queue=channel_queue("replay", c), activities=[deliver, send_step]) for c in Channel
@@ -312,6 +320,17 @@ async def main(only: set[str] | None = None) -> None:
         await h.result()
         first = env.client.get_workflow_handle("replay-send-step-13", run_id=h.first_execution_run_id)
         save("enrollment_patch_baseline", (await first.fetch_history()).to_json())
+        # 14. since email sends run on the workflows' queue (models/task_queues.py): two emails an
+        #     hour apart, each `send_step` scheduled on `replay` itself (eager dispatch), none on
+        #     `replay-email`; started with the patch baseline
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run,
+            _input(14, sequence=TWO_EMAILS, baseline=BASELINE),
+            id="replay-send-step-14",
+            task_queue="replay",
+        )
+        await h.result()
+        save("enrollment_email_beside_workflow", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
