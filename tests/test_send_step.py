@@ -145,6 +145,28 @@ async def test_a_new_enrollment_records_no_patch_markers_an_old_style_run_does(
     assert len(smtp_server.messages) == 2
 
 
+async def test_an_old_style_run_continues_as_new_on_this_code_without_markers(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """A run from before the baseline (0) that continues as new starts its next run on this code:
+    that run takes every patch without a marker (workflows/enrollment.py's continue-as-new)."""
+    await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, _emails("1h"))
+    pid = await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    handle = await start_enrollment(
+        temporal_env.client, task_queue, session_factory, ref, defn, pid, max_steps_per_run=1, patch_baseline=0
+    )
+    assert (await handle.result()).status == EnrollmentStatus.COMPLETED
+    first = temporal_env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+    last = temporal_env.client.get_workflow_handle(handle.id)
+    started = (await last.fetch_history()).events[0].workflow_execution_started_event_attributes
+    assert started.continued_execution_run_id == handle.first_execution_run_id  # it did continue as new
+    first_patches, _ = await _patch_history(first)
+    assert "send-step" in first_patches
+    assert await _patch_history(last) == ([], 0)
+    assert len(smtp_server.messages) == 2
+
+
 async def test_two_steps_each_send_in_one_activity_and_log_each_start(
     wired: Wired, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
 ) -> None:
