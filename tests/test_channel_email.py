@@ -160,6 +160,46 @@ async def test_non_ascii_subject_and_body_round_trip(channel: EmailChannel, smtp
     assert smtp_server.messages[0][2].isascii()
 
 
+def _raw_head(raw: bytes) -> list[bytes]:
+    """The header lines exactly as received (continuations kept as their own lines)."""
+    return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+async def test_the_headers_and_parts_written_directly_are_what_the_server_received(
+    channel: EmailChannel, smtp_server: SmtpRecorder
+) -> None:
+    """The composer writes plain headers and the MIME parts itself (email_compose.py): checked on
+    the server's raw bytes, no decoding policy in between."""
+    await channel.send(_msg())
+    await channel.send(_msg("42:intro_email:2", subject="Café ☕ für Bob", sender_name="Zoë Sender"))
+    plain, encoded = (raw for _, _, raw in smtp_server.messages)
+    head = _raw_head(plain)
+    assert b"Subject: Quick question, Bob" in head
+    assert b"To: bob@example.org" in head
+    assert b"From: Ada Sender <ada@example.com>" in head
+    assert b"MIME-Version: 1.0" in head
+    [ctype] = [i for i, line in enumerate(head) if line.startswith(b"Content-Type: ")]
+    assert head[ctype] == b"Content-Type: multipart/alternative;"
+    boundary = head[ctype + 1].removeprefix(b' boundary="').removesuffix(b'"')
+    assert head[ctype + 1] == b' boundary="' + boundary + b'"' and boundary
+    body = plain.split(b"\r\n\r\n", 1)[1]
+    parts = body.split(b"--" + boundary)
+    assert parts[0] == b"" and parts[-1] == b"--\r\n" and len(parts) == 4  # text, html, the end
+    assert parts[1].startswith(
+        b'\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nHi Bob,\r\n"
+    )
+    assert parts[2].startswith(b'\r\nContent-Type: text/html; charset="utf-8"\r\n')
+    assert b"MIME-Version" not in parts[2]
+    # non-ASCII: RFC 2047 encoded words on the wire, never raw UTF-8 in a header
+    enc = _raw_head(encoded)
+    [subject] = [line for line in enc if line.startswith(b"Subject: ")]
+    [sender] = [line for line in enc if line.startswith(b"From: ")]
+    assert subject.startswith(b"Subject: =?utf-8?") and sender.startswith(b"From: =?utf-8?")
+    assert sender.endswith(b" <ada@example.com>")
+    assert encoded.isascii() and all(len(line) <= 78 for line in enc)
+
+
 async def test_three_sends_share_one_connection(channel: EmailChannel, smtp_server: SmtpRecorder) -> None:
     before = smtp_server.connections  # aiosmtpd's own readiness probe counts as one
     for i in range(3):
