@@ -39,6 +39,7 @@ from activities.channels.base import (
 from activities.channels.email import EmailChannel, SmtpPool
 from devstack.postgres import free_port
 from settings import Settings
+from tests.test_email_headers import raw_header_lines
 
 if TYPE_CHECKING:
     from tests.mail_servers import SmtpRecorder
@@ -160,11 +161,6 @@ async def test_non_ascii_subject_and_body_round_trip(channel: EmailChannel, smtp
     assert smtp_server.messages[0][2].isascii()
 
 
-def _raw_head(raw: bytes) -> list[bytes]:
-    """The header lines exactly as received (continuations kept as their own lines)."""
-    return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-
-
 async def test_the_headers_and_parts_written_directly_are_what_the_server_received(
     channel: EmailChannel, smtp_server: SmtpRecorder
 ) -> None:
@@ -173,7 +169,7 @@ async def test_the_headers_and_parts_written_directly_are_what_the_server_receiv
     await channel.send(_msg())
     await channel.send(_msg("42:intro_email:2", subject="Café ☕ für Bob", sender_name="Zoë Sender"))
     plain, encoded = (raw for _, _, raw in smtp_server.messages)
-    head = _raw_head(plain)
+    head = raw_header_lines(plain)
     assert b"Subject: Quick question, Bob" in head
     assert b"To: bob@example.org" in head
     assert b"From: Ada Sender <ada@example.com>" in head
@@ -192,7 +188,7 @@ async def test_the_headers_and_parts_written_directly_are_what_the_server_receiv
     assert parts[2].startswith(b'\r\nContent-Type: text/html; charset="utf-8"\r\n')
     assert b"MIME-Version" not in parts[2]
     # non-ASCII: RFC 2047 encoded words on the wire, never raw UTF-8 in a header
-    enc = _raw_head(encoded)
+    enc = raw_header_lines(encoded)
     [subject] = [line for line in enc if line.startswith(b"Subject: ")]
     [sender] = [line for line in enc if line.startswith(b"From: ")]
     assert subject.startswith(b"Subject: =?utf-8?") and sender.startswith(b"From: =?utf-8?")
