@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
@@ -113,26 +114,25 @@ class _Extras:
 #: Set by `send_step` for its own task (each activity runs in a task of its own).
 _EXTRAS: ContextVar[_Extras | None] = ContextVar("send_step_extras", default=None)
 
-#: Monotonic time at which this task's `deliver` attempt began (see `_accepted_at`).
-_ATTEMPT_T0: ContextVar[float | None] = ContextVar("deliver_attempt_t0", default=None)
+#: When this task's `deliver` attempt began: monotonic, and on Temporal's clock (see `_accepted_at`).
+_ATTEMPT_T0: ContextVar[tuple[float, datetime] | None] = ContextVar("deliver_attempt_t0", default=None)
 
 
 def _accepted_at() -> datetime:
-    """Now, on Temporal's clock: the attempt's start (server time) plus the time spent since.
+    """Now, on Temporal's clock: the attempt's start plus the time spent since.
 
     A `sent` event carries when the provider accepted the message, not when the step was
     planned (`inp.now`, which a retry or a pacing delay leaves behind). Measured from the
-    attempt's start on the server's clock, so that it agrees with the workflow's timers
-    (also under a time-skipping test server); outside an activity, the wall clock.
+    attempt's start on the server's clock (`activity_now`: for a local activity, whose times
+    are the worker's, no earlier than the workflow's time that asked for it), so that it
+    agrees with the workflow's timers, also under a time-skipping test server; outside an
+    activity, the wall clock.
     """
-    t0 = _ATTEMPT_T0.get()
-    try:
-        started = activity.info().started_time
-    except RuntimeError:
-        started = None
-    if t0 is None or started is None:
+    began = _ATTEMPT_T0.get()
+    if began is None or not activity.in_activity():
         return datetime.now(UTC)
-    return started.astimezone(UTC) + timedelta(seconds=time.monotonic() - t0)
+    t0, at = began
+    return at.astimezone(UTC) + timedelta(seconds=time.monotonic() - t0)
 
 
 #: Outcomes after which a step whose only edge is END ends the enrollment as completed.
@@ -418,7 +418,7 @@ class DeliveryActivities:
         if late is not None:  # off-window or well past its slot: ask for a new slot, nothing sent
             return late
         me = _Owner.current("deliver")
-        _ATTEMPT_T0.set(time.monotonic())
+        _ATTEMPT_T0.set((time.monotonic(), activity_now(inp.now)))
         try:
             return await self._deliver(inp, key, str(channel), me)
         except _Lost as lost:
@@ -811,7 +811,8 @@ class DeliveryActivities:
     ) -> Delivery:
         """The ledger row, inserted `claimed` and owned by `me` if new.
 
-        A `claimed` row held by an older `deliver` attempt (a stalled or dead worker) is taken
+        A `claimed` row held by an older `deliver` attempt (a stalled or dead worker), or by
+        another execution of the same local activity attempt (`_Owner.current`), is taken
         over; one held by a newer attempt is not (the caller finds `owner` is not `me`).
         """
         async with self.session_factory() as session, session.begin():
@@ -859,7 +860,7 @@ class DeliveryActivities:
             take_over
             and delivery.status == DeliveryStatus.CLAIMED
             and delivery.owner != me.token
-            and (delivery.owner is None or delivery.owner_attempt < me.attempt)
+            and (delivery.owner is None or delivery.owner_attempt <= me.attempt)
         ):
             await session.execute(
                 update(Delivery)
@@ -1157,10 +1158,20 @@ class _Owner:
         Activity ids of a workflow run count up ("1", "2", …), and the workflow schedules a
         new `deliver` for the same row only after the previous one ended (a paused sender),
         so (activity id, attempt) is the order in which attempts were started.
+
+        A local activity is not unique by them: when its workflow task fails or times out
+        (a dead or cut-off worker), the task's replay runs it again with the same id and
+        attempt, maybe while the first execution still runs. So its token carries a random
+        part: the two are different owners of the same rank, and the later one takes a
+        `claimed` row over (`_claim_in`), records a `sending` one as uncertain, and the
+        earlier one's compare-and-sets then fail: it sends nothing more.
         """
         info = activity.info()
         sequence = int(info.activity_id) if info.activity_id.isdigit() else 0
-        return cls(f"{kind}:{info.workflow_run_id}:{info.activity_id}:{info.attempt}", sequence * 10_000 + info.attempt)
+        token = f"{kind}:{info.workflow_run_id}:{info.activity_id}:{info.attempt}"
+        if info.is_local:
+            token += f":{uuid.uuid4().hex}"
+        return cls(token, sequence * 10_000 + info.attempt)
 
 
 async def _transition(

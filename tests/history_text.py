@@ -8,6 +8,7 @@ text is nowhere in what the server stores.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
@@ -46,3 +47,14 @@ def history_bytes(history: WorkflowHistory) -> bytes:
     parts = [p.data for p in payloads(history, everything=True)]
     parts += [event.SerializeToString() for event in history.events]
     return b"\n".join(parts)
+
+
+def local_activities(history: WorkflowHistory) -> list[str]:
+    """The activity types of the local activities the run recorded (one marker each), in order."""
+    names = []
+    for e in history.events:
+        if e.HasField("marker_recorded_event_attributes"):
+            marker = e.marker_recorded_event_attributes
+            if marker.marker_name == "core_local_activity":
+                names.append(json.loads(marker.details["data"].payloads[0].data)["activity_type"])
+    return names

@@ -9,13 +9,16 @@ server received is the verdict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -57,7 +60,9 @@ class Gates:
 
 
 @asynccontextmanager
-async def delivery_setup(sf: SessionFactory, smtp: Any, gates: Gates) -> AsyncIterator[tuple[Any, DeliverInput]]:
+async def delivery_setup(
+    sf: SessionFactory, smtp: Any, gates: Callable[[str], Awaitable[Any] | None]
+) -> AsyncIterator[tuple[Any, DeliverInput]]:
     sender_id = await make_sender(sf, "email", "sales@acme.test")
     ref, defn = await store_version(
         sf,
@@ -184,3 +189,106 @@ async def test_give_up_racing_a_running_attempt_never_contacts_the_lead_after_fa
     assert smtp_server.messages == [], late
     [row] = await ledger(session_factory)
     assert row.status == "failed"
+
+
+class Arrivals:
+    """A fault hook that holds the n-th execution to reach a point (local executions share an attempt)."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+        self.reached: dict[tuple[str, int], asyncio.Event] = {}
+        self.released: dict[tuple[str, int], asyncio.Event] = {}
+
+    def hold(self, point: str, nth: int) -> None:
+        self.reached[(point, nth)] = asyncio.Event()
+        self.released[(point, nth)] = asyncio.Event()
+
+    def __call__(self, point: str) -> Awaitable[Any] | None:
+        self.count[point] += 1
+        key = (point, self.count[point])
+        if key not in self.reached:
+            return None
+        self.reached[key].set()
+        return self.released[key].wait()
+
+    async def wait_reached(self, point: str, nth: int) -> None:
+        await asyncio.wait_for(self.reached[(point, nth)].wait(), timeout=30)
+
+    def release(self, point: str, nth: int) -> None:
+        self.released[(point, nth)].set()
+
+
+def local_env() -> ActivityEnvironment:
+    """`send_step` as the workflow runs it since patch send-step-local: a local activity.
+
+    A workflow task that fails or times out after starting it (a dead or cut-off worker)
+    is replayed and runs it again with the same activity id and attempt number."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=1, activity_id="1", workflow_run_id="run-1", is_local=True)
+    return env
+
+
+@pytest.mark.parametrize("point", ["after_claim", "before_write"])
+async def test_a_local_send_run_again_by_a_replay_while_the_first_still_runs_sends_once(
+    session_factory: SessionFactory, smtp_server: Any, point: str
+) -> None:
+    """The first execution (a worker cut off from the server) is held before its write; the
+    replay's execution (same id, same attempt) takes the claimed row over and sends; the first,
+    released, finds it no longer owns the row and writes nothing to the SMTP server."""
+    hooks = Arrivals()
+    hooks.hold(point, 1)
+    async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
+        first = asyncio.create_task(local_env().run(acts.deliver, inp))
+        await hooks.wait_reached(point, 1)
+        again = await local_env().run(acts.deliver, inp)
+        assert again.status == "sent"
+        hooks.release(point, 1)
+        late = await outcome(first)
+    assert len(smtp_server.messages) == 1, late
+    [row] = await ledger(session_factory)
+    assert row.status == "sent" and row.attempts_made == 1
+    assert isinstance(late, DeliverOutput) and late.status == "sent" and late.duplicate
+
+
+async def test_a_local_send_released_while_its_replay_is_sending_does_not_send_again(
+    session_factory: SessionFactory, smtp_server: Any
+) -> None:
+    """The two executions of one local attempt are different owners: the first, held after its
+    claim, must not pass the `sending` compare-and-set that the replay's execution holds (the
+    same token would: `sending` is accepted again for the SMTP pool's one reconnect)."""
+    hooks = Arrivals()
+    hooks.hold("after_claim", 1)
+    hooks.hold("after_send", 1)  # the replay's execution: its message is written, not yet recorded
+    async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
+        first = asyncio.create_task(local_env().run(acts.deliver, inp))
+        await hooks.wait_reached("after_claim", 1)
+        again = asyncio.create_task(local_env().run(acts.deliver, inp))
+        await hooks.wait_reached("after_send", 1)
+        hooks.release("after_claim", 1)
+        late = await outcome(first)
+        hooks.release("after_send", 1)
+        done = await outcome(again)
+    assert len(smtp_server.messages) == 1, (late, done)
+    assert isinstance(done, DeliverOutput) and done.status == "sent"
+    [row] = await ledger(session_factory)
+    assert row.status == "sent"
+
+
+async def test_a_local_send_run_again_after_the_provider_accepted_is_uncertain_never_resent(
+    session_factory: SessionFactory, smtp_server: Any
+) -> None:
+    """The first execution wrote the message and stopped before recording it (its worker died);
+    the replay's execution finds the row `sending` and records it as uncertain: no second send."""
+    hooks = Arrivals()
+    hooks.hold("after_send", 1)
+    async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
+        first = asyncio.create_task(local_env().run(acts.deliver, inp))
+        await hooks.wait_reached("after_send", 1)
+        again = await local_env().run(acts.deliver, inp)
+        first.cancel()  # the dead worker never comes back
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    assert again.status == "uncertain"
+    assert len(smtp_server.messages) == 1
+    [row] = await ledger(session_factory)
+    assert row.status == "uncertain"

@@ -25,7 +25,9 @@ from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from services.senders import CHANNEL_DEFAULTS
 from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
-from workflows.patches import BASELINE, PATCHES
+from tests.history_text import local_activities
+from workflows.activity_calls import LOCAL_SEND_PATCH
+from workflows.patches import BASELINE, PATCHES, PENDING
 
 
 @pytest.fixture
@@ -62,13 +64,25 @@ async def _start(env: WorkflowEnvironment, sf: SessionFactory, task_queue: str, 
 
 
 async def _activities(handle: WorkflowHandle[Any, Any]) -> list[str]:
-    """The activities the enrollment scheduled on the server, in order (local ones are markers)."""
+    """The sends and slots the enrollment ran, in order: activities scheduled on the server by
+    name, local ones (a marker each) as "local <name>" (the events and the end left out)."""
     history = await handle.fetch_history()
-    return [
-        e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in history.events
-        if e.HasField("activity_task_scheduled_event_attributes")
-    ]
+    local = iter(local_activities(history))
+    names = []
+    for e in history.events:
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            names.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+        if e.HasField("marker_recorded_event_attributes") and e.marker_recorded_event_attributes.marker_name == (
+            "core_local_activity"
+        ):
+            names.append(f"local {next(local)}")
+    return [n for n in names if n not in ("local record_event", "local finish_enrollment")]
+
+
+async def _workflow_tasks(handle: WorkflowHandle[Any, Any]) -> int:
+    """How many workflow tasks the run took (each a poll and a response at the server)."""
+    events = (await handle.fetch_history()).events
+    return sum(e.HasField("workflow_task_completed_event_attributes") for e in events)
 
 
 async def _event_counts(sf: SessionFactory, enrollment_id: int) -> Counter[str]:
@@ -81,14 +95,16 @@ async def _enrollment(sf: SessionFactory) -> Enrollment:
     return row
 
 
-async def test_a_one_step_email_is_one_activity_with_its_events_once(
+async def test_a_one_step_email_is_one_workflow_task_with_its_events_once(
     worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
 ) -> None:
     await make_sender(session_factory, "email", "sales@acme.test")
     handle = await _start(temporal_env, session_factory, task_queue, _emails())
     assert (await handle.result()).status == EnrollmentStatus.COMPLETED
-    # the slot, the send, the step's start and the end: one activity, no other round trip
-    assert await _activities(handle) == ["send_step"]
+    # the slot, the send, the step's start and the end: one local activity inside the first
+    # workflow task, no activity task and no other workflow task (patch send-step-local)
+    assert await _activities(handle) == ["local send_step"]
+    assert await _workflow_tasks(handle) == 1
     assert len(smtp_server.messages) == 1
     row = await _enrollment(session_factory)
     assert row.status == "completed" and row.finished_at is not None
@@ -137,11 +153,14 @@ async def test_a_new_enrollment_records_no_patch_markers_an_old_style_run_does(
     ]
     for handle in (new, old):
         assert (await handle.result()).status == EnrollmentStatus.COMPLETED
-        assert await _activities(handle) == ["send_step"]
-    assert await _patch_history(new) == ([], 0)
+        assert await _activities(handle) == ["local send_step"]
+    # only this release's new patch (send-step-local) is not part of the baseline yet
+    assert LOCAL_SEND_PATCH in PENDING and LOCAL_SEND_PATCH not in PATCHES
+    assert await _patch_history(new) == ([LOCAL_SEND_PATCH], 1)
     patches, upserts = await _patch_history(old)
-    assert set(patches) == {"send-step", "deliver-channel-queue", "send-gate-reschedule", "ooo-replans-send"}
-    assert set(patches) <= set(PATCHES) and upserts == len(patches)
+    # (deliver-channel-queue is asked only when an email send is scheduled as an activity)
+    assert set(patches) == {"send-step", "send-gate-reschedule", "ooo-replans-send", LOCAL_SEND_PATCH}
+    assert set(patches) <= set(PATCHES) | set(PENDING) and upserts == len(patches)
     assert len(smtp_server.messages) == 2
 
 
@@ -163,7 +182,7 @@ async def test_an_old_style_run_continues_as_new_on_this_code_without_markers(
     assert started.continued_execution_run_id == handle.first_execution_run_id  # it did continue as new
     first_patches, _ = await _patch_history(first)
     assert "send-step" in first_patches
-    assert await _patch_history(last) == ([], 0)
+    assert await _patch_history(last) == ([LOCAL_SEND_PATCH], 1)  # only the patch not in the baseline yet
     assert len(smtp_server.messages) == 2
 
 
@@ -177,7 +196,7 @@ async def test_two_steps_each_send_in_one_activity_and_log_each_start(
         handle = await _start(temporal_env, session_factory, task_queue, _emails("1h"))
         result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED and [p.step for p in result.path] == ["m0", "m1"]
-    assert await _activities(handle) == ["send_step", "send_step"]
+    assert await _activities(handle) == ["local send_step", "local send_step"]
     assert len(smtp_server.messages) == 2 and smtp_server.messages[0][1] == smtp_server.messages[1][1]
     row = await _enrollment(session_factory)
     counts = await _event_counts(session_factory, row.id)
@@ -198,7 +217,8 @@ async def test_a_later_slot_is_waited_for_on_a_timer_then_delivered(
     for handle in handles:
         assert (await handle.result()).status == EnrollmentStatus.COMPLETED
     ways = sorted([await _activities(h) for h in handles])
-    assert ways == [["send_step"], ["send_step", "deliver"]]  # one at once; one booked, a durable wait, the send
+    # one at once; one booked, a durable wait, the send
+    assert ways == [["local send_step"], ["local send_step", "deliver"]]
     assert len(smtp_server.messages) == 2
     async with session_factory() as s:
         slots = sorted((await s.execute(select(SendSlot.slot_at))).scalars())
@@ -233,7 +253,7 @@ async def test_two_steps_with_the_limits_users_get_send_once_each_inside_the_win
     result = await handle.result()
     assert result.status == EnrollmentStatus.COMPLETED and [p.step for p in result.path] == ["m0", "m1"]
     activities = await _activities(handle)
-    assert activities[0] == "send_step" and activities[-1] == "deliver"  # the second one booked, then delivered
+    assert activities[0] == "local send_step" and activities[-1] == "deliver"  # the second one booked, then delivered
     assert len(smtp_server.messages) == 2
     async with session_factory() as s:
         sent = sorted(t for t in (await s.execute(select(Delivery.sent_at))).scalars() if t is not None)

@@ -27,6 +27,7 @@ from settings import Settings
 from tests.engine_harness import Sequencer, make_person
 from tests.eventually import eventually
 from tests.fakes import X_TOKEN, FakeX
+from tests.history_text import local_activities
 from worker import main
 
 HISTORY = Path(__file__).parent / "histories" / "enrollment_channel_queues.json"
@@ -139,7 +140,7 @@ async def _scheduled_queues(handle: WorkflowHandle[Any, Any]) -> list[tuple[str,
 
 
 async def test_email_sends_run_beside_their_workflow_x_on_its_own_queue(sequencer_stack: Sequencer) -> None:
-    """Email on the workflows' queue (eager dispatch: models/task_queues.py), X on `<queue>-x`."""
+    """Email beside its workflow (models/task_queues.py), X on `<queue>-x`."""
     stack = sequencer_stack
     email_lead = await make_person(stack.sf, email=f"beside-{uuid.uuid4().hex[:6]}@lead.test")
     x_lead = await make_person(stack.sf, x="5151")
@@ -148,7 +149,9 @@ async def test_email_sends_run_beside_their_workflow_x_on_its_own_queue(sequence
         (x_handle,) = await stack.start_many(_one_step("FOLLOW_ON_TWITTER"), [x_lead])
         for handle in (email_handle, x_handle):
             assert (await handle.result()).status == EnrollmentStatus.COMPLETED
-    assert await _scheduled_queues(email_handle) == [("send_step", stack.task_queue)]
+    # email: a local activity inside its workflow's task (patch send-step-local), no activity task
+    assert await _scheduled_queues(email_handle) == []
+    assert "send_step" in local_activities(await email_handle.fetch_history())
     assert await _scheduled_queues(x_handle) == [("send_step", channel_queue(stack.task_queue, "x"))]
     assert len(stack.smtp.messages) == 1 and len(stack.x.requests) == 1
 

@@ -33,6 +33,9 @@ PATCHES = (
 )
 #: What a run started by this code gets: every patch above is part of it from the start.
 BASELINE = len(PATCHES)
+#: Patches this release added: every run still records their markers. Each moves to the end
+#: of `PATCHES` in the next release (the rolling-deploy rule above).
+PENDING = ("send-step-local",)
 
 
 def patched(patch_id: str) -> bool:
@@ -43,4 +46,4 @@ def patched(patch_id: str) -> bool:
     return workflow.patched(patch_id)
 
 
-__all__ = ["BASELINE", "PATCHES", "patched"]
+__all__ = ["BASELINE", "PATCHES", "PENDING", "patched"]

@@ -115,6 +115,12 @@ async def send_step(inp: SendStepInput) -> SendStepOutput:
     """Since patch send-step: the slot 2 minutes on (the workflow waits, then `deliver`), except
     for the `replay-send-step` leads, whose slot is now and whose send goes at once (but the
     demo's email step, which comes back for the durable wait)."""
+    if (
+        activity.info().is_local
+        and inp.reserve.ref.workflow_id == "replay-send-step-15"
+        and inp.reserve.step_id == "mail1"
+    ):
+        raise ApplicationError("SMTP connection refused", type="TransientChannelError")  # the activity takes over
     at_once = inp.reserve.ref.workflow_id.startswith("replay-send-step") and inp.reserve.step_id != "email"
     if not at_once:
         return SendStepOutput(slot=await reserve_send_slot(inp.reserve))
@@ -331,6 +337,17 @@ async def main(only: set[str] | None = None) -> None:
         )
         await h.result()
         save("enrollment_email_beside_workflow", (await h.fetch_history()).to_json())
+        # 15. since patch send-step-local: two emails an hour apart, each `send_step` first run as
+        #     a local activity; the first one fails there and `send_step` as an activity sends it,
+        #     the second is sent by the local activity (a marker, no activity task)
+        h = await env.client.start_workflow(
+            EnrollmentWorkflow.run,
+            _input(15, sequence=TWO_EMAILS, baseline=BASELINE),
+            id="replay-send-step-15",
+            task_queue="replay",
+        )
+        await h.result()
+        save("enrollment_send_step_local", (await h.fetch_history()).to_json())
     await env.shutdown()
 
 
