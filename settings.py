@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     worker_queues: TextList = Field(default_factory=lambda: ["all"])
     #: Activities in flight at once on the `workflows` queue (bookkeeping: events, slots, the end).
     worker_max_concurrent_activities: int = Field(default=100, ge=1)
+    #: Local activities in flight at once per process: email sends due now (each inside its
+    #: workflow task, patch send-step-local) and the bookkeeping writes (events, the end).
+    worker_max_concurrent_local_activities: int = Field(default=100, ge=1)
     #: Sends in flight at once per process, for each channel's queue: a slow provider fills
     #: only its own channel's slots.
     worker_email_concurrency: int = Field(default=100, ge=1)

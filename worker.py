@@ -111,6 +111,7 @@ HEARTBEAT_THROTTLE = timedelta(seconds=2)
 _WORKFLOW_ONLY = frozenset(
     {
         "max_cached_workflows",
+        "max_concurrent_local_activities",
         "max_concurrent_workflow_tasks",
         "max_concurrent_workflow_task_polls",
         "nonsticky_to_sticky_poll_ratio",
@@ -280,6 +281,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
             roles=roles,
             channel_concurrency=settings.channel_concurrency(),
             max_concurrent_activities=settings.worker_max_concurrent_activities,
+            max_concurrent_local_activities=settings.worker_max_concurrent_local_activities,
             max_cached_workflows=settings.worker_max_cached_workflows,
             graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
         )

@@ -140,6 +140,7 @@ def engine_worker(stack: Stack, task_queue: str, **kw: Any) -> Workers:
         "max_concurrent_activities": 200,
         "max_concurrent_workflow_tasks": 200,
         "max_cached_workflows": settings.worker_max_cached_workflows,  # as worker.py runs it
+        "max_concurrent_local_activities": settings.worker_max_concurrent_local_activities,
     }
     return build_worker(stack.env.client, task_queue, deps, **(options | kw))
 

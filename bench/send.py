@@ -182,7 +182,8 @@ async def engine_rate(stack: Stack, n: int, tmp: Path, *, steps: int) -> tuple[f
     await create_version(stack.session_factory, sequence_file(tmp, name, seq))
     q = f"send-{uuid.uuid4().hex[:6]}"
     settings = Settings(temporal_address=stack.env.client.service_client.config.target_host, temporal_task_queue=q)
-    async with engine_worker(stack, q, max_concurrent_activities=SLOTS):
+    # as many sends in flight as the hand-written sender: activities, and local ones (email)
+    async with engine_worker(stack, q, max_concurrent_activities=SLOTS, max_concurrent_local_activities=SLOTS):
         before = stack.sink.count
         meter = CpuMeter(stack)
         cpu0 = meter.read()

@@ -6,13 +6,13 @@ sends and hold back the email of every other lead. Those channels' sends go to t
 queue (`sequencer` -> `sequencer-x`, ...), served by their own worker with its own
 concurrency limit.
 
-Email sends run on the workflows' own queue (`BESIDE_WORKFLOWS`): an activity on the
-workflow's queue is handed back with the workflow task's completion (eager activity
-execution), so the server skips the matching round trip and its writes; on the dev server
-that was ~4 ms of its CPU and ~3 ms of the worker's per email (bench/RESULTS.md). A slow
-X or relay provider still cannot hold email back; a slow SMTP server fills the workflows
-queue's slots, where the other activities are short or already running (bookkeeping runs as
-local activities). `sequencer-email` is still served for sends scheduled there before.
+Email sends run beside their workflows (`BESIDE_WORKFLOWS`): a send that is due runs as a
+local activity inside the workflow task that asks for it, and otherwise as an activity on
+the workflows' own queue (handed back with the workflow task's completion: eager activity
+execution). Either way the server skips the matching round trip and its writes
+(bench/RESULTS.md). A slow X or relay provider still cannot hold email back; a slow SMTP
+server holds the workflows worker's local activity and activity slots, where the other work
+is short or already running. `sequencer-email` is still served for sends scheduled there before.
 Pure: the workflow derives the names from its own task queue.
 """
 
