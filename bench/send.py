@@ -73,7 +73,8 @@ class CpuMeter:
         return f"CPU ms per email: {', '.join(costs)}; total {total:.1f}"
 
 
-#: Send slots on both sides (activities; the engine's due emails: local activities): `python worker.py`'s defaults.
+#: Send slots on both sides (activities; for the engine's due emails local activities), as
+#: `python worker.py` gives them by default.
 SLOTS = 100
 #: Emails each side sends before the measured runs (not counted).
 WARM_UP = 100
@@ -228,7 +229,8 @@ async def bench_send(stack: Stack, n: int, tmp: Path) -> dict[str, Any]:
     hand = (hand_before + hand_after) / 2
     return {
         "name": "send",
-        "line": f"send {n} emails, caps off, {SLOTS} send slots on both sides (the engine's email: local activity slots): raw pooled aiosmtplib "
+        "line": f"send {n} emails, caps off, {SLOTS} send slots on both sides (the engine's email: local "
+        f"activity slots): raw pooled aiosmtplib "
         f"{raw_rate:.0f}/s; hand-written one-activity Temporal sender {hand:.1f}/s (before {hand_before:.1f}, "
         f"after {hand_after:.1f}); engine one step {one:.1f}/s = {one / hand:.2f}x the hand-written sender "
         f"(target >= 0.8x); engine two steps ({n // 2} leads x 2 emails) {two:.1f}/s = {two / hand:.2f}x; "
