@@ -25,6 +25,7 @@ from models.enrollment import EnrollmentStatus
 from models.outcomes import EventType
 from services.senders import CHANNEL_DEFAULTS
 from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
+from tests.eventually import eventually
 from tests.history_text import local_activities
 from workflows.activity_calls import LOCAL_SEND_PATCH
 from workflows.patches import BASELINE, PATCHES, PENDING
@@ -265,3 +266,31 @@ async def test_two_steps_with_the_limits_users_get_send_once_each_inside_the_win
     row = await _enrollment(session_factory)
     counts = await _event_counts(session_factory, row.id)
     assert counts[EventType.STEP_STARTED] == 2 and counts[EventType.SENT] == 2 and counts[EventType.COMPLETED] == 1
+
+
+async def test_a_run_started_by_newer_code_is_left_to_a_newer_worker(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """A baseline above this code's (a newer release started it during a rolling deploy) fails
+    the workflow task, not the run: nothing is sent, and the server retries the task until a
+    worker that knows those patches takes it."""
+    await make_sender(session_factory, "email", "sales@acme.test")
+    ref, defn = await store_version(session_factory, _emails())
+    pid = await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    handle = await start_enrollment(
+        temporal_env.client, task_queue, session_factory, ref, defn, pid, patch_baseline=BASELINE + 1
+    )
+
+    async def task_failed() -> str:
+        """The first failed workflow task's message ("" while there is none)."""
+        for e in (await handle.fetch_history()).events:
+            if e.HasField("workflow_task_failed_event_attributes"):
+                return str(e.workflow_task_failed_event_attributes.failure.message)
+        return ""
+
+    message = await eventually(task_failed, "the workflow task failed")
+    assert f"patch baseline {BASELINE + 1}" in message and f"knows {BASELINE}" in message
+    events = (await handle.fetch_history()).events
+    assert not any(e.HasField("workflow_execution_failed_event_attributes") for e in events)  # the run goes on
+    assert smtp_server.messages == []
+    await handle.terminate("test over")

@@ -59,7 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from models.sequence import EVENT_TRIGGERS, Edge, Step, Trigger, zone
     from workflows import activity_calls as calls
     from workflows.enrollment_core import Terminal
-    from workflows.patches import BASELINE, patched
+    from workflows.patches import BASELINE, patched, refuse_newer_baseline
     from workflows.sending import Sending
 
 #: Signal kind for each event trigger.
@@ -206,6 +206,7 @@ class EnrollmentWorkflow(Sending):
     @workflow.run
     async def run(self, inp: EnrollmentInput) -> EnrollmentResult:
         """Walk the graph until END, a terminal signal, or a permanent failure."""
+        refuse_newer_baseline(inp.patch_baseline)  # a rolling deploy: leave it to a newer worker
         self._upsert(first=True)
         steps_this_run = 0
         try:

@@ -22,7 +22,9 @@ from temporalio import workflow
 #: counts from the start of this tuple. Append a patch only in the release after the one that
 #: added its `patched()` call, once every worker has it: during a rolling deploy a worker
 #: without the patch could run a new enrollment's first task on the older path, which a
-#: baseline that includes the patch would then replay on the newer one.
+#: baseline that includes the patch would then replay on the newer one. (From the release
+#: after this one, every deployed worker refuses a baseline it does not know
+#: (`refuse_newer_baseline`), so a new patch may then join this tuple in the release that adds it.)
 PATCHES = (
     "deliver-heartbeat-retry",
     "send-gate-reschedule",
@@ -38,6 +40,23 @@ BASELINE = len(PATCHES)
 PENDING = ("send-step-local",)
 
 
+class NewerBaselineError(Exception):
+    """A run started by newer code than this worker's: its workflow task fails and is retried.
+
+    Not an `ApplicationError`, so the workflow task fails (the run does not): the server
+    retries it, and a worker with the newer code takes it during the rolling deploy.
+    """
+
+
+def refuse_newer_baseline(baseline: int) -> None:
+    """Fail this workflow task if the run counts more patches than this code knows."""
+    if baseline > BASELINE:
+        raise NewerBaselineError(
+            f"this run was started with patch baseline {baseline}; this worker knows {BASELINE} "
+            "patches: a worker with newer code must run it"
+        )
+
+
 def patched(patch_id: str) -> bool:
     """`workflow.patched`, answered without a marker for the patches this run was started with."""
     baseline = getattr(workflow.instance(), "patch_baseline", 0)
@@ -46,4 +65,4 @@ def patched(patch_id: str) -> bool:
     return workflow.patched(patch_id)
 
 
-__all__ = ["BASELINE", "PATCHES", "PENDING", "patched"]
+__all__ = ["BASELINE", "PATCHES", "PENDING", "NewerBaselineError", "patched", "refuse_newer_baseline"]
