@@ -191,20 +191,23 @@ class _Recipient(NamedTuple):
         return cls(person, identities, sender, suppressions)
 
 
-#: The ledger row's columns a claim sets (parameters `d_` + column).
-_CLAIM_COLUMNS = (
-    "idempotency_key",
-    "enrollment_id",
-    "step_id",
-    "attempt",
-    "channel",
-    "action",
-    "sender_id",
-    "variant",
-    "status",
-    "owner",
-    "owner_attempt",
-)
+class _ClaimRow(NamedTuple):
+    """The ledger row's columns a claim sets (parameters `d_` + column), in one place."""
+
+    idempotency_key: str
+    enrollment_id: int
+    step_id: str
+    attempt: int
+    channel: str
+    action: str
+    sender_id: int | None
+    variant: str | None
+    status: str
+    owner: str
+    owner_attempt: int
+
+
+_CLAIM_COLUMNS = _ClaimRow._fields
 
 
 def _claimed() -> CTE:
@@ -214,20 +217,20 @@ def _claimed() -> CTE:
 
 
 def _claim_params(inp: DeliverInput, key: str, channel: str, me: _Owner) -> dict[str, Any]:
-    values = {
-        "idempotency_key": key,
-        "enrollment_id": inp.ref.enrollment_id,
-        "step_id": inp.step.id,
-        "attempt": inp.attempt,
-        "channel": channel,
-        "action": str(inp.step.action),
-        "sender_id": inp.sender_id,
-        "variant": inp.variant,
-        "status": DeliveryStatus.CLAIMED,
-        "owner": me.token,
-        "owner_attempt": me.attempt,
-    }
-    return params("d_", values)
+    row = _ClaimRow(
+        idempotency_key=key,
+        enrollment_id=inp.ref.enrollment_id,
+        step_id=inp.step.id,
+        attempt=inp.attempt,
+        channel=channel,
+        action=str(inp.step.action),
+        sender_id=inp.sender_id,
+        variant=inp.variant,
+        status=DeliveryStatus.CLAIMED,
+        owner=me.token,
+        owner_attempt=me.attempt,
+    )
+    return params("d_", row._asdict())
 
 
 def _recipient_query(base: FromClause, *first: Any) -> Select[Any]:
@@ -680,7 +683,12 @@ class DeliveryActivities:
             await held
 
     async def _lost(self, key: str, me: _Owner, lost: _Lost) -> DeliverOutput:
-        """This attempt lost the row: it recorded and sent nothing. Report the outcome if any."""
+        """This attempt lost the row: it records nothing. Report the outcome if there is one.
+
+        It lost the row before its write (nothing sent: its `sending` compare-and-set failed) or
+        after it (the provider may have the message; whoever holds the row records it, and a
+        `sending` row found by a later attempt becomes `uncertain`, never a second send).
+        """
         async with self.session_factory() as session:
             delivery = (
                 await session.execute(select(Delivery).where(Delivery.idempotency_key == key))
@@ -689,7 +697,8 @@ class DeliveryActivities:
         if delivery is not None and delivery.status in DELIVERY_FINAL:
             return self._output(delivery, duplicate=True)
         raise ApplicationError(
-            f"delivery {key}: attempt {me.attempt} no longer owns the ledger row ({lost}); it sent nothing",
+            f"delivery {key}: attempt {me.attempt} no longer owns the ledger row ({lost}); "
+            "it records nothing, the row's owner records the outcome",
             type="DeliverySuperseded",
             next_retry_delay=timedelta(seconds=2),
         )
