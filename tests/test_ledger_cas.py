@@ -44,13 +44,16 @@ class Gates:
         self.reached[(attempt, point)] = asyncio.Event()
 
     def __call__(self, point: str) -> Awaitable[Any] | None:
-        from temporalio import activity
-
-        key = (activity.info().attempt, point)
+        key = self._key(point)
         if key not in self.holds:
             return None
         self.reached[key].set()
         return self.holds[key].wait()
+
+    def _key(self, point: str) -> tuple[int, str]:
+        from temporalio import activity
+
+        return activity.info().attempt, point
 
     async def wait_reached(self, attempt: int, point: str) -> None:
         await asyncio.wait_for(self.reached[(attempt, point)].wait(), timeout=30)
@@ -191,31 +194,17 @@ async def test_give_up_racing_a_running_attempt_never_contacts_the_lead_after_fa
     assert row.status == "failed"
 
 
-class Arrivals:
-    """A fault hook that holds the n-th execution to reach a point (local executions share an attempt)."""
+class Arrivals(Gates):
+    """`Gates` by order of arrival at a point (the executions of a local activity share an attempt):
+    `hold(n, point)` holds the n-th execution to reach it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.count: Counter[str] = Counter()
-        self.reached: dict[tuple[str, int], asyncio.Event] = {}
-        self.released: dict[tuple[str, int], asyncio.Event] = {}
 
-    def hold(self, point: str, nth: int) -> None:
-        self.reached[(point, nth)] = asyncio.Event()
-        self.released[(point, nth)] = asyncio.Event()
-
-    def __call__(self, point: str) -> Awaitable[Any] | None:
+    def _key(self, point: str) -> tuple[int, str]:
         self.count[point] += 1
-        key = (point, self.count[point])
-        if key not in self.reached:
-            return None
-        self.reached[key].set()
-        return self.released[key].wait()
-
-    async def wait_reached(self, point: str, nth: int) -> None:
-        await asyncio.wait_for(self.reached[(point, nth)].wait(), timeout=30)
-
-    def release(self, point: str, nth: int) -> None:
-        self.released[(point, nth)].set()
+        return self.count[point], point
 
 
 def local_env() -> ActivityEnvironment:
@@ -236,13 +225,13 @@ async def test_a_local_send_run_again_by_a_replay_while_the_first_still_runs_sen
     replay's execution (same id, same attempt) takes the claimed row over and sends; the first,
     released, finds it no longer owns the row and writes nothing to the SMTP server."""
     hooks = Arrivals()
-    hooks.hold(point, 1)
+    hooks.hold(1, point)
     async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
         first = asyncio.create_task(local_env().run(acts.deliver, inp))
-        await hooks.wait_reached(point, 1)
+        await hooks.wait_reached(1, point)
         again = await local_env().run(acts.deliver, inp)
         assert again.status == "sent"
-        hooks.release(point, 1)
+        hooks.release(1, point)
         late = await outcome(first)
     assert len(smtp_server.messages) == 1, late
     [row] = await ledger(session_factory)
@@ -257,16 +246,16 @@ async def test_a_local_send_released_while_its_replay_is_sending_does_not_send_a
     claim, must not pass the `sending` compare-and-set that the replay's execution holds (the
     same token would: `sending` is accepted again for the SMTP pool's one reconnect)."""
     hooks = Arrivals()
-    hooks.hold("after_claim", 1)
-    hooks.hold("after_send", 1)  # the replay's execution: its message is written, not yet recorded
+    hooks.hold(1, "after_claim")
+    hooks.hold(1, "after_send")  # the replay's execution: its message is written, not yet recorded
     async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
         first = asyncio.create_task(local_env().run(acts.deliver, inp))
-        await hooks.wait_reached("after_claim", 1)
+        await hooks.wait_reached(1, "after_claim")
         again = asyncio.create_task(local_env().run(acts.deliver, inp))
-        await hooks.wait_reached("after_send", 1)
-        hooks.release("after_claim", 1)
+        await hooks.wait_reached(1, "after_send")
+        hooks.release(1, "after_claim")
         late = await outcome(first)
-        hooks.release("after_send", 1)
+        hooks.release(1, "after_send")
         done = await outcome(again)
     assert len(smtp_server.messages) == 1, (late, done)
     assert isinstance(done, DeliverOutput) and done.status == "sent"
@@ -280,10 +269,10 @@ async def test_a_local_send_run_again_after_the_provider_accepted_is_uncertain_n
     """The first execution wrote the message and stopped before recording it (its worker died);
     the replay's execution finds the row `sending` and records it as uncertain: no second send."""
     hooks = Arrivals()
-    hooks.hold("after_send", 1)
+    hooks.hold(1, "after_send")
     async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
         first = asyncio.create_task(local_env().run(acts.deliver, inp))
-        await hooks.wait_reached("after_send", 1)
+        await hooks.wait_reached(1, "after_send")
         again = await local_env().run(acts.deliver, inp)
         first.cancel()  # the dead worker never comes back
         with contextlib.suppress(asyncio.CancelledError):
