@@ -793,3 +793,30 @@ async def test_a_provider_side_unsubscribe_suppresses_the_person_and_stops_every
     assert len(await events_of(p.hook.sf, EventType.UNSUBSCRIBED)) == 2
     again = await p.post("mailgun", body, {})
     assert again.json()["duplicates"] == 1
+
+
+async def test_a_provider_side_unsubscribe_stops_the_sequence_the_touch_cap_holds_too(providers: Providers) -> None:
+    """The twin above with the defaults: the other sequence's m0 waits a day for the person's
+    cap; the provider's unsubscribe ends it as well, and its held mail never goes."""
+    p = providers
+    pid = await p.hook.person(email="optout-cap@lead.test", x="8889")
+    email_lead, other = await p.hook.enroll_held_by_the_touch_cap(
+        email_sequence(allow_concurrent=True),
+        email_sequence(gap="5d", allow_concurrent=True, subject="Held for the cap"),
+        pid,
+    )
+    body = mailgun_body(MG_KEY, mailgun_event("unsubscribed", "optout-cap@lead.test"))  # no delivery key: by address
+    resp = await p.post("mailgun", body, {})
+    assert resp.status_code == 200 and resp.json()["pipeline"] == {"unsubscribed": 1}
+    [sup] = await p.suppressions()
+    assert (sup.person_id, sup.reason) == (pid, "unsubscribe")
+    for handle in (email_lead, other):  # the held one's result would skip time to its slot, had it not ended
+        assert (await handle.result()).status == EnrollmentStatus.UNSUBSCRIBED
+    assert len(await events_of(p.hook.sf, EventType.UNSUBSCRIBED)) == 2
+    again = await p.post("mailgun", body, {})
+    assert again.json()["duplicates"] == 1
+    await p.hook.env.sleep(timedelta(days=6))  # past the held slot and both NOT_REPLIED timers
+    # one mail, not two: the cap held the other sequence's, and the unsubscribe stopped it
+    [(_, rcpt, raw)] = p.hook.smtp.messages
+    assert rcpt == ["optout-cap@lead.test"]
+    assert b"Subject: Hello Ada" in raw and b"Held for the cap" not in raw

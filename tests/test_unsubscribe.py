@@ -203,6 +203,29 @@ async def test_a_complaint_suppresses_the_person_and_stops_every_sequence(hook: 
     assert len(await events_of(hook.sf, EventType.UNSUBSCRIBED)) == 2
 
 
+async def test_a_complaint_stops_the_sequence_the_touch_cap_holds_too(hook: Hook) -> None:
+    """The twin above with the defaults: the second sequence's m0 waits a day for the person's
+    cap; the complaint ends it as well, and its held mail never goes."""
+    pid = await hook.person(email="furious@lead.test", x="778")
+    first, held = await hook.enroll_held_by_the_touch_cap(
+        email_sequence(gap="1d", allow_concurrent=True),
+        email_sequence(gap="1d", allow_concurrent=True, subject="Held for the cap"),
+        pid,
+    )
+    resp = await hook.post("email", {"event_id": "fbl-cap", "type": "complaint", "from": "furious@lead.test"})
+    assert resp.json() == {"status": "unsubscribed", "person_id": pid, "enrollments": 2, "classification": None}
+    [sup] = await suppressions(hook)
+    assert (sup.person_id, sup.identity_id, sup.reason) == (pid, None, "complaint")
+    for h in (first, held):  # the held one's result would skip time to its slot, had it not ended
+        assert (await h.result()).status == EnrollmentStatus.UNSUBSCRIBED
+    await hook.env.sleep(timedelta(days=2))  # well past the held slot and the NOT_REPLIED timers
+    # one mail, not two: the cap held the second sequence's, and the complaint stopped it
+    [(_, rcpt, raw)] = hook.smtp.messages
+    assert rcpt == ["furious@lead.test"]
+    assert b"Subject: Hello Ada" in raw and b"Held for the cap" not in raw
+    assert len(await events_of(hook.sf, EventType.UNSUBSCRIBED)) == 2
+
+
 async def test_unsubscribe_on_one_channel_stops_the_others(hook: Hook) -> None:
     """An unsubscribe-intent DM on X ends the email sequence too (documented: the whole person)."""
     pid = await hook.person(email="quiet@lead.test", x="8080")

@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import time
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -362,6 +363,33 @@ async def test_a_reply_reaches_every_active_enrollment_of_the_person(hook: Hook)
         assert [p.step for p in (await h.result()).path] == ["m0", "done"]
         assert await signals_in_history(h, "replied") == 1
     assert len(hook.smtp.messages) == 2
+
+
+async def test_a_reply_reaches_the_enrollment_the_touch_cap_holds_too(hook: Hook) -> None:
+    """The twin above with the defaults: the second sequence's m0 waits a day for the person's
+    cap; the reply reaches it as well, and its held mail never goes."""
+    pid = await hook.person(email="capped@lead.test")
+    first, held = await hook.enroll_held_by_the_touch_cap(
+        email_sequence(allow_concurrent=True),
+        email_sequence(allow_concurrent=True, subject="Held for the cap"),
+        pid,
+    )
+    resp = await hook.post(
+        "email", {"event_id": "m-cap", "type": "reply", "from": "Capped <CAPPED@lead.test>", "text": "ok"}
+    )
+    assert resp.json()["enrollments"] == 2
+    assert [p.step for p in (await first.result()).path] == ["m0", "done"]
+    # the held one replied before its m0 went out: it ends REPLIED at m0 (no "done" branch to take)
+    ended = await held.result()  # would skip time to its slot and send, had the reply not stopped it
+    assert ended.status == EnrollmentStatus.REPLIED
+    assert [p.step for p in ended.path] == ["m0"]
+    for h in (first, held):
+        assert await signals_in_history(h, "replied") == 1
+    await hook.env.sleep(timedelta(days=3))  # well past the held slot and both NOT_REPLIED timers
+    # one mail, not two: the cap held the second sequence's, and the reply stopped it
+    [(_, rcpt, raw)] = hook.smtp.messages
+    assert rcpt == ["capped@lead.test"]
+    assert b"Subject: Hello Ada" in raw and b"Held for the cap" not in raw
 
 
 async def test_an_email_reply_from_an_unknown_address_matches_by_in_reply_to(hook: Hook) -> None:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -31,9 +32,11 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
-from db.tables import Identity
+from db.tables import Delivery, Identity, SendSlot
+from models.enrollment import EnrollmentStatus, Phase
+from models.outcomes import EventType
 from settings import Settings
-from tests.engine_harness import Sequencer, Wired, all_senders, harness_settings, wait_for_status
+from tests.engine_harness import Sequencer, Wired, all_senders, events_of, harness_settings, wait_for_status
 from tests.eventually import eventually
 from webhooks.app import create_app
 from webhooks.signature import sign
@@ -91,8 +94,8 @@ def signed(
     return {"X-Signature": sign(secret, body, stamp, channel=channel), "Content-Type": "application/json"}
 
 
-def email_sequence(gap: str = "2d", **extra: Any) -> dict[str, Any]:
-    """m0 (email) → REPLIED → done | NOT_REPLIED after `gap` → m1 (email) → END."""
+def email_sequence(gap: str = "2d", subject: str = "Hello {{ first_name }}", **extra: Any) -> dict[str, Any]:
+    """m0 (email, `subject`) → REPLIED → done | NOT_REPLIED after `gap` → m1 (email) → END."""
     return {
         "name": extra.pop("name", f"hook-{uuid.uuid4().hex[:8]}"),
         **extra,
@@ -100,7 +103,7 @@ def email_sequence(gap: str = "2d", **extra: Any) -> dict[str, Any]:
             {
                 "id": "m0",
                 "action": "SEND_EMAIL",
-                "subject": "Hello {{ first_name }}",
+                "subject": subject,
                 "body": "First mail",
                 "html": "<p>First mail</p>",
                 "edges": [{"trigger": "REPLIED", "to": "done"}, {"trigger": "NOT_REPLIED", "after": gap, "to": "m1"}],
@@ -156,6 +159,28 @@ class Hook(Sequencer):
 
     def mails_to(self, address: str) -> list[Any]:
         return [m for m in self.smtp.parsed() if m["To"] == address]
+
+    async def enroll_held_by_the_touch_cap(
+        self, first_raw: dict[str, Any], held_raw: dict[str, Any], person_id: int
+    ) -> tuple[WorkflowHandle[Any, Any], WorkflowHandle[Any, Any]]:
+        """One person in two sequences with the default person touch cap (1 a day): `first_raw`'s
+        m0 goes out, `held_raw`'s m0 waits for a slot the governor booked a day after it."""
+        first = await self.enroll(first_raw, person_id)
+        await self.waiting_at(first)
+        held = await self.enroll(held_raw, person_id)
+        view = await wait_for_status(held, lambda v: v.phase == Phase.WAITING_FOR_SLOT)
+        assert (view.status, view.current_step) == (EnrollmentStatus.ACTIVE, "m0")
+        async with self.sf() as s:
+            booked = sorted(
+                (await s.execute(select(SendSlot.slot_at).where(SendSlot.person_id == person_id))).scalars()
+            )
+        assert len(booked) == 2 and view.until == booked[1], (booked, view.until)
+        assert booked[1] - booked[0] >= timedelta(hours=24), booked  # the cap's day after the first send
+        deferred = await events_of(self.sf, EventType.DEFERRED_UNTIL)
+        assert [(e.enrollment_id, e.data["reason"]) for e in deferred] == [(view.enrollment_id, "person frequency cap")]
+        assert await self.count(Delivery, Delivery.enrollment_id == view.enrollment_id) == 0  # nothing claimed
+        assert len(self.smtp.messages) == 1
+        return first, held
 
 
 class StartHook(Protocol):
