@@ -78,12 +78,7 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         postal_address=settings.postal_address,
         person_daily_touch_cap=settings.person_daily_touch_cap,
         unsubscribe_mailto=settings.unsubscribe_mailto,
-        breaker=BreakerConfig(
-            cooldown=timedelta(seconds=settings.sender_breaker_cooldown_seconds),
-            bounce_rate_threshold=settings.sender_bounce_rate_threshold,
-            bounce_min_sends=settings.sender_bounce_min_sends,
-            throttle_strikes=settings.sender_throttle_strikes,
-        ),
+        breaker=BreakerConfig.from_settings(settings),
         send_late_grace_seconds=settings.send_late_grace_seconds,
         secrets=SecretBox.from_settings(settings),
     )
@@ -236,6 +231,7 @@ def _mailbox_activities(client: Client, deps: WorkerDeps) -> MailboxActivities:
         out_of_office_default=settings.out_of_office_default_delay,
         trust_thread_only=settings.inbound_trust_thread_only,
         link_keys=settings.link_keys(),
+        breaker=BreakerConfig.from_settings(settings),
     )
 
     async def stored(sender_id: int) -> MailConnection | None:

@@ -36,11 +36,12 @@ from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, Event, Identity, InboundEvent, SequenceVersion
 from models.enrollment import ControlSignal
 from models.inbound import InboundEvent as PipelineEvent
-from models.outcomes import DeliveryStatus, EventType, InboundStatus
+from models.outcomes import EventType, InboundStatus
 from models.provider_events import ProviderEvent
 from services.engagement import click_dedup_key, open_dedup_key
 from services.identities import lookup_value
 from services.inbound_pipeline import InboundPipeline, InboundResult
+from services.sender_breaker import BreakerConfig, record_late_bounce
 
 log = logging.getLogger("sequencer.providers")
 
@@ -120,10 +121,19 @@ def _id_forms(values: list[str]) -> list[str]:
 class ProviderIngest:
     """Applies a verified, parsed provider batch."""
 
-    def __init__(self, session_factory: SessionFactory, processor: InboundPipeline | None, client: Client | None):
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        processor: InboundPipeline | None,
+        client: Client | None,
+        *,
+        breaker: BreakerConfig | None = None,
+    ):
         self.sf = session_factory
         self.processor = processor
         self.client = client
+        #: The sender circuit breaker's thresholds (SENDER_* settings): a hard bounce counts.
+        self.breaker = breaker or BreakerConfig()
 
     async def ingest(self, provider: str, events: list[ProviderEvent]) -> IngestSummary:
         """Deduplicate, record, and send consequences through the pipeline.
@@ -368,15 +378,11 @@ class ProviderIngest:
         return result.status
 
     async def _end_bounced(self, event: ProviderEvent, match: _Match) -> None:
-        """A hard bounce after acceptance: the ledger row says so, and that lead ends."""
+        """A hard bounce after acceptance: the ledger row says so (when the pipeline could not
+        name the delivery), its sender's bounce rate is checked, and that lead ends."""
+        error = f"{event.provider}: {event.reason or 'hard bounce'}"
         async with self.sf() as session, session.begin():
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.id == match.delivery_id, Delivery.status == DeliveryStatus.SENT)
-                .values(
-                    status=DeliveryStatus.BOUNCED, error=f"{event.provider}: {event.reason or 'hard bounce'}"[:2000]
-                )
-            )
+            await record_late_bounce(session, match.delivery_id, error, self.breaker, datetime.now(UTC))
         await self._signal(
             [match.workflow_id],
             "stop",

@@ -16,6 +16,8 @@ so its rules are written once and read in one place:
 * Consent rules: unsubscribes (link or reply), complaints suppress the whole person: one
   "stop" stops every sequence on every channel. A permanent bounce marks our delivery
   bounced and suppresses only the identity that bounced; a temporary one is recorded only.
+  The permanent bounce counts for the sender's circuit breaker (`sender_breaker`) as a
+  refusal during the send does: over the bounce-rate threshold, the sender is paused.
 * A reply matched only through In-Reply-To/References, whose From is not one of that
   person's identities (a forwarded mail, or someone who got hold of a Message-ID), is
   recorded (`reply_unverified`) and changes nothing: no stop, unsubscribe, complaint,
@@ -61,9 +63,10 @@ from models.activities import EnrollmentRef
 from models.durations import parse_duration
 from models.enrollment import ControlSignal, InboundSignal, OutOfOfficeSignal, SequenceRef
 from models.inbound import InboundEvent
-from models.outcomes import LIVE_ENROLLMENT, DeliveryStatus, EnrollmentStatus, EventType, InboundStatus
+from models.outcomes import LIVE_ENROLLMENT, EnrollmentStatus, EventType, InboundStatus
 from services.classify import ReplyClassifier
 from services.identities import lookup_value
+from services.sender_breaker import BreakerConfig, record_late_bounce
 from services.tokens import TokenError, read_token
 
 log = logging.getLogger("sequencer.inbound")
@@ -149,6 +152,7 @@ class InboundPipeline:
         out_of_office_default: str = "7d",
         trust_thread_only: bool = False,
         link_keys: Sequence[str] = (),
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.client = client
@@ -157,6 +161,8 @@ class InboundPipeline:
         self.trust_thread_only = trust_thread_only
         #: LINK_SECRET's keys: they read the token of a List-Unsubscribe mailto request.
         self.link_keys = list(link_keys)
+        #: The sender circuit breaker's thresholds (SENDER_* settings): later bounces count too.
+        self.breaker = breaker or BreakerConfig()
 
     async def process(self, event: InboundEvent) -> InboundResult:
         """Handle one event (idempotent per channel and event id)."""
@@ -456,16 +462,13 @@ class InboundPipeline:
         return Resolved(int(row.person_id), int(targets[0]) if len(targets) == 1 else None, int(row.id))
 
     async def _mark_delivery_bounced(self, delivery_id: int | None, event: InboundEvent) -> None:
-        """Our delivery that bounced: sent -> bounced (compare-and-set; any other state stays)."""
+        """Our delivery that bounced: sent -> bounced (compare-and-set; any other state stays),
+        and its sender's bounce rate checked (a repeat of the report counts once)."""
         if delivery_id is None:
             return
         reason = f"bounce: {event.detail.get('status') or ''} {event.detail.get('diagnostic') or ''}".strip()
         async with self.session_factory() as session, session.begin():
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENT)
-                .values(status=DeliveryStatus.BOUNCED, error=reason[:2000])
-            )
+            await record_late_bounce(session, delivery_id, reason, self.breaker, datetime.now(UTC))
 
     async def _return_time(self, person_id: int, day: date) -> datetime:
         """09:00 in the person's own time zone on the day they are back."""

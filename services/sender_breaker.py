@@ -13,14 +13,17 @@ Kinds and how each closes:
   `senders resume`, or after `paused_until` (the cool-down) one send is let through as a
   probe; its success closes the breaker, another refusal opens it for a new cool-down.
 - `bounce_rate` (over `bounce_rate_threshold` of the last `bounce_window` sends, counted
-  from the last resume, once `bounce_min_sends` are in): until `senders resume`.
+  from the last resume, once `bounce_min_sends` are in): until `senders resume`. Bounces
+  count whenever they arrive: the SMTP server's refusal during the send, and the later ones
+  (a DSN in a connected mailbox, a provider's webhook) through `record_late_bounce`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CTE, Select, and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +33,11 @@ from db.session import SessionFactory
 from db.statements import params, table_of, update_if
 from db.tables import Delivery, Event, SenderAccount
 from models.outcomes import DeliveryStatus, EventType
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+log = logging.getLogger("sequencer.breaker")
 
 KINDS = ("manual", "auth", "bounce_rate", "throttle")
 
@@ -43,6 +51,16 @@ class BreakerConfig:
     bounce_window: int = 100
     bounce_min_sends: int = 20
     throttle_strikes: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BreakerConfig:
+        """The SENDER_* settings: the one place they become a config (sends, inbound, providers)."""
+        return cls(
+            cooldown=timedelta(seconds=settings.sender_breaker_cooldown_seconds),
+            bounce_rate_threshold=settings.sender_bounce_rate_threshold,
+            bounce_min_sends=settings.sender_bounce_min_sends,
+            throttle_strikes=settings.sender_throttle_strikes,
+        )
 
 
 def is_paused(acct: SenderAccount, now: datetime) -> bool:
@@ -167,8 +185,23 @@ async def record_throttle(
 
 
 async def check_bounce_rate(session: AsyncSession, sender_id: int, config: BreakerConfig, now: datetime) -> bool:
-    """After a bounce: open the breaker if the sender's recent bounce rate passes the threshold."""
-    acct = await session.get(SenderAccount, sender_id)
+    """After a bounce: open the breaker if the sender's recent bounce rate passes the threshold.
+
+    The sender's row is locked first: bounces recorded at the same time (a provider's batch,
+    a DSN while a send is refused) are counted one after the other, each seeing the others
+    once they commit, so two of them cannot each miss the one that crosses the threshold.
+    The window holds the sends made since the last resume (by when they were sent; a send
+    the server refused at once has no `sent_at`, its outcome's time stands for it), so a
+    late bounce of mail sent before the resume does not count against the list checked since.
+    """
+    acct = (
+        await session.execute(
+            select(SenderAccount)
+            .where(SenderAccount.id == sender_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
     if acct is None or acct.paused_at is not None:
         return False
     query = select(Delivery.status).where(
@@ -176,7 +209,7 @@ async def check_bounce_rate(session: AsyncSession, sender_id: int, config: Break
         Delivery.status.in_((DeliveryStatus.SENT, DeliveryStatus.BOUNCED, DeliveryStatus.UNCERTAIN)),
     )
     if acct.breaker_since is not None:
-        query = query.where(Delivery.updated_at >= acct.breaker_since)
+        query = query.where(func.coalesce(Delivery.sent_at, Delivery.updated_at) >= acct.breaker_since)
     recent = list((await session.execute(query.order_by(Delivery.id.desc()).limit(config.bounce_window))).scalars())
     bounced = sum(1 for s in recent if s == DeliveryStatus.BOUNCED)
     if len(recent) < config.bounce_min_sends or bounced / len(recent) <= config.bounce_rate_threshold:
@@ -190,6 +223,34 @@ async def check_bounce_rate(session: AsyncSession, sender_id: int, config: Break
         now=now,
         until=None,
     )
+    return True
+
+
+async def record_late_bounce(
+    session: AsyncSession, delivery_id: int, error: str, config: BreakerConfig, now: datetime
+) -> bool:
+    """A bounce reported after the send (a DSN, a provider's webhook): sent -> bounced, then the
+    sender's bounce rate is checked as for a refusal during the send, in the same transaction.
+
+    A compare-and-set: only the transition counts, so a report read twice (or by two sources)
+    counts once, and a row in any other state stays. Returns whether the row was marked.
+    """
+    marked = (
+        await session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.SENT)
+            .values(status=DeliveryStatus.BOUNCED, error=error[:2000])
+            .returning(Delivery.sender_id)
+        )
+    ).first()
+    if marked is None:
+        return False
+    if marked.sender_id is not None and await check_bounce_rate(session, marked.sender_id, config, now):
+        log.warning(
+            "sender %s paused: bounce rate over threshold (a later bounce of delivery %s)",
+            marked.sender_id,
+            delivery_id,
+        )
     return True
 
 

@@ -22,6 +22,7 @@ from temporalio.client import Client
 from db.session import SessionFactory
 from services.classify import get_classifier
 from services.inbound_pipeline import InboundPipeline
+from services.sender_breaker import BreakerConfig
 from settings import Settings
 from temporal_client import connect
 from webhooks.providers.ses import CertificateCache
@@ -51,6 +52,7 @@ def build_pipeline(cfg: Settings, sf: SessionFactory, client: Client | None) -> 
         out_of_office_default=cfg.out_of_office_default_delay,
         trust_thread_only=cfg.inbound_trust_thread_only,
         link_keys=cfg.link_keys(),
+        breaker=BreakerConfig.from_settings(cfg),
     )
 
 

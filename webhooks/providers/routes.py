@@ -136,7 +136,7 @@ async def provider_webhook(provider: str, request: Request, deps: WebhookDepsDep
     if extra is not None:
         return extra
     processor = await deps.inbound()
-    ingest = ProviderIngest(deps.session_factory, processor, deps.client)
+    ingest = ProviderIngest(deps.session_factory, processor, deps.client, breaker=deps.pipeline.breaker)
     try:
         summary = await ingest.ingest(provider, events)
     except PipelineUnavailable as err:
