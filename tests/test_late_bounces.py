@@ -62,6 +62,20 @@ async def status_of(sf: SessionFactory, message_id: str) -> str:
         return str((await s.execute(select(Delivery.status).where(Delivery.message_id == message_id))).scalar_one())
 
 
+@dataclass
+class Sent:
+    sender_id: int
+    #: the Message-IDs of its mail, one lead each
+    mail: list[str]
+
+
+@pytest.fixture
+async def sent(session_factory: SessionFactory) -> Sent:
+    """A sender with 20 sends an hour ago: the window the defaults need before the rate counts."""
+    sender_id = await make_sender(session_factory, "email", SENDER)
+    return Sent(sender_id, await sent_mail(session_factory, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER))
+
+
 @pytest.fixture
 def pipeline(temporal_env: WorkflowEnvironment, database_url: str, session_factory: SessionFactory) -> InboundPipeline:
     """The pipeline as the app builds it from the settings users get (SENDER_* defaults)."""
@@ -81,11 +95,9 @@ async def dsn(pipeline: InboundPipeline, original_id: str, *, permanent: bool = 
 
 
 async def test_later_dsns_over_the_threshold_pause_the_sender_and_resume_starts_the_window_again(
-    session_factory: SessionFactory, pipeline: InboundPipeline
+    session_factory: SessionFactory, pipeline: InboundPipeline, sent: Sent
 ) -> None:
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    before = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+    sf, sender_id, before = session_factory, sent.sender_id, sent.mail
 
     # 1 of 20 is the 5% threshold itself, not over it: the sender goes on
     assert await dsn(pipeline, before[0]) == InboundStatus.SUPPRESSED_IDENTITY
@@ -116,11 +128,9 @@ async def test_later_dsns_over_the_threshold_pause_the_sender_and_resume_starts_
 
 
 async def test_the_same_bounce_reported_again_counts_once(
-    session_factory: SessionFactory, pipeline: InboundPipeline
+    session_factory: SessionFactory, pipeline: InboundPipeline, sent: Sent
 ) -> None:
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    mail = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+    sf, sender_id, mail = session_factory, sent.sender_id, sent.mail
     report = f"<dsn-{uuid.uuid4().hex}@mx.lead.test>"
     assert await dsn(pipeline, mail[0], dsn_id=report) == InboundStatus.SUPPRESSED_IDENTITY
     # the same DSN read again (a second mailbox, a re-sync), and a second MTA's report of it
@@ -132,10 +142,10 @@ async def test_the_same_bounce_reported_again_counts_once(
     assert acct.paused_kind == "bounce_rate" and "2 of the last 20" in (acct.paused_reason or "")
 
 
-async def test_a_temporary_dsn_does_not_count(session_factory: SessionFactory, pipeline: InboundPipeline) -> None:
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    mail = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+async def test_a_temporary_dsn_does_not_count(
+    session_factory: SessionFactory, pipeline: InboundPipeline, sent: Sent
+) -> None:
+    sf, sender_id, mail = session_factory, sent.sender_id, sent.mail
     await dsn(pipeline, mail[0])
     assert await dsn(pipeline, mail[1], permanent=False) == InboundStatus.SOFT_BOUNCE
     assert await status_of(sf, mail[1]) == "sent"
@@ -145,11 +155,9 @@ async def test_a_temporary_dsn_does_not_count(session_factory: SessionFactory, p
 
 
 async def test_a_sender_already_paused_keeps_its_pause(
-    session_factory: SessionFactory, pipeline: InboundPipeline
+    session_factory: SessionFactory, pipeline: InboundPipeline, sent: Sent
 ) -> None:
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    mail = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+    sf, sender_id, mail = session_factory, sent.sender_id, sent.mail
     await sender_breaker.set_paused(sf, sender_id, "holiday", datetime.now(UTC))
     for one in mail[:4]:
         await dsn(pipeline, one)
@@ -177,14 +185,12 @@ async def test_the_thresholds_are_the_settings(
 
 
 async def test_bounces_recorded_at_the_same_time_are_counted_one_after_the_other(
-    session_factory: SessionFactory,
+    session_factory: SessionFactory, sent: Sent
 ) -> None:
     """Two bounces whose transactions overlap (a provider batch, a DSN while a send is refused):
     the second waits for the first's check and then sees its bounce, so the one that crosses
     the threshold is never missed by both."""
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    mail = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+    sf, sender_id, mail = session_factory, sent.sender_id, sent.mail
     async with sf() as s:
         query = select(Delivery.message_id, Delivery.id).where(Delivery.sender_id == sender_id)
         rows = {r.message_id: r.id for r in await s.execute(query)}
@@ -254,11 +260,9 @@ async def by_provider_id(sf: SessionFactory, ids: list[str]) -> Callable[[int], 
 
 @pytest.mark.parametrize("named", [by_message_id, by_provider_id])
 async def test_signed_provider_hard_bounces_pause_the_sender_soft_ones_do_not(
-    session_factory: SessionFactory, sendgrid: SendGrid, named: Any
+    session_factory: SessionFactory, sendgrid: SendGrid, sent: Sent, named: Any
 ) -> None:
-    sf = session_factory
-    sender_id = await make_sender(sf, "email", SENDER)
-    ids = await sent_mail(sf, sender_id, 20, sent_at=datetime.now(UTC) - EARLIER)
+    sf, sender_id, ids = session_factory, sent.sender_id, sent.mail
     mail = await named(sf, ids)
 
     def bounce(i: int, n: int, kind: str = "bounce") -> dict[str, Any]:
