@@ -5,7 +5,8 @@ the mail and returns a DSN later, or the provider reports the hard bounce on its
 webhook. Both mark our delivery bounced; the sender's bounce rate must then be checked as
 for a refusal during the send, so a sender whose list is bad stops before it hurts its
 reputation further. Real PostgreSQL, the real inbound pipeline fed raw DSNs (as the mailbox
-watcher feeds it), the real webhook app fed signed SendGrid batches, the time-skipping
+watcher feeds it; once end to end: sent by the worker, read from a pymap mailbox by the
+watcher), the real webhook app fed signed SendGrid batches, the time-skipping
 Temporal server for the signals (the seeded enrollments have no workflow: signals to them
 are skipped as for finished ones).
 """
@@ -37,12 +38,16 @@ from tests import mail_samples as m
 from tests.engine_harness import events_of, make_sender
 from tests.eventually import eventually
 from tests.provider_samples import SendGridSigner, sendgrid_event
+from tests.test_mailbox_watcher import Watch, mid
+from tests.test_mailbox_watcher import watch as connected_mailbox
 from tests.test_sender_breaker import sender_row
 from tests.webhook_harness import app_settings, serve
 from webhooks.app import create_app
 from webhooks.deps import build_pipeline
 
 SENDER = "sales@acme.test"
+#: The mailbox watcher tests' fixture: a pymap folder, the webhook app, the worker, the watcher's worker.
+watch = connected_mailbox
 #: A while before the test: when the seeded mail was sent.
 EARLIER = timedelta(hours=1)
 
@@ -214,6 +219,24 @@ async def test_bounces_recorded_at_the_same_time_are_counted_one_after_the_other
     assert await second
     acct = await sender_row(sf, sender_id)
     assert acct.paused_kind == "bounce_rate" and "2 of the last 20" in (acct.paused_reason or "")
+
+
+async def test_dsns_read_from_the_connected_mailbox_pause_the_sender(watch: Watch) -> None:
+    """End to end: our mail sent by the production worker, the DSNs read by the sender's mailbox watcher."""
+    pid, handle, ours = await watch.lead("gone@lead.test")
+    sender_id = await watch.connect()
+    others = await sent_mail(watch.hook.sf, sender_id, 19, sent_at=datetime.now(UTC) - EARLIER)
+    await watch.start()
+    await watch.watching()
+    for n, original in enumerate([ours, others[0]], start=1):
+        report = mid("dsn")
+        await watch.mailbox.append(
+            m.dsn(to=SENDER, recipient=f"gone{n}@lead.test", original_id=original, message_id=report)
+        )
+        assert (await watch.inbound(report)).status == "suppressed_identity"
+        acct = await sender_row(watch.hook.sf, sender_id)
+        assert acct.paused_kind == (None if n == 1 else "bounce_rate"), f"after {n} of 20 bounced"
+    assert "2 of the last 20 sends bounced" in (acct.paused_reason or "")
 
 
 # --------------------------------------------------------------------------- provider webhooks
