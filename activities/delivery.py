@@ -33,7 +33,7 @@ import asyncio
 import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -494,7 +494,7 @@ class DeliveryActivities:
         message = self._message(inp, key, channel, sender, target, content, clicks, message_id=delivery.message_id)
         if channel == "email" and sender.dkim_selector and sender.dkim_private_key:
             message = message.model_copy(update={"dkim": await self._dkim_key(inp, delivery, sender, me)})
-        return await self._send(inp, delivery, message, target, me)
+        return await _to_the_end(self._send(inp, delivery, message, target, me))
 
     async def _send(
         self, inp: DeliverInput, delivery: Delivery, message: OutboundMessage, target: Identity, me: _Owner
@@ -1139,6 +1139,22 @@ async def _heartbeating() -> AsyncIterator[None]:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+
+
+async def _to_the_end(send: Coroutine[Any, Any, DeliverOutput]) -> DeliverOutput:
+    """Run the provider call and its outcome to their end, even if this attempt is cancelled.
+
+    A local send is cancelled when its workflow is evicted from the worker's cache (a failed
+    workflow task completion while the server restarts, say), an activity by a shutdown or a
+    lost heartbeat. Cut in the middle of the write, the row would stay `sending` and the lead's
+    message would end uncertain, never re-sent. So the send finishes and records its outcome
+    (only a dead process still cuts it); the cancelled attempt still ends at once, and its
+    retry finds the row sent, or takes a `claimed` one over (this send's `sending`
+    compare-and-set then fails and it writes nothing).
+    """
+    task = asyncio.ensure_future(send)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if nobody awaits it
+    return await asyncio.shield(task)
 
 
 class _Rescheduled(Exception):

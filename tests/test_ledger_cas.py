@@ -30,6 +30,7 @@ from db.session import SessionFactory
 from db.tables import Delivery, Event
 from models.activities import DeliverInput, DeliverOutput
 from tests.engine_harness import enrollment_ref, make_person, make_sender, store_version
+from tests.eventually import eventually
 
 
 class Gates:
@@ -281,3 +282,28 @@ async def test_a_local_send_run_again_after_the_provider_accepted_is_uncertain_n
     assert len(smtp_server.messages) == 1
     [row] = await ledger(session_factory)
     assert row.status == "uncertain"
+
+
+async def test_a_send_cancelled_at_its_write_goes_through_and_is_recorded(
+    session_factory: SessionFactory, smtp_server: Any
+) -> None:
+    """A cancelled attempt (a local send whose workflow was evicted, a worker shutting down) does
+    not cut its provider call: the message is written once and the row ends `sent`, not left
+    `sending` for the next attempt to record as uncertain."""
+    hooks = Arrivals()
+    hooks.hold(1, "before_write")
+    async with delivery_setup(session_factory, smtp_server, hooks) as (acts, inp):
+        env = local_env()
+        attempt = asyncio.create_task(env.run(acts.deliver, inp))
+        await hooks.wait_reached(1, "before_write")
+        env.cancel()
+        hooks.release(1, "before_write")
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(attempt, timeout=30)
+
+        async def recorded() -> str:
+            [row] = await ledger(session_factory)
+            return row.status if row.status == "sent" else ""
+
+        assert await eventually(recorded, "the cancelled send recorded") == "sent"
+    assert len(smtp_server.messages) == 1
