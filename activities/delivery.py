@@ -34,7 +34,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -500,31 +500,54 @@ class DeliveryActivities:
         self, inp: DeliverInput, delivery: Delivery, message: OutboundMessage, target: Identity, me: _Owner
     ) -> DeliverOutput:
         """The provider call, with `sending` marked by the channel's callback, and its outcome."""
-        key, channel = delivery.idempotency_key, message.channel
-        client = self.channels.get(channel)
+        client = self.channels.get(message.channel)
         if client is None:
-            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"no {channel} channel")
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"no {message.channel} channel")
         target_id = target.id
+        async with AsyncExitStack() as held:
+            return await self._send_holding(inp, delivery, message, target, me, client, target_id, held)
+
+    async def _send_holding(
+        self,
+        inp: DeliverInput,
+        delivery: Delivery,
+        message: OutboundMessage,
+        target: Identity,
+        me: _Owner,
+        client: ChannelClient,
+        target_id: int,
+        held: AsyncExitStack,
+    ) -> DeliverOutput:
+        """`_send` with one database connection `held` from `sending` to the outcome.
+
+        The connection is taken when the channel has its own (at `sending`, so a send waiting
+        for an SMTP connection holds none) and kept for the outcome's statement: the time a
+        row spends `sending`, which a crash turns into an uncertain delivery, is then the
+        provider's answer, never a wait for the database pool behind other sends.
+        """
+        key, channel = delivery.idempotency_key, message.channel
+        sessions: list[AsyncSession] = []
 
         async def mark_sending() -> None:
             """claimed → sending, by this attempt only, right before the irreversible write."""
             await self._hook("before_write")
-            async with autocommit(self.session_factory) as session:  # one statement: no transaction
-                won = await _transition(
-                    session,
-                    delivery.id,
-                    expect=(
-                        DeliveryStatus.CLAIMED,
-                        DeliveryStatus.SENDING,
-                    ),  # `sending`: the pool's one reconnect calls it again
-                    owner=me.token,
-                    values={
-                        "status": DeliveryStatus.SENDING,
-                        "message_id": message.message_id,
-                        "identity_id": target_id,
-                    },
-                    count_attempt=True,
-                )
+            if not sessions:  # one statement each: no transaction
+                sessions.append(await held.enter_async_context(autocommit(self.session_factory)))
+            won = await _transition(
+                sessions[0],
+                delivery.id,
+                expect=(
+                    DeliveryStatus.CLAIMED,
+                    DeliveryStatus.SENDING,
+                ),  # `sending`: the pool's one reconnect calls it again
+                owner=me.token,
+                values={
+                    "status": DeliveryStatus.SENDING,
+                    "message_id": message.message_id,
+                    "identity_id": target_id,
+                },
+                count_attempt=True,
+            )
             if not won:
                 raise SendAborted(f"delivery {key}: another attempt owns it now; nothing written")
 
@@ -576,6 +599,7 @@ class DeliveryActivities:
                 DeliveryStatus.UNCERTAIN,
                 error=str(err),
                 expect=DELIVERY_IN_FLIGHT,
+                session=sessions[0] if sessions else None,
             )
         await self._hook("after_send")
         delivery.message_id = message.message_id
@@ -585,6 +609,7 @@ class DeliveryActivities:
             DeliveryStatus.SENT,
             provider_message_id=result.provider_message_id,
             expect=(DeliveryStatus.SENDING,),
+            session=sessions[0] if sessions else None,
         )
 
     async def _sender_refused(
@@ -1020,10 +1045,12 @@ class DeliveryActivities:
         expect: tuple[DeliveryStatus, ...] = (DeliveryStatus.CLAIMED,),
         owner: str | None = None,
         new_owner: _Owner | None = None,
+        session: AsyncSession | None = None,
     ) -> DeliverOutput:
         """Record the outcome if the row is still `expect`ed and held by `owner` (default: its owner).
 
         Raises `_Lost` (recording nothing: no status, no event, no suppression) otherwise.
+        `session`: an autocommit session the caller holds (else one is taken for the statement).
         """
         now = datetime.now(UTC)
         values: dict[str, Any] = {"status": status, "error": error}
@@ -1075,8 +1102,8 @@ class DeliveryActivities:
         if bounce_identity is not None:
             suppression = {"identity_id": bounce_identity.id, "reason": "bounce", "source": f"delivery {delivery.id}"}
             values.update(params("x_", suppression))
-        async with autocommit(self.session_factory) as session:  # one statement: all or nothing
-            won, probe_closed = (await session.execute(_outcome_statement(shape), values)).one()
+        async with nullcontext(session) if session is not None else autocommit(self.session_factory) as writer:
+            won, probe_closed = (await writer.execute(_outcome_statement(shape), values)).one()  # all or nothing
         if not won:
             raise _Lost(f"could not record {status}: the row moved on")
         if finish is not None and extras is not None:
@@ -1153,8 +1180,20 @@ async def _to_the_end(send: Coroutine[Any, Any, DeliverOutput]) -> DeliverOutput
     compare-and-set then fails and it writes nothing).
     """
     task = asyncio.ensure_future(send)
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if nobody awaits it
+    _FINISHING.add(task)  # the loop keeps only a weak reference: a send left alone must not be collected
+    task.add_done_callback(_finished)
     return await asyncio.shield(task)
+
+
+#: Sends running to their end (see `_to_the_end`), held here until they are done.
+_FINISHING: set[asyncio.Future[DeliverOutput]] = set()
+
+
+def _finished(task: asyncio.Future[DeliverOutput]) -> None:
+    """Let go of a finished send; its exception is retrieved here if its attempt was cancelled."""
+    _FINISHING.discard(task)
+    if not task.cancelled():
+        task.exception()
 
 
 class _Rescheduled(Exception):

@@ -307,3 +307,23 @@ async def test_a_send_cancelled_at_its_write_goes_through_and_is_recorded(
 
         assert await eventually(recorded, "the cancelled send recorded") == "sent"
     assert len(smtp_server.messages) == 1
+
+
+async def test_a_send_keeps_its_database_connection_from_sending_to_its_outcome(
+    session_factory: SessionFactory, smtp_server: Any
+) -> None:
+    """The time a row spends `sending` (what a crash turns into an uncertain delivery) is the
+    provider's answer, not a wait for the database pool behind other sends: the connection that
+    marked it `sending` is still checked out when the provider has answered, for the outcome."""
+    pool = session_factory.kw["bind"].pool
+    held: list[int] = []
+
+    def at(point: str) -> None:
+        if point == "after_send":
+            held.append(pool.checkedout())
+
+    async with delivery_setup(session_factory, smtp_server, at) as (acts, inp):
+        out = await local_env().run(acts.deliver, inp)
+    assert out.status == "sent" and len(smtp_server.messages) == 1
+    assert held == [1]
+    assert pool.checkedout() == 0  # and given back after the outcome
