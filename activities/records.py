@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import CTE, bindparam, update
+from sqlalchemy import CTE, bindparam, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 
 from db.events import event_insert, event_params
 from db.session import SessionFactory
 from db.statements import params, table_of, update_if
-from db.tables import Enrollment, Event
+from db.tables import Delivery, Enrollment, Event, SendSlot
 from models.activities import (
     FinishInput,
     FinishOutput,
@@ -96,9 +96,28 @@ def event_write_params(inp: RecordEventInput, prefix: str = "s_") -> dict[str, A
 
 
 def finish_writes(after: CTE | None = None, prefix: str = "f_") -> list[Any]:
-    """`write_finish`'s statements (parameters: `finish_params`; `after`: see `db/statements.py`)."""
+    """`write_finish`'s statements (parameters: `finish_params`; `after`: see `db/statements.py`).
+
+    Besides the row and the event: the enrollment's send slots that no send used are released.
+    An enrollment that ends while it waits for its slot (a reply, a stop, an unsubscribe) will
+    never use it, and an unreleased slot would go on holding the person's touch cap and the
+    sender's hourly and daily caps. A slot is used once its delivery has a ledger row (its key
+    is the slot's without the round, `<enrollment>:<step>:<attempt>`); found by the person's
+    index, then the enrollment's key prefix. No clock is compared (a time-skipping server's and
+    a worker's differ).
+    """
     enrollments = table_of(Enrollment)
+    slots = table_of(SendSlot)
+    ledger = table_of(Delivery)
+    used = select(1).where(ledger.c.idempotency_key == func.regexp_replace(slots.c.delivery_key, ":r[0-9]+$", ""))
+    release = update(slots).where(
+        slots.c.person_id == bindparam(prefix + "person"),
+        slots.c.released_at.is_(None),
+        slots.c.delivery_key.startswith(bindparam(prefix + "slot_prefix")),  # digits and ":": no wildcard
+        ~exists(used),
+    )
     return [
+        update_if(release.values(released_at=bindparam(prefix + "finished_at")), after),
         update_if(
             update(enrollments)
             .where(enrollments.c.id == bindparam(prefix + "enrollment"))
@@ -120,6 +139,8 @@ def finish_params(inp: FinishInput, prefix: str = "f_") -> dict[str, Any]:
             prefix,
             {
                 "enrollment": inp.ref.enrollment_id,
+                "person": inp.ref.person_id,
+                "slot_prefix": f"{inp.ref.enrollment_id}:",
                 "status": inp.status,
                 "last_step": inp.last_step,
                 "finished_at": datetime.now(UTC),

@@ -21,13 +21,22 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.session import SessionFactory
 from db.tables import Delivery, Enrollment, SendSlot
-from models.enrollment import EnrollmentStatus
+from models.enrollment import ControlSignal, EnrollmentStatus
 from models.outcomes import EventType
 from services.senders import CHANNEL_DEFAULTS
-from tests.engine_harness import Wired, events_of, make_person, make_sender, start_enrollment, store_version
+from tests.engine_harness import (
+    Wired,
+    events_of,
+    make_person,
+    make_sender,
+    start_enrollment,
+    store_version,
+    wait_for_status,
+)
 from tests.eventually import eventually
 from tests.history_text import local_activities
 from workflows.activity_calls import LOCAL_SEND_PATCH
+from workflows.enrollment import EnrollmentWorkflow
 from workflows.patches import BASELINE, PATCHES, PENDING
 
 
@@ -294,3 +303,28 @@ async def test_a_run_started_by_newer_code_is_left_to_a_newer_worker(
     assert not any(e.HasField("workflow_execution_failed_event_attributes") for e in events)  # the run goes on
     assert smtp_server.messages == []
     await handle.terminate("test over")
+
+
+async def test_an_enrollment_stopped_while_waiting_for_its_slot_gives_the_slot_back(
+    worker: None, temporal_env: WorkflowEnvironment, session_factory: SessionFactory, task_queue: str, smtp_server: Any
+) -> None:
+    """With the defaults (person touch cap 1) a second sequence's email for the same person is
+    booked a day later. Stopped while it waits, that lead never sends: its slot is released, so
+    it no longer holds the person's cap or the sender's, while the slot the first one used stays."""
+    await make_sender(session_factory, "email", "sales@acme.test")
+    pid = await make_person(session_factory, email=f"{uuid.uuid4().hex[:8]}@lead.test")
+    first_ref, first_defn = await store_version(session_factory, _emails())
+    first = await start_enrollment(temporal_env.client, task_queue, session_factory, first_ref, first_defn, pid)
+    assert (await first.result()).status == EnrollmentStatus.COMPLETED
+    held_ref, held_defn = await store_version(session_factory, _emails())
+    held = await start_enrollment(temporal_env.client, task_queue, session_factory, held_ref, held_defn, pid)
+    await wait_for_status(held, lambda v: v.phase == "waiting for send slot")
+    await held.signal(EnrollmentWorkflow.stop, ControlSignal(reason="test"))
+    assert (await held.result()).status == EnrollmentStatus.STOPPED
+    assert len(smtp_server.messages) == 1
+    async with session_factory() as s:
+        slots = list((await s.execute(select(SendSlot).order_by(SendSlot.slot_at))).scalars())
+    used, given_back = slots
+    assert given_back.slot_at - used.slot_at >= timedelta(hours=24)  # the person cap had held it
+    assert used.released_at is None
+    assert given_back.released_at is not None
