@@ -499,118 +499,107 @@ class DeliveryActivities:
     async def _send(
         self, inp: DeliverInput, delivery: Delivery, message: OutboundMessage, target: Identity, me: _Owner
     ) -> DeliverOutput:
-        """The provider call, with `sending` marked by the channel's callback, and its outcome."""
-        client = self.channels.get(message.channel)
-        if client is None:
-            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"no {message.channel} channel")
-        target_id = target.id
-        async with AsyncExitStack() as held:
-            return await self._send_holding(inp, delivery, message, target, me, client, target_id, held)
+        """The provider call, with `sending` marked by the channel's callback, and its outcome.
 
-    async def _send_holding(
-        self,
-        inp: DeliverInput,
-        delivery: Delivery,
-        message: OutboundMessage,
-        target: Identity,
-        me: _Owner,
-        client: ChannelClient,
-        target_id: int,
-        held: AsyncExitStack,
-    ) -> DeliverOutput:
-        """`_send` with one database connection `held` from `sending` to the outcome.
-
-        The connection is taken when the channel has its own (at `sending`, so a send waiting
-        for an SMTP connection holds none) and kept for the outcome's statement: the time a
-        row spends `sending`, which a crash turns into an uncertain delivery, is then the
-        provider's answer, never a wait for the database pool behind other sends.
+        One database connection is held from `sending` to the outcome. It is taken when the
+        channel has its own connection (at `sending`, so a send waiting for an SMTP connection
+        holds none) and kept for the outcome's statement: the time a row spends `sending`, which
+        a crash turns into an uncertain delivery, is then the provider's answer, never a wait for
+        the database pool behind other sends.
         """
         key, channel = delivery.idempotency_key, message.channel
-        sessions: list[AsyncSession] = []
+        client = self.channels.get(channel)
+        if client is None:
+            return await self._finalize(inp, delivery, DeliveryStatus.FAILED, error=f"no {channel} channel")
+        target_id = target.id
+        async with AsyncExitStack() as held:
+            session: AsyncSession | None = None  # the held connection, once `sending` is marked
 
-        async def mark_sending() -> None:
-            """claimed → sending, by this attempt only, right before the irreversible write."""
-            await self._hook("before_write")
-            if not sessions:  # one statement each: no transaction
-                sessions.append(await held.enter_async_context(autocommit(self.session_factory)))
-            won = await _transition(
-                sessions[0],
-                delivery.id,
-                expect=(
-                    DeliveryStatus.CLAIMED,
-                    DeliveryStatus.SENDING,
-                ),  # `sending`: the pool's one reconnect calls it again
-                owner=me.token,
-                values={
-                    "status": DeliveryStatus.SENDING,
-                    "message_id": message.message_id,
-                    "identity_id": target_id,
-                },
-                count_attempt=True,
-            )
-            if not won:
-                raise SendAborted(f"delivery {key}: another attempt owns it now; nothing written")
-
-        try:
-            result = await client.send(message, mark_sending)
-        except SendAborted as err:
-            raise _Lost(str(err)) from err
-        except SenderConfigError as err:
-            raise await self._sender_refused(inp, delivery, me, err) from err
-        except TransientChannelError as err:
-            async with self.session_factory() as session, session.begin():
+            async def mark_sending() -> None:
+                """claimed → sending, by this attempt only, right before the irreversible write."""
+                await self._hook("before_write")
+                nonlocal session
+                if session is None:  # one statement each: no transaction
+                    session = await held.enter_async_context(autocommit(self.session_factory))
                 won = await _transition(
                     session,
                     delivery.id,
-                    expect=DELIVERY_IN_FLIGHT,
+                    expect=(
+                        DeliveryStatus.CLAIMED,
+                        DeliveryStatus.SENDING,
+                    ),  # `sending`: the pool's one reconnect calls it again
                     owner=me.token,
-                    values={"status": DeliveryStatus.CLAIMED, "error": str(err)},
+                    values={
+                        "status": DeliveryStatus.SENDING,
+                        "message_id": message.message_id,
+                        "identity_id": target_id,
+                    },
+                    count_attempt=True,
                 )
-                if won and err.code in THROTTLE_CODES and inp.sender_id is not None:
-                    await sender_breaker.record_throttle(
-                        session, inp.sender_id, str(err), self.config.breaker, _now(inp)
+                if not won:
+                    raise SendAborted(f"delivery {key}: another attempt owns it now; nothing written")
+
+            try:
+                result = await client.send(message, mark_sending)
+            except SendAborted as err:
+                raise _Lost(str(err)) from err
+            except SenderConfigError as err:
+                raise await self._sender_refused(inp, delivery, me, err) from err
+            except TransientChannelError as err:
+                async with self.session_factory() as tx, tx.begin():
+                    won = await _transition(
+                        tx,
+                        delivery.id,
+                        expect=DELIVERY_IN_FLIGHT,
+                        owner=me.token,
+                        values={"status": DeliveryStatus.CLAIMED, "error": str(err)},
                     )
-            if not won:
-                raise _Lost("taken while the provider answered") from err
-            raise ApplicationError(
-                f"transient {channel} error: {redact(str(err), target.value)}",
-                type="TransientChannelError",
-                next_retry_delay=(timedelta(seconds=err.retry_after) if err.retry_after else None),
-            ) from err
-        except PermanentChannelError as err:
-            status = DeliveryStatus.BOUNCED if err.bounce else DeliveryStatus.FAILED
-            out = await self._finalize(
-                inp,
-                delivery,
-                status,
-                error=str(err),
-                bounce_identity=target if err.bounce else None,
-                expect=DELIVERY_IN_FLIGHT,
-            )
-            if err.bounce and inp.sender_id is not None:
-                async with self.session_factory() as session, session.begin():
-                    if await sender_breaker.check_bounce_rate(session, inp.sender_id, self.config.breaker, _now(inp)):
-                        activity.logger.warning("sender %s paused: bounce rate over threshold", inp.sender_id)
-            return out
-        except UncertainChannelError as err:
+                    if won and err.code in THROTTLE_CODES and inp.sender_id is not None:
+                        await sender_breaker.record_throttle(
+                            tx, inp.sender_id, str(err), self.config.breaker, _now(inp)
+                        )
+                if not won:
+                    raise _Lost("taken while the provider answered") from err
+                raise ApplicationError(
+                    f"transient {channel} error: {redact(str(err), target.value)}",
+                    type="TransientChannelError",
+                    next_retry_delay=(timedelta(seconds=err.retry_after) if err.retry_after else None),
+                ) from err
+            except PermanentChannelError as err:
+                status = DeliveryStatus.BOUNCED if err.bounce else DeliveryStatus.FAILED
+                out = await self._finalize(
+                    inp,
+                    delivery,
+                    status,
+                    error=str(err),
+                    bounce_identity=target if err.bounce else None,
+                    expect=DELIVERY_IN_FLIGHT,
+                    session=session,
+                )
+                if err.bounce and inp.sender_id is not None:
+                    async with self.session_factory() as tx, tx.begin():
+                        if await sender_breaker.check_bounce_rate(tx, inp.sender_id, self.config.breaker, _now(inp)):
+                            activity.logger.warning("sender %s paused: bounce rate over threshold", inp.sender_id)
+                return out
+            except UncertainChannelError as err:
+                return await self._finalize(
+                    inp,
+                    delivery,
+                    DeliveryStatus.UNCERTAIN,
+                    error=str(err),
+                    expect=DELIVERY_IN_FLIGHT,
+                    session=session,
+                )
+            await self._hook("after_send")
+            delivery.message_id = message.message_id
             return await self._finalize(
                 inp,
                 delivery,
-                DeliveryStatus.UNCERTAIN,
-                error=str(err),
-                expect=DELIVERY_IN_FLIGHT,
-                session=sessions[0] if sessions else None,
+                DeliveryStatus.SENT,
+                provider_message_id=result.provider_message_id,
+                expect=(DeliveryStatus.SENDING,),
+                session=session,
             )
-        await self._hook("after_send")
-        delivery.message_id = message.message_id
-        return await self._finalize(
-            inp,
-            delivery,
-            DeliveryStatus.SENT,
-            provider_message_id=result.provider_message_id,
-            expect=(DeliveryStatus.SENDING,),
-            session=sessions[0] if sessions else None,
-        )
 
     async def _sender_refused(
         self, inp: DeliverInput, delivery: Delivery, me: _Owner, err: SenderConfigError

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from models.sequence import Channel
 
-#: Channels whose sends run on the workflows' queue, beside their workflow (eager dispatch).
+#: Channels whose sends run beside their workflow: a local activity when due, else on the workflows' queue.
 BESIDE_WORKFLOWS: frozenset[Channel] = frozenset({Channel.EMAIL})
 
 #: The role of the worker on the base queue: workflows and bookkeeping activities.
